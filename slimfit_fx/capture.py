@@ -1,0 +1,100 @@
+"""The one module that touches private torch APIs (dynamo, functorch, inductor).
+
+It turns a dynamo graph plus a frozen set into a compiled forward/backward
+variant, running slimfit's joint-graph passes between AOTAutograd's trace and
+its partitioner. Everything version-specific lives here; tested on torch
+2.11 and 2.13 (see pyproject.toml).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch._functorch.config as functorch_config
+import torch._guards
+from torch import fx
+from torch._dynamo.backends.debugging import aot_eager
+from torch._dynamo.utils import counters as _dynamo_counters
+
+# Dynamo raises these when it cannot capture a forward into one graph.
+CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.Unsupported,
+    torch._dynamo.exc.UserError,
+)
+
+JointPass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+def current_tracing_context() -> Any:
+    """Dynamo's tracing context while a backend runs; kept to build variants later."""
+    return torch._guards.TracingContext.try_get()
+
+
+def fake_inputs(example_inputs: Sequence[Any], tracing_context: Any) -> list[Any]:
+    """Fake (shape-only, possibly symbolic) copies of dynamo's example inputs.
+
+    Variants are built from these, so no real activation is kept alive and a
+    graph dynamo traced with dynamic shapes stays dynamic in every variant.
+    """
+    if tracing_context is None:
+        return list(example_inputs)
+    fake_mode = tracing_context.fake_mode
+    return [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy: inductor mutates the graph it compiles."""
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {})
+    graph.output(output)
+    return fx.GraphModule(gm, graph, gm.__class__.__name__)
+
+
+def compile_variant(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    *,
+    backend: str,
+    joint_pass: JointPass,
+    tracing_context: Any,
+) -> Callable[..., Any]:
+    """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph.
+
+    The pass sees the joint forward+backward graph before partitioning, so the
+    partitioner only saves what the rewritten backward still reads.
+    """
+
+    def joint_custom_pass(joint_gm: fx.GraphModule, joint_inputs: Any) -> fx.GraphModule:
+        return joint_pass(joint_gm)
+
+    patches = dict(
+        joint_custom_pass=joint_custom_pass,
+        # The autograd cache key does not see joint_custom_pass: a hit could hand
+        # back a variant built for another frozen set.
+        enable_autograd_cache=False,
+        # Compile the backward now, so a variant's build cost is paid (and timed) once.
+        force_non_lazy_backward_lowering=True,
+    )
+    patches = {k: v for k, v in patches.items() if hasattr(functorch_config, k)}
+    graph_copy = copy_graph_module(gm)
+    with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
+        if backend == "inductor":
+            from torch._inductor.compile_fx import compile_fx
+
+            return compile_fx(graph_copy, list(example_inputs))
+        if backend == "aot_eager":
+            return aot_eager(graph_copy, list(example_inputs))
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def dynamo_compiled_frames() -> int:
+    """How many graphs dynamo has compiled so far in this process (its own counter)."""
+    return int(_dynamo_counters["stats"]["unique_graphs"])
+
+
+def reset_dynamo() -> None:
+    """Forget every dynamo-compiled frame (tests call this between cases)."""
+    torch._dynamo.reset()

@@ -1,0 +1,188 @@
+"""`slimfit_fx.compile` and the module it returns.
+
+The returned module forwards to a dynamo-compiled copy of the user's model and
+otherwise looks like that model: same parameters, same state_dict keys,
+attribute passthrough. Everything slimfit-specific hangs off `.slimfit`.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import capture
+from .config import SlimFitConfig
+from .errors import AlreadyCompiledError, CaptureError
+from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
+from .report import Report, build_report
+from .variants import FrozenSetState, VariantCache
+
+_COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: Any) -> "SlimFitModule":
+    """Compile `model` for memory-efficient fine-tuning; train the result as before.
+
+    `config` defaults to `SlimFitConfig()`; keyword `overrides` replace its fields,
+    e.g. `compile(model, backend="aot_eager")`.
+    """
+    if isinstance(model, SlimFitModule):
+        raise AlreadyCompiledError(
+            "this module is already a slimfit_fx module; train it as it is, or call "
+            "slimfit_fx.compile on the original model (cm.slimfit.model)"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"slimfit_fx.compile expects a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model object itself (not its class, forward method or state_dict)"
+        )
+    if hasattr(model, "_orig_mod") and hasattr(model, "dynamo_ctx"):
+        raise TypeError(
+            "slimfit_fx.compile got a module already wrapped by torch.compile; pass the "
+            "original model instead (`model._orig_mod`): slimfit_fx runs torch.compile itself"
+        )
+    if model in _COMPILED:
+        raise AlreadyCompiledError(
+            f"slimfit_fx.compile was already called on this {type(model).__name__}; use the "
+            "module that call returned (compiling twice would capture the model twice)"
+        )
+    if config is None:
+        config = SlimFitConfig()
+    elif not isinstance(config, SlimFitConfig):
+        raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
+    if overrides:
+        config = config.replace(**overrides)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} has no parameter with requires_grad=True, so there is "
+            "nothing to fine-tune; set requires_grad=True on the parameters to train "
+            "(slimfit_fx then decides which of them to freeze)"
+        )
+    module = SlimFitModule(model, config)
+    _COMPILED.add(model)
+    return module
+
+
+class SlimFit:
+    """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
+
+    def __init__(self, model: nn.Module, config: SlimFitConfig) -> None:
+        self.model = model
+        self.config = config
+        self.layers: tuple[str, ...] = find_layers(model)
+        self._aliases = parameter_aliases(model)
+        self._state = FrozenSetState(
+            backend=config.backend,
+            frozen=frozenset(),
+            names_by_id=parameter_names_by_identity(model),
+            cache=VariantCache(config.max_variants),
+        )
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """The frozen set the next forward uses."""
+        return self._state.frozen
+
+    def set_frozen(self, names: Iterable[str]) -> None:
+        """Freeze exactly `names` (layer names, see `layers`) from the next forward on."""
+        self._state.frozen = resolve_names(names, self.layers, self._aliases)
+
+    @property
+    def stats(self) -> Mapping[str, float]:
+        state = self._state
+        return {
+            "graphs_captured": len(state.graphs),
+            "variants_compiled": state.variants_compiled,
+            "variants_live": len(state.cache),
+            "cache_hits": state.cache.hits,
+            "cache_misses": state.cache.misses,
+            "evictions": state.cache.evictions,
+            "compile_seconds": state.compile_seconds,
+        }
+
+    @property
+    def saved_bytes(self) -> int | None:
+        """Bytes held from forward to backward by the last training forward, if any."""
+        variant = self._state.last_variant
+        return None if variant is None else variant.saved_bytes
+
+    def report(self) -> Report:
+        return build_report(self)
+
+    def _variant_for_current_set(self):
+        """The live variant the next forward would run on the last graph used, if built."""
+        state = self._state
+        if state.last_variant is None:
+            return None
+        graph = state.graphs[state.last_variant.graph_id]
+        return state.cache.peek(graph.key())
+
+    def _graph_calls(self) -> int:
+        return self._state.graph_calls
+
+    def _capture_backend(self):
+        return self._state.capture_backend
+
+
+class SlimFitModule(nn.Module):
+    """Trains like the wrapped model; see `slimfit_fx.compile`."""
+
+    def __init__(self, model: nn.Module, config: SlimFitConfig) -> None:
+        super().__init__()
+        self._model = model
+        slimfit = SlimFit(model, config)
+        # Stored outside nn.Module's registries: neither a submodule nor state.
+        object.__setattr__(self, "slimfit", slimfit)
+        object.__setattr__(
+            self, "_compiled", torch.compile(model, backend=slimfit._capture_backend(), fullgraph=True)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        calls_before = self.slimfit._graph_calls()
+        try:
+            outputs = self._compiled(*args, **kwargs)
+        except capture.CAPTURE_ERRORS as err:
+            raise CaptureError(
+                f"torch.compile could not capture {type(self._model).__name__}.forward as one "
+                f"graph, which slimfit_fx needs to control every parameter's gradient. Dynamo "
+                f"said: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. "
+                "Fix: remove the graph break it names (data-dependent Python control flow, "
+                "printing, .item(), unsupported calls) or wrap that code in "
+                "torch.compiler.disable outside the model's forward."
+            ) from err
+        if self.slimfit._graph_calls() == calls_before:
+            raise CaptureError(
+                f"{type(self._model).__name__}.forward ran without slimfit's compiled graph "
+                "(dynamo fell back to eager, e.g. after hitting torch._dynamo.config."
+                "recompile_limit); the frozen set would not apply. Fix: raise "
+                "torch._dynamo.config.recompile_limit or call torch._dynamo.reset() "
+                "if many models were compiled in this process."
+            )
+        return outputs
+
+    # The wrapped model's names, not "_model."-prefixed ones.
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self._model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        return self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        return self._model.named_parameters(prefix, recurse, remove_duplicate)
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True,
+                      remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        return self._model.named_buffers(prefix, recurse, remove_duplicate)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._model, name)
+
+    def __repr__(self) -> str:
+        return f"SlimFitModule({self._model!r})"

@@ -1,0 +1,58 @@
+"""A plain-text report of what slimfit_fx did to a model, read off its state and graphs.
+
+It only reads: the frozen set, the cache counters, the live variant's pass
+counters (tagged on its joint graph) and the saved bytes measured at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .module import SlimFit
+
+
+@dataclass(frozen=True)
+class Report:
+    model: str
+    backend: str
+    layers: int
+    frozen: int
+    saved_bytes: int | None
+    stats: dict[str, float]
+    pass_counters: dict[str, int]
+
+    def __str__(self) -> str:
+        saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
+            f"{self.saved_bytes:,} B ({self.saved_bytes / 2**20:.2f} MiB)"
+        )
+        s = self.stats
+        rows = [
+            ("model", self.model),
+            ("backend", self.backend),
+            ("layers", f"{self.layers} ({self.frozen} frozen, {self.layers - self.frozen} trainable)"),
+            ("saved for backward", saved),
+            ("dynamo graphs", f"{s['graphs_captured']}"),
+            ("variants", f"{s['variants_live']} live, {s['variants_compiled']} compiled, "
+                         f"{s['evictions']} evicted"),
+            ("cache", f"{s['cache_hits']} hits, {s['cache_misses']} misses"),
+            ("compile time", f"{s['compile_seconds']:.2f} s"),
+        ]
+        rows += [(f"freeze pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
+        width = max(len(k) for k, _ in rows)
+        lines = ["slimfit_fx report", "-" * (width + 30)]
+        lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        return "\n".join(lines)
+
+
+def build_report(slimfit: "SlimFit") -> Report:
+    variant = slimfit._variant_for_current_set()
+    return Report(
+        model=type(slimfit.model).__name__,
+        backend=slimfit.config.backend,
+        layers=len(slimfit.layers),
+        frozen=len(slimfit.frozen),
+        saved_bytes=None if variant is None else variant.saved_bytes,
+        stats=dict(slimfit.stats),
+        pass_counters={} if variant is None else dict(variant.counters),
+    )

@@ -1,0 +1,181 @@
+"""Frozen-set keyed variants of each captured graph, and the run-time guard.
+
+Dynamo captures a forward once; this module compiles one forward/backward
+variant per frozen set from that capture, keeps them in an LRU cache, and at
+every call runs the variant built for the frozen set in force right now.
+It never decides the frozen set; it only reads it.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx
+
+from . import capture
+from .errors import SlimFitError
+from .passes import PassContext, run_joint_passes
+
+# Key of the single variant of a graph that never builds a backward.
+NO_BACKWARD = "no_backward"
+
+
+@dataclass
+class Variant:
+    """One compiled forward/backward pair, valid only for `frozen` on `graph_id`."""
+
+    graph_id: int
+    frozen: frozenset[str] | str
+    fn: Callable[..., Any]
+    compile_seconds: float
+    counters: dict[str, int]
+    joint_graph: fx.GraphModule | None
+    saved_bytes: int | None = None
+
+
+class VariantCache:
+    """LRU of compiled variants; an evicted variant is dropped and its memory freed."""
+
+    def __init__(self, max_variants: int) -> None:
+        self.max_variants = max_variants
+        self._entries: OrderedDict[Hashable, Variant] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def get(self, key: Hashable) -> Variant | None:
+        variant = self._entries.get(key)
+        if variant is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return variant
+
+    def put(self, key: Hashable, variant: Variant) -> None:
+        self._entries[key] = variant
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_variants:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def peek(self, key: Hashable) -> Variant | None:
+        return self._entries.get(key)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class FrozenSetState:
+    """The frozen set in force and everything compiled for it; shared by all graphs."""
+
+    backend: str
+    frozen: frozenset[str]
+    names_by_id: dict[int, str]
+    cache: VariantCache
+    variants_compiled: int = 0
+    compile_seconds: float = 0.0
+    graphs: list["CapturedGraph"] = field(default_factory=list)
+    graph_calls: int = 0
+    last_variant: Variant | None = None
+
+    def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        """The torch.compile backend: called once per dynamo graph, returns the guard."""
+        graph = CapturedGraph(len(self.graphs), gm, example_inputs, self)
+        self.graphs.append(graph)
+        return graph
+
+
+class CapturedGraph:
+    """One dynamo graph. Calling it runs the variant for the current frozen set."""
+
+    def __init__(self, graph_id: int, gm: fx.GraphModule, example_inputs: list[Any],
+                 state: FrozenSetState) -> None:
+        self.graph_id = graph_id
+        self.state = state
+        self.gm = gm
+        self.tracing_context = capture.current_tracing_context()
+        self.input_names = tuple(
+            state.names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None
+            for x in example_inputs
+        )
+        # A graph captured with grad disabled, or with nothing requiring grad, has
+        # no backward: one variant serves every frozen set.
+        self.builds_backward = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+        )
+        self.example_inputs = capture.fake_inputs(example_inputs, self.tracing_context)
+
+    def key(self) -> tuple[int, frozenset[str] | str]:
+        return (self.graph_id, self.state.frozen if self.builds_backward else NO_BACKWARD)
+
+    def __call__(self, *args: Any) -> Any:
+        state = self.state
+        key = self.key()
+        variant = state.cache.get(key) or self._build(key)
+        if (variant.graph_id, variant.frozen) != key:
+            raise SlimFitError(
+                f"variant for {variant.frozen!r} on graph {variant.graph_id} was about to run "
+                f"for {key!r}; refusing to run a stale variant"
+            )
+        state.graph_calls += 1
+        state.last_variant = variant
+        if not (self.builds_backward and torch.is_grad_enabled()):
+            return variant.fn(*args)
+        outputs, variant.saved_bytes = _run_counting_saved_bytes(variant.fn, args)
+        return outputs
+
+    def _build(self, key: tuple[int, frozenset[str] | str]) -> Variant:
+        frozen = key[1]
+        ctx = PassContext(
+            input_names=self.input_names,
+            frozen=frozen if isinstance(frozen, frozenset) else frozenset(),
+        )
+        joint: list[fx.GraphModule] = []
+
+        def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
+            gm = run_joint_passes(gm, ctx)
+            joint.append(gm)
+            return gm
+
+        start = time.perf_counter()
+        fn = capture.compile_variant(
+            self.gm, self.example_inputs, backend=self.state.backend,
+            joint_pass=joint_pass, tracing_context=self.tracing_context,
+        )
+        seconds = time.perf_counter() - start
+        variant = Variant(
+            graph_id=self.graph_id, frozen=frozen, fn=fn, compile_seconds=seconds,
+            counters=dict(ctx.counters), joint_graph=joint[-1] if joint else None,
+        )
+        self.state.variants_compiled += 1
+        self.state.compile_seconds += seconds
+        self.state.cache.put(key, variant)
+        return variant
+
+
+def _run_counting_saved_bytes(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, int]:
+    """Run `fn` and count the bytes autograd keeps for backward.
+
+    Counts distinct storages the compiled forward hands to autograd, except
+    those of its inputs (parameters and user inputs are resident anyway).
+    """
+    resident = {x.untyped_storage().data_ptr() for x in args if isinstance(x, torch.Tensor)}
+    held: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            held[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
+        outputs = fn(*args)
+    return outputs, sum(held.values())
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
