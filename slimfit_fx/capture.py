@@ -25,6 +25,20 @@ CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.UserError,
 )
 
+def describe_capture_error(err: BaseException) -> str:
+    """Dynamo's one-line reason, its hint, and the user code line where capture broke."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    reason = lines[0] if lines else type(err).__name__
+    hint = next((line for line in lines if line.startswith("Hint:")), "")
+    where = [line for line in lines if line.startswith('File "')]
+    text = f"Dynamo said: {reason.rstrip('.')}."
+    if where:
+        text += f" It broke at {where[-1]}."
+    if hint:
+        text += f" Dynamo's {hint[0].lower()}{hint[1:]}"
+    return text
+
+
 JointPass = Callable[[fx.GraphModule], fx.GraphModule]
 
 

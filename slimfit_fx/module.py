@@ -147,11 +147,10 @@ class SlimFitModule(nn.Module):
         except capture.CAPTURE_ERRORS as err:
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "
-                f"graph, which slimfit_fx needs to control every parameter's gradient. Dynamo "
-                f"said: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}. "
-                "Fix: remove the graph break it names (data-dependent Python control flow, "
-                "printing, .item(), unsupported calls) or wrap that code in "
-                "torch.compiler.disable outside the model's forward."
+                "graph, which slimfit_fx needs to control every parameter's gradient. "
+                f"{capture.describe_capture_error(err)} Fix: remove that graph break from the "
+                "forward (data-dependent Python control flow on tensor values, logging or "
+                "printing, .item(), calls dynamo does not support), or move it outside forward."
             ) from err
         if self.slimfit._graph_calls() == calls_before:
             raise CaptureError(

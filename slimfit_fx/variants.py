@@ -18,6 +18,7 @@ from torch import fx
 
 from . import capture
 from .errors import SlimFitError
+from .memory import run_counting_saved_bytes
 from .passes import PassContext, run_joint_passes
 
 # Key of the single variant of a graph that never builds a backward.
@@ -125,7 +126,7 @@ class CapturedGraph:
         state.last_variant = variant
         if not (self.builds_backward and torch.is_grad_enabled()):
             return variant.fn(*args)
-        outputs, variant.saved_bytes = _run_counting_saved_bytes(variant.fn, args)
+        outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args)
         return outputs
 
     def _build(self, key: tuple[int, frozenset[str] | str]) -> Variant:
@@ -155,27 +156,3 @@ class CapturedGraph:
         self.state.compile_seconds += seconds
         self.state.cache.put(key, variant)
         return variant
-
-
-def _run_counting_saved_bytes(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, int]:
-    """Run `fn` and count the bytes autograd keeps for backward.
-
-    Counts distinct storages the compiled forward hands to autograd, except
-    those of its inputs (parameters and user inputs are resident anyway).
-    """
-    resident = {x.untyped_storage().data_ptr() for x in args if isinstance(x, torch.Tensor)}
-    held: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in resident:
-            held[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
-        outputs = fn(*args)
-    return outputs, sum(held.values())
-
-
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor

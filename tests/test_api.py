@@ -1,0 +1,190 @@
+"""The user-facing contract: passthrough, state_dict, no_grad, stats, eviction, errors."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import slimfit_fx
+from slimfit_fx import AlreadyCompiledError, CaptureError, SlimFitConfig
+
+from .harness import step
+from .models import FACTORIES, MLP
+
+
+def test_module_still_looks_like_the_model():
+    case = FACTORIES["bert"]()
+    keys = list(case.model.state_dict())
+    names = [n for n, _ in case.model.named_parameters()]
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    assert list(cm.state_dict()) == keys
+    assert [n for n, _ in cm.named_parameters()] == names
+    assert cm.config is case.model.config  # attribute passthrough
+    assert cm.bert is case.model.bert
+    cm.load_state_dict(case.model.state_dict())
+    assert cm.eval() is cm and not case.model.training
+    assert cm.train() is cm and case.model.training
+    assert {id(p) for p in cm.parameters()} == {id(p) for p in case.model.parameters()}
+
+
+def test_layers_follow_the_method():
+    cm = slimfit_fx.compile(MLP(), backend="aot_eager")
+    # rank >= 2 weights and the LayerNorm weight; no bias, no LayerNorm bias
+    assert cm.slimfit.layers == ("net.0.weight", "net.1.weight", "net.3.weight", "net.5.weight")
+
+
+def test_tied_weights_are_one_layer_and_aliases_resolve():
+    case = FACTORIES["gpt2"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    assert "lm_head.weight" not in cm.slimfit.layers
+    cm.slimfit.set_frozen(["lm_head.weight"])  # alias of transformer.wte.weight
+    assert cm.slimfit.frozen == frozenset({"transformer.wte.weight"})
+
+
+def test_no_grad_saves_nothing_and_reuses_one_variant_for_all_sets():
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = cm(**case.batch)
+        cm.slimfit.set_frozen(cm.slimfit.layers[:2])
+        out2 = cm(**case.batch)
+    assert not out.requires_grad and not out2.requires_grad
+    assert packed == []
+    assert cm.slimfit.stats["variants_compiled"] == 1
+    torch.testing.assert_close(out, out2)
+
+
+def test_stats_count_hits_misses_and_compile_time():
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    layers = cm.slimfit.layers
+    for frozen in ([], layers[:1], [], layers[:1]):
+        cm.slimfit.set_frozen(frozen)
+        step(cm, case)
+    stats = cm.slimfit.stats
+    assert stats["variants_compiled"] == 2
+    assert stats["cache_misses"] == 2 and stats["cache_hits"] == 2
+    assert stats["evictions"] == 0 and stats["compile_seconds"] > 0
+    text = str(cm.slimfit.report())
+    assert "1 frozen" in text and "variants" in text
+
+
+def test_lru_eviction_frees_the_variant():
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", max_variants=2)
+    layers = cm.slimfit.layers
+    cm.slimfit.set_frozen([layers[0]])
+    step(cm, case)
+    first = weakref.ref(cm.slimfit._state.last_variant.fn)
+    for frozen in ([layers[1]], [layers[2]]):
+        cm.slimfit.set_frozen(frozen)
+        step(cm, case)
+    gc.collect()
+    stats = cm.slimfit.stats
+    assert stats["evictions"] == 1 and stats["variants_live"] == 2
+    assert first() is None, "the evicted variant's compiled function is still alive"
+
+
+def test_frozen_grads_are_none_and_optimizer_skips_them():
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    frozen = cm.slimfit.layers[:2]
+    cm.slimfit.set_frozen(frozen)
+    before = {n: p.detach().clone() for n, p in cm.named_parameters()}
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.1)
+    step(cm, case)
+    opt.step()
+    for name, p in cm.named_parameters():
+        moved = not torch.equal(before[name], p.detach())
+        assert moved == (name not in frozen), name
+
+
+# ---- bad input gets a clear error ----
+
+
+def test_compile_rejects_non_modules():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        slimfit_fx.compile(lambda x: x)
+
+
+def test_compile_rejects_models_without_trainable_parameters():
+    model = MLP().requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        slimfit_fx.compile(model)
+
+
+def test_compile_twice_is_an_error():
+    model = MLP()
+    cm = slimfit_fx.compile(model, backend="aot_eager")
+    with pytest.raises(AlreadyCompiledError, match="already called"):
+        slimfit_fx.compile(model)
+    with pytest.raises(AlreadyCompiledError, match="already a slimfit_fx module"):
+        slimfit_fx.compile(cm)
+    with pytest.raises(TypeError, match="_orig_mod"):
+        slimfit_fx.compile(torch.compile(MLP()))
+
+
+@pytest.mark.parametrize(
+    "names, error, match",
+    [
+        (["net.9.weight"], KeyError, "not a parameter"),
+        (["net.0.wieght"], KeyError, "Did you mean"),
+        (["net.0.bias"], ValueError, "biases always train"),
+        ("net.0.weight", TypeError, "iterable of parameter names"),
+        ([3], TypeError, "must be str"),
+    ],
+)
+def test_set_frozen_rejects_bad_names(names, error, match):
+    cm = slimfit_fx.compile(MLP(), backend="aot_eager")
+    with pytest.raises(error, match=match):
+        cm.slimfit.set_frozen(names)
+    assert cm.slimfit.frozen == frozenset()
+
+
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("freeze_ratio", 1.5, ValueError),
+        ("freeze_ratio", -0.1, ValueError),
+        ("freeze_ratio", "0.9", TypeError),
+        ("schedule", "sometimes", ValueError),
+        ("backend", "tensorrt", ValueError),
+        ("max_variants", 0, ValueError),
+        ("max_variants", 2.5, TypeError),
+    ],
+)
+def test_config_names_field_and_value(field, value, error):
+    with pytest.raises(error, match=rf"SlimFitConfig\.{field}.*{value!r}"):
+        SlimFitConfig(**{field: value})
+
+
+def test_unknown_override_is_an_error():
+    with pytest.raises(TypeError, match="unknown SlimFitConfig field"):
+        slimfit_fx.compile(MLP(), freez_ratio=0.5)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if y.sum() > 0:  # branch on a tensor value: dynamo cannot put this in one graph
+            return y * 2
+        return y
+
+
+def test_uncapturable_model_says_what_broke():
+    cm = slimfit_fx.compile(DataDependent(), backend="aot_eager")
+    with pytest.raises(CaptureError, match=r"DataDependent.forward.*Dynamo said:.*test_api.py"):
+        cm(torch.randn(2, 4))
