@@ -105,20 +105,17 @@ class SlimFit:
 
     @property
     def saved_bytes(self) -> int | None:
-        """Bytes held from forward to backward by the last training forward, if any."""
-        variant = self._state.last_variant
+        """Bytes held from forward to backward by the current frozen set's variant,
+        as measured at its last training forward; None until one has run."""
+        variant = self._state.training_variant()
         return None if variant is None else variant.saved_bytes
 
     def report(self) -> Report:
         return build_report(self)
 
     def _variant_for_current_set(self):
-        """The live variant the next forward would run on the last graph used, if built."""
-        state = self._state
-        if state.last_variant is None:
-            return None
-        graph = state.graphs[state.last_variant.graph_id]
-        return state.cache.peek(graph.key())
+        """The live training variant for the current frozen set, if built."""
+        return self._state.training_variant()
 
     def _graph_calls(self) -> int:
         return self._state.graph_calls

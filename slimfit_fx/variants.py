@@ -81,7 +81,12 @@ class FrozenSetState:
     compile_seconds: float = 0.0
     graphs: list["CapturedGraph"] = field(default_factory=list)
     graph_calls: int = 0
-    last_variant: Variant | None = None
+    last_training_graph: "CapturedGraph | None" = None
+
+    def training_variant(self) -> Variant | None:
+        """The live variant for the current frozen set on the graph that last trained."""
+        graph = self.last_training_graph
+        return None if graph is None else self.cache.peek(graph.key())
 
     def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """The torch.compile backend: called once per dynamo graph, returns the guard."""
@@ -123,9 +128,9 @@ class CapturedGraph:
                 f"for {key!r}; refusing to run a stale variant"
             )
         state.graph_calls += 1
-        state.last_variant = variant
         if not (self.builds_backward and torch.is_grad_enabled()):
             return variant.fn(*args)
+        state.last_training_graph = self
         outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args)
         return outputs
 

@@ -34,7 +34,7 @@ def bert(seed: int = 0, batch: int = 2, seq: int = 12) -> Case:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+        intermediate_size=48, max_position_embeddings=128, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         problem_type="single_label_classification",
     )

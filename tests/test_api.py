@@ -84,7 +84,7 @@ def test_lru_eviction_frees_the_variant():
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen([layers[0]])
     step(cm, case)
-    first = weakref.ref(cm.slimfit._state.last_variant.fn)
+    first = weakref.ref(cm.slimfit._variant_for_current_set().fn)
     for frozen in ([layers[1]], [layers[2]]):
         cm.slimfit.set_frozen(frozen)
         step(cm, case)
