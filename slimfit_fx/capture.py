@@ -3,7 +3,7 @@
 It turns a dynamo graph plus a frozen set into a compiled forward/backward
 variant, running slimfit's joint-graph passes between AOTAutograd's trace and
 its partitioner. Everything version-specific lives here; tested on torch
-2.11 and 2.13 (see pyproject.toml).
+2.13 (see pyproject.toml).
 """
 from __future__ import annotations
 
@@ -18,6 +18,12 @@ import torch._guards
 from torch import fx
 from torch._dynamo.backends.debugging import aot_eager
 from torch._dynamo.utils import counters as _dynamo_counters
+
+if not hasattr(functorch_config, "joint_custom_pass"):
+    raise ImportError(
+        f"slimfit_fx needs torch._functorch.config.joint_custom_pass, which torch "
+        f"{torch.__version__} lacks; install a torch version pyproject.toml allows"
+    )
 
 # Dynamo raises these when it cannot capture a forward into one graph.
 CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
@@ -92,7 +98,10 @@ def compile_variant(
         # Compile the backward now, so a variant's build cost is paid (and timed) once.
         force_non_lazy_backward_lowering=True,
     )
-    patches = {k: v for k, v in patches.items() if hasattr(functorch_config, k)}
+    # Only the last two are optimizations a torch version may lack; without the
+    # joint pass hook the variant would silently keep every weight gradient.
+    patches = {k: v for k, v in patches.items()
+               if k == "joint_custom_pass" or hasattr(functorch_config, k)}
     graph_copy = copy_graph_module(gm)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
         if backend == "inductor":

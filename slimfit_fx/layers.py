@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 _NORM_TYPES = (
@@ -89,9 +88,3 @@ def resolve_names(
 def parameter_names_by_identity(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> canonical name, to map graph inputs back to parameters."""
     return {id(p): name for name, p in model.named_parameters()}
-
-
-def is_parameter(value: object) -> bool:
-    return isinstance(value, nn.Parameter) or (
-        isinstance(value, torch.Tensor) and getattr(value, "_is_param", False)
-    )
