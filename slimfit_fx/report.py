@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .graphs import SavedTensor
+
 if TYPE_CHECKING:
     from .module import SlimFit
 
@@ -21,6 +23,7 @@ class Report:
     saved_bytes: int | None
     stats: dict[str, float]
     pass_counters: dict[str, int]
+    saved_tensors: tuple[SavedTensor, ...] = ()
 
     def __str__(self) -> str:
         saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
@@ -42,6 +45,21 @@ class Report:
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+        if self.saved_tensors:
+            lines += ["", self.saved_tensor_table()]
+        return "\n".join(lines)
+
+    def saved_tensor_table(self, most: int = 12) -> str:
+        """The largest saved tensors first; resident ones (inputs) are marked."""
+        ranked = sorted(self.saved_tensors, key=lambda t: -(t.nbytes or 0))
+        lines = [f"saved tensors: {len(ranked)} ({sum(t.resident for t in ranked)} resident inputs)",
+                 f"{'producer':<28} {'shape':<22} {'dtype':<9} {'bytes':>12}"]
+        for t in ranked[:most]:
+            size = "?" if t.nbytes is None else f"{t.nbytes:,}"
+            mark = " (input)" if t.resident else ""
+            lines.append(f"{t.producer[:28]:<28} {str(list(t.shape))[:22]:<22} {t.dtype:<9} {size:>12}{mark}")
+        if len(ranked) > most:
+            lines.append(f"... {len(ranked) - most} more")
         return "\n".join(lines)
 
 
@@ -55,4 +73,5 @@ def build_report(slimfit: "SlimFit") -> Report:
         saved_bytes=None if variant is None else variant.saved_bytes,
         stats=dict(slimfit.stats),
         pass_counters={} if variant is None else dict(variant.counters),
+        saved_tensors=() if variant is None else tuple(variant.saved_tensors()),
     )

@@ -18,8 +18,9 @@ from torch import fx
 
 from . import capture
 from .errors import SlimFitError
+from .graphs import BACKWARD, FORWARD, JOINT, SavedTensor, VariantGraphs, after
 from .memory import run_counting_saved_bytes
-from .passes import PassContext, run_joint_passes
+from .passes import JOINT_PASSES, PassContext
 
 # Key of the single variant of a graph that never builds a backward.
 NO_BACKWARD = "no_backward"
@@ -34,8 +35,19 @@ class Variant:
     fn: Callable[..., Any]
     compile_seconds: float
     counters: dict[str, int]
-    joint_graph: fx.GraphModule | None
+    graphs: VariantGraphs
     saved_bytes: int | None = None
+    # (bytes, resident) per tensor autograd packed at the last training forward
+    saved_record: list[tuple[int, bool]] | None = None
+
+    @property
+    def joint_graph(self) -> fx.GraphModule | None:
+        """The joint graph after every joint pass (None for a graph with no backward)."""
+        joint = [gm for stage, gm in self.graphs.stages.items() if stage.startswith(JOINT)]
+        return joint[-1] if joint else None
+
+    def saved_tensors(self) -> list[SavedTensor]:
+        return self.graphs.saved_tensors(self.saved_record)
 
 
 class VariantCache:
@@ -131,7 +143,9 @@ class CapturedGraph:
         if not (self.builds_backward and torch.is_grad_enabled()):
             return variant.fn(*args)
         state.last_training_graph = self
-        outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args)
+        record: list[tuple[int, bool]] = []
+        outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args, record=record)
+        variant.saved_record = record
         return outputs
 
     def _build(self, key: tuple[int, frozenset[str] | str]) -> Variant:
@@ -140,22 +154,30 @@ class CapturedGraph:
             input_names=self.input_names,
             frozen=frozen if isinstance(frozen, frozenset) else frozenset(),
         )
-        joint: list[fx.GraphModule] = []
+        graphs = VariantGraphs()
 
         def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
-            gm = run_joint_passes(gm, ctx)
-            joint.append(gm)
+            graphs.stages[JOINT] = capture.copy_graph_module(gm)
+            for each in JOINT_PASSES:
+                gm = each(gm, ctx)
+                graphs.stages[after(each.__name__)] = capture.copy_graph_module(gm)
             return gm
+
+        def on_partition(forward: fx.GraphModule, backward: fx.GraphModule, num_outputs: int) -> None:
+            graphs.stages[FORWARD] = capture.copy_graph_module(forward)
+            graphs.stages[BACKWARD] = capture.copy_graph_module(backward)
+            graphs.num_forward_outputs = num_outputs
 
         start = time.perf_counter()
         fn = capture.compile_variant(
             self.gm, self.example_inputs, backend=self.state.backend,
-            joint_pass=joint_pass, tracing_context=self.tracing_context,
+            joint_pass=joint_pass, on_partition=on_partition,
+            tracing_context=self.tracing_context,
         )
         seconds = time.perf_counter() - start
         variant = Variant(
             graph_id=self.graph_id, frozen=frozen, fn=fn, compile_seconds=seconds,
-            counters=dict(ctx.counters), joint_graph=joint[-1] if joint else None,
+            counters=dict(ctx.counters), graphs=graphs,
         )
         self.state.variants_compiled += 1
         self.state.compile_seconds += seconds

@@ -1,0 +1,67 @@
+"""cm.slimfit.graphs() and the saved-tensor table: read off the graphs the step ran."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfit_fx
+
+from .harness import step
+from .models import FACTORIES
+
+
+def _compiled(model_name="bert", **overrides):
+    case = FACTORIES[model_name]()
+    return slimfit_fx.compile(case.model, backend="aot_eager", **overrides), case
+
+
+def test_stages_in_pipeline_order_with_tags_and_a_diff():
+    cm, case = _compiled()
+    encoder = [n for n in cm.slimfit.layers if ".encoder." in n]
+    cm.slimfit.set_frozen(encoder)
+    step(cm, case)
+    graphs = cm.slimfit.graphs()
+    assert list(graphs) == ["joint", "joint after cut_frozen_grads", "forward", "backward"]
+    after = graphs.format("joint after cut_frozen_grads")
+    assert "# slimfit: {'cut_frozen_grads': {'grads_cut':" in after
+    diff = graphs.diff("joint", "joint after cut_frozen_grads")
+    removed = [line for line in diff.splitlines() if line.startswith("-%mm")]
+    assert len(removed) == 12, "each frozen Linear's weight-gradient mm should be gone"
+    assert "=== backward ===" in str(graphs)
+
+
+def test_saved_tensor_table_matches_what_the_step_saved():
+    cm, case = _compiled()
+    step(cm, case)
+    variant = cm.slimfit._variant_for_current_set()
+    tensors = variant.saved_tensors()
+    assert tensors and all(t.nbytes is not None for t in tensors)
+    counted = [t for t in tensors if not t.resident]
+    # saved_bytes counts each storage once; the table lists each tensor
+    assert sum(t.nbytes for t in counted) >= cm.slimfit.saved_bytes >= max(t.nbytes for t in counted)
+    report = cm.slimfit.report()
+    assert report.saved_tensors == tuple(tensors)
+    assert f"saved tensors: {len(tensors)}" in str(report)
+
+
+def test_freezing_shrinks_the_saved_tensor_list():
+    cm, case = _compiled()
+    step(cm, case)
+    before = [t for t in cm.slimfit.report().saved_tensors if not t.resident]
+    cm.slimfit.set_frozen(cm.slimfit.layers)
+    step(cm, case)
+    after = [t for t in cm.slimfit.report().saved_tensors if not t.resident]
+    assert len(after) < len(before)
+
+
+def test_graphs_for_an_unbuilt_set_says_how_to_get_it():
+    cm, case = _compiled("mlp", max_variants=1)
+    with pytest.raises(KeyError, match="run a training step"):
+        cm.slimfit.graphs()
+    step(cm, case)
+    cm.slimfit.graphs()  # built now
+    cm.slimfit.set_frozen(cm.slimfit.layers[:1])
+    step(cm, case)
+    with pytest.raises(KeyError, match="max_variants=1"):
+        cm.slimfit.graphs(frozen=[])  # evicted
+    assert isinstance(cm.slimfit.graphs()["forward"], torch.fx.GraphModule)
