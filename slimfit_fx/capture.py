@@ -76,6 +76,18 @@ class _Partitioner(CustomPartitionerFn):
         # only has to change when this partitioner's code does.
         return get_hash_for_files((__file__,))
 
+    def __deepcopy__(self, memo: dict) -> "_Partitioner":
+        return self  # stateless apart from the callback; config snapshots deep-copy it
+
+    def __reduce__(self):
+        # Inductor pickles its config into the FX-graph cache key; our callback is a
+        # closure. What identifies this partitioner for the key is its uuid.
+        return (_partitioner_from_cache_key, (self.uuid(),))
+
+
+def _partitioner_from_cache_key(uuid: Any) -> None:
+    raise RuntimeError("a slimfit partitioner is never unpickled; it only names itself in cache keys")
+
 
 def current_tracing_context() -> Any:
     """Dynamo's tracing context while a backend runs; kept to build variants later."""
