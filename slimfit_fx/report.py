@@ -5,8 +5,10 @@ counters (tagged on its joint graph) and the saved bytes measured at run time.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .graphs import SavedTensor
 
@@ -16,10 +18,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Report:
+    """What slimfit did to one model, as values; `str()` is the terminal table."""
+
     model: str
     backend: str
-    layers: int
-    frozen: int
+    layers: tuple[str, ...]
+    frozen: tuple[str, ...]
     saved_bytes: int | None
     stats: dict[str, float]
     pass_counters: dict[str, int]
@@ -33,7 +37,8 @@ class Report:
         rows = [
             ("model", self.model),
             ("backend", self.backend),
-            ("layers", f"{self.layers} ({self.frozen} frozen, {self.layers - self.frozen} trainable)"),
+            ("layers", f"{len(self.layers)} ({len(self.frozen)} frozen, "
+                       f"{len(self.layers) - len(self.frozen)} trainable)"),
             ("saved for backward", saved),
             ("dynamo graphs", f"{s['graphs_captured']}"),
             ("variants", f"{s['variants_live']} live, {s['variants_compiled']} compiled, "
@@ -47,6 +52,34 @@ class Report:
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
         if self.saved_tensors:
             lines += ["", self.saved_tensor_table()]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data: dict[str, Any] = json.loads(text)
+        data["layers"] = tuple(data["layers"])
+        data["frozen"] = tuple(data["frozen"])
+        data["saved_tensors"] = tuple(
+            SavedTensor(**{**t, "shape": tuple(t["shape"])}) for t in data["saved_tensors"])
+        return cls(**data)
+
+    def to_markdown(self) -> str:
+        """The same content as `str()`, as Markdown tables."""
+        lines = [f"## slimfit_fx report: {self.model}", "", "| | |", "|---|---|"]
+        for line in str(self).splitlines()[2:]:
+            if not line.strip():
+                break
+            key, _, value = line.partition("  ")
+            lines.append(f"| {key.strip()} | {value.strip()} |")
+        if self.saved_tensors:
+            lines += ["", "| producer | shape | dtype | bytes | resident |", "|---|---|---|---:|---|"]
+            for t in sorted(self.saved_tensors, key=lambda t: -(t.nbytes or 0)):
+                size = "?" if t.nbytes is None else f"{t.nbytes:,}"
+                lines.append(f"| {t.producer} | {list(t.shape)} | {t.dtype} | {size} | "
+                             f"{'yes' if t.resident else 'no'} |")
         return "\n".join(lines)
 
     def saved_tensor_table(self, most: int = 12) -> str:
@@ -68,8 +101,8 @@ def build_report(slimfit: "SlimFit") -> Report:
     return Report(
         model=type(slimfit.model).__name__,
         backend=slimfit.config.backend,
-        layers=len(slimfit.layers),
-        frozen=len(slimfit.frozen),
+        layers=slimfit.layers,
+        frozen=tuple(sorted(slimfit.frozen)),
         saved_bytes=None if variant is None else variant.saved_bytes,
         stats=dict(slimfit.stats),
         pass_counters={} if variant is None else dict(variant.counters),

@@ -65,3 +65,16 @@ def test_graphs_for_an_unbuilt_set_says_how_to_get_it():
     with pytest.raises(KeyError, match="max_variants=1"):
         cm.slimfit.graphs(frozen=[])  # evicted
     assert isinstance(cm.slimfit.graphs()["forward"], torch.fx.GraphModule)
+
+
+def test_report_round_trips_through_json_and_renders_markdown():
+    cm, case = _compiled()
+    cm.slimfit.set_frozen(cm.slimfit.layers[:5])
+    step(cm, case)
+    report = cm.slimfit.report()
+    assert report.frozen == tuple(sorted(cm.slimfit.layers[:5]))
+    again = type(report).from_json(report.to_json())
+    assert again == report
+    markdown = report.to_markdown()
+    assert "| layers | 22 (5 frozen, 17 trainable) |" in markdown
+    assert markdown.count("\n| ") >= len(report.saved_tensors)
