@@ -3,11 +3,23 @@
     cm = slimfit_fx.compile(model)      # then train exactly as before
     cm.slimfit.set_frozen(names); print(cm.slimfit.report())
 """
+import logging as _logging
+import os as _os
+
 from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .module import SlimFit, SlimFitModule, compile
 
 __version__ = "0.1.0"
+
+# Silent unless asked: SLIMFIT_FX_LOG=info (or debug) prints what each pass did as
+# variants are built; or configure the "slimfit_fx" logger yourself.
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+if _os.environ.get("SLIMFIT_FX_LOG"):
+    _handler = _logging.StreamHandler()
+    _handler.setFormatter(_logging.Formatter("[slimfit_fx] %(message)s"))
+    _logging.getLogger(__name__).addHandler(_handler)
+    _logging.getLogger(__name__).setLevel(_os.environ["SLIMFIT_FX_LOG"].upper())
 
 __all__ = [
     "AlreadyCompiledError",

@@ -7,6 +7,7 @@ It never decides the frozen set; it only reads it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -21,6 +22,8 @@ from .errors import SlimFitError
 from .graphs import BACKWARD, FORWARD, JOINT, SavedTensor, VariantGraphs, after
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PassContext
+
+log = logging.getLogger(__name__)
 
 # Key of the single variant of a graph that never builds a backward.
 NO_BACKWARD = "no_backward"
@@ -179,6 +182,10 @@ class CapturedGraph:
             graph_id=self.graph_id, frozen=frozen, fn=fn, compile_seconds=seconds,
             counters=dict(ctx.counters), graphs=graphs,
         )
+        log.info("graph %d, %s: built a %s variant in %.2f s; %s", self.graph_id,
+                 f"{len(ctx.frozen)} layers frozen" if self.builds_backward else "no backward",
+                 self.state.backend, seconds,
+                 ", ".join(f"{k}={v}" for k, v in sorted(variant.counters.items())) or "no rewrites")
         self.state.variants_compiled += 1
         self.state.compile_seconds += seconds
         self.state.cache.put(key, variant)

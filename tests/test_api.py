@@ -188,3 +188,14 @@ def test_uncapturable_model_says_what_broke():
     cm = slimfit_fx.compile(DataDependent(), backend="aot_eager")
     with pytest.raises(CaptureError, match=r"DataDependent.forward.*Dynamo said:.*test_api.py"):
         cm(torch.randn(2, 4))
+
+
+def test_pass_effects_are_logged_on_request_and_silent_by_default(caplog):
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm.slimfit.set_frozen(cm.slimfit.layers[:2])
+    with caplog.at_level("INFO", logger="slimfit_fx"):
+        step(cm, case)
+    assert any("2 layers frozen" in r.message and "grads_cut=2" in r.message for r in caplog.records)
+    import logging
+    assert logging.getLogger("slimfit_fx").getEffectiveLevel() > logging.INFO  # silent default
