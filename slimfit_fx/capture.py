@@ -50,9 +50,11 @@ def describe_capture_error(err: BaseException) -> str:
 
 
 JointPass = Callable[[fx.GraphModule], fx.GraphModule]
-# Called with (forward graph, backward graph, number of forward outputs that are
-# not saved-for-backward values) right after partitioning.
-OnPartition = Callable[[fx.GraphModule, fx.GraphModule, int], None]
+# Called right after partitioning with (forward graph, backward graph, number of
+# forward outputs that are not saved-for-backward values, and a function that
+# partitions another joint graph the same way, for before/after views).
+Partition = Callable[[fx.GraphModule], tuple[fx.GraphModule, fx.GraphModule]]
+OnPartition = Callable[[fx.GraphModule, fx.GraphModule, int, Partition], None]
 
 
 class _Partitioner(CustomPartitionerFn):
@@ -67,8 +69,11 @@ class _Partitioner(CustomPartitionerFn):
         self.on_partition = on_partition
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
-        forward, backward = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        self.on_partition(forward, backward, kwargs["num_fwd_outputs"])
+        def partition(joint: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
+            return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+
+        forward, backward = partition(gm)
+        self.on_partition(forward, backward, kwargs["num_fwd_outputs"], partition)
         return forward, backward
 
     def uuid(self) -> Any:
@@ -158,6 +163,14 @@ def compile_variant(
                 keep_inference_input_mutations=True,
             )(graph_copy, list(example_inputs))
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def size_hint(value: Any) -> int | None:
+    """A concrete int for a possibly symbolic size: the value dynamo traced with."""
+    if isinstance(value, int):
+        return value
+    hint = getattr(getattr(value, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def dynamo_compiled_frames() -> int:

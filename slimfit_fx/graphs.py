@@ -11,9 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from . import capture
+
 JOINT = "joint"
 FORWARD = "forward"
 BACKWARD = "backward"
+FORWARD_BEFORE = "forward before passes"
+BACKWARD_BEFORE = "backward before passes"
 
 
 def after(pass_name: str) -> str:
@@ -26,10 +30,12 @@ class SavedTensor:
 
     name: str  # node name in the forward graph
     producer: str  # the op that made it; "input" for graph inputs (parameters, user inputs)
+    module: str  # the module whose forward made it, or the parameter's name; "" if unknown
     shape: tuple[int, ...]
     dtype: str
-    nbytes: int | None  # bytes this tensor's storage holds, measured at run time
+    nbytes: int | None  # bytes this tensor's storage holds
     resident: bool  # a graph input's storage: held anyway, not counted in saved_bytes
+    measured: bool  # nbytes seen at run time (True) or computed from the graph (False)
 
 
 def format_graph(gm: fx.GraphModule) -> str:
@@ -48,9 +54,10 @@ class VariantGraphs:
     """Ordered stages of one variant: the joint graph as traced, after each joint
     pass, then the forward and backward graphs the compiler was given."""
 
-    def __init__(self) -> None:
+    def __init__(self, input_names: tuple[str | None, ...] = ()) -> None:
         self.stages: dict[str, fx.GraphModule] = {}
         self.num_forward_outputs: int | None = None
+        self.input_names = input_names
 
     def __getitem__(self, stage: str) -> fx.GraphModule:
         if stage not in self.stages:
@@ -76,32 +83,61 @@ class VariantGraphs:
     def __str__(self) -> str:
         return "\n\n".join(f"=== {stage} ===\n{self.format(stage)}" for stage in self.stages)
 
-    def saved_nodes(self) -> list[fx.Node]:
+    def saved_nodes(self, stage: str = FORWARD) -> list[fx.Node]:
         """Forward outputs that are saved for backward: tensors, then symbolic sizes."""
-        if FORWARD not in self.stages or self.num_forward_outputs is None:
+        if stage not in self.stages or self.num_forward_outputs is None:
             return []
-        outputs = self.stages[FORWARD].graph.output_node().args[0]
+        outputs = self.stages[stage].graph.output_node().args[0]
         return [n for n in outputs[self.num_forward_outputs:] if isinstance(n, fx.Node)]
 
-    def saved_tensors(self, measured: list[tuple[int, bool]] | None) -> list[SavedTensor]:
-        """The forward's saved tensors; `measured` is (bytes, resident) per tensor
-        in the order autograd packed them, as recorded at run time."""
-        nodes = [n for n in self.saved_nodes() if isinstance(n.meta.get("val"), torch.Tensor)]
+    def saved_tensors(self, measured: list[tuple[int, bool]] | None = None,
+                      stage: str = FORWARD) -> list[SavedTensor]:
+        """The saved tensors of a forward stage. `measured` is (bytes, resident) per
+        tensor in the order autograd packed them at run time; without it, bytes
+        are computed from the graph's shapes and marked measured=False."""
+        nodes = [n for n in self.saved_nodes(stage) if isinstance(n.meta.get("val"), torch.Tensor)]
         if measured is not None and len(measured) != len(nodes):
-            measured = None  # cannot pair them one to one: show shapes only
+            measured = None  # cannot pair them one to one: fall back to the graph's shapes
         result = []
         for index, node in enumerate(nodes):
             val = node.meta["val"]
-            nbytes, resident = measured[index] if measured is not None else (None, node.op == "placeholder")
+            if measured is not None:
+                nbytes, resident = measured[index]
+            else:
+                nbytes, resident = _graph_nbytes(val), node.op == "placeholder"
             result.append(SavedTensor(
                 name=node.name,
                 producer="input" if node.op == "placeholder" else _op_name(node.target),
-                shape=tuple(val.shape),
+                module=self._module_of(node),
+                shape=tuple(capture.size_hint(d) or -1 for d in val.shape),
                 dtype=str(val.dtype).removeprefix("torch."),
                 nbytes=nbytes,
                 resident=resident,
+                measured=measured is not None,
             ))
         return result
+
+    def _module_of(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            # forward placeholders are primals_1..N in graph-input order
+            index = int(node.name.rsplit("_", 1)[-1]) - 1 if node.name.startswith("primals_") else -1
+            name = self.input_names[index] if 0 <= index < len(self.input_names) else None
+            return name or ""
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return ""
+        path = list(stack.values())[-1][0]
+        return path.split(".", 1)[1] if path.startswith("L['self']") and "." in path else ""
+
+
+def _graph_nbytes(val: torch.Tensor) -> int | None:
+    numel = 1
+    for dim in val.shape:
+        size = capture.size_hint(dim)
+        if size is None:
+            return None
+        numel *= size
+    return numel * val.element_size()
 
 
 def _op_name(target: object) -> str:

@@ -19,7 +19,8 @@ from torch import fx
 
 from . import capture
 from .errors import SlimFitError
-from .graphs import BACKWARD, FORWARD, JOINT, SavedTensor, VariantGraphs, after
+from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
+                     VariantGraphs, after)
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PassContext
 
@@ -50,7 +51,12 @@ class Variant:
         return joint[-1] if joint else None
 
     def saved_tensors(self) -> list[SavedTensor]:
+        """What this variant's forward saves, measured at its last training run."""
         return self.graphs.saved_tensors(self.saved_record)
+
+    def saved_tensors_before_passes(self) -> list[SavedTensor]:
+        """What the forward would save with no slimfit pass (computed from the graph)."""
+        return self.graphs.saved_tensors(stage=FORWARD_BEFORE)
 
 
 class VariantCache:
@@ -157,7 +163,7 @@ class CapturedGraph:
             input_names=self.input_names,
             frozen=frozen if isinstance(frozen, frozenset) else frozenset(),
         )
-        graphs = VariantGraphs()
+        graphs = VariantGraphs(self.input_names)
 
         def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
             graphs.stages[JOINT] = capture.copy_graph_module(gm)
@@ -166,7 +172,11 @@ class CapturedGraph:
                 graphs.stages[after(each.__name__)] = capture.copy_graph_module(gm)
             return gm
 
-        def on_partition(forward: fx.GraphModule, backward: fx.GraphModule, num_outputs: int) -> None:
+        def on_partition(forward: fx.GraphModule, backward: fx.GraphModule, num_outputs: int,
+                         partition: capture.Partition) -> None:
+            if JOINT in graphs.stages:  # what the partitioner makes of the untouched joint
+                before = partition(capture.copy_graph_module(graphs.stages[JOINT]))
+                graphs.stages[FORWARD_BEFORE], graphs.stages[BACKWARD_BEFORE] = before
             graphs.stages[FORWARD] = capture.copy_graph_module(forward)
             graphs.stages[BACKWARD] = capture.copy_graph_module(backward)
             graphs.num_forward_outputs = num_outputs

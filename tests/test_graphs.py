@@ -21,7 +21,8 @@ def test_stages_in_pipeline_order_with_tags_and_a_diff():
     cm.slimfit.set_frozen(encoder)
     step(cm, case)
     graphs = cm.slimfit.graphs()
-    assert list(graphs) == ["joint", "joint after cut_frozen_grads", "forward", "backward"]
+    assert list(graphs) == ["joint", "joint after cut_frozen_grads", "forward before passes",
+                            "backward before passes", "forward", "backward"]
     after = graphs.format("joint after cut_frozen_grads")
     assert "# slimfit: {'cut_frozen_grads': {'grads_cut':" in after
     diff = graphs.diff("joint", "joint after cut_frozen_grads")
@@ -42,6 +43,25 @@ def test_saved_tensor_table_matches_what_the_step_saved():
     report = cm.slimfit.report()
     assert report.saved_tensors == tuple(tensors)
     assert f"saved tensors: {len(tensors)}" in str(report)
+
+
+def test_before_passes_view_saves_what_the_unfrozen_variant_saves():
+    cm, case = _compiled()
+    step(cm, case)
+    unfrozen = cm.slimfit._variant_for_current_set().saved_tensors()
+    cm.slimfit.set_frozen(cm.slimfit.layers)
+    step(cm, case)
+    variant = cm.slimfit._variant_for_current_set()
+    before = variant.saved_tensors_before_passes()
+    assert not any(t.measured for t in before)
+    # same graph, same partitioner: the tensors the unfrozen run saved. Bytes from
+    # shapes equal the measured storage bytes except for views (a slice holds its
+    # base's storage, an expand less than its shape says): 3 of 61 here.
+    assert [(t.producer, t.shape) for t in before] == [(t.producer, t.shape) for t in unfrozen]
+    assert sum(b.nbytes == u.nbytes for b, u in zip(before, unfrozen)) >= 0.9 * len(before)
+    modules = {t.module for t in variant.saved_tensors()}
+    assert "bert.encoder.layer.0.attention.self" in modules  # from nn_module_stack
+    assert "bert.embeddings.LayerNorm.weight" in modules  # a parameter input, by name
 
 
 def test_freezing_shrinks_the_saved_tensor_list():
