@@ -1,8 +1,9 @@
-"""`python -m slimfit_fx finetune`: the main job, a real fine-tune on bundled data.
+"""`slimfit-fx finetune` (the main job) and `slimfit-fx inspect`.
 
-Fine-tunes all-MiniLM-L6-v2 on BBC News through slimfit_fx.compile and prints
-accuracy, bytes saved for backward, step and compile time. It uses only the
-public API; it must not reach into the compiler.
+finetune: all-MiniLM-L6-v2 on BBC News through slimfit_fx.compile; prints
+accuracy, bytes saved for backward, step and compile time. inspect: one step
+of a bundled model, then the report, memory breakdown, graphs and PNGs.
+Only the public API is used here; this module must not reach into the compiler.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ import torch
 
 import slimfit_fx
 
+from . import zoo
 from .data import load_bbc_news, load_default_model
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m slimfit_fx")
+    parser = argparse.ArgumentParser(prog="slimfit-fx")
     sub = parser.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune all-MiniLM-L6-v2 on BBC News (offline)")
     ft.add_argument("--epochs", type=int, default=1)
@@ -33,7 +35,45 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--limit", type=int, default=None, help="use only the first N articles")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--json", default=None, help="also write the results to this file")
+
+    ins = sub.add_parser("inspect", help="compile a bundled model, run one step, show what slimfit did")
+    ins.add_argument("--model", default="bert-tiny", help=f"one of {sorted(zoo.MODELS)}")
+    ins.add_argument("--freeze-ratio", type=float, default=0.9)
+    ins.add_argument("--backend", choices=("inductor", "aot_eager"), default="aot_eager")
+    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--out", default=None, help="write report.json/.md and PNG charts here")
+    ins.add_argument("--graphs", action="store_true", help="print every graph stage")
     return parser
+
+
+def seeded_frozen_set(layers: tuple[str, ...], ratio: float, seed: int) -> list[str]:
+    """A fixed draw of int(ratio * len(layers)) layers; the last layer (the head) trains."""
+    if not 0.0 <= ratio <= 1.0:
+        raise SystemExit(f"--freeze-ratio must be in [0, 1], got {ratio}")
+    return random.Random(seed).sample(layers[:-1], min(int(ratio * len(layers)), len(layers) - 1))
+
+
+def inspect(args: argparse.Namespace) -> slimfit_fx.SlimFitModule:
+    try:
+        model, batch = zoo.build(args.model, seed=args.seed)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    cm = slimfit_fx.compile(model, backend=args.backend)
+    cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, args.freeze_ratio, args.seed))
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-4)
+    for _ in range(2):  # the second step runs with optimizer state and measures grads
+        opt.zero_grad(set_to_none=True)
+        cm(**batch).loss.backward()
+        opt.step()
+    print(cm.slimfit.report())
+    print()
+    print(cm.slimfit.memory_breakdown(optimizer=opt, **batch))
+    if args.graphs:
+        print(cm.slimfit.graphs())
+    if args.out:
+        paths = cm.slimfit.save_report(args.out, optimizer=opt, **batch)
+        print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return cm
 
 
 def _batches(split: dict[str, torch.Tensor], size: int, generator: torch.Generator | None):
@@ -53,7 +93,7 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
     cm = slimfit_fx.compile(model, backend=args.backend, freeze_ratio=args.freeze_ratio)
     layers = cm.slimfit.layers
     # Until a training-dynamics schedule is chosen, freeze a fixed seeded share.
-    frozen = random.Random(args.seed).sample(layers[:-1], int(args.freeze_ratio * len(layers)))
+    frozen = seeded_frozen_set(layers, args.freeze_ratio, args.seed)
     cm.slimfit.set_frozen(frozen)
     print(f"layers: {len(layers)}, frozen: {len(frozen)}, train articles: "
           f"{len(data.train['labels'])}, test articles: {len(data.test['labels'])}")
@@ -105,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "finetune":
         finetune(args)
+    elif args.command == "inspect":
+        inspect(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Count the bytes autograd holds from forward to backward, as it runs.
+"""Count the bytes autograd holds from forward to backward, and break down a step's memory.
 
-Used by the runtime after every training forward and by the benchmarks on
-eager models, so both sides of a comparison are measured the same way.
+The counter runs after every training forward and in the benchmarks on eager
+models, so both sides of a comparison are measured the same way. Nothing here
+allocates or changes model state.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,3 +42,77 @@ def run_counting_saved_bytes(
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One component of training memory, eager full fine-tune vs slimfit, in bytes."""
+
+    component: str
+    eager: int | None
+    slimfit: int | None
+    eager_measured: bool
+    slimfit_measured: bool
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Weights, gradients, optimizer state and saved activations for one step.
+
+    A value is measured where it could be read off live tensors (or, for saved
+    activations, off what autograd packed) and marked estimated where computed.
+    """
+
+    rows: tuple[MemoryRow, ...]
+
+    def total(self, side: str) -> int:
+        return sum(getattr(row, side) or 0 for row in self.rows)
+
+    def __str__(self) -> str:
+        def cell(value: int | None, measured: bool) -> str:
+            if value is None:
+                return "not measured"
+            return f"{value / 2**20:10.2f} MiB" + ("" if measured else " (estimated)")
+
+        lines = [f"{'component':<18} {'eager':>26} {'slimfit':>26}"]
+        for row in self.rows:
+            lines.append(f"{row.component:<18} {cell(row.eager, row.eager_measured):>26} "
+                         f"{cell(row.slimfit, row.slimfit_measured):>26}")
+        lines.append(f"{'total':<18} {self.total('eager') / 2**20:>22.2f} MiB "
+                     f"{self.total('slimfit') / 2**20:>22.2f} MiB")
+        return "\n".join(lines)
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_breakdown(
+    params: dict[str, torch.nn.Parameter], frozen: frozenset[str], saved_bytes: int | None,
+    eager_saved_bytes: int | None, optimizer: torch.optim.Optimizer | None = None,
+) -> MemoryBreakdown:
+    """Eager full fine-tune vs slimfit with `frozen`, for the parameters `params`."""
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    weights = tensor_bytes(params.values())
+    eager_grads = tensor_bytes(trainable.values())
+    grads_now = [p.grad for p in trainable.values() if p.grad is not None]
+    if grads_now:
+        slimfit_grads, grads_measured = tensor_bytes(grads_now), True
+    else:
+        slimfit_grads = tensor_bytes(p for n, p in trainable.items() if n not in frozen)
+        grads_measured = False
+    rows = [
+        MemoryRow("weights", weights, weights, True, True),
+        MemoryRow("gradients", eager_grads, slimfit_grads, False, grads_measured),
+    ]
+    if optimizer is not None:
+        ids = {id(p) for p in trainable.values()}
+        state = {id(p): tensor_bytes(v for v in s.values() if isinstance(v, torch.Tensor))
+                 for p, s in optimizer.state.items() if id(p) in ids}
+        held = sum(state.values())
+        stepped = [p for p in trainable.values() if id(p) in state]
+        per_byte = held / max(tensor_bytes(stepped), 1)  # e.g. 2.0 for Adam's two moments
+        rows.append(MemoryRow("optimizer state", int(per_byte * eager_grads), held, False, True))
+    rows.append(MemoryRow("saved activations", eager_saved_bytes, saved_bytes,
+                          eager_saved_bytes is not None, saved_bytes is not None))
+    return MemoryBreakdown(tuple(rows))

@@ -7,6 +7,7 @@ attribute passthrough. Everything slimfit-specific hangs off `.slimfit`.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ from . import capture
 from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError
 from .graphs import VariantGraphs
+from .memory import MemoryBreakdown, memory_breakdown, run_counting_saved_bytes
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .variants import FrozenSetState, VariantCache
@@ -113,6 +115,49 @@ class SlimFit:
 
     def report(self) -> Report:
         return build_report(self)
+
+    def memory_breakdown(self, *sample_args: Any, optimizer: torch.optim.Optimizer | None = None,
+                         **sample_kwargs: Any) -> MemoryBreakdown:
+        """Weights, gradients, optimizer state and saved activations: eager full
+        fine-tune vs slimfit's current frozen set. Given a sample batch, eager's
+        saved activations are measured by one eager forward of the model (its
+        buffers are restored afterwards); call it after a training step, before
+        `zero_grad`, to have slimfit's gradients measured rather than estimated."""
+        eager_saved = None
+        if sample_args or sample_kwargs:
+            eager_saved = self._eager_saved_bytes(sample_args, sample_kwargs)
+        return memory_breakdown(dict(self.model.named_parameters()), self.frozen,
+                                self.saved_bytes, eager_saved, optimizer)
+
+    def _eager_saved_bytes(self, args: tuple, kwargs: dict) -> int:
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        try:
+            with torch.enable_grad():
+                _, saved = run_counting_saved_bytes(
+                    self.model, *args, resident=(*self.model.parameters(), *self.model.buffers(),
+                                                 *kwargs.values()), **kwargs)
+        finally:
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name])
+        return saved
+
+    def save_report(self, directory: str | Path, *sample_args: Any,
+                    optimizer: torch.optim.Optimizer | None = None, **sample_kwargs: Any) -> dict[str, Path]:
+        """Write report.json, report.md, memory.png and saved_by_module.png to `directory`."""
+        from .plots import plot_memory, plot_saved_by_module
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        report = self.report()
+        breakdown = self.memory_breakdown(*sample_args, optimizer=optimizer, **sample_kwargs)
+        paths = {name: out / name for name in ("report.json", "report.md", "memory.png",
+                                                "saved_by_module.png")}
+        paths["report.json"].write_text(report.to_json())
+        paths["report.md"].write_text(report.to_markdown() + "\n\n```\n" + str(breakdown) + "\n```\n")
+        plot_memory(breakdown, paths["memory.png"])
+        plot_saved_by_module(report.saved_tensors_before, report.saved_tensors, paths["saved_by_module.png"])
+        return paths
 
     def graphs(self, frozen: Iterable[str] | None = None) -> VariantGraphs:
         """The graphs of the live variant for `frozen` (default: the current frozen

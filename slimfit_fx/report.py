@@ -28,6 +28,7 @@ class Report:
     stats: dict[str, float]
     pass_counters: dict[str, int]
     saved_tensors: tuple[SavedTensor, ...] = ()
+    saved_tensors_before: tuple[SavedTensor, ...] = ()  # with no slimfit pass, from the graph
 
     def __str__(self) -> str:
         saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
@@ -62,8 +63,8 @@ class Report:
         data: dict[str, Any] = json.loads(text)
         data["layers"] = tuple(data["layers"])
         data["frozen"] = tuple(data["frozen"])
-        data["saved_tensors"] = tuple(
-            SavedTensor(**{**t, "shape": tuple(t["shape"])}) for t in data["saved_tensors"])
+        for key in ("saved_tensors", "saved_tensors_before"):
+            data[key] = tuple(SavedTensor(**{**t, "shape": tuple(t["shape"])}) for t in data[key])
         return cls(**data)
 
     def to_markdown(self) -> str:
@@ -107,4 +108,5 @@ def build_report(slimfit: "SlimFit") -> Report:
         stats=dict(slimfit.stats),
         pass_counters={} if variant is None else dict(variant.counters),
         saved_tensors=() if variant is None else tuple(variant.saved_tensors()),
+        saved_tensors_before=() if variant is None else tuple(variant.saved_tensors_before_passes()),
     )

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimfit_fx import zoo
+
 
 @dataclass
 class Case:
@@ -29,56 +31,15 @@ def hf_loss(output: Any) -> torch.Tensor:
 
 
 def bert(seed: int = 0, batch: int = 2, seq: int = 12) -> Case:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=128, num_labels=3,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        problem_type="single_label_classification",
-    )
-    g = _seeded(seed)
-    data = {
-        "input_ids": torch.randint(0, 64, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "labels": torch.randint(0, 3, (batch,), generator=g),
-    }
-    data["attention_mask"][0, -3:] = 0  # exercise padding
-    return Case(BertForSequenceClassification(config).train(), data, hf_loss)
+    return Case(*zoo.bert_tiny(seed=seed, batch=batch, seq=seq, dropout=0.0), hf_loss)
 
 
 def vit(seed: int = 0, batch: int = 2) -> Case:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=48, num_labels=4,
-        problem_type="single_label_classification",
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    g = _seeded(seed)
-    data = {
-        "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
-        "labels": torch.randint(0, 4, (batch,), generator=g),
-    }
-    return Case(ViTForImageClassification(config).train(), data, hf_loss)
+    return Case(*zoo.vit_tiny(seed=seed, batch=batch, dropout=0.0), hf_loss)
 
 
 def gpt2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )
-    g = _seeded(seed)
-    ids = torch.randint(0, 64, (batch, seq), generator=g)
-    model = GPT2LMHeadModel(config).train()
-    model.loss_type = "ForCausalLM"  # unset, HF logs a warning inside forward: a graph break
-    return Case(model, {"input_ids": ids, "labels": ids}, hf_loss)
+    return Case(*zoo.gpt2_tiny(seed=seed, batch=batch, seq=seq, dropout=0.0), hf_loss)
 
 
 class MLP(nn.Module):

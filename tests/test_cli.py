@@ -16,3 +16,21 @@ def test_finetune_runs_and_writes_results(tmp_path, capsys):
     assert 0.0 <= results["accuracy"] <= 1.0
     assert results["saved_bytes"] > 0 and results["compile_seconds"] > 0
     assert "slimfit_fx report" in capsys.readouterr().out
+
+
+def test_inspect_prints_the_report_and_writes_the_files(tmp_path, capsys):
+    cm = cli.main(["inspect", "--model", "gpt2-tiny", "--freeze-ratio", "0.5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "slimfit_fx report" in out and "saved activations" in out
+    for name in ("report.json", "report.md", "memory.png", "saved_by_module.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report["frozen"]) == int(0.5 * len(report["layers"]))
+    assert cm is None  # main() returns nothing; the command's output is the interface
+
+
+def test_inspect_rejects_unknown_models():
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown model 'resnet-9000'"):
+        cli.main(["inspect", "--model", "resnet-9000"])

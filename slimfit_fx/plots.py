@@ -1,0 +1,84 @@
+"""PNG charts of a report: memory breakdown (eager vs slimfit) and saved bytes per module.
+
+Each function draws only values it is given and returns them, so a caller (or a
+test) can check the picture against the report. matplotlib is imported lazily.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .graphs import SavedTensor
+from .memory import MemoryBreakdown
+
+MIB = 2**20
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install matplotlib") from err
+    return plt
+
+
+def plot_memory(breakdown: MemoryBreakdown, path: str | Path) -> dict[str, dict[str, float]]:
+    """Stacked bars, one per side; returns the MiB drawn per side and component."""
+    plt = _pyplot()
+    drawn: dict[str, dict[str, float]] = {"eager": {}, "slimfit": {}}
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    bottoms = [0.0, 0.0]
+    for row in breakdown.rows:
+        values = [(row.eager or 0) / MIB, (row.slimfit or 0) / MIB]
+        estimated = (not row.eager_measured, not row.slimfit_measured)
+        bars = ax.bar(["eager", "slimfit"], values, bottom=bottoms, label=row.component)
+        for bar, est in zip(bars, estimated):
+            if est:
+                bar.set_hatch("//")
+        drawn["eager"][row.component], drawn["slimfit"][row.component] = values
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax.set_ylabel("MiB")
+    ax.set_title("memory of one training step (hatched: estimated)")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn
+
+
+def group_of(module: str) -> str:
+    """Collapse a module path to its repeated block: bert.encoder.layer.3.attention -> bert.encoder.layer.3."""
+    match = re.match(r"(.*?\.\d+)(\.|$)", module)
+    return match.group(1) if match else (module or "(other)")
+
+
+def saved_by_group(tensors: tuple[SavedTensor, ...]) -> dict[str, int]:
+    totals: dict[str, int] = defaultdict(int)
+    for t in tensors:
+        if not t.resident and t.nbytes:
+            totals[group_of(t.module)] += t.nbytes
+    return dict(totals)
+
+
+def plot_saved_by_module(before: tuple[SavedTensor, ...], after: tuple[SavedTensor, ...],
+                         path: str | Path) -> dict[str, tuple[float, float]]:
+    """Bars per block of saved bytes before and after slimfit's passes; returns MiB drawn."""
+    plt = _pyplot()
+    b, a = saved_by_group(before), saved_by_group(after)
+    groups = sorted(set(b) | set(a), key=lambda g: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", g)])
+    drawn = {g: (b.get(g, 0) / MIB, a.get(g, 0) / MIB) for g in groups}
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) + 2), 4.5))
+    xs = range(len(groups))
+    ax.bar([x - 0.2 for x in xs], [drawn[g][0] for g in groups], width=0.4, label="before passes (computed)")
+    ax.bar([x + 0.2 for x in xs], [drawn[g][1] for g in groups], width=0.4, label="slimfit (measured)")
+    ax.set_xticks(list(xs), groups, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("MiB saved for backward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return drawn

@@ -1,0 +1,88 @@
+"""Small models for `slimfit-fx inspect` and the tests: tiny random-init configs of real
+HF architectures, plus the bundled pretrained all-MiniLM-L6-v2.
+
+Each factory returns (model in train mode, a seeded sample batch with labels).
+Building a model here never downloads anything.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+def bert_tiny(seed: int = 0, batch: int = 2, seq: int = 12, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=128, num_labels=3,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        problem_type="single_label_classification",
+    )
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "input_ids": torch.randint(0, 64, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 3, (batch,), generator=g),
+    }
+    data["attention_mask"][0, -3:] = 0  # some padding
+    return BertForSequenceClassification(config).train(), data
+
+
+def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=48, num_labels=4,
+        problem_type="single_label_classification",
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
+        "labels": torch.randint(0, 4, (batch,), generator=g),
+    }
+    return ViTForImageClassification(config).train(), data
+
+
+def gpt2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0,
+    )
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (batch, seq), generator=g)
+    model = GPT2LMHeadModel(config).train()
+    model.loss_type = "ForCausalLM"  # unset, HF logs a warning inside forward: a graph break
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    """The bundled pretrained all-MiniLM-L6-v2 with a fresh 5-class head, on BBC News text."""
+    from .data import load_bbc_news, load_default_model
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_default_model(num_labels=5)
+    data = load_bbc_news(tokenizer, max_length=seq, seed=seed, limit=max(batch * 2, 10))
+    return model.train(), {k: v[:batch] for k, v in data.train.items()}
+
+
+MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
+    "bert-tiny": bert_tiny, "vit-tiny": vit_tiny, "gpt2-tiny": gpt2_tiny, "minilm": minilm,
+}
+
+
+def build(name: str, **kwargs) -> tuple[nn.Module, Batch]:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    return MODELS[name](**kwargs)

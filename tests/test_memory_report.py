@@ -1,0 +1,95 @@
+"""Memory breakdown (eager vs slimfit) and the PNGs drawn from the report's values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimfit_fx
+from slimfit_fx.plots import group_of, saved_by_group
+
+from .harness import step
+from .models import FACTORIES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _trained(freeze_encoder=True):
+    case = FACTORIES["bert"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    if freeze_encoder:
+        cm.slimfit.set_frozen([n for n in cm.slimfit.layers if ".encoder." in n])
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    step(cm, case)
+    opt.step()
+    step(cm, case)  # grads present again, optimizer state exists
+    return cm, case, opt
+
+
+def test_breakdown_measures_what_it_can_and_labels_the_rest():
+    cm, case, opt = _trained()
+    mb = cm.slimfit.memory_breakdown(optimizer=opt, **case.batch)
+    rows = {r.component: r for r in mb.rows}
+    params = list(cm.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert rows["weights"].eager == rows["weights"].slimfit == weight_bytes
+    frozen = cm.slimfit.frozen
+    trainable = [p for n, p in cm.named_parameters() if n not in frozen]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    assert rows["gradients"].slimfit == trainable_bytes and rows["gradients"].slimfit_measured
+    assert rows["gradients"].eager == weight_bytes and not rows["gradients"].eager_measured
+    # AdamW: two moments per stepped element (+ a scalar step per tensor)
+    assert 2 * trainable_bytes <= rows["optimizer state"].slimfit <= 2 * trainable_bytes + 8 * len(trainable)
+    assert rows["saved activations"].slimfit == cm.slimfit.saved_bytes
+    assert rows["saved activations"].eager_measured
+    assert rows["saved activations"].eager > rows["saved activations"].slimfit
+    assert mb.total("slimfit") < mb.total("eager")
+    assert "(estimated)" in str(mb)
+
+
+def test_eager_measurement_leaves_buffers_alone():
+    case = FACTORIES["convnet"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    step(cm, case)
+    before = {n: b.clone() for n, b in cm.named_buffers()}
+    cm.slimfit.memory_breakdown(**case.batch)
+    for name, b in cm.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+def test_save_report_writes_pngs_drawn_from_the_report(tmp_path, monkeypatch):
+    import slimfit_fx.plots as plots
+
+    drawn = {}
+    for name in ("plot_memory", "plot_saved_by_module"):
+        original = getattr(plots, name)
+        monkeypatch.setattr(plots, name, lambda *a, _f=original, _n=name: drawn.setdefault(_n, _f(*a)))
+    cm, case, opt = _trained()
+    paths = cm.slimfit.save_report(tmp_path, optimizer=opt, **case.batch)
+
+    for name in ("memory.png", "saved_by_module.png"):
+        data = paths[name].read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+        import matplotlib.image
+
+        pixels = matplotlib.image.imread(paths[name])
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 300
+        assert pixels[..., :3].std() > 0.05, f"{name} looks blank"
+
+    saved = json.loads(paths["report.json"].read_text())
+    mb = cm.slimfit.memory_breakdown(optimizer=opt, **case.batch)
+    for row in mb.rows:
+        assert drawn["plot_memory"]["slimfit"][row.component] == pytest.approx((row.slimfit or 0) / 2**20)
+        assert drawn["plot_memory"]["eager"][row.component] == pytest.approx((row.eager or 0) / 2**20)
+    after = saved_by_group(cm.slimfit.report().saved_tensors)
+    for group, (_, mib_after) in drawn["plot_saved_by_module"].items():
+        assert mib_after == pytest.approx(after.get(group, 0) / 2**20)
+    assert "bert.encoder.layer.1" in drawn["plot_saved_by_module"]
+    assert saved["frozen"] == sorted(cm.slimfit.frozen)
+
+
+def test_group_of_collapses_to_the_repeated_block():
+    assert group_of("bert.encoder.layer.11.attention.self") == "bert.encoder.layer.11"
+    assert group_of("classifier") == "classifier"
+    assert group_of("") == "(other)"
