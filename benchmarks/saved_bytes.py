@@ -15,25 +15,14 @@ import statistics
 import time
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 import slimfit_fx
+from slimfit_fx import zoo
 from slimfit_fx.memory import run_counting_saved_bytes
 
 
-def make_model(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(num_labels=2, problem_type="single_label_classification")  # bert-base sizes
-    return BertForSequenceClassification(config).train()
-
-
-def make_batch(batch: int, seq: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {
-        "input_ids": torch.randint(0, 30522, (batch, seq), generator=g),
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "labels": torch.randint(0, 2, (batch,), generator=g),
-    }
+def make_model(batch: int, seq: int):
+    return zoo.bert_base(seed=0, batch=batch, seq=seq)  # (model, batch), dropout 0.1
 
 
 def frozen_sets(layers: tuple[str, ...]) -> dict[str, frozenset[str]]:
@@ -72,17 +61,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    batch = make_batch(args.batch, args.seq)
-
-    model = make_model()
-    layers = slimfit_fx.compile(make_model(), backend="aot_eager").slimfit.layers
+    model, batch = make_model(args.batch, args.seq)
+    layers = slimfit_fx.compile(make_model(args.batch, args.seq)[0], backend="aot_eager").slimfit.layers
     sets = frozen_sets(layers)
     rows = {name: {"frozen layers": f"{len(s)}/{len(layers)}",
                    "eager MiB": eager_saved_bytes(model, batch, s) / 2**20}
             for name, s in sets.items()}
     timings = []
     for backend in args.backends:
-        cm = slimfit_fx.compile(make_model(), backend=backend)
+        cm = slimfit_fx.compile(make_model(args.batch, args.seq)[0], backend=backend)
         builds = []
         for name, frozen in sets.items():
             cm.slimfit.set_frozen(frozen)

@@ -5,6 +5,7 @@ the pipeline ran, so nothing here can change a graph that runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class SavedTensor:
     nbytes: int | None  # bytes this tensor's storage holds
     resident: bool  # a graph input's storage: held anyway, not counted in saved_bytes
     measured: bool  # nbytes seen at run time (True) or computed from the graph (False)
+    changed_by: str = ""  # which pass changed this tensor's fate, and how
 
 
 def format_graph(gm: fx.GraphModule) -> str:
@@ -116,6 +118,14 @@ class VariantGraphs:
                 measured=measured is not None,
             ))
         return result
+
+    def saved_tensors_before_passes(self, pass_names: tuple[str, ...]) -> list[SavedTensor]:
+        """What the untouched joint's forward saves, each marked if the passes
+        (`pass_names`, in order) left it out of the forward that runs."""
+        kept = {n.name for n in self.saved_nodes(FORWARD)}
+        note = f"{' + '.join(pass_names)}: no longer saved"
+        return [t if t.name in kept else dataclasses.replace(t, changed_by=note)
+                for t in self.saved_tensors(stage=FORWARD_BEFORE)]
 
     def _module_of(self, node: fx.Node) -> str:
         if node.op == "placeholder":

@@ -47,6 +47,12 @@ class Report:
             ("cache", f"{s['cache_hits']} hits, {s['cache_misses']} misses"),
             ("compile time", f"{s['compile_seconds']:.2f} s"),
         ]
+        if self.saved_tensors_before:
+            before = [t for t in self.saved_tensors_before if not t.resident]
+            dropped = [t for t in before if t.changed_by]
+            rows.append(("before passes (computed)",
+                         f"{sum(t.nbytes or 0 for t in before):,} B in {len(before)} tensors; "
+                         f"{len(dropped)} ({sum(t.nbytes or 0 for t in dropped):,} B) no longer saved"))
         rows += [(f"freeze pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
@@ -76,11 +82,19 @@ class Report:
             key, _, value = line.partition("  ")
             lines.append(f"| {key.strip()} | {value.strip()} |")
         if self.saved_tensors:
-            lines += ["", "| producer | shape | dtype | bytes | resident |", "|---|---|---|---:|---|"]
+            lines += ["", "| saved (measured) | module | shape | dtype | bytes | resident |",
+                      "|---|---|---|---|---:|---|"]
             for t in sorted(self.saved_tensors, key=lambda t: -(t.nbytes or 0)):
                 size = "?" if t.nbytes is None else f"{t.nbytes:,}"
-                lines.append(f"| {t.producer} | {list(t.shape)} | {t.dtype} | {size} | "
+                lines.append(f"| {t.producer} | {t.module} | {list(t.shape)} | {t.dtype} | {size} | "
                              f"{'yes' if t.resident else 'no'} |")
+        dropped = [t for t in self.saved_tensors_before if t.changed_by]
+        if dropped:
+            lines += ["", "| no longer saved | module | shape | dtype | bytes (computed) | why |",
+                      "|---|---|---|---|---:|---|"]
+            for t in sorted(dropped, key=lambda t: -(t.nbytes or 0)):
+                lines.append(f"| {t.producer} | {t.module} | {list(t.shape)} | {t.dtype} | "
+                             f"{t.nbytes or 0:,} | {t.changed_by} |")
         return "\n".join(lines)
 
     def saved_tensor_table(self, most: int = 12) -> str:

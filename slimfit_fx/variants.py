@@ -55,8 +55,9 @@ class Variant:
         return self.graphs.saved_tensors(self.saved_record)
 
     def saved_tensors_before_passes(self) -> list[SavedTensor]:
-        """What the forward would save with no slimfit pass (computed from the graph)."""
-        return self.graphs.saved_tensors(stage=FORWARD_BEFORE)
+        """What the forward would save with no slimfit pass (computed from the graph),
+        each marked with the pass that dropped it, if one did."""
+        return self.graphs.saved_tensors_before_passes(tuple(p.__name__ for p in JOINT_PASSES))
 
 
 class VariantCache:

@@ -34,6 +34,22 @@ def bert_tiny(seed: int = 0, batch: int = 2, seq: int = 12, dropout: float = 0.1
     return BertForSequenceClassification(config).train(), data
 
 
+def bert_base(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    """BERT-base sizes (12 layers, hidden 768), random init: the paper's GLUE setting."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(num_labels=2, problem_type="single_label_classification",
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "input_ids": torch.randint(0, config.vocab_size, (batch, seq), generator=g),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+    return BertForSequenceClassification(config).train(), data
+
+
 def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -78,7 +94,7 @@ def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) 
 
 
 MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
-    "bert-tiny": bert_tiny, "vit-tiny": vit_tiny, "gpt2-tiny": gpt2_tiny, "minilm": minilm,
+    "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "gpt2-tiny": gpt2_tiny, "minilm": minilm,
 }
 
 

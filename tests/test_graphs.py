@@ -59,6 +59,10 @@ def test_before_passes_view_saves_what_the_unfrozen_variant_saves():
     # base's storage, an expand less than its shape says): 3 of 61 here.
     assert [(t.producer, t.shape) for t in before] == [(t.producer, t.shape) for t in unfrozen]
     assert sum(b.nbytes == u.nbytes for b, u in zip(before, unfrozen)) >= 0.9 * len(before)
+    dropped = [t for t in before if t.changed_by]
+    assert dropped and all(t.changed_by == "cut_frozen_grads: no longer saved" for t in dropped)
+    kept = {t.name for t in variant.saved_tensors()}
+    assert {t.name for t in before if not t.changed_by} == kept
     modules = {t.module for t in variant.saved_tensors()}
     assert "bert.encoder.layer.0.attention.self" in modules  # from nn_module_stack
     assert "bert.embeddings.LayerNorm.weight" in modules  # a parameter input, by name
