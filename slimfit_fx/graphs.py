@@ -38,6 +38,17 @@ class SavedTensor:
     resident: bool  # a graph input's storage: held anyway, not counted in saved_bytes
     measured: bool  # nbytes seen at run time (True) or computed from the graph (False)
     changed_by: str = ""  # which pass changed this tensor's fate, and how
+    storage: str = ""  # the node whose storage this tensor lives in (itself unless a view)
+
+
+def distinct_bytes(tensors, include_resident: bool = False) -> int:
+    """Bytes of distinct storages: views of one base count once."""
+    seen: dict[str, int] = {}
+    for t in tensors:
+        if (include_resident or not t.resident) and t.nbytes:
+            key = t.storage or t.name
+            seen[key] = max(seen.get(key, 0), t.nbytes)
+    return sum(seen.values())
 
 
 def format_graph(gm: fx.GraphModule) -> str:
@@ -103,10 +114,11 @@ class VariantGraphs:
         result = []
         for index, node in enumerate(nodes):
             val = node.meta["val"]
+            root = _storage_root(node)
             if measured is not None:
                 nbytes, resident = measured[index]
             else:
-                nbytes, resident = _graph_nbytes(val), node.op == "placeholder"
+                nbytes, resident = _graph_nbytes(root.meta.get("val", val)), root.op == "placeholder"
             result.append(SavedTensor(
                 name=node.name,
                 producer="input" if node.op == "placeholder" else _op_name(node.target),
@@ -116,6 +128,7 @@ class VariantGraphs:
                 nbytes=nbytes,
                 resident=resident,
                 measured=measured is not None,
+                storage=root.name,
             ))
         return result
 
@@ -135,9 +148,26 @@ class VariantGraphs:
             return name or ""
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
+            # Views and detaches made while tracing backward carry no module; the
+            # storage they alias does.
+            root = _storage_root(node)
+            while not stack and root.op == "call_function" and root.args and isinstance(root.args[0], fx.Node):
+                stack = root.meta.get("nn_module_stack") or {}
+                if stack or root.target is not torch.ops.aten.detach.default:
+                    break
+                root = _storage_root(root.args[0])
+        if not stack:
             return ""
         path = list(stack.values())[-1][0]
         return path.split(".", 1)[1] if path.startswith("L['self']") and "." in path else ""
+
+
+def _storage_root(node: fx.Node) -> fx.Node:
+    """Follow view ops back to the node that owns the storage."""
+    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def _graph_nbytes(val: torch.Tensor) -> int | None:

@@ -9,7 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .graphs import SavedTensor
+from .graphs import SavedTensor, distinct_bytes
 from .memory import MemoryBreakdown
 
 MIB = 2**20
@@ -57,11 +57,12 @@ def group_of(module: str) -> str:
 
 
 def saved_by_group(tensors: tuple[SavedTensor, ...]) -> dict[str, int]:
-    totals: dict[str, int] = defaultdict(int)
+    """Saved bytes per block, each storage once (views of one base count once)."""
+    groups: dict[str, list[SavedTensor]] = defaultdict(list)
     for t in tensors:
-        if not t.resident and t.nbytes:
-            totals[group_of(t.module)] += t.nbytes
-    return dict(totals)
+        groups[group_of(t.module)].append(t)
+    totals = {g: distinct_bytes(ts) for g, ts in groups.items()}
+    return {g: b for g, b in totals.items() if b}
 
 
 def plot_saved_by_module(before: tuple[SavedTensor, ...], after: tuple[SavedTensor, ...],

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .graphs import SavedTensor
+from .graphs import SavedTensor, distinct_bytes
 
 if TYPE_CHECKING:
     from .module import SlimFit
@@ -51,8 +51,8 @@ class Report:
             before = [t for t in self.saved_tensors_before if not t.resident]
             dropped = [t for t in before if t.changed_by]
             rows.append(("before passes (computed)",
-                         f"{sum(t.nbytes or 0 for t in before):,} B in {len(before)} tensors; "
-                         f"{len(dropped)} ({sum(t.nbytes or 0 for t in dropped):,} B) no longer saved"))
+                         f"{distinct_bytes(before):,} B in {len(before)} tensors; "
+                         f"{len(dropped)} of them no longer saved"))
         rows += [(f"freeze pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
