@@ -64,6 +64,8 @@ class MemoryBreakdown:
     """
 
     rows: tuple[MemoryRow, ...]
+    # torch.cuda.max_memory_allocated for the parameters' device; None off CUDA
+    peak_allocated: int | None = None
 
     def total(self, side: str) -> int:
         return sum(getattr(row, side) or 0 for row in self.rows)
@@ -80,6 +82,8 @@ class MemoryBreakdown:
                          f"{cell(row.slimfit, row.slimfit_measured):>26}")
         lines.append(f"{'total':<18} {self.total('eager') / 2**20:>22.2f} MiB "
                      f"{self.total('slimfit') / 2**20:>22.2f} MiB")
+        if self.peak_allocated is not None:
+            lines.append(f"{'cuda peak':<18} {'':>26} {self.peak_allocated / 2**20:>22.2f} MiB")
         return "\n".join(lines)
 
 
@@ -115,4 +119,6 @@ def memory_breakdown(
         rows.append(MemoryRow("optimizer state", int(per_byte * eager_grads), held, False, True))
     rows.append(MemoryRow("saved activations", eager_saved_bytes, saved_bytes,
                           eager_saved_bytes is not None, saved_bytes is not None))
-    return MemoryBreakdown(tuple(rows))
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return MemoryBreakdown(tuple(rows), peak)
