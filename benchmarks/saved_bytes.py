@@ -18,7 +18,7 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import zoo
-from slimfit_fx.memory import run_counting_saved_bytes
+from slimfit_fx.memory import eager_saved_bytes
 
 
 def make_model(batch: int, seq: int):
@@ -31,19 +31,6 @@ def frozen_sets(layers: tuple[str, ...]) -> dict[str, frozenset[str]]:
         "90% random": frozenset(random.Random(0).sample(layers, int(0.9 * len(layers)))),
         "all encoder": frozenset(n for n in layers if ".encoder." in n),
     }
-
-
-def eager_saved_bytes(model, batch, frozen) -> int:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    try:
-        out, saved = run_counting_saved_bytes(lambda: model(**batch).loss,
-                                              resident=(*model.parameters(), *model.buffers(), *batch.values()))
-        out.backward()
-    finally:
-        model.requires_grad_(True)
-        model.zero_grad(set_to_none=True)
-    return saved
 
 
 def train_step(cm, batch) -> float:
@@ -65,7 +52,7 @@ def main() -> None:
     layers = slimfit_fx.compile(make_model(args.batch, args.seq)[0], backend="aot_eager").slimfit.layers
     sets = frozen_sets(layers)
     rows = {name: {"frozen layers": f"{len(s)}/{len(layers)}",
-                   "eager MiB": eager_saved_bytes(model, batch, s) / 2**20}
+                   "eager MiB": eager_saved_bytes(model, frozen=s, **batch) / 2**20}
             for name, s in sets.items()}
     timings = []
     for backend in args.backends:

@@ -146,16 +146,9 @@ class VariantGraphs:
             index = int(node.name.rsplit("_", 1)[-1]) - 1 if node.name.startswith("primals_") else -1
             name = self.input_names[index] if 0 <= index < len(self.input_names) else None
             return name or ""
-        stack = node.meta.get("nn_module_stack") or {}
-        if not stack:
-            # Views and detaches made while tracing backward carry no module; the
-            # storage they alias does.
-            root = _storage_root(node)
-            while not stack and root.op == "call_function" and root.args and isinstance(root.args[0], fx.Node):
-                stack = root.meta.get("nn_module_stack") or {}
-                if stack or root.target is not torch.ops.aten.detach.default:
-                    break
-                root = _storage_root(root.args[0])
+        # Views and detaches made while tracing backward carry no module; the
+        # storage they alias does.
+        stack = node.meta.get("nn_module_stack") or _storage_root(node).meta.get("nn_module_stack") or {}
         if not stack:
             return ""
         path = list(stack.values())[-1][0]
@@ -163,7 +156,7 @@ class VariantGraphs:
 
 
 def _storage_root(node: fx.Node) -> fx.Node:
-    """Follow view ops back to the node that owns the storage."""
+    """Follow view ops (detach and transpose included) back to the node that owns the storage."""
     while node.op == "call_function" and getattr(node.target, "is_view", False) and node.args \
             and isinstance(node.args[0], fx.Node):
         node = node.args[0]

@@ -2,7 +2,7 @@
 
 The counter runs after every training forward and in the benchmarks on eager
 models, so both sides of a comparison are measured the same way. Nothing here
-allocates or changes model state.
+leaves a model changed: an eager measurement restores flags and buffers.
 """
 from __future__ import annotations
 
@@ -38,6 +38,30 @@ def run_counting_saved_bytes(
     with torch.autograd.graph.saved_tensors_hooks(pack, _identity):
         result = fn(*args, **kwargs)
     return result, sum(held.values())
+
+
+def eager_saved_bytes(model: torch.nn.Module, *args: Any,
+                      frozen: Iterable[str] = (), **kwargs: Any) -> int:
+    """Bytes one eager forward of `model` saves for backward, with the parameters
+    named in `frozen` set to requires_grad=False for the call. The model comes back
+    as it was: requires_grad flags and buffers (e.g. BatchNorm statistics) restored."""
+    frozen = set(frozen)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name] and name not in frozen)
+        with torch.enable_grad():
+            _, saved = run_counting_saved_bytes(
+                model, *args, resident=(*model.parameters(), *model.buffers(), *kwargs.values()),
+                **kwargs)
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.requires_grad_(flags[name])
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return saved
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from . import capture
 from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError
 from .graphs import VariantGraphs
-from .memory import MemoryBreakdown, memory_breakdown, run_counting_saved_bytes
+from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .variants import FrozenSetState, VariantCache
@@ -125,22 +125,9 @@ class SlimFit:
         `zero_grad`, to have slimfit's gradients measured rather than estimated."""
         eager_saved = None
         if sample_args or sample_kwargs:
-            eager_saved = self._eager_saved_bytes(sample_args, sample_kwargs)
+            eager_saved = eager_saved_bytes(self.model, *sample_args, **sample_kwargs)
         return memory_breakdown(dict(self.model.named_parameters()), self.frozen,
                                 self.saved_bytes, eager_saved, optimizer)
-
-    def _eager_saved_bytes(self, args: tuple, kwargs: dict) -> int:
-        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        try:
-            with torch.enable_grad():
-                _, saved = run_counting_saved_bytes(
-                    self.model, *args, resident=(*self.model.parameters(), *self.model.buffers(),
-                                                 *kwargs.values()), **kwargs)
-        finally:
-            with torch.no_grad():
-                for name, b in self.model.named_buffers():
-                    b.copy_(buffers[name])
-        return saved
 
     def save_report(self, directory: str | Path, *sample_args: Any,
                     optimizer: torch.optim.Optimizer | None = None, **sample_kwargs: Any) -> dict[str, Path]:

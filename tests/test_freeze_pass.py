@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slimfit_fx
-from slimfit_fx.memory import run_counting_saved_bytes
+from slimfit_fx.memory import eager_saved_bytes
 from slimfit_fx.passes import PassContext, cut_frozen_grads
 from slimfit_fx.passes.freeze import PASS_NAME
 
@@ -78,19 +78,6 @@ def _bert_for_bytes():
     return bert(seed=0, batch=4, seq=64)
 
 
-def _eager_saved_bytes(case, frozen):
-    model = case.model
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    try:
-        _, saved = run_counting_saved_bytes(
-            lambda: case.loss(model(**case.batch)), resident=(*model.parameters(), *model.buffers(),
-                                                              *case.batch.values()))
-    finally:
-        model.requires_grad_(True)
-    return saved
-
-
 # Measured on torch 2.13 CPU with this config (hidden 32, 2 layers, bs 4, seq 64):
 # freezing every encoder layer takes aot_eager's saved bytes 867,892 -> 638,516
 # (1.36x; attention scores, which freezing cannot drop, dominate at this width).
@@ -102,9 +89,9 @@ ENCODER_FROZEN_MIN_RATIO = 1.3
 @pytest.mark.parametrize("backend", ["aot_eager"])
 def test_freezing_the_encoder_lowers_saved_bytes(backend):
     case = _bert_for_bytes()
-    encoder_frozen_eager = _eager_saved_bytes(case, {n for n, p in case.model.named_parameters()
-                                                     if ".encoder." in n and p.dim() >= 2})
-    none_frozen_eager = _eager_saved_bytes(case, set())
+    encoder_weights = {n for n, p in case.model.named_parameters() if ".encoder." in n and p.dim() >= 2}
+    encoder_frozen_eager = eager_saved_bytes(case.model, frozen=encoder_weights, **case.batch)
+    none_frozen_eager = eager_saved_bytes(case.model, **case.batch)
     cm = slimfit_fx.compile(case.model, backend=backend)
     encoder = [n for n in cm.slimfit.layers if ".encoder." in n]
 
