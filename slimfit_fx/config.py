@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-SCHEDULES = ("manual",)
+SCHEDULES = ("manual", "ils")
 BACKENDS = ("inductor", "aot_eager")
 
 
@@ -16,16 +16,30 @@ BACKENDS = ("inductor", "aot_eager")
 class SlimFitConfig:
     """How slimfit_fx compiles and freezes a model.
 
-    freeze_ratio: share of layers the scheduler freezes, in [0.0, 1.0].
-    schedule: who picks the frozen set; "manual" means `cm.slimfit.set_frozen`.
+    freeze_ratio: share of layers the scheduler freezes, in [0.0, 1.0]
+        (0.0 freezes nothing).
+    schedule: who picks the frozen set; "manual" means `cm.slimfit.set_frozen`,
+        "ils" the training-dynamics scheduler (inter-layer scheduling).
     backend: compiler for every variant, "inductor" or "aot_eager" (no codegen).
     max_variants: compiled frozen-set variants kept alive (LRU), >= 1.
+    reschedule_every: "ils" picks a new frozen set every this many optimizer steps.
+    new_set_every: "ils" admits a frozen set it has not compiled yet at most once
+        every this many optimizer steps (in between it picks among compiled sets);
+        1 is the paper's unbounded per-step scheduling. None derives it once, at
+        step 4, from the measured compile and step times and `compile_budget`.
+    compile_budget: share of training wall time that compiling new frozen sets
+        may take when `new_set_every` is None, in (0.0, 1.0].
+    seed: seeds the scheduler's initial random scores.
     """
 
     freeze_ratio: float = 0.9
     schedule: str = "manual"
     backend: str = "inductor"
     max_variants: int = 8
+    reschedule_every: int = 1
+    new_set_every: int | None = None
+    compile_budget: float = 0.03
+    seed: int = 0
 
     def __post_init__(self) -> None:
         ratio = self.freeze_ratio
@@ -44,14 +58,23 @@ class SlimFitConfig:
             raise ValueError(
                 f"SlimFitConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
             )
-        size = self.max_variants
-        if isinstance(size, bool) or not isinstance(size, int):
+        _check_int("max_variants", self.max_variants, 1)
+        _check_int("reschedule_every", self.reschedule_every, 1)
+        if self.new_set_every is not None:
+            _check_int("new_set_every", self.new_set_every, 1, none_ok=True)
+        _check_int("seed", self.seed, 0)
+        budget = self.compile_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(
-                f"SlimFitConfig.max_variants must be an int >= 1, got {size!r} "
-                f"of type {type(size).__name__}"
+                f"SlimFitConfig.compile_budget must be a float in (0.0, 1.0], got {budget!r} "
+                f"of type {type(budget).__name__}"
             )
-        if size < 1:
-            raise ValueError(f"SlimFitConfig.max_variants must be >= 1, got {size!r}")
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"SlimFitConfig.compile_budget must be in (0.0, 1.0], got {budget!r}")
+
+    @property
+    def scheduled(self) -> bool:
+        return self.schedule == "ils"
 
     def replace(self, **overrides) -> "SlimFitConfig":
         """A copy with `overrides` applied; unknown field names raise TypeError."""
@@ -62,3 +85,13 @@ class SlimFitConfig:
                 f"unknown SlimFitConfig field(s) {unknown}; the fields are {sorted(fields)}"
             )
         return dataclasses.replace(self, **overrides)
+
+
+def _check_int(field: str, value: object, least: int, none_ok: bool = False) -> None:
+    allowed = f"an int >= {least}" + (" or None" if none_ok else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"SlimFitConfig.{field} must be {allowed}, got {value!r} of type {type(value).__name__}"
+        )
+    if value < least:
+        raise ValueError(f"SlimFitConfig.{field} must be {allowed}, got {value!r}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import capture
 from .config import SlimFitConfig
@@ -21,6 +22,7 @@ from .graphs import VariantGraphs
 from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
+from .schedule import InterLayerSchedule
 from .variants import FrozenSetState, VariantCache
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -83,6 +85,9 @@ class SlimFit:
             names_by_id=parameter_names_by_identity(model),
             cache=VariantCache(config.max_variants),
         )
+        self.schedule: InterLayerSchedule | None = None
+        if config.schedule == "ils":
+            self.schedule = _start_schedule(self, model, config)
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -91,7 +96,40 @@ class SlimFit:
 
     def set_frozen(self, names: Iterable[str]) -> None:
         """Freeze exactly `names` (layer names, see `layers`) from the next forward on."""
+        if self.schedule is not None:
+            raise RuntimeError(
+                "this model was compiled with schedule='ils', which picks the frozen set "
+                "after every optimizer step; compile with schedule='manual' to set it yourself"
+            )
         self._state.frozen = resolve_names(names, self.layers, self._aliases)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (scores, step, frozen set, RNG, pool) or, for
+        schedule='manual', the frozen set; tensors, lists and ints only, so
+        `torch.load(..., weights_only=True)` reads it back."""
+        if self.schedule is None:
+            return {"schedule": "manual", "frozen": sorted(self.frozen)}
+        return {"schedule": "ils", **self.schedule.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kind = state.get("schedule")
+        if kind != self.config.schedule:
+            raise ValueError(
+                f"this slimfit state was saved with schedule={kind!r} but the model was "
+                f"compiled with schedule={self.config.schedule!r}; compile with the same schedule"
+            )
+        if self.schedule is None:
+            self.set_frozen(state["frozen"])
+        else:
+            self.schedule.load_state_dict(dict(state))
+
+    def plot_schedule(self, path: str | Path) -> Path:
+        """Write a PNG heatmap of which layer trained at which step (schedule='ils')."""
+        from .plots import plot_schedule
+
+        if self.schedule is None:
+            raise RuntimeError("plot_schedule needs schedule='ils'; this model's frozen set is manual")
+        return plot_schedule(self.schedule.history_matrix(), self.layers, Path(path))
 
     @property
     def stats(self) -> Mapping[str, float]:
@@ -104,6 +142,7 @@ class SlimFit:
             "cache_misses": state.cache.misses,
             "evictions": state.cache.evictions,
             "compile_seconds": state.compile_seconds,
+            "wall_seconds": state.wall_seconds(),
         }
 
     @property
@@ -138,12 +177,16 @@ class SlimFit:
         out.mkdir(parents=True, exist_ok=True)
         report = self.report()
         breakdown = self.memory_breakdown(*sample_args, optimizer=optimizer, **sample_kwargs)
-        paths = {name: out / name for name in ("report.json", "report.md", "memory.png",
-                                                "saved_by_module.png")}
+        names = ["report.json", "report.md", "memory.png", "saved_by_module.png"]
+        if self.schedule is not None:
+            names.append("schedule.png")
+        paths = {name: out / name for name in names}
         paths["report.json"].write_text(report.to_json())
         paths["report.md"].write_text(report.to_markdown() + "\n\n```\n" + str(breakdown) + "\n```\n")
         plot_memory(breakdown, paths["memory.png"])
         plot_saved_by_module(report.saved_tensors_before, report.saved_tensors, paths["saved_by_module.png"])
+        if self.schedule is not None:
+            self.plot_schedule(paths["schedule.png"])
         return paths
 
     def graphs(self, frozen: Iterable[str] | None = None) -> VariantGraphs:
@@ -171,6 +214,42 @@ class SlimFit:
 
     def _capture_backend(self):
         return self._state.capture_backend
+
+
+def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> InterLayerSchedule:
+    """An ILS schedule driven by every optimizer's step hooks.
+
+    torch.optim's global step hooks fire for any optimizer (also inside HF
+    Trainer/accelerate), so the training loop needs no change; the hooks hold the
+    schedule weakly and act only on optimizers that hold this model's layers.
+    """
+    state = slimfit._state
+
+    def apply_frozen(frozen: frozenset[str]) -> None:
+        state.frozen = frozen
+
+    parameters = dict(model.named_parameters())
+    schedule = InterLayerSchedule(
+        slimfit.layers, {n: parameters[n] for n in slimfit.layers}, config.freeze_ratio,
+        reschedule_every=config.reschedule_every, new_set_every=config.new_set_every,
+        compile_budget=config.compile_budget, max_pool=config.max_variants, seed=config.seed,
+        apply_frozen=apply_frozen, compile_seconds=lambda: state.compile_seconds,
+    )
+    ref = weakref.ref(schedule)
+
+    def before(optimizer, args, kwargs) -> None:
+        live = ref()
+        if live is not None and live.owns(optimizer):
+            live.before_step(optimizer)
+
+    def after(optimizer, args, kwargs) -> None:
+        live = ref()
+        if live is not None and live.owns(optimizer):
+            live.after_step(optimizer)
+
+    handles = (register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after))
+    weakref.finalize(schedule, lambda: [h.remove() for h in handles])
+    return schedule
 
 
 class SlimFitModule(nn.Module):

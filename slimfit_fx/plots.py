@@ -8,9 +8,13 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .graphs import SavedTensor, distinct_bytes
 from .memory import MemoryBreakdown
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 2**20
 
@@ -83,3 +87,24 @@ def plot_saved_by_module(before: tuple[SavedTensor, ...], after: tuple[SavedTens
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return drawn
+
+
+def plot_schedule(trained: "torch.Tensor", layers: tuple[str, ...], path: str | Path) -> Path:
+    """Heatmap, layers x optimizer steps: dark where the layer trained that step.
+    `trained` is the schedule's bool (layers x steps) history."""
+    plt = _pyplot()
+    steps = trained.shape[1]
+    fig, ax = plt.subplots(figsize=(min(4 + steps / 20, 16), max(3, len(layers) / 8)))
+    ax.imshow(trained.float().numpy(), aspect="auto", interpolation="nearest", cmap="Greys",
+              vmin=0, vmax=1)
+    counts = trained.sum(dim=1).tolist()
+    ax.set_xlabel(f"optimizer step ({steps} steps)")
+    ax.set_ylabel(f"layer ({len(layers)}, in named_parameters order)")
+    ax.set_title(f"layers trained per step (trained steps per layer: min {min(counts, default=0)}, "
+                 f"max {max(counts, default=0)})")
+    if len(layers) <= 40:
+        ax.set_yticks(range(len(layers)), [name[-40:] for name in layers], fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

@@ -29,6 +29,7 @@ class Report:
     pass_counters: dict[str, int]
     saved_tensors: tuple[SavedTensor, ...] = ()
     saved_tensors_before: tuple[SavedTensor, ...] = ()  # with no slimfit pass, from the graph
+    schedule: dict[str, Any] | None = None  # schedule="ils": steps, trained steps per layer, ...
 
     def __str__(self) -> str:
         saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
@@ -53,6 +54,8 @@ class Report:
             rows.append(("before passes (computed)",
                          f"{distinct_bytes(before):,} B in {len(before)} tensors; "
                          f"{len(dropped)} of them no longer saved"))
+        if self.schedule is not None:
+            rows += _schedule_rows(self.schedule, s)
         rows += [(f"freeze pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
@@ -111,6 +114,37 @@ class Report:
         return "\n".join(lines)
 
 
+def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float]) -> list[tuple[str, str]]:
+    counts = list(schedule["trained_steps"].values())
+    wall = stats.get("wall_seconds") or 0.0
+    share = f"{stats['compile_seconds'] / wall:.1%} of {wall:.1f} s" if wall else "no training yet"
+    every = schedule["new_set_every"]
+    return [
+        ("schedule", f"ils, {schedule['steps']} optimizer steps, rescheduled every "
+                     f"{schedule['reschedule_every']}"),
+        ("new frozen set at most every", "not calibrated yet" if every is None else f"{every} steps"),
+        ("frozen sets in pool", f"{schedule['pool']} (distinct sets used: {schedule['distinct_sets']})"),
+        ("trained steps per layer", f"min {min(counts, default=0)}, max {max(counts, default=0)}"),
+        ("score bookkeeping peak", f"{schedule['snapshot_bytes_peak']:,} B"),
+        ("compile share", share),
+    ]
+
+
+def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
+    schedule = slimfit.schedule
+    if schedule is None:
+        return None
+    return {
+        "steps": schedule.step,
+        "reschedule_every": schedule.reschedule_every,
+        "new_set_every": schedule.new_set_every,
+        "pool": len(schedule.pool),
+        "distinct_sets": len(set(schedule.history)),
+        "trained_steps": dict(zip(schedule.layers, schedule.trained_counts())),
+        "snapshot_bytes_peak": schedule.snapshot_bytes_peak,
+    }
+
+
 def build_report(slimfit: "SlimFit") -> Report:
     variant = slimfit._variant_for_current_set()
     return Report(
@@ -123,4 +157,5 @@ def build_report(slimfit: "SlimFit") -> Report:
         pass_counters={} if variant is None else dict(variant.counters),
         saved_tensors=() if variant is None else tuple(variant.saved_tensors()),
         saved_tensors_before=() if variant is None else tuple(variant.saved_tensors_before_passes()),
+        schedule=_schedule_summary(slimfit),
     )

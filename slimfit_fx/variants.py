@@ -40,6 +40,7 @@ class Variant:
     compile_seconds: float
     counters: dict[str, int]
     graphs: VariantGraphs
+    frozen_inputs: frozenset[int] = frozenset()  # graph input positions of frozen parameters
     saved_bytes: int | None = None
     # (bytes, resident) per tensor autograd packed at the last training forward
     saved_record: list[tuple[int, bool]] | None = None
@@ -104,6 +105,12 @@ class FrozenSetState:
     graphs: list["CapturedGraph"] = field(default_factory=list)
     graph_calls: int = 0
     last_training_graph: "CapturedGraph | None" = None
+    first_training_call: float | None = None  # perf_counter() at the first training forward
+
+    def wall_seconds(self) -> float:
+        """Seconds since the first training forward (0 before it)."""
+        start = self.first_training_call
+        return 0.0 if start is None else time.perf_counter() - start
 
     def training_variant(self) -> Variant | None:
         """The live variant for the current frozen set on the graph that last trained."""
@@ -143,6 +150,9 @@ class CapturedGraph:
     def __call__(self, *args: Any) -> Any:
         state = self.state
         key = self.key()
+        training = self.builds_backward and torch.is_grad_enabled()
+        if training and state.first_training_call is None:
+            state.first_training_call = time.perf_counter()
         variant = state.cache.get(key) or self._build(key)
         if (variant.graph_id, variant.frozen) != key:
             raise SlimFitError(
@@ -150,9 +160,13 @@ class CapturedGraph:
                 f"for {key!r}; refusing to run a stale variant"
             )
         state.graph_calls += 1
-        if not (self.builds_backward and torch.is_grad_enabled()):
+        if not training:
             return variant.fn(*args)
         state.last_training_graph = self
+        if variant.frozen_inputs:
+            # Frozen parameters enter detached, so autograd (and DDP's search for
+            # unused parameters) sees no path to them at all.
+            args = tuple(a.detach() if i in variant.frozen_inputs else a for i, a in enumerate(args))
         record: list[tuple[int, bool]] = []
         outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args, record=record)
         variant.saved_record = record
@@ -192,6 +206,7 @@ class CapturedGraph:
         variant = Variant(
             graph_id=self.graph_id, frozen=frozen, fn=fn, compile_seconds=seconds,
             counters=dict(ctx.counters), graphs=graphs,
+            frozen_inputs=frozenset(i for i, name in enumerate(self.input_names) if name in ctx.frozen),
         )
         log.info("graph %d, %s: built a %s variant in %.2f s; %s", self.graph_id,
                  f"{len(ctx.frozen)} layers frozen" if self.builds_backward else "no backward",

@@ -1,0 +1,221 @@
+"""Inter-layer scheduling (ILS): pick the frozen set from training dynamics.
+
+After each optimizer step every layer that trained is scored by how much it
+moved, d = mean(|W_new - W_old| / |W_old|); the k lowest-scoring layers are
+frozen next. This module only writes the frozen set; it never compiles. To keep
+compile cost bounded it admits a never-seen frozen set (one new variant) at most
+once every `new_set_every` steps and otherwise picks the best set already in its
+pool of compiled sets.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Initial scores are uniform in [0, INITIAL_SCORE): far above any real relative
+# change, so every layer trains once before measured scores compete (as the
+# authors' code does with rand * 1e10).
+INITIAL_SCORE = 1e10
+# Steps whose duration calibrates `new_set_every` when the config leaves it to
+# the compile budget: steps 2..CALIBRATION_STEP (step 1 pays the first compile).
+CALIBRATION_STEP = 4
+
+
+def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """mean(|new - old| / |old|) as a 0-dim float64 tensor.
+
+    |old| is floored at the dtype's smallest normal number, so a weight that is
+    exactly zero and stays zero scores 0 instead of nan.
+    """
+    old = old.double()
+    floor = torch.finfo(torch.float64).tiny
+    return ((new.double() - old).abs() / old.abs().clamp_min(floor)).mean()
+
+
+class InterLayerSchedule:
+    """Scores, the frozen set each step, and the pool of frozen sets compiled so far.
+
+    `apply_frozen(frozen)` is called whenever the set changes; `parameters` maps
+    each layer name to its parameter. The schedule advances on optimizer steps
+    (`before_step` / `after_step`), never on forward or backward calls, so
+    gradient accumulation over micro-batches sees one frozen set and one score
+    update per optimizer step.
+    """
+
+    def __init__(self, layers: Sequence[str], parameters: dict[str, torch.nn.Parameter],
+                 freeze_ratio: float, *, reschedule_every: int, new_set_every: int | None,
+                 compile_budget: float, max_pool: int, seed: int,
+                 apply_frozen: Callable[[frozenset[str]], None],
+                 compile_seconds: Callable[[], float]) -> None:
+        self.layers = tuple(layers)
+        self.parameters = parameters
+        self.num_frozen = int(freeze_ratio * len(self.layers))
+        self.reschedule_every = reschedule_every
+        self.new_set_every = new_set_every
+        self.compile_budget = compile_budget
+        self.max_pool = max_pool
+        self.apply_frozen = apply_frozen
+        self.compile_seconds = compile_seconds
+        self.generator = torch.Generator().manual_seed(seed)
+        self.scores = torch.rand(len(self.layers), dtype=torch.float64,
+                                 generator=self.generator) * INITIAL_SCORE
+        self.step = 0
+        self.last_new_set_step = 0
+        self.pool: list[frozenset[str]] = []  # most recently used last
+        self.history: list[int] = []  # frozen set of each step as a bitmask over layers
+        self.snapshot_bytes_peak = 0
+        self._snapshots: dict[int, torch.Tensor] = {}
+        self._index = {name: i for i, name in enumerate(self.layers)}
+        self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
+        self._step_times: list[float] = []
+        self._clock: tuple[float, float] | None = None  # (wall, compile seconds) at last step
+        self.frozen = self._choose()
+        self.apply_frozen(self.frozen)
+
+    # -- selection ---------------------------------------------------------------
+
+    def _lowest(self) -> frozenset[str]:
+        order = torch.argsort(self.scores, stable=True)[: self.num_frozen].tolist()
+        return frozenset(self.layers[i] for i in order)
+
+    def _frozen_score(self, frozen: frozenset[str]) -> float:
+        return float(self.scores[[self._index[n] for n in frozen]].sum()) if frozen else 0.0
+
+    def _choose(self) -> frozenset[str]:
+        """ILS's set if it is compiled or a new set is due; else the pooled set
+        that freezes the lowest total score (trains the layers ILS wants most)."""
+        wanted = self._lowest()
+        if wanted in self.pool:
+            self._touch(wanted)
+            return wanted
+        if not self.pool or self._new_set_due():
+            self.last_new_set_step = self.step
+            self._touch(wanted)
+            return wanted
+        best = min(self.pool, key=self._frozen_score)
+        self._touch(best)
+        return best
+
+    def _new_set_due(self) -> bool:
+        if self.new_set_every is None:  # not calibrated yet: stay on the first set
+            return False
+        return self.step - self.last_new_set_step >= self.new_set_every
+
+    def _touch(self, frozen: frozenset[str]) -> None:
+        if frozen in self.pool:
+            self.pool.remove(frozen)
+        self.pool.append(frozen)
+        del self.pool[: -self.max_pool]
+
+    # -- optimizer hooks -----------------------------------------------------------
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop frozen layers' gradients (so no optimizer moves them, even with
+        momentum or weight decay) and snapshot the layers about to move."""
+        frozen_ids = {id(self.parameters[n]) for n in self.frozen}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                index = self._param_ids.get(id(p))
+                if index is None:
+                    continue
+                if id(p) in frozen_ids:
+                    p.grad = None
+                elif p.grad is not None:
+                    self._snapshots[index] = p.detach().clone()
+        held = sum(t.numel() * t.element_size() for t in self._snapshots.values())
+        self.snapshot_bytes_peak = max(self.snapshot_bytes_peak, held)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Score the layers that moved, then (every `reschedule_every` steps) pick
+        the next frozen set."""
+        if self._snapshots:
+            indices = list(self._snapshots)
+            changes = torch.stack([relative_change(self._snapshots[i], self.parameters[self.layers[i]].detach())
+                                   for i in indices]).cpu()
+            self.scores[indices] = changes
+            self._snapshots.clear()
+        self.step += 1
+        self.history.append(self._mask(self.frozen))
+        self._calibrate()
+        if self.step % self.reschedule_every == 0:
+            chosen = self._choose()
+            if chosen != self.frozen:
+                self.frozen = chosen
+                self.apply_frozen(chosen)
+
+    def _mask(self, frozen: Iterable[str]) -> int:
+        return sum(1 << self._index[n] for n in frozen)
+
+    def _calibrate(self) -> None:
+        """Derive `new_set_every` from the first variant's compile time and the
+        step time, so new variants cost at most `compile_budget` of the steps'
+        wall time. Done once, at a fixed step, and agreed across ranks."""
+        now = (time.perf_counter(), self.compile_seconds())
+        if self._clock is not None and self.step <= CALIBRATION_STEP:
+            wall, compiled = now[0] - self._clock[0], now[1] - self._clock[1]
+            self._step_times.append(wall - compiled)
+        self._clock = now
+        if self.new_set_every is not None or self.step != CALIBRATION_STEP:
+            return
+        step_seconds = sorted(self._step_times)[len(self._step_times) // 2]
+        every = max(1, math.ceil(now[1] / max(self.compile_budget * step_seconds, 1e-9)))
+        if dist.is_available() and dist.is_initialized():
+            agreed = torch.tensor([every], dtype=torch.int64)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            every = int(agreed.item())
+        self.new_set_every = every
+
+    # -- state -----------------------------------------------------------------------
+
+    def trained_counts(self) -> list[int]:
+        """How many steps each layer trained (was not frozen), in `layers` order."""
+        return [sum(1 for mask in self.history if not mask >> i & 1) for i in range(len(self.layers))]
+
+    def history_matrix(self) -> torch.Tensor:
+        """bool (layers x steps): True where the layer trained at that step."""
+        bits = torch.tensor([[not mask >> i & 1 for i in range(len(self.layers))]
+                             for mask in self.history], dtype=torch.bool)
+        return bits.T if bits.numel() else torch.zeros(len(self.layers), 0, dtype=torch.bool)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next choices depend on; loads with torch.load(weights_only=True)."""
+        return {
+            "layers": list(self.layers),
+            "step": self.step,
+            "scores": self.scores.clone(),
+            "frozen": sorted(self.frozen),
+            "pool": [sorted(s) for s in self.pool],
+            "last_new_set_step": self.last_new_set_step,
+            "new_set_every": self.new_set_every,
+            "generator": self.generator.get_state(),
+            "history": self.history_matrix(),
+            "snapshot_bytes_peak": self.snapshot_bytes_peak,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["layers"]) != list(self.layers):
+            raise ValueError(
+                "this schedule state was saved for a different set of layers "
+                f"({len(state['layers'])} saved, {len(self.layers)} here); load it into the "
+                "same model architecture with the same parameters marked requires_grad"
+            )
+        self.step = int(state["step"])
+        self.scores = state["scores"].clone().to(torch.float64)
+        self.pool = [frozenset(s) for s in state["pool"]]
+        self.last_new_set_step = int(state["last_new_set_step"])
+        self.new_set_every = state["new_set_every"]
+        self.generator.set_state(state["generator"])
+        trained = state["history"].T
+        self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in trained]
+        self.snapshot_bytes_peak = int(state["snapshot_bytes_peak"])
+        self._step_times, self._clock = [], None
+        self.frozen = frozenset(state["frozen"])
+        self.apply_frozen(self.frozen)

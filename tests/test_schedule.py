@@ -1,0 +1,240 @@
+"""The ILS scheduler: scores, selection, bounded variants, loops it must fit, resume."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import slimfit_fx
+from slimfit_fx.report import Report
+from slimfit_fx.schedule import relative_change
+
+from . import models
+
+
+def ils(case: models.Case, **overrides) -> slimfit_fx.SlimFitModule:
+    config = dict(backend="aot_eager", schedule="ils", freeze_ratio=0.8, new_set_every=1)
+    return slimfit_fx.compile(case.model, **{**config, **overrides})
+
+
+def train(cm, case: models.Case, optimizer, steps: int, micro_batches: int = 1, on_step=None) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        for _ in range(micro_batches):
+            loss = case.loss(cm(**case.batch)) / micro_batches
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step()
+    return losses
+
+
+def test_relative_change_is_the_papers_score():
+    old = torch.tensor([1.0, -2.0, 4.0, 0.0])
+    new = torch.tensor([1.5, -2.0, 3.0, 0.0])
+    # (0.5/1 + 0/2 + 1/4 + 0) / 4; a zero weight that stays zero counts 0, not nan
+    assert relative_change(old, new).item() == pytest.approx(0.1875)
+
+
+def test_every_layer_trains_before_measured_scores_compete():
+    case = models.bert()
+    cm = ils(case)
+    layers = cm.slimfit.layers
+    trainable = len(layers) - int(0.8 * len(layers))
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    rounds = -(-len(layers) // trainable)
+    train(cm, case, optimizer, rounds)
+    counts = cm.slimfit.schedule.trained_counts()
+    assert min(counts) >= 1, dict(zip(layers, counts))
+    assert len(cm.slimfit.frozen) == int(0.8 * len(layers))
+
+
+def test_the_lowest_scores_are_frozen_next():
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 3)
+    schedule = cm.slimfit.schedule
+    order = torch.argsort(schedule.scores, stable=True).tolist()
+    expected = {cm.slimfit.layers[i] for i in order[: schedule.num_frozen]}
+    assert cm.slimfit.frozen == expected
+
+
+def test_frozen_layers_do_not_move_under_adamw_with_stale_grads():
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    params = dict(cm.named_parameters())
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(4):
+        before = {n: p.detach().clone() for n, p in params.items()}
+        frozen = cm.slimfit.frozen
+        case.loss(cm(**case.batch)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # zero tensors stay on frozen layers
+        for name in frozen:
+            assert torch.equal(params[name], before[name]), f"frozen {name} moved"
+        assert any(not torch.equal(params[n], before[n]) for n in cm.slimfit.layers if n not in frozen)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_variants_stay_bounded_with_no_dynamo_recompile(every):
+    case = models.bert()
+    cm = ils(case, new_set_every=every, max_variants=3)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    steps = 9
+    train(cm, case, optimizer, steps)
+    stats = cm.slimfit.stats
+    assert stats["graphs_captured"] == 1  # frozen-set changes never recompile in dynamo
+    assert stats["variants_live"] <= 3
+    distinct = len({mask for mask in cm.slimfit.schedule.history})
+    assert distinct <= 1 + steps // every
+    if every == 1:  # per-step ILS: a new set nearly every step (only 22 layers here)
+        assert distinct >= steps - 1
+        assert stats["variants_compiled"] >= distinct
+
+
+def test_new_set_every_is_calibrated_once_from_the_budget():
+    case = models.mlp()
+    cm = ils(case, new_set_every=None, compile_budget=0.5)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    seen = []
+    train(cm, case, optimizer, 6, on_step=lambda: seen.append(cm.slimfit.schedule.new_set_every))
+    assert seen[:3] == [None, None, None]
+    every = seen[3]
+    assert isinstance(every, int) and every >= 1 and seen[4:] == [every, every]
+    assert len({mask for mask in cm.slimfit.schedule.history[:4]}) == 1  # no new set before it
+
+
+def test_gradient_accumulation_scores_once_per_optimizer_step():
+    case = models.bert()
+    cm = ils(case)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    sets = []
+    original = cm.forward
+
+    def forward(*args, **kwargs):
+        sets.append(cm.slimfit.frozen)
+        return original(*args, **kwargs)
+
+    cm.forward = forward
+    train(cm, case, optimizer, 3, micro_batches=2)
+    schedule = cm.slimfit.schedule
+    assert schedule.step == 3 and len(schedule.history) == 3
+    assert sets[0] == sets[1] and sets[2] == sets[3] and sets[4] == sets[5]
+    assert sets[0] != sets[2]
+
+
+def test_works_with_a_learning_rate_scheduler():
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    lr = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.1, total_iters=4)
+    train(cm, case, optimizer, 4, on_step=lr.step)
+    assert cm.slimfit.schedule.step == 4
+
+
+def test_freeze_ratio_zero_freezes_nothing():
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.0)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 2)
+    assert cm.slimfit.frozen == frozenset()
+    assert cm.slimfit.schedule.trained_counts() == [2] * len(cm.slimfit.layers)
+
+
+def test_an_optimizer_without_the_models_layers_is_ignored():
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    other = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(other.parameters(), lr=1e-2)
+    other(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    assert cm.slimfit.schedule.step == 0
+
+
+def test_set_frozen_is_refused_under_ils():
+    cm = ils(models.mlp())
+    with pytest.raises(RuntimeError, match="schedule='manual'"):
+        cm.slimfit.set_frozen([])
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("schedule", "every-step", ValueError),
+    ("reschedule_every", 0, ValueError),
+    ("new_set_every", 0, ValueError),
+    ("new_set_every", 2.0, TypeError),
+    ("compile_budget", 0.0, ValueError),
+    ("compile_budget", 1.5, ValueError),
+    ("seed", -1, ValueError),
+])
+def test_bad_schedule_settings_name_the_field(field, value, error):
+    with pytest.raises(error, match=field):
+        slimfit_fx.SlimFitConfig(**{field: value})
+
+
+def _checkpoint(*objects) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save([o.state_dict() for o in objects], buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_losses():
+    steps, cut = 8, 3
+
+    def fresh():
+        case = models.bert(seed=0)
+        cm = ils(case, new_set_every=2, max_variants=2)
+        return case, cm, torch.optim.AdamW(cm.parameters(), lr=1e-3)
+
+    case, cm, optimizer = fresh()
+    uninterrupted = train(cm, case, optimizer, steps)
+    frozen_sets = cm.slimfit.schedule.history
+
+    case, cm, optimizer = fresh()
+    first = train(cm, case, optimizer, cut)
+    buffer = _checkpoint(cm, optimizer, cm.slimfit)
+    del case, cm, optimizer
+    slimfit_fx.capture.reset_dynamo()
+
+    case, cm, optimizer = fresh()
+    model_state, optimizer_state, slimfit_state = torch.load(buffer, weights_only=True)
+    cm.load_state_dict(model_state)
+    optimizer.load_state_dict(optimizer_state)
+    cm.slimfit.load_state_dict(slimfit_state)
+    rest = train(cm, case, optimizer, steps - cut)
+    assert first + rest == uninterrupted
+    assert cm.slimfit.schedule.history == frozen_sets
+
+
+def test_state_from_another_model_is_refused():
+    cm = ils(models.mlp())
+    state = cm.slimfit.state_dict()
+    state["layers"] = state["layers"][:-1]
+    other = ils(models.mlp(seed=1))
+    with pytest.raises(ValueError, match="different set of layers"):
+        other.slimfit.load_state_dict(state)
+    manual = slimfit_fx.compile(models.mlp(seed=2).model, backend="aot_eager")
+    with pytest.raises(ValueError, match="schedule='ils'"):
+        manual.slimfit.load_state_dict(cm.slimfit.state_dict())
+
+
+def test_schedule_heatmap_and_report(tmp_path):
+    case = models.bert()
+    cm = ils(case)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 5)
+    schedule = cm.slimfit.schedule
+    trained = schedule.history_matrix()
+    assert trained.shape == (len(cm.slimfit.layers), 5)
+    assert trained.sum(dim=1).tolist() == schedule.trained_counts()
+    path = cm.slimfit.plot_schedule(tmp_path / "schedule.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = cm.slimfit.report()
+    assert report.schedule["steps"] == 5
+    assert report.schedule["trained_steps"] == dict(zip(cm.slimfit.layers, schedule.trained_counts()))
+    assert "schedule" in str(report)
+    assert Report.from_json(report.to_json()) == report
