@@ -28,9 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--max-length", type=int, default=128)
     ft.add_argument("--lr", type=float, default=1e-4)
-    ft.add_argument("--freeze-ratio", type=float, default=0.8,
-                    help="share of layers frozen (a fixed seeded draw; the last layer, the "
-                         "classifier, always trains)")
+    ft.add_argument("--freeze-ratio", type=float, default=0.8, help="share of layers frozen")
+    ft.add_argument("--schedule", choices=("ils", "fixed"), default="ils",
+                    help="ils: training-dynamics scheduling; fixed: one seeded draw of layers "
+                         "frozen for the whole run (the classifier always trains)")
+    ft.add_argument("--new-set-every", type=int, default=None,
+                    help="ils: steps that pay for one new compiled frozen set (1 = per-step "
+                         "scheduling); default: derived from --compile-budget")
+    ft.add_argument("--compile-budget", type=float, default=0.03,
+                    help="ils: share of training time new frozen sets may spend compiling")
     ft.add_argument("--backend", choices=("inductor", "aot_eager"), default="inductor")
     ft.add_argument("--limit", type=int, default=None, help="use only the first N articles")
     ft.add_argument("--seed", type=int, default=0)
@@ -85,17 +91,25 @@ def _batches(split: dict[str, torch.Tensor], size: int, generator: torch.Generat
 
 
 def finetune(args: argparse.Namespace) -> dict[str, float]:
+    try:  # bad settings fail here, before the model and data load
+        config = slimfit_fx.SlimFitConfig(
+            backend=args.backend, freeze_ratio=args.freeze_ratio, seed=args.seed,
+            **(dict(schedule="ils", new_set_every=args.new_set_every,
+                    compile_budget=args.compile_budget) if args.schedule == "ils" else {}),
+        )
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"slimfit-fx finetune: {err}") from err
     torch.manual_seed(args.seed)
     model, tokenizer = load_default_model(num_labels=5)
     data = load_bbc_news(tokenizer, max_length=args.max_length, seed=args.seed, limit=args.limit)
     if len(data.classes) != 5:
         raise RuntimeError(f"expected BBC News' 5 classes, found {data.classes}")
-    cm = slimfit_fx.compile(model, backend=args.backend, freeze_ratio=args.freeze_ratio)
+    cm = slimfit_fx.compile(model, config)
+    if args.schedule == "fixed":
+        cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, args.freeze_ratio, args.seed))
     layers = cm.slimfit.layers
-    # Until a training-dynamics schedule is chosen, freeze a fixed seeded share.
-    frozen = seeded_frozen_set(layers, args.freeze_ratio, args.seed)
-    cm.slimfit.set_frozen(frozen)
-    print(f"layers: {len(layers)}, frozen: {len(frozen)}, train articles: "
+    frozen = cm.slimfit.frozen
+    print(f"layers: {len(layers)}, frozen: {len(frozen)} ({args.schedule}), train articles: "
           f"{len(data.train['labels'])}, test articles: {len(data.test['labels'])}")
 
     opt = torch.optim.AdamW(cm.parameters(), lr=args.lr)
@@ -114,6 +128,8 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
             if steps % 20 == 0:
                 print(f"epoch {epoch} step {steps} loss {loss.item():.4f}")
     train_seconds = time.perf_counter() - start
+    compile_seconds = cm.slimfit.stats["compile_seconds"]
+    schedule = cm.slimfit.schedule
 
     cm.eval()
     correct = total = 0
@@ -129,9 +145,15 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
         "train_seconds": train_seconds,
         "median_step_seconds": sorted(step_seconds)[len(step_seconds) // 2] if step_seconds else 0.0,
         "compile_seconds": stats["compile_seconds"],
+        "train_compile_share": compile_seconds / train_seconds if train_seconds else 0.0,
+        "variants_compiled": stats["variants_compiled"],
+        "dynamo_graphs": stats["graphs_captured"],
         "saved_bytes": cm.slimfit.saved_bytes,
         "frozen_layers": len(frozen),
         "layers": len(layers),
+        "schedule": args.schedule,
+        "distinct_frozen_sets": len(set(schedule.history)) if schedule else 1,
+        "new_set_every": schedule.new_set_every if schedule else None,
     }
     print(cm.slimfit.report())
     print(json.dumps(results, indent=2))

@@ -23,10 +23,11 @@ class SlimFitConfig:
     backend: compiler for every variant, "inductor" or "aot_eager" (no codegen).
     max_variants: compiled frozen-set variants kept alive (LRU), >= 1.
     reschedule_every: "ils" picks a new frozen set every this many optimizer steps.
-    new_set_every: "ils" admits a frozen set it has not compiled yet at most once
-        every this many optimizer steps (in between it picks among compiled sets);
-        1 is the paper's unbounded per-step scheduling. None derives it once, at
-        step 4, from the measured compile and step times and `compile_budget`.
+    new_set_every: optimizer steps that pay for one compiled frozen set: "ils"
+        admits a set it has not compiled yet only while sets so far <= steps /
+        new_set_every (otherwise it picks the best compiled set); 1 is the paper's
+        unbounded per-step scheduling. None derives it once, at step 4, from the
+        measured compile and step times and `compile_budget`.
     compile_budget: share of training wall time that compiling new frozen sets
         may take when `new_set_every` is None, in (0.0, 1.0].
     seed: seeds the scheduler's initial random scores.
@@ -71,10 +72,6 @@ class SlimFitConfig:
             )
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"SlimFitConfig.compile_budget must be in (0.0, 1.0], got {budget!r}")
-
-    @property
-    def scheduled(self) -> bool:
-        return self.schedule == "ils"
 
     def replace(self, **overrides) -> "SlimFitConfig":
         """A copy with `overrides` applied; unknown field names raise TypeError."""

@@ -6,6 +6,7 @@ attribute passthrough. Everything slimfit-specific hangs off `.slimfit`.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
@@ -207,6 +208,10 @@ class SlimFit:
 
     def _variant_for_current_set(self):
         """The live training variant for the current frozen set, if built."""
+        graph = self._state.last_training_graph
+        return None if graph is None else self._state.cache.peek(graph.key())
+
+    def _last_training_variant(self):
         return self._state.training_variant()
 
     def _graph_calls(self) -> int:
@@ -265,7 +270,20 @@ class SlimFitModule(nn.Module):
             self, "_compiled", torch.compile(model, backend=slimfit._capture_backend(), fullgraph=True)
         )
 
+        # Trainers read the forward's signature to pick batch columns (HF Trainer
+        # drops the ones it does not name): show the wrapped model's.
+        run = self._forward
+
+        @functools.wraps(model.forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return run(*args, **kwargs)
+
+        self.forward = forward
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         calls_before = self.slimfit._graph_calls()
         try:
             outputs = self._compiled(*args, **kwargs)

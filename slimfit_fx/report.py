@@ -146,12 +146,12 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
 
 
 def build_report(slimfit: "SlimFit") -> Report:
-    variant = slimfit._variant_for_current_set()
+    variant = slimfit._last_training_variant()
     return Report(
         model=type(slimfit.model).__name__,
         backend=slimfit.config.backend,
         layers=slimfit.layers,
-        frozen=tuple(sorted(slimfit.frozen)),
+        frozen=tuple(sorted(slimfit.frozen if variant is None else variant.frozen)),
         saved_bytes=None if variant is None else variant.saved_bytes,
         stats=dict(slimfit.stats),
         pass_counters={} if variant is None else dict(variant.counters),

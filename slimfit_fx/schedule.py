@@ -5,7 +5,8 @@ moved, d = mean(|W_new - W_old| / |W_old|); the k lowest-scoring layers are
 frozen next. This module only writes the frozen set; it never compiles. To keep
 compile cost bounded it admits a never-seen frozen set (one new variant) at most
 once every `new_set_every` steps and otherwise picks the best set already in its
-pool of compiled sets.
+pool of compiled sets. Admissions are counted in steps, so a run's choices
+are deterministic and a resumed run repeats them.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class InterLayerSchedule:
         self.scores = torch.rand(len(self.layers), dtype=torch.float64,
                                  generator=self.generator) * INITIAL_SCORE
         self.step = 0
-        self.last_new_set_step = 0
+        self.sets_admitted = 0  # frozen sets this schedule asked to be compiled
         self.pool: list[frozenset[str]] = []  # most recently used last
         self.history: list[int] = []  # frozen set of each step as a bitmask over layers
         self.snapshot_bytes_peak = 0
@@ -94,7 +95,7 @@ class InterLayerSchedule:
             self._touch(wanted)
             return wanted
         if not self.pool or self._new_set_due():
-            self.last_new_set_step = self.step
+            self.sets_admitted += 1
             self._touch(wanted)
             return wanted
         best = min(self.pool, key=self._frozen_score)
@@ -102,9 +103,11 @@ class InterLayerSchedule:
         return best
 
     def _new_set_due(self) -> bool:
+        # The n-th set (the first included) is paid for by n * new_set_every steps,
+        # so compile time stays within the budget over the run, the first compile too.
         if self.new_set_every is None:  # not calibrated yet: stay on the first set
             return False
-        return self.step - self.last_new_set_step >= self.new_set_every
+        return self.step >= self.sets_admitted * self.new_set_every
 
     def _touch(self, frozen: frozenset[str]) -> None:
         if frozen in self.pool:
@@ -193,7 +196,7 @@ class InterLayerSchedule:
             "scores": self.scores.clone(),
             "frozen": sorted(self.frozen),
             "pool": [sorted(s) for s in self.pool],
-            "last_new_set_step": self.last_new_set_step,
+            "sets_admitted": self.sets_admitted,
             "new_set_every": self.new_set_every,
             "generator": self.generator.get_state(),
             "history": self.history_matrix(),
@@ -210,7 +213,7 @@ class InterLayerSchedule:
         self.step = int(state["step"])
         self.scores = state["scores"].clone().to(torch.float64)
         self.pool = [frozenset(s) for s in state["pool"]]
-        self.last_new_set_step = int(state["last_new_set_step"])
+        self.sets_admitted = int(state["sets_admitted"])
         self.new_set_every = state["new_set_every"]
         self.generator.set_state(state["generator"])
         trained = state["history"].T

@@ -105,6 +105,7 @@ class FrozenSetState:
     graphs: list["CapturedGraph"] = field(default_factory=list)
     graph_calls: int = 0
     last_training_graph: "CapturedGraph | None" = None
+    last_training_key: Hashable | None = None  # variant key of the last training forward
     first_training_call: float | None = None  # perf_counter() at the first training forward
 
     def wall_seconds(self) -> float:
@@ -113,9 +114,10 @@ class FrozenSetState:
         return 0.0 if start is None else time.perf_counter() - start
 
     def training_variant(self) -> Variant | None:
-        """The live variant for the current frozen set on the graph that last trained."""
-        graph = self.last_training_graph
-        return None if graph is None else self.cache.peek(graph.key())
+        """The variant the last training forward ran (None if evicted since); a
+        scheduler may already have moved the frozen set on for the next step."""
+        key = self.last_training_key
+        return None if key is None else self.cache.peek(key)
 
     def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """The torch.compile backend: called once per dynamo graph, returns the guard."""
@@ -162,7 +164,7 @@ class CapturedGraph:
         state.graph_calls += 1
         if not training:
             return variant.fn(*args)
-        state.last_training_graph = self
+        state.last_training_graph, state.last_training_key = self, key
         if variant.frozen_inputs:
             # Frozen parameters enter detached, so autograd (and DDP's search for
             # unused parameters) sees no path to them at all.

@@ -1,0 +1,354 @@
+"""Saved-activation compression: quantize/dequantize and prune/unprune pairs.
+
+Each pair is plain tensor math, also registered as a `slimfit::` custom op with a
+fake kernel, so a graph pass can insert it as one opaque node that dynamo,
+AOTAutograd, inductor and export all trace. It must not choose what to compress
+or touch graphs (that is the passes' job), and never mutates its inputs.
+"""
+# torchao 0.18.0 was tried and is not used: it installs next to torch 2.13.0+cpu
+# without replacing it, but `import torchao` logs "Failed to load" for its two CUDA
+# extensions and a torch deprecation warning (register_constant on an Enum, "will be
+# an error in a future release"), and it registers global pytree/op state on import.
+# Its affine primitives also carry a zero point and block sizes this needs none of:
+# the paper's scale-free fixed point, nibble packing and top-k are a few lines of torch.
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FixedPoint",
+    "Q3_4_INT8",
+    "SOFTMAX_UINT8",
+    "GELU_INT4",
+    "quantize_fixed",
+    "dequantize_fixed",
+    "quantize_rowwise",
+    "dequantize_rowwise",
+    "prune_topk",
+    "unprune_topk",
+    "pack_nibbles",
+    "unpack_nibbles",
+    "kept_per_row",
+    "compressed_nbytes",
+]
+
+SUPPORTED_BITS = (4, 8)
+FRAC_BITS_RANGE = (-16, 16)
+# keep_ratio is resolved to parts per million so the kept count is integer math,
+# exact for ratios like 0.3 (0.3 * 10 is 3.0000000000000004 in floats) and valid
+# for symbolic row lengths.
+_PPM = 1_000_000
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; allowed: {SUPPORTED_BITS}")
+
+
+def _check_float_dtype(field: str, dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point:
+        raise TypeError(f"{field}={dtype} must be a floating-point dtype")
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Power-of-two fixed point with no scale: code = clamp(round(x * 2**frac_bits)).
+
+    `step` is 2**-frac_bits; the representable values are [qmin * step, qmax * step].
+    """
+
+    bits: int
+    frac_bits: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        lo, hi = FRAC_BITS_RANGE
+        if not isinstance(self.frac_bits, int) or not lo <= self.frac_bits <= hi:
+            raise ValueError(f"frac_bits={self.frac_bits!r} must be an int in [{lo}, {hi}]")
+
+    @property
+    def step(self) -> float:
+        return 2.0 ** -self.frac_bits
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def lo(self) -> float:
+        return self.qmin * self.step
+
+    @property
+    def hi(self) -> float:
+        return self.qmax * self.step
+
+
+# The SlimFit paper's formats (arXiv 2305.18513 and its authors' code).
+Q3_4_INT8 = FixedPoint(bits=8, frac_bits=4, signed=True)  # Q, K, V, FFN-output input: +-8, step 1/16
+SOFTMAX_UINT8 = FixedPoint(bits=8, frac_bits=8, signed=False)  # probabilities: [0, 255/256]
+GELU_INT4 = FixedPoint(bits=4, frac_bits=1, signed=True)  # GELU input: [-4, 3.5], step 0.5
+
+
+def pack_nibbles(nibbles: Tensor) -> Tensor:
+    """Pack uint8 values in [0, 15], flattened, two per byte: element 2i in the low
+    nibble of byte i, 2i+1 in the high one. An odd count gets a zero pad nibble."""
+    flat = nibbles.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat((flat, flat.new_zeros(1)))
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
+    """The first `numel` nibbles of `packed`, as a flat uint8 tensor (inverse of pack_nibbles)."""
+    packed = packed.reshape(-1)
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1)[:numel]
+
+
+def _packed_numel(numel):
+    return (numel + 1) // 2
+
+
+def _code_dtype(signed: bool) -> torch.dtype:
+    return torch.int8 if signed else torch.uint8
+
+
+def _check_codes(q: Tensor, bits: int, shape: Sequence[int]) -> None:
+    numel = math.prod(shape)
+    want = _packed_numel(numel) if bits == 4 else numel
+    if q.numel() != want:
+        raise ValueError(
+            f"q has {q.numel()} elements; a {bits}-bit tensor of shape {list(shape)} has {want}"
+        )
+
+
+# ---- fixed point ------------------------------------------------------------
+
+
+def quantize_fixed(x: Tensor, bits: int, frac_bits: int, signed: bool) -> Tensor:
+    """Codes clamp(round(x * 2**frac_bits), qmin, qmax); see FixedPoint.
+
+    8 bits: int8 (signed) or uint8 codes, shape of x. 4 bits: uint8 of
+    ceil(numel / 2) bytes, the flattened codes offset by -qmin (signed codes
+    -8..7 are stored as 0..15) and packed two per byte by pack_nibbles.
+    +-inf saturate to qmax / qmin; nan becomes code 0 (dequantizes to 0.0).
+    Rounding is half to even (torch.round).
+    """
+    fmt = FixedPoint(bits, frac_bits, signed)
+    _check_float_dtype("x.dtype", x.dtype)
+    # In x's own dtype: scaling by a power of two is exact, and every code fits
+    # exactly in fp16/bf16 (at most 8 significant bits), so no fp32 copy is needed.
+    # An fp16 overflow gives inf, which saturates as it should.
+    codes = x.contiguous() * (2.0**frac_bits)
+    codes.nan_to_num_(nan=0.0).round_().clamp_(fmt.qmin, fmt.qmax)
+    if bits == 4:
+        return pack_nibbles((codes - fmt.qmin).to(torch.uint8))
+    return codes.to(_code_dtype(signed))
+
+
+def dequantize_fixed(
+    q: Tensor, bits: int, frac_bits: int, signed: bool, shape: list[int], dtype: torch.dtype
+) -> Tensor:
+    """Inverse of quantize_fixed: codes * 2**-frac_bits as `dtype`, shaped `shape`
+    (the original tensor's shape; 4-bit codes are flat and padded)."""
+    fmt = FixedPoint(bits, frac_bits, signed)
+    _check_float_dtype("dtype", dtype)
+    _check_codes(q, bits, shape)
+    if bits == 4:
+        codes = unpack_nibbles(q, math.prod(shape)).to(dtype) + fmt.qmin
+    else:
+        codes = q.reshape(-1).to(dtype)
+    # Exact in fp16/bf16 too: an at-most-8-bit code times a power of two.
+    return (codes * fmt.step).reshape(shape)
+
+
+# ---- row-wise scale -----------------------------------------------------------
+# Symmetric, one fp32 scale per last-dim row, scale = max|x| / qmax (not rounded
+# to a power of two): rounding the scale up would cost ~3 dB of SQNR on average
+# and up to 6 dB (one bit) on some rows, and the point of this option is numerics better than the
+# scale-free format. The scale is fp32 (4 bytes a row) because fp16 cannot hold
+# max|x| / 127 for the tiny or huge rows an fp32 model can produce. Codes span
+# -qmax..qmax (the most negative code stays unused) so zero and sign are exact.
+
+
+def _rowwise_qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def _rows_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    # A 0-d tensor is one row of one element.
+    return tuple(shape) if len(shape) else (1,)
+
+
+def _scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return (*_rows_shape(shape)[:-1], 1)
+
+
+def quantize_rowwise(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row codes and fp32 scales: q = round(x / scale), scale = max|x| / qmax.
+
+    Returns (q, scale). 8 bits: int8 codes in [-127, 127], shape of x. 4 bits:
+    codes in [-7, 7] offset by +8 and packed flat two per byte (uint8,
+    ceil(numel / 2) bytes). scale is fp32 of shape (*x.shape[:-1], 1); a 0-d x
+    is one row, scale shape (1,). The row maximum ignores nan and inf; +-inf
+    saturate to +-qmax (so they come back as +-max finite |x| of the row), nan
+    becomes code 0. An all-zero row keeps scale 2**-126 and codes 0.
+    """
+    _check_bits(bits)
+    _check_float_dtype("x.dtype", x.dtype)
+    qmax = _rowwise_qmax(bits)
+    # fp32 arithmetic: an fp16 max|x| / 127 can underflow.
+    rows = x.contiguous().to(torch.float32).reshape(_rows_shape(x.shape))
+    if rows.shape[-1]:
+        finite_abs = rows.abs().nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        amax = finite_abs.amax(dim=-1, keepdim=True)
+    else:
+        amax = rows.new_zeros(_scale_shape(x.shape))
+    scale = (amax / qmax).clamp_min_(torch.finfo(torch.float32).tiny)
+    codes = (rows / scale).nan_to_num_(nan=0.0).round_().clamp_(-qmax, qmax)
+    if bits == 4:
+        return pack_nibbles((codes + 8).to(torch.uint8)), scale
+    return codes.to(torch.int8).reshape(x.shape), scale
+
+
+def dequantize_rowwise(
+    q: Tensor, scale: Tensor, bits: int, shape: list[int], dtype: torch.dtype
+) -> Tensor:
+    """Inverse of quantize_rowwise: codes * scale, computed in fp32, as `dtype`."""
+    _check_bits(bits)
+    _check_float_dtype("dtype", dtype)
+    _check_codes(q, bits, shape)
+    if bits == 4:
+        codes = unpack_nibbles(q, math.prod(shape)).to(torch.float32) - 8
+    else:
+        codes = q.to(torch.float32)
+    out = codes.reshape(_rows_shape(shape)) * scale
+    return out.to(dtype).reshape(shape)
+
+
+# ---- top-k pruning ------------------------------------------------------------
+# Per last-dim row, not global: topk over rows is cheaper than one topk over the
+# whole tensor, row indices always fit int32, and the kept count depends only on
+# the row length. The paper prunes LayerNorm outputs, whose rows are normalized
+# to the same scale, so per-row and global keep nearly the same entries.
+
+
+def kept_per_row(row_length, keep_ratio: float):
+    """ceil(keep_ratio * row_length), with keep_ratio taken to 1e-6; works on SymInts."""
+    ppm = round(keep_ratio * _PPM)
+    return (ppm * row_length + _PPM - 1) // _PPM
+
+
+def _check_keep_ratio(keep_ratio: float) -> None:
+    if not 1 / _PPM <= keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio={keep_ratio!r} must be in [{1 / _PPM}, 1]")
+
+
+# Indices count within a row, so int32 always fits; a fixed index dtype keeps
+# the fake kernel from guarding on a symbolic row length. A row of 2**31 or more
+# elements (8 GiB in fp32) is refused rather than given int64 indices.
+MAX_PRUNED_ROW = 2**31 - 1
+
+
+def prune_topk(x: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor]:
+    """The kept_per_row(n, keep_ratio) largest-|x| entries of each last-dim row.
+
+    Returns (values, indices), both of shape (*x.shape[:-1], k): values in x's
+    dtype, indices into the row as int32, in no particular order within a row.
+    A 0-d x is one row. nan ranks above every number (torch.topk's order) and
+    is kept as nan, inf as inf; ties are broken arbitrarily.
+    """
+    _check_keep_ratio(keep_ratio)
+    _check_float_dtype("x.dtype", x.dtype)
+    rows = x.contiguous().reshape(_rows_shape(x.shape))
+    n = rows.shape[-1]
+    if n > MAX_PRUNED_ROW:
+        raise ValueError(f"x.shape[-1]={n} is too long to prune; at most {MAX_PRUNED_ROW}")
+    _, indices = rows.abs().topk(kept_per_row(n, keep_ratio), dim=-1, sorted=False)
+    return rows.gather(-1, indices), indices.to(torch.int32)
+
+
+def unprune_topk(
+    values: Tensor, indices: Tensor, shape: list[int], dtype: torch.dtype
+) -> Tensor:
+    """Inverse of prune_topk: a `dtype` tensor of `shape`, zero except at the kept entries."""
+    _check_float_dtype("dtype", dtype)
+    out = values.new_zeros(_rows_shape(shape), dtype=dtype)
+    out.scatter_(-1, indices.contiguous(), values.contiguous().to(dtype))
+    return out.reshape(shape)
+
+
+def compressed_nbytes(tensors: Tensor | Sequence[Tensor]):
+    """Bytes held by what a quantize_*/prune_* returned (real or fake tensors;
+    a SymInt expression for symbolic sizes). Compare with x.numel() * x.element_size()."""
+    if isinstance(tensors, Tensor):
+        tensors = (tensors,)
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ---- custom ops -----------------------------------------------------------------
+# torch.ops.slimfit.<name> is what a graph pass inserts: one opaque node whose
+# output metadata comes from the fake kernel below, so inductor calls the eager
+# kernel above instead of tracing into it. No autograd is registered: the ops
+# run inside already-partitioned forward/backward graphs, and every output
+# except dequantized/unpruned tensors is integer.
+
+
+def _register(fn, fake) -> None:
+    # torch.library keeps the definition; the module needs no handle to it.
+    op = torch.library.custom_op(f"slimfit::{fn.__name__}", fn, mutates_args=())
+    op.register_fake(fake)
+
+
+def _fake_quantize_fixed(x, bits, frac_bits, signed):
+    FixedPoint(bits, frac_bits, signed)
+    if bits == 4:
+        return x.new_empty((_packed_numel(x.numel()),), dtype=torch.uint8)
+    return x.new_empty(x.shape, dtype=_code_dtype(signed))
+
+
+def _fake_dequantize_fixed(q, bits, frac_bits, signed, shape, dtype):
+    FixedPoint(bits, frac_bits, signed)
+    return q.new_empty(shape, dtype=dtype)
+
+
+def _fake_quantize_rowwise(x, bits):
+    _check_bits(bits)
+    if bits == 4:
+        q = x.new_empty((_packed_numel(x.numel()),), dtype=torch.uint8)
+    else:
+        q = x.new_empty(x.shape, dtype=torch.int8)
+    return q, x.new_empty(_scale_shape(x.shape), dtype=torch.float32)
+
+
+def _fake_dequantize_rowwise(q, scale, bits, shape, dtype):
+    _check_bits(bits)
+    return q.new_empty(shape, dtype=dtype)
+
+
+def _fake_prune_topk(x, keep_ratio):
+    _check_keep_ratio(keep_ratio)
+    rows_shape = _rows_shape(x.shape)
+    kept_shape = (*rows_shape[:-1], kept_per_row(rows_shape[-1], keep_ratio))
+    return x.new_empty(kept_shape), x.new_empty(kept_shape, dtype=torch.int32)
+
+
+def _fake_unprune_topk(values, indices, shape, dtype):
+    return values.new_empty(shape, dtype=dtype)
+
+
+_register(quantize_fixed, _fake_quantize_fixed)
+_register(dequantize_fixed, _fake_dequantize_fixed)
+_register(quantize_rowwise, _fake_quantize_rowwise)
+_register(dequantize_rowwise, _fake_dequantize_rowwise)
+_register(prune_topk, _fake_prune_topk)
+_register(unprune_topk, _fake_unprune_topk)

@@ -1,0 +1,450 @@
+"""slimfit_fx.ops: round-trip numerics, saturation, packing, pruning, and the
+custom ops under fake tensors, opcheck, aot_eager, inductor and export."""
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from slimfit_fx import ops
+
+S = torch.ops.slimfit
+
+# Round-trip SQNR floors in dB, measured on >= MIN_NUMEL_FOR_SQNR elements (fewer
+# are too noisy for a floor). Fixed point has no scale, so its error is absolute
+# (<= step / 2, tested on every input); its floor is for inputs spread uniformly
+# over the representable range, the only input where SQNR says something.
+SQNR_FLOOR_DB = {  # (lowest seen in 300 hypothesis draws)
+    "Q3_4_INT8": 40.0,  # uniform over [-8, 8): ~47 dB
+    "SOFTMAX_UINT8": 45.0,  # uniform over [0, 1): ~54 dB
+    "GELU_INT4": 18.0,  # uniform over [-4, 3.5]: ~23 dB
+    "UINT4_Q0_4": 24.0,  # uniform over [0, 15/16]: ~29 dB
+    "rowwise8": 35.0,  # normal, tiny or uniform rows: ~42 dB
+    "rowwise4": 12.0,  # ~16 dB
+    # A row's top 10% holds ~44% of its energy if normal (2.5 dB), 27% if uniform (1.4 dB).
+    "prune_0.1": 0.8,
+}
+MIN_NUMEL_FOR_SQNR = 256
+
+FIXED_FORMATS = {
+    "Q3_4_INT8": ops.Q3_4_INT8,
+    "SOFTMAX_UINT8": ops.SOFTMAX_UINT8,
+    "GELU_INT4": ops.GELU_INT4,
+    "UINT4_Q0_4": ops.FixedPoint(bits=4, frac_bits=4, signed=False),
+}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VALUE_RANGES = ("in_range", "normal", "tiny", "outliers", "zeros")
+
+shapes = st.lists(st.integers(0, 13), min_size=0, max_size=4).map(tuple)
+
+
+@st.composite
+def sqnr_shapes(draw):
+    """1-4 dims, at least MIN_NUMEL_FOR_SQNR elements (>= 4 rows of >= 64), odd rows included."""
+    ndim = draw(st.integers(1, 4))
+    rows, n = draw(st.integers(4, 8)), draw(st.integers(64, 129))
+    if ndim == 1:
+        return (rows * n,)
+    lead = draw(st.lists(st.integers(1, 5), min_size=ndim - 2, max_size=ndim - 2))
+    return (*lead, rows, n)
+
+
+dtypes = st.sampled_from(DTYPES)
+value_ranges = st.sampled_from(VALUE_RANGES)
+
+
+def sample(shape, dtype, value_range, seed, lo=-3.0, hi=3.0, noncontiguous=False):
+    """A float tensor of `shape`; a strided view of a wider one if `noncontiguous`."""
+    gen = torch.Generator().manual_seed(seed)
+    full = (*shape[:-1], 2 * shape[-1]) if noncontiguous and shape else shape
+    if value_range == "in_range":
+        x = torch.rand(full, generator=gen) * (hi - lo) + lo
+    elif value_range == "zeros":
+        x = torch.zeros(full)
+    else:
+        x = torch.randn(full, generator=gen)
+        if value_range == "tiny":
+            x *= 1e-4
+        elif value_range == "outliers":
+            # Stays finite in fp16 (max 65504).
+            x = torch.where(torch.rand(full, generator=gen) < 0.01, x * 1e3, x)
+    x = x.to(dtype)
+    return x[..., ::2] if noncontiguous and shape else x
+
+
+def sqnr_db(x, x_hat):
+    x, x_hat = x.double(), x_hat.double()
+    noise = ((x - x_hat) ** 2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10((x**2).sum().item() / noise)
+
+
+def round_trip(name, x):
+    """x through the format SQNR_FLOOR_DB calls `name`, via the custom ops."""
+    shape = list(x.shape)
+    if name in FIXED_FORMATS:
+        fmt = FIXED_FORMATS[name]
+        q = S.quantize_fixed(x, fmt.bits, fmt.frac_bits, fmt.signed)
+        return S.dequantize_fixed(q, fmt.bits, fmt.frac_bits, fmt.signed, shape, x.dtype)
+    if name.startswith("rowwise"):
+        bits = int(name.removeprefix("rowwise"))
+        return S.dequantize_rowwise(*S.quantize_rowwise(x, bits), bits, shape, x.dtype)
+    keep_ratio = float(name.removeprefix("prune_"))
+    return S.unprune_topk(*S.prune_topk(x, keep_ratio), shape, x.dtype)
+
+
+def rows_of(x):
+    return x.reshape(x.shape if x.dim() else (1,))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(sorted(SQNR_FLOOR_DB)),
+    shape=sqnr_shapes(),
+    dtype=dtypes,
+    # Not "outliers": a row with one value ~1000x the rest falls to about
+    # 10*log10(12 * qmax**2 / row_length) dB whatever the code does (the
+    # per-element bound in the round-trip tests still holds there).
+    value_range=st.sampled_from(("in_range", "normal", "tiny")),
+    seed=st.integers(0, 2**16),
+)
+def test_sqnr_floor(name, shape, dtype, value_range, seed):
+    if name in FIXED_FORMATS:
+        fmt = FIXED_FORMATS[name]
+        x = sample(shape, dtype, "in_range", seed, fmt.lo, fmt.hi)
+    else:
+        x = sample(shape, dtype, value_range, seed)
+    assert x.numel() >= MIN_NUMEL_FOR_SQNR
+    assert sqnr_db(x, round_trip(name, x)) >= SQNR_FLOOR_DB[name], name
+
+
+# ---- fixed point --------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    name=st.sampled_from(sorted(FIXED_FORMATS)),
+    shape=shapes,
+    dtype=dtypes,
+    value_range=value_ranges,
+    noncontiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fixed_round_trip(name, shape, dtype, value_range, noncontiguous, seed):
+    fmt = FIXED_FORMATS[name]
+    x = sample(shape, dtype, value_range, seed, fmt.lo, fmt.hi, noncontiguous)
+    before = x.clone()
+
+    q = ops.quantize_fixed(x, fmt.bits, fmt.frac_bits, fmt.signed)
+    x_hat = ops.dequantize_fixed(q, fmt.bits, fmt.frac_bits, fmt.signed, list(x.shape), dtype)
+
+    assert torch.equal(x, before)
+    if fmt.bits == 4:
+        assert q.dtype == torch.uint8 and q.shape == ((x.numel() + 1) // 2,)
+    else:
+        assert q.dtype == (torch.int8 if fmt.signed else torch.uint8) and q.shape == x.shape
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape
+    # Inside the range the error is at most half a step; outside, x saturates.
+    clamped = x.double().clamp(fmt.lo, fmt.hi)
+    assert ((clamped - x_hat.double()).abs() <= fmt.step / 2).all()
+    if value_range == "zeros":
+        assert torch.equal(x_hat, torch.zeros_like(x))
+    assert torch.equal(S.quantize_fixed(x, fmt.bits, fmt.frac_bits, fmt.signed), q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(FIXED_FORMATS))
+def test_fixed_saturates_inf_and_zeroes_nan(name, dtype):
+    fmt = FIXED_FORMATS[name]
+    x = torch.tensor([math.inf, -math.inf, math.nan, 1e4, -1e4, 0.5], dtype=dtype)
+    before = x.clone()
+    q = ops.quantize_fixed(x, fmt.bits, fmt.frac_bits, fmt.signed)
+    x_hat = ops.dequantize_fixed(q, fmt.bits, fmt.frac_bits, fmt.signed, [6], dtype)
+    want = torch.tensor([fmt.hi, fmt.lo, 0.0, fmt.hi, fmt.lo, 0.5], dtype=dtype)
+    assert torch.equal(x_hat, want)
+    torch.testing.assert_close(x, before, equal_nan=True, rtol=0, atol=0)
+
+
+def test_paper_formats():
+    assert (ops.Q3_4_INT8.lo, ops.Q3_4_INT8.hi, ops.Q3_4_INT8.step) == (-8.0, 7.9375, 1 / 16)
+    assert (ops.SOFTMAX_UINT8.lo, ops.SOFTMAX_UINT8.hi) == (0.0, 255 / 256)
+    assert (ops.GELU_INT4.lo, ops.GELU_INT4.hi, ops.GELU_INT4.step) == (-4.0, 3.5, 0.5)
+
+
+# ---- 4-bit packing ------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(nibbles=st.lists(st.integers(0, 15), max_size=33))
+def test_pack_nibbles_round_trip(nibbles):
+    codes = torch.tensor(nibbles, dtype=torch.uint8)
+    packed = ops.pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (len(nibbles) + 1) // 2
+    assert torch.equal(ops.unpack_nibbles(packed, len(nibbles)), codes)
+    if len(nibbles) >= 2:
+        assert packed[0].item() == nibbles[0] | nibbles[1] << 4
+
+
+def test_int4_codes_are_offset_and_packed():
+    x = torch.tensor([[-4.0, -0.5, 0.0], [0.5, 3.5, 1.2]])
+    packed = ops.quantize_fixed(x, 4, 1, True)
+    codes = ops.unpack_nibbles(packed, x.numel()).to(torch.int16) - 8
+    assert codes.tolist() == [-8, -1, 0, 1, 7, 2]
+
+
+# ---- row-wise scale -------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    bits=st.sampled_from((8, 4)),
+    shape=shapes,
+    dtype=dtypes,
+    value_range=value_ranges,
+    noncontiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rowwise_round_trip(bits, shape, dtype, value_range, noncontiguous, seed):
+    x = sample(shape, dtype, value_range, seed, noncontiguous=noncontiguous)
+    before = x.clone()
+
+    q, scale = ops.quantize_rowwise(x, bits)
+    x_hat = ops.dequantize_rowwise(q, scale, bits, list(x.shape), dtype)
+
+    assert torch.equal(x, before)
+    if bits == 4:
+        assert q.dtype == torch.uint8 and q.shape == ((x.numel() + 1) // 2,)
+    else:
+        assert q.dtype == torch.int8 and q.shape == x.shape
+    assert scale.dtype == torch.float32 and scale.shape == (*rows_of(x).shape[:-1], 1)
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape
+    # Half a step of the row's scale, plus rounding the result to `dtype`.
+    info = torch.finfo(dtype)
+    err = (rows_of(x).double() - rows_of(x_hat).double()).abs()
+    tol = 0.5001 * scale.double() + 2 * info.eps * rows_of(x).double().abs() + info.smallest_normal * info.eps
+    assert (err <= tol).all()
+    if value_range == "zeros":
+        assert torch.equal(x_hat, torch.zeros_like(x))
+    q_op, scale_op = S.quantize_rowwise(x, bits)
+    assert torch.equal(q_op, q) and torch.equal(scale_op, scale)
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_rowwise_saturates_inf_and_zeroes_nan(bits):
+    x = torch.tensor([[math.inf, -math.inf, math.nan, 2.0, -1.0], [math.nan] * 5])
+    before = x.clone()
+    q, scale = ops.quantize_rowwise(x, bits)
+    x_hat = ops.dequantize_rowwise(q, scale, bits, [2, 5], torch.float32)
+    # inf comes back as the row's largest finite magnitude; a row with none is zero.
+    assert x_hat[0, :4].tolist() == [2.0, -2.0, 0.0, 2.0]
+    assert abs(x_hat[0, 4].item() + 1.0) <= scale[0].item() / 2
+    assert torch.equal(x_hat[1], torch.zeros(5))
+    torch.testing.assert_close(x, before, equal_nan=True, rtol=0, atol=0)
+
+
+# ---- top-k pruning ---------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    keep_ratio=st.sampled_from((0.1, 0.25, 0.3, 0.5, 1.0)),
+    shape=shapes,
+    dtype=dtypes,
+    value_range=value_ranges,
+    noncontiguous=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_prune_keeps_exactly_the_top_k(keep_ratio, shape, dtype, value_range, noncontiguous, seed):
+    x = sample(shape, dtype, value_range, seed, noncontiguous=noncontiguous)
+    before = x.clone()
+    rows = rows_of(x)
+    n = rows.shape[-1]
+    k = math.ceil(Fraction(str(keep_ratio)) * n)
+
+    values, indices = ops.prune_topk(x, keep_ratio)
+    x_hat = ops.unprune_topk(values, indices, list(x.shape), dtype)
+
+    assert torch.equal(x, before)
+    assert values.shape == indices.shape == (*rows.shape[:-1], k)
+    assert values.dtype == dtype and indices.dtype == torch.int32
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape
+    assert torch.equal(values, rows.gather(-1, indices.long()))
+    kept = torch.zeros(rows.shape, dtype=torch.bool).scatter_(-1, indices.long(), True)
+    assert (kept.sum(-1) == k).all()  # no index kept twice
+    assert torch.equal(rows_of(x_hat), torch.where(kept, rows, torch.zeros_like(rows)))
+    if 0 < k < n:
+        magnitude = rows.abs().float()
+        smallest_kept = torch.where(kept, magnitude, math.inf).amin(-1)
+        largest_dropped = torch.where(kept, -math.inf, magnitude).amax(-1)
+        assert (smallest_kept >= largest_dropped).all()
+    values_op, indices_op = S.prune_topk(x, keep_ratio)
+    assert torch.equal(S.unprune_topk(values_op, indices_op, list(x.shape), dtype), x_hat)
+
+
+def test_prune_keeps_nan_and_inf_first():
+    x = torch.tensor([[0.5, math.nan, -3.0, math.inf, 1.0, 0.1]])
+    values, indices = ops.prune_topk(x, 0.5)
+    x_hat = ops.unprune_topk(values, indices, [1, 6], x.dtype)
+    want = torch.tensor([[0.0, math.nan, -3.0, math.inf, 0.0, 0.0]])
+    torch.testing.assert_close(x_hat, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_kept_per_row_is_exact_for_decimal_ratios():
+    assert ops.kept_per_row(10, 0.3) == 3  # 0.3 * 10 is 3.0000000000000004 in floats
+    assert ops.kept_per_row(768, 0.1) == 77
+    assert ops.kept_per_row(1, 0.1) == 1
+    assert ops.kept_per_row(0, 0.5) == 0
+
+
+# ---- bytes and arguments ------------------------------------------------------------
+
+
+def test_compressed_nbytes_of_the_paper_formats():
+    x = torch.randn(64, 768)
+    fp32 = x.numel() * 4
+    assert ops.compressed_nbytes(ops.quantize_fixed(x, 8, 4, True)) * 4 == fp32
+    assert ops.compressed_nbytes(ops.quantize_fixed(x, 4, 1, True)) * 8 == fp32
+    assert ops.compressed_nbytes(ops.quantize_rowwise(x, 8)) == fp32 // 4 + 64 * 4
+    # 77 fp32 values and 77 int32 indices per 768-wide row: ~20% of fp32, as in the paper.
+    assert ops.compressed_nbytes(ops.prune_topk(x, 0.1)) == 64 * 77 * 8
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda x: ops.quantize_fixed(x, 3, 4, True), ValueError, "bits=3"),
+        (lambda x: ops.quantize_fixed(x, 8, 40, True), ValueError, "frac_bits=40"),
+        (lambda x: ops.quantize_fixed(x.int(), 8, 4, True), TypeError, "x.dtype"),
+        (lambda x: ops.quantize_rowwise(x, 2), ValueError, "bits=2"),
+        (lambda x: ops.prune_topk(x, 0.0), ValueError, "keep_ratio=0.0"),
+        (lambda x: ops.prune_topk(x, 1.5), ValueError, "keep_ratio=1.5"),
+        (lambda x: ops.dequantize_fixed(x.to(torch.int8), 8, 4, True, [4, 4], torch.float32),
+         ValueError, "shape [4, 4]"),
+        (lambda x: ops.dequantize_fixed(x.to(torch.int8), 8, 4, True, [3, 4], torch.int32),
+         TypeError, "dtype"),
+    ],
+)
+def test_bad_arguments_name_the_field(call, error, words):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        call(torch.randn(3, 4))
+
+
+def test_ops_have_no_gradient():
+    """They run inside already-partitioned graphs; autograd through them fails loudly."""
+    x = torch.randn(3, 5, requires_grad=True)
+    values, _ = S.prune_topk(x, 0.5)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        values.sum().backward()
+
+
+# ---- the custom ops as graph nodes ------------------------------------------------------
+
+
+def _round_trip_fixed(x):
+    q = S.quantize_fixed(x, 4, 1, True)
+    return S.dequantize_fixed(q, 4, 1, True, list(x.shape), x.dtype)
+
+
+def _round_trip_rowwise(x):
+    q, scale = S.quantize_rowwise(x, 4)
+    return S.dequantize_rowwise(q, scale, 4, list(x.shape), x.dtype)
+
+
+def _round_trip_prune(x):
+    values, indices = S.prune_topk(x, 0.1)
+    return S.unprune_topk(values, indices, list(x.shape), x.dtype)
+
+
+def _round_trip_all(x):
+    # A tuple, not a sum: inductor adds bf16 tensors in fp32, eager does not.
+    return _round_trip_fixed(x), _round_trip_rowwise(x), _round_trip_prune(x)
+
+
+def _eager_all(x):
+    shape = list(x.shape)
+    fixed = ops.dequantize_fixed(ops.quantize_fixed(x, 4, 1, True), 4, 1, True, shape, x.dtype)
+    rowwise = ops.dequantize_rowwise(*ops.quantize_rowwise(x, 4), 4, shape, x.dtype)
+    pruned = ops.unprune_topk(*ops.prune_topk(x, 0.1), shape, x.dtype)
+    return fixed, rowwise, pruned
+
+
+def assert_all_equal(got, want):
+    assert len(got) == len(want)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def _op_samples():
+    x = torch.randn(4, 7)
+    q4 = ops.quantize_fixed(x, 4, 1, True)
+    q8, scale8 = ops.quantize_rowwise(x, 8)
+    q4r, scale4 = ops.quantize_rowwise(x, 4)
+    values, indices = ops.prune_topk(x, 0.3)
+    empty = torch.randn(3, 0)
+    return [
+        (S.quantize_fixed, (x, 4, 1, True)),
+        (S.quantize_fixed, (x.t().to(torch.bfloat16), 8, 4, True)),
+        (S.quantize_fixed, (torch.tensor(0.7), 8, 8, False)),
+        (S.dequantize_fixed, (q4, 4, 1, True, [4, 7], torch.float16)),
+        (S.dequantize_fixed, (torch.empty(0, dtype=torch.uint8), 4, 1, True, [3, 0], torch.float32)),
+        (S.quantize_rowwise, (x, 8)),
+        (S.quantize_rowwise, (empty, 4)),
+        (S.dequantize_rowwise, (q8, scale8, 8, [4, 7], torch.bfloat16)),
+        (S.dequantize_rowwise, (q4r, scale4, 4, [4, 7], torch.float32)),
+        (S.prune_topk, (x[:, ::2], 0.3)),
+        (S.prune_topk, (empty, 0.5)),
+        (S.unprune_topk, (values, indices, [4, 7], torch.float32)),
+    ]
+
+
+@pytest.mark.parametrize("op, args", _op_samples(), ids=lambda v: getattr(v, "__name__", ""))
+def test_opcheck(op, args):
+    # Inputs do not require grad: the ops register no autograd (see test above),
+    # so opcheck's backward checks have nothing to check.
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("op, args", _op_samples(), ids=lambda v: getattr(v, "__name__", ""))
+def test_fake_kernel_matches_real(op, args):
+    real = op(*args)
+    traced = make_fx(lambda *a: op(*a), tracing_mode="fake")(*args)
+    node = next(n for n in traced.graph.nodes if n.op == "call_function" and n.target is op.default)
+    fake = node.meta["val"]
+    real, fake = (real, fake) if isinstance(real, tuple) else ((real,), (fake,))
+    assert [(t.shape, t.dtype, t.stride()) for t in fake] == [
+        (t.shape, t.dtype, t.stride()) for t in real
+    ]
+
+
+def test_fake_kernels_give_symbolic_shapes():
+    traced = make_fx(_round_trip_all, tracing_mode="symbolic")(torch.randn(5, 21))
+    for other in (torch.randn(3, 40), torch.randn(8, 11)):
+        assert_all_equal(traced(other), _eager_all(other))
+    quantized = next(n for n in traced.graph.nodes if n.target is S.quantize_fixed.default)
+    assert isinstance(quantized.meta["val"].shape[0], torch.SymInt)
+
+
+@pytest.mark.parametrize("fn", [_round_trip_fixed, _round_trip_rowwise, _round_trip_prune])
+def test_aot_eager_matches_eager(fn):
+    x = torch.randn(6, 33).t()  # inductor may pass non-contiguous inputs too
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), fn(x))
+
+
+def test_inductor_matches_eager():
+    compiled = torch.compile(_round_trip_all, backend="inductor", fullgraph=True)
+    for x in (torch.randn(6, 33).t(), torch.randn(4, 17, dtype=torch.bfloat16)):
+        assert_all_equal(compiled(x), _eager_all(x))
+
+
+def test_export_with_dynamic_sizes():
+    class RoundTrip(torch.nn.Module):
+        def forward(self, x):
+            return _round_trip_all(x)
+
+    # A kept count of 1 would specialize the row length, so rows start at 11.
+    dims = {0: torch.export.Dim("rows"), 1: torch.export.Dim("n", min=11)}
+    program = torch.export.export(RoundTrip(), (torch.randn(5, 21),), dynamic_shapes={"x": dims})
+    x = torch.randn(9, 40)
+    assert_all_equal(program.module()(x), _eager_all(x))
