@@ -238,3 +238,25 @@ def test_schedule_heatmap_and_report(tmp_path):
     assert report.schedule["trained_steps"] == dict(zip(cm.slimfit.layers, schedule.trained_counts()))
     assert "schedule" in str(report)
     assert Report.from_json(report.to_json()) == report
+
+
+def test_score_bookkeeping_is_a_bounded_sample_of_the_trained_layers():
+    from slimfit_fx.schedule import SCORE_SAMPLE, score_sample
+
+    big = torch.randn(1000, 300)
+    sample = score_sample(big)
+    assert SCORE_SAMPLE <= sample.numel() <= 2 * SCORE_SAMPLE
+    small = torch.randn(10, 10)
+    assert torch.equal(score_sample(small), small.reshape(-1))
+    moved = big * (1 + 0.01 * torch.rand_like(big))  # relative changes spread over [0, 0.01)
+    # the strided sample estimates the full mean closely
+    assert relative_change(score_sample(big), score_sample(moved)).item() == pytest.approx(
+        relative_change(big, moved).item(), rel=0.01)
+
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 3)
+    trainable = len(cm.slimfit.layers) - cm.slimfit.schedule.num_frozen
+    largest = max(p.numel() * p.element_size() for n, p in cm.named_parameters() if n in cm.slimfit.layers)
+    assert 0 < cm.slimfit.schedule.snapshot_bytes_peak <= trainable * largest
