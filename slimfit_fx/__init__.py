@@ -6,7 +6,7 @@
 import logging as _logging
 import os as _os
 
-from .config import SlimFitConfig
+from .config import CompressionConfig, SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .module import SlimFit, SlimFitModule, compile
 
@@ -24,6 +24,7 @@ if _os.environ.get("SLIMFIT_FX_LOG"):
 __all__ = [
     "AlreadyCompiledError",
     "CaptureError",
+    "CompressionConfig",
     "SlimFit",
     "SlimFitConfig",
     "SlimFitError",

@@ -55,6 +55,9 @@ JointPass = Callable[[fx.GraphModule], fx.GraphModule]
 # partitions another joint graph the same way, for before/after views).
 Partition = Callable[[fx.GraphModule], tuple[fx.GraphModule, fx.GraphModule]]
 OnPartition = Callable[[fx.GraphModule, fx.GraphModule, int, Partition], None]
+# Rewrites the partitioned (forward, backward) pair before anything compiles it;
+# gets the number of forward outputs that are the user's (the rest are saved).
+PartitionPass = Callable[[fx.GraphModule, fx.GraphModule, int], tuple[fx.GraphModule, fx.GraphModule]]
 
 
 class _Partitioner(CustomPartitionerFn):
@@ -65,14 +68,16 @@ class _Partitioner(CustomPartitionerFn):
     inductor do by default.
     """
 
-    def __init__(self, on_partition: OnPartition) -> None:
+    def __init__(self, on_partition: OnPartition, partition_pass: PartitionPass) -> None:
         self.on_partition = on_partition
+        self.partition_pass = partition_pass
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         def partition(joint: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
         forward, backward = partition(gm)
+        forward, backward = self.partition_pass(forward, backward, kwargs["num_fwd_outputs"])
         self.on_partition(forward, backward, kwargs["num_fwd_outputs"], partition)
         return forward, backward
 
@@ -125,13 +130,16 @@ def compile_variant(
     *,
     backend: str,
     joint_pass: JointPass,
+    partition_pass: PartitionPass,
     on_partition: OnPartition,
     tracing_context: Any,
 ) -> Callable[..., Any]:
-    """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph.
+    """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph
+    and `partition_pass` to the forward/backward pair the partitioner made.
 
-    The pass sees the joint forward+backward graph before partitioning, so the
-    partitioner only saves what the rewritten backward still reads.
+    The joint pass runs before partitioning, so the partitioner only saves what
+    the rewritten backward still reads; the partition pass changes how the
+    saved tensors are stored.
     """
 
     def joint_custom_pass(joint_gm: fx.GraphModule, joint_inputs: Any) -> fx.GraphModule:
@@ -150,7 +158,7 @@ def compile_variant(
     patches = {k: v for k, v in patches.items()
                if k == "joint_custom_pass" or hasattr(functorch_config, k)}
     graph_copy = copy_graph_module(gm)
-    partitioner = _Partitioner(on_partition)
+    partitioner = _Partitioner(on_partition, partition_pass)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
         if backend == "inductor":
             from torch._inductor.compile_fx import compile_fx

@@ -17,6 +17,7 @@ import torch
 import slimfit_fx
 
 from . import zoo
+from .config import COMPRESSION_PRESETS
 from .data import load_bbc_news, load_default_model
 
 
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                          "scheduling); default: derived from --compile-budget")
     ft.add_argument("--compile-budget", type=float, default=0.03,
                     help="ils: share of training time new frozen sets may spend compiling")
+    ft.add_argument("--compression", choices=tuple(COMPRESSION_PRESETS), default="paper",
+                    help="how saved activations are stored (see README)")
     ft.add_argument("--backend", choices=("inductor", "aot_eager"), default="inductor")
     ft.add_argument("--limit", type=int, default=None, help="use only the first N articles")
     ft.add_argument("--seed", type=int, default=0)
@@ -94,6 +97,7 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
     try:  # bad settings fail here, before the model and data load
         config = slimfit_fx.SlimFitConfig(
             backend=args.backend, freeze_ratio=args.freeze_ratio, seed=args.seed,
+            compression=args.compression,
             **(dict(schedule="ils", new_set_every=args.new_set_every,
                     compile_budget=args.compile_budget) if args.schedule == "ils" else {}),
         )
@@ -152,6 +156,7 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
         "frozen_layers": len(frozen),
         "layers": len(layers),
         "schedule": args.schedule,
+        "compression": args.compression,
         "distinct_frozen_sets": len(set(schedule.history)) if schedule else 1,
         "new_set_every": schedule.new_set_every if schedule else None,
     }

@@ -9,6 +9,48 @@ import dataclasses
 from dataclasses import dataclass
 
 SCHEDULES = ("manual", "ils")
+COMPRESSION_KINDS = ("qkv", "softmax", "gelu_input", "gelu_output")
+SCALES = ("fixed", "row")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Bit width per kind of static activation (None keeps it in its own dtype).
+
+    qkv: attention query/key/value; softmax: attention probabilities; gelu_input /
+    gelu_output: the FFN activation's input and output. scale: "fixed" is the
+    paper's power-of-two fixed point with no scale (Q3.4 for 8-bit signed, steps
+    of 1/256 for softmax, 0.5 for 4-bit GELU input); "row" stores a per-row fp32
+    scale (finer, 4 more bytes per row).
+    """
+
+    qkv_bits: int | None = 8
+    softmax_bits: int | None = 8
+    gelu_input_bits: int | None = 4
+    gelu_output_bits: int | None = 8
+    scale: str = "fixed"
+
+    def __post_init__(self) -> None:
+        for kind in COMPRESSION_KINDS:
+            bits = getattr(self, f"{kind}_bits")
+            if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
+                raise ValueError(f"CompressionConfig.{kind}_bits must be 4, 8 or None, got {bits!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return any(self.bits_for(kind) is not None for kind in COMPRESSION_KINDS)
+
+    def bits_for(self, kind: str) -> int | None:
+        return getattr(self, f"{kind}_bits")
+
+
+COMPRESSION_PRESETS = {
+    "paper": CompressionConfig(),
+    "row": CompressionConfig(scale="row"),
+    "off": CompressionConfig(None, None, None, None),
+}
 BACKENDS = ("inductor", "aot_eager")
 
 
@@ -31,6 +73,9 @@ class SlimFitConfig:
     compile_budget: share of training wall time that compiling new frozen sets
         may take when `new_set_every` is None, in (0.0, 1.0].
     seed: seeds the scheduler's initial random scores.
+    compression: how static activations are stored between forward and backward:
+        "paper" (the paper's formats), "row" (the same widths with per-row
+        scales), "off", or a CompressionConfig.
     """
 
     freeze_ratio: float = 0.9
@@ -41,6 +86,7 @@ class SlimFitConfig:
     new_set_every: int | None = None
     compile_budget: float = 0.03
     seed: int = 0
+    compression: str | CompressionConfig = "paper"
 
     def __post_init__(self) -> None:
         ratio = self.freeze_ratio
@@ -64,6 +110,11 @@ class SlimFitConfig:
         if self.new_set_every is not None:
             _check_int("new_set_every", self.new_set_every, 1, none_ok=True)
         _check_int("seed", self.seed, 0)
+        if not isinstance(self.compression, CompressionConfig) and self.compression not in COMPRESSION_PRESETS:
+            raise ValueError(
+                f"SlimFitConfig.compression must be one of {tuple(COMPRESSION_PRESETS)} or a "
+                f"CompressionConfig, got {self.compression!r}"
+            )
         budget = self.compile_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)):
             raise TypeError(
@@ -72,6 +123,11 @@ class SlimFitConfig:
             )
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"SlimFitConfig.compile_budget must be in (0.0, 1.0], got {budget!r}")
+
+    @property
+    def compression_config(self) -> CompressionConfig:
+        c = self.compression
+        return c if isinstance(c, CompressionConfig) else COMPRESSION_PRESETS[c]
 
     def replace(self, **overrides) -> "SlimFitConfig":
         """A copy with `overrides` applied; unknown field names raise TypeError."""

@@ -129,15 +129,20 @@ class VariantGraphs:
                 resident=resident,
                 measured=measured is not None,
                 storage=root.name,
+                changed_by=_compressed_note(node),
             ))
         return result
 
     def saved_tensors_before_passes(self, pass_names: tuple[str, ...]) -> list[SavedTensor]:
         """What the untouched joint's forward saves, each marked if the passes
         (`pass_names`, in order) left it out of the forward that runs."""
-        kept = {n.name for n in self.saved_nodes(FORWARD)}
+        saved = self.saved_nodes(FORWARD)
+        kept = {n.name for n in saved}
+        compressed = {n.meta["slimfit"]["compress_saved"]["from"]: _compressed_note(n)
+                      for n in saved if "compress_saved" in n.meta.get("slimfit", {})}
         note = f"{' + '.join(pass_names)}: no longer saved"
-        return [t if t.name in kept else dataclasses.replace(t, changed_by=note)
+        return [dataclasses.replace(t, changed_by=compressed[t.name]) if t.name in compressed
+                else t if t.name in kept else dataclasses.replace(t, changed_by=note)
                 for t in self.saved_tensors(stage=FORWARD_BEFORE)]
 
     def _module_of(self, node: fx.Node) -> str:
@@ -153,6 +158,14 @@ class VariantGraphs:
             return ""
         path = list(stack.values())[-1][0]
         return path.split(".", 1)[1] if path.startswith("L['self']") and "." in path else ""
+
+
+def _compressed_note(node: fx.Node) -> str:
+    tag = node.meta.get("slimfit", {}).get("compress_saved")
+    if not isinstance(tag, dict):
+        return ""
+    return (f"compress_saved: {tag['kind']} as {tag['format']} "
+            f"({tag['bytes_before']:,} -> {tag['bytes_after']:,} B)")
 
 
 def _storage_root(node: fx.Node) -> fx.Node:

@@ -6,7 +6,8 @@ leaves a model changed: an eager measurement restores flags and buffers.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,25 +41,34 @@ def run_counting_saved_bytes(
     return result, sum(held.values())
 
 
+@contextlib.contextmanager
+def eager_frozen(model: torch.nn.Module, frozen: Iterable[str]) -> Iterator[torch.nn.Module]:
+    """`model` with the parameters named in `frozen` at requires_grad=False, the
+    eager meaning of freezing; every flag is restored on exit."""
+    frozen = set(frozen)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name] and name not in frozen)
+        yield model
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
 def eager_saved_bytes(model: torch.nn.Module, *args: Any,
                       frozen: Iterable[str] = (), **kwargs: Any) -> int:
     """Bytes one eager forward of `model` saves for backward, with the parameters
     named in `frozen` set to requires_grad=False for the call. The model comes back
     as it was: requires_grad flags and buffers (e.g. BatchNorm statistics) restored."""
-    frozen = set(frozen)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        for name, p in model.named_parameters():
-            p.requires_grad_(flags[name] and name not in frozen)
-        with torch.enable_grad():
+        with eager_frozen(model, frozen), torch.enable_grad():
             _, saved = run_counting_saved_bytes(
                 model, *args, resident=(*model.parameters(), *model.buffers(), *kwargs.values()),
                 **kwargs)
     finally:
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.requires_grad_(flags[name])
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
     return saved

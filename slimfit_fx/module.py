@@ -85,6 +85,7 @@ class SlimFit:
             frozen=frozenset(),
             names_by_id=parameter_names_by_identity(model),
             cache=VariantCache(config.max_variants),
+            compression=config.compression_config,
         )
         self.schedule: InterLayerSchedule | None = None
         if config.schedule == "ils":

@@ -56,7 +56,7 @@ class Report:
                          f"{len(dropped)} of them no longer saved"))
         if self.schedule is not None:
             rows += _schedule_rows(self.schedule, s)
-        rows += [(f"freeze pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
+        rows += [(f"pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
         lines += [f"{k.ljust(width)}  {v}" for k, v in rows]

@@ -22,7 +22,8 @@ from .errors import SlimFitError
 from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
                      VariantGraphs, after)
 from .memory import run_counting_saved_bytes
-from .passes import JOINT_PASSES, PassContext
+from .config import CompressionConfig
+from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class FrozenSetState:
     frozen: frozenset[str]
     names_by_id: dict[int, str]
     cache: VariantCache
+    compression: CompressionConfig | None = None
     variants_compiled: int = 0
     compile_seconds: float = 0.0
     graphs: list["CapturedGraph"] = field(default_factory=list)
@@ -179,6 +181,7 @@ class CapturedGraph:
         ctx = PassContext(
             input_names=self.input_names,
             frozen=frozen if isinstance(frozen, frozenset) else frozenset(),
+            compression=self.state.compression,
         )
         graphs = VariantGraphs(self.input_names)
 
@@ -188,6 +191,12 @@ class CapturedGraph:
                 gm = each(gm, ctx)
                 graphs.stages[after(each.__name__)] = capture.copy_graph_module(gm)
             return gm
+
+        def partition_pass(forward: fx.GraphModule, backward: fx.GraphModule,
+                           num_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+            for each in PARTITION_PASSES:
+                forward, backward = each((forward, backward), num_outputs, ctx)
+            return forward, backward
 
         def on_partition(forward: fx.GraphModule, backward: fx.GraphModule, num_outputs: int,
                          partition: capture.Partition) -> None:
@@ -201,7 +210,7 @@ class CapturedGraph:
         start = time.perf_counter()
         fn = capture.compile_variant(
             self.gm, self.example_inputs, backend=self.state.backend,
-            joint_pass=joint_pass, on_partition=on_partition,
+            joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context,
         )
         seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import slimfit_fx
+from slimfit_fx.memory import eager_frozen
 
 from .models import Case
 
@@ -36,14 +37,8 @@ def step(module: nn.Module, case: Case):
 
 def eager_step(model: nn.Module, case: Case, frozen: frozenset[str]):
     """Reference: plain eager with frozen parameters requires_grad=False."""
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
+    with eager_frozen(model, frozen):
         return step(model, case)
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
 
 
 def assert_matches_eager(cm: slimfit_fx.SlimFitModule, case: Case, frozen) -> None:

@@ -31,7 +31,7 @@ def frozen_sets(layers: tuple[str, ...]) -> dict[str, frozenset[str]]:
 @pytest.mark.parametrize("model_name", MODELS)
 def test_every_frozen_set_matches_eager_aot_eager(model_name):
     case = FACTORIES[model_name]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
     sets = frozen_sets(cm.slimfit.layers)
     for name in ("none", "all", "random"):
         assert_matches_eager(cm, case, sets[name])
@@ -43,7 +43,7 @@ def test_every_frozen_set_matches_eager_aot_eager(model_name):
 def test_switch_a_b_a_without_dynamo_recompile(model_name, backend):
     """A -> B -> A: each step runs its own set's variant; going back to A is a cache hit."""
     case = FACTORIES[model_name]()
-    cm = slimfit_fx.compile(case.model, backend=backend)
+    cm = slimfit_fx.compile(case.model, backend=backend, compression="off")
     sets = frozen_sets(cm.slimfit.layers)
     a, b = sets["random"], sets["other"]
     assert_matches_eager(cm, case, a)
@@ -62,7 +62,7 @@ def test_switch_a_b_a_without_dynamo_recompile(model_name, backend):
 @given(data=st.data())
 def test_random_switch_sequences_match_eager(model_name, data):
     case = FACTORIES[model_name]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", max_variants=3)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", max_variants=3, compression="off")
     layers = cm.slimfit.layers
     pool = data.draw(st.lists(st.sets(st.sampled_from(layers)), min_size=1, max_size=3), label="sets")
     order = data.draw(st.lists(st.integers(0, len(pool) - 1), min_size=2, max_size=5), label="order")

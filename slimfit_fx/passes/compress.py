@@ -1,0 +1,246 @@
+"""compress_saved: store static activations packed, unpack them where backward reads them.
+
+Runs after partitioning on the (forward, backward) pair: a saved tensor is
+recognised by what produces or consumes it (attention Q/K/V, softmax output,
+GELU input and output), replaced in the forward's saved outputs by its
+quantized form, and dequantized in the backward right before its first use.
+It never compresses primals (parameters, inputs) and never changes what the
+forward returns to the user; what it skips, it counts with the reason.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from dataclasses import dataclass
+
+from .. import ops
+from ..config import CompressionConfig
+from .context import PassContext
+
+aten = torch.ops.aten
+
+# The paper's power-of-two formats, and the nearest 4/8-bit one for other widths.
+FIXED_POINT = {
+    ("qkv", 8): ops.Q3_4_INT8, ("qkv", 4): ops.FixedPoint(4, 1, True),
+    ("softmax", 8): ops.SOFTMAX_UINT8, ("softmax", 4): ops.FixedPoint(4, 4, False),
+    ("gelu_input", 4): ops.GELU_INT4, ("gelu_input", 8): ops.Q3_4_INT8,
+    ("gelu_output", 8): ops.Q3_4_INT8, ("gelu_output", 4): ops.FixedPoint(4, 1, True),
+}
+
+_ATTENTION_BACKWARD = {  # q, k, v are args 1, 2, 3 of every fused attention backward
+    getattr(aten, name).default
+    for name in ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                 "_scaled_dot_product_efficient_attention_backward",
+                 "_scaled_dot_product_flash_attention_backward",
+                 "_scaled_dot_product_cudnn_attention_backward")
+    if hasattr(aten, name)
+}
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+          aten.permute.default, aten.transpose.int, aten.t.default, aten.detach.default,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
+
+
+def _through_views_down(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node reached from it through view ops only."""
+    seen, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        seen.append(n)
+        stack += [u for u in n.users if u.op == "call_function" and u.target in _VIEWS]
+    return seen
+
+
+def _through_views_up(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _reaches(node: fx.Node, targets: set, hops: int) -> bool:
+    frontier = [node]
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users]
+        if any(u.target in targets for u in frontier):
+            return True
+    return False
+
+
+def _is_gelu_input(node: fx.Node) -> bool:
+    # aten.gelu; its decomposition (inductor): x * 0.5 * (1 + erf(x * 0.7071...));
+    # or the tanh approximation (GPT-2's gelu_new): 0.5x(1 + tanh(c(x + 0.044715x^3)))
+    for n in _through_views_down(node):
+        for user in n.users:
+            if user.target == aten.gelu.default:
+                return True
+            if user.target in (aten.mul.Tensor, aten.pow.Tensor_Scalar) and _reaches(
+                    user, {aten.erf.default, aten.tanh.default}, 5):
+                return True
+    return False
+
+
+def _is_gelu_output(node: fx.Node) -> bool:
+    root = _through_views_up(node)
+    if root.target == aten.gelu.default:
+        return True
+    return root.target == aten.mul.Tensor and any(
+        isinstance(a, fx.Node) and a.target == aten.add.Tensor
+        and any(isinstance(b, fx.Node) and b.target == aten.erf.default for b in a.args)
+        for a in root.args)
+
+
+def _is_softmax_output(node: fx.Node) -> bool:
+    root = _through_views_up(node)
+    if root.target == aten._softmax.default:
+        return True
+    return root.target == aten.div.Tensor and isinstance(root.args[0], fx.Node) \
+        and root.args[0].target == aten.exp.default
+
+
+def classify_saved(node: fx.Node, backward_users: list[fx.Node]) -> str | None:
+    """Which kind of static activation a saved forward node is, if any."""
+    if backward_users and all(u.target in _ATTENTION_BACKWARD and any(
+            u.args[i] is not None and getattr(u.args[i], "name", None) == node.name for i in (1, 2, 3))
+            for u in backward_users):
+        return "qkv"
+    if _is_softmax_output(node):
+        return "softmax"
+    if _is_gelu_input(node):
+        return "gelu_input"
+    if _is_gelu_output(node):
+        return "gelu_output"
+    return None
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one kind of saved tensor is stored: a quantize op and its mirror."""
+
+    quantize_op: object
+    quantize_args: tuple
+    dequantize_op: object
+    dequantize_args: tuple
+    text: str
+
+    def describe(self) -> str:
+        return self.text
+
+
+def format_for(config: CompressionConfig, kind: str) -> Format | None:
+    bits = config.bits_for(kind)
+    if bits is None:
+        return None
+    if config.scale == "row":
+        return Format(torch.ops.slimfit.quantize_rowwise.default, (bits,),
+                      torch.ops.slimfit.dequantize_rowwise.default, (bits,), f"{bits}-bit, per-row scale")
+    fixed = FIXED_POINT[kind, bits]
+    args = (fixed.bits, fixed.frac_bits, fixed.signed)
+    sign = "int" if fixed.signed else "uint"
+    return Format(torch.ops.slimfit.quantize_fixed.default, args,
+                  torch.ops.slimfit.dequantize_fixed.default, args,
+                  f"{sign}{bits} fixed point, step 2^-{fixed.frac_bits}")
+
+
+def _fake(fn, *args):
+    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+    mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
+    with mode:
+        return fn(*vals)
+
+
+def _skip_reason(node: fx.Node, user_outputs: set[str]) -> str | None:
+    val = node.meta.get("val")
+    if node.op == "placeholder":
+        return "primal"
+    if node.name in user_outputs:
+        return "also_returned"
+    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+        return "not_float"
+    if not all(isinstance(d, int) for d in val.shape):
+        return "dynamic_shape"
+    return None
+
+
+def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_outputs: int,
+                   ctx: PassContext) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Rewrite `graphs` = (forward, backward) so chosen saved tensors travel packed."""
+    forward, backward = graphs
+    config = ctx.compression
+    if config is None or not config.enabled:
+        return forward, backward
+    out_node = forward.graph.output_node()
+    outputs = list(out_node.args[0])
+    user_outputs = {n.name for n in outputs[:num_forward_outputs] if isinstance(n, fx.Node)}
+    placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
+    order = {n: i for i, n in enumerate(backward.graph.nodes)}
+    new_saved: list[object] = []
+    for saved in outputs[num_forward_outputs:]:
+        placeholder = placeholders.get(getattr(saved, "name", None))
+        if not isinstance(saved, fx.Node) or placeholder is None:
+            new_saved.append(saved)
+            continue
+        kind = classify_saved(saved, list(placeholder.users))
+        fmt = format_for(config, kind) if kind else None
+        reason = _skip_reason(saved, user_outputs) if fmt else None
+        if fmt is None or reason is not None or not placeholder.users:
+            if fmt is not None and reason is not None:
+                ctx.counters[f"skipped_{kind}_{reason}"] += 1
+            new_saved.append(saved)
+            continue
+        packed = _pack(forward, saved, fmt)
+        new_saved += packed
+        _unpack(backward, placeholder, packed, fmt, min(placeholder.users, key=order.__getitem__))
+        before = saved.meta["val"].numel() * saved.meta["val"].element_size()
+        after = sum(ops.compressed_nbytes(p.meta["val"]) for p in packed)
+        tag = {"kind": kind, "format": fmt.describe(), "from": saved.name,
+               "bytes_before": before, "bytes_after": after}
+        for p in packed:
+            p.meta.setdefault("slimfit", {})["compress_saved"] = tag
+        ctx.counters["tensors_compressed"] += 1
+        ctx.counters[f"compressed_{kind}"] += 1
+        ctx.counters["bytes_before_compression"] += before
+        ctx.counters["bytes_after_compression"] += after
+    out_node.args = (tuple(outputs[:num_forward_outputs] + new_saved),)
+    for gm in (forward, backward):
+        gm.graph.lint()
+        gm.recompile()
+    return forward, backward
+
+
+def _pack(forward: fx.GraphModule, saved: fx.Node, fmt) -> list[fx.Node]:
+    graph = forward.graph
+    with graph.inserting_after(saved):
+        call = graph.call_function(fmt.quantize_op, (saved, *fmt.quantize_args))
+    call.meta["val"] = _fake(fmt.quantize_op, saved, *fmt.quantize_args)
+    call.meta["nn_module_stack"] = saved.meta.get("nn_module_stack", {})
+    if not isinstance(call.meta["val"], (tuple, list)):
+        return [call]
+    parts = []
+    with graph.inserting_after(call):
+        for i, val in enumerate(call.meta["val"]):
+            part = graph.call_function(operator.getitem, (call, i))
+            part.meta["val"] = val
+            part.meta["nn_module_stack"] = call.meta["nn_module_stack"]
+            parts.append(part)
+    return parts
+
+
+def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node], fmt,
+            first_use: fx.Node) -> None:
+    graph = backward.graph
+    val = placeholder.meta["val"]
+    new_inputs = []
+    with graph.inserting_before(placeholder):
+        for i, p in enumerate(packed):
+            node = graph.placeholder(f"{placeholder.name}_packed{i}")
+            node.meta["val"] = p.meta["val"]
+            new_inputs.append(node)
+    args = (*new_inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+    with graph.inserting_before(first_use):
+        unpacked = graph.call_function(fmt.dequantize_op, args)
+    unpacked.meta["val"] = _fake(fmt.dequantize_op, *args)
+    unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
+    placeholder.replace_all_uses_with(unpacked)
+    graph.erase_node(placeholder)
