@@ -99,6 +99,17 @@ def _partitioner_from_cache_key(uuid: Any) -> None:
     raise RuntimeError("a slimfit partitioner is never unpickled; it only names itself in cache keys")
 
 
+def capture_settings():
+    """Dynamo settings for every slimfit capture (a context manager).
+
+    Python floats stay constants: a float dynamo made symbolic (e.g. attention
+    scaling, when a second model of the same class is compiled in the process)
+    makes AOTAutograd ask dynamo to restart tracing, which it can only do
+    inside dynamo's own compile, not when slimfit builds a later variant.
+    """
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
 def current_tracing_context() -> Any:
     """Dynamo's tracing context while a backend runs; kept to build variants later."""
     return torch._guards.TracingContext.try_get()

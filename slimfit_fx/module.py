@@ -287,7 +287,8 @@ class SlimFitModule(nn.Module):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         calls_before = self.slimfit._graph_calls()
         try:
-            outputs = self._compiled(*args, **kwargs)
+            with capture.capture_settings():
+                outputs = self._compiled(*args, **kwargs)
         except capture.CAPTURE_ERRORS as err:
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "

@@ -260,3 +260,19 @@ def test_score_bookkeeping_is_a_bounded_sample_of_the_trained_layers():
     trainable = len(cm.slimfit.layers) - cm.slimfit.schedule.num_frozen
     largest = max(p.numel() * p.element_size() for n, p in cm.named_parameters() if n in cm.slimfit.layers)
     assert 0 < cm.slimfit.schedule.snapshot_bytes_peak <= trainable * largest
+
+
+def test_per_step_ils_on_a_second_model_of_the_same_class():
+    """Dynamo sees the second BERT's forward as a recompile of the first, so its
+    sizes and float constants turn symbolic; later variants must still build."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    first = models.bert()
+    slimfit_fx.compile(first.model, backend="aot_eager")(**first.batch).loss.backward()
+    case = models.bert(seed=1, batch=3, seq=16)
+    config = BertConfig(**{**case.model.config.to_dict(), "num_attention_heads": 4, "hidden_size": 48})
+    case.model = BertForSequenceClassification(config).train()
+    cm = ils(case)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 3)
+    assert cm.slimfit.stats["variants_compiled"] == 3
