@@ -157,7 +157,7 @@ def finetune(args: argparse.Namespace) -> dict[str, float]:
         "layers": len(layers),
         "schedule": args.schedule,
         "compression": args.compression,
-        "distinct_frozen_sets": len(set(schedule.history)) if schedule else 1,
+        "distinct_frozen_sets": schedule.distinct_sets() if schedule else 1,
         "new_set_every": schedule.new_set_every if schedule else None,
     }
     print(cm.slimfit.report())

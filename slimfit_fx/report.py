@@ -139,7 +139,7 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
         "reschedule_every": schedule.reschedule_every,
         "new_set_every": schedule.new_set_every,
         "pool": len(schedule.pool),
-        "distinct_sets": len(set(schedule.history)),
+        "distinct_sets": schedule.distinct_sets(),
         "trained_steps": dict(zip(schedule.layers, schedule.trained_counts())),
         "snapshot_bytes_peak": schedule.snapshot_bytes_peak,
     }

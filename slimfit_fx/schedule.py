@@ -172,12 +172,15 @@ class InterLayerSchedule:
         """Derive `new_set_every` from the first variant's compile time and the
         step time, so new variants cost at most `compile_budget` of the steps'
         wall time. Done once, at a fixed step, and agreed across ranks."""
+        if self.new_set_every is not None:  # pinned by the config, or calibrated already
+            return
         now = (time.perf_counter(), self.compile_seconds())
-        if self._clock is not None and self.step <= CALIBRATION_STEP:
+        if self._clock is not None:
             wall, compiled = now[0] - self._clock[0], now[1] - self._clock[1]
             self._step_times.append(wall - compiled)
         self._clock = now
-        if self.new_set_every is not None or self.step != CALIBRATION_STEP:
+        # A run resumed before calibration has no step timed yet: wait for one.
+        if self.step < CALIBRATION_STEP or not self._step_times:
             return
         step_seconds = sorted(self._step_times)[len(self._step_times) // 2]
         every = max(1, math.ceil(now[1] / max(self.compile_budget * step_seconds, 1e-9)))
@@ -191,7 +194,11 @@ class InterLayerSchedule:
 
     def trained_counts(self) -> list[int]:
         """How many steps each layer trained (was not frozen), in `layers` order."""
-        return [sum(1 for mask in self.history if not mask >> i & 1) for i in range(len(self.layers))]
+        return self.history_matrix().sum(dim=1).tolist()
+
+    def distinct_sets(self) -> int:
+        """How many different frozen sets the steps so far ran with."""
+        return len(set(self.history))
 
     def history_matrix(self) -> torch.Tensor:
         """bool (layers x steps): True where the layer trained at that step."""

@@ -276,3 +276,18 @@ def test_per_step_ils_on_a_second_model_of_the_same_class():
     optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
     train(cm, case, optimizer, 3)
     assert cm.slimfit.stats["variants_compiled"] == 3
+
+
+def test_a_run_resumed_before_calibration_calibrates_later():
+    case = models.mlp()
+    cm = ils(case, new_set_every=None)
+    train(cm, case, torch.optim.SGD(cm.parameters(), lr=1e-2), 3)
+    state = cm.slimfit.state_dict()
+    resumed_case = models.mlp()
+    resumed = ils(resumed_case, new_set_every=None)
+    resumed.slimfit.load_state_dict(state)
+    # step 4 has no timed step after the load, so calibration waits for step 5
+    seen = []
+    train(resumed, resumed_case, torch.optim.SGD(resumed.parameters(), lr=1e-2), 2,
+          on_step=lambda: seen.append(resumed.slimfit.schedule.new_set_every))
+    assert seen[0] is None and isinstance(seen[1], int) and seen[1] >= 1
