@@ -70,9 +70,8 @@ def accuracy_runs(backend: str, seed: int) -> dict[str, dict[str, object]]:
     rows = {}
     for name, flags in modes.items():
         with tempfile.TemporaryDirectory() as out:
-            path = Path(out) / "r.json"
-            cli.main(["finetune", "--backend", backend, "--seed", str(seed), "--json", str(path), *flags])
-            rows[name] = json.loads(path.read_text())
+            cli.main(["finetune", "--backend", backend, "--seed", str(seed), "--out", out, *flags])
+            rows[name] = json.loads((Path(out) / "metrics.json").read_text())["slimfit"]
         slimfit_fx.capture.reset_dynamo()
     return rows
 

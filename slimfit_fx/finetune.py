@@ -1,0 +1,223 @@
+"""The main job: fine-tune a text classifier with slimfit (and, if asked, without it).
+
+`run(settings)` loads the model and data, trains with a progress bar, evaluates,
+and writes the run directory (config, metrics, report, plots). Only the public
+API is used; this module must not reach into the compiler.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import slimfit_fx
+
+from .data import (TextClassificationData, load_classifier, load_text_folders, load_tokenizer,
+                   resolve_data_dir, resolve_model_dir)
+from .memory import eager_saved_bytes
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model: str = "all-minilm-l6-v2"
+    data_dir: str | None = None  # None: the bundled BBC News
+    epochs: int = 1
+    batch_size: int = 16
+    max_length: int = 128
+    lr: float = 1e-4
+    freeze_ratio: float = 0.8
+    schedule: str = "ils"  # or "fixed": one seeded draw for the whole run
+    new_set_every: int | None = None
+    compile_budget: float = 0.03
+    compression: str = "paper"
+    backend: str = "inductor"
+    limit: int | None = None
+    seed: int = 0
+    out: str | None = None
+    compare_eager: bool = False
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    def slimfit_config(self) -> slimfit_fx.SlimFitConfig:
+        """The compile config; raises ValueError/TypeError naming a bad field."""
+        ils = dict(schedule="ils", new_set_every=self.new_set_every, compile_budget=self.compile_budget)
+        return slimfit_fx.SlimFitConfig(
+            backend=self.backend, freeze_ratio=self.freeze_ratio, seed=self.seed,
+            compression=self.compression, **(ils if self.schedule == "ils" else {}))
+
+    def check(self) -> None:
+        """Every setting the job can validate without loading anything."""
+        for name in ("epochs", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.schedule not in ("ils", "fixed"):
+            raise ValueError(f"schedule must be 'ils' or 'fixed', got {self.schedule!r}")
+        self.slimfit_config()
+
+
+def seeded_frozen_set(layers: tuple[str, ...], ratio: float, seed: int) -> list[str]:
+    """A fixed draw of int(ratio * len(layers)) layers; the last layer (the head) trains."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"freeze_ratio must be in [0, 1], got {ratio}")
+    return random.Random(seed).sample(layers[:-1], min(int(ratio * len(layers)), len(layers) - 1))
+
+
+def batches(split: dict[str, torch.Tensor], size: int, generator: torch.Generator | None):
+    """Shuffled full batches for training: one graph shape, the remainder dropped."""
+    count = len(split["labels"])
+    order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
+    for start in range(0, count - size + 1, size):
+        index = order[start:start + size]
+        yield {k: v[index] for k, v in split.items()}
+
+
+def evaluation_batches(split: dict[str, torch.Tensor], size: int):
+    """Every example once, in order, as (batch, real rows): the last batch is padded
+    with copies of its first row so evaluation keeps the training graph's shape."""
+    count = len(split["labels"])
+    for start in range(0, count, size):
+        index = torch.arange(start, min(start + size, count))
+        real = len(index)
+        index = torch.cat([index, index[:1].expand(size - real)])
+        yield {k: v[index] for k, v in split.items()}, real
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=None if enabled is None else not enabled,
+                dynamic_ncols=True)
+
+
+def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSettings,
+          desc: str, frozen_share=lambda: 0.0) -> dict[str, Any]:
+    """Train `module` (slimfit-compiled or plain) and evaluate it; returns the metrics."""
+    opt = torch.optim.AdamW(module.parameters(), lr=settings.lr)
+    generator = torch.Generator().manual_seed(settings.seed)
+    per_epoch = len(data.train["labels"]) // settings.batch_size
+    step_seconds: list[float] = []
+    bar = _progress(per_epoch * settings.epochs, desc, settings.progress)
+    module.train()
+    start = time.perf_counter()
+    for epoch in range(settings.epochs):
+        for batch in batches(data.train, settings.batch_size, generator):
+            t0 = time.perf_counter()
+            share = frozen_share()  # the set this step runs with, before the optimizer moves it
+            loss = module(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", frozen=f"{share:.0%}", refresh=False)
+            if bar.disable and len(step_seconds) % 20 == 0:
+                print(f"{desc}: epoch {epoch} step {len(step_seconds)} loss {loss.item():.4f} "
+                      f"frozen {share:.0%}", flush=True)
+    bar.close()
+    train_seconds = time.perf_counter() - start
+    sample = next(batches(data.train, settings.batch_size, None))
+    module.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch, real in evaluation_batches(data.test, settings.batch_size):
+            logits = module(**batch).logits[:real]
+            correct += (logits.argmax(-1) == batch["labels"][:real]).sum().item()
+            total += real
+    return {
+        "accuracy": correct / max(total, 1),
+        "test_articles": total,
+        "steps": len(step_seconds),
+        "train_seconds": train_seconds,
+        "median_step_seconds": statistics.median(step_seconds) if step_seconds else 0.0,
+        "optimizer": opt,
+        "sample": sample,
+    }
+
+
+def run(settings: FinetuneSettings) -> dict[str, Any]:
+    """Fine-tune with slimfit (and eager if `compare_eager`), print and write the results."""
+    settings.check()
+    model_dir = resolve_model_dir(settings.model)
+    data_dir = resolve_data_dir(settings.data_dir)
+    data = load_text_folders(load_tokenizer(model_dir), data_dir, max_length=settings.max_length,
+                             seed=settings.seed, limit=settings.limit)
+    model = _with_head(model_dir, settings.seed, len(data.classes))
+    if len(data.train["labels"]) < settings.batch_size:
+        raise ValueError(f"only {len(data.train['labels'])} training articles, fewer than one batch "
+                         f"of {settings.batch_size}; lower batch_size or raise limit")
+    cm = slimfit_fx.compile(model, settings.slimfit_config())
+    if settings.schedule == "fixed":
+        cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))
+    layers = cm.slimfit.layers
+    print(f"model: {settings.model}, layers: {len(layers)}, schedule: {settings.schedule} "
+          f"(ratio {settings.freeze_ratio}), compression: {settings.compression}, classes: "
+          f"{len(data.classes)}, train articles: {len(data.train['labels'])}, test articles: "
+          f"{len(data.test['labels'])}", flush=True)
+    metrics = train(cm, data, settings, "slimfit", lambda: len(cm.slimfit.frozen) / len(layers))
+    opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
+    stats = cm.slimfit.stats
+    schedule = cm.slimfit.schedule
+    metrics.update({
+        "compile_seconds": stats["compile_seconds"],
+        "train_compile_share": stats["compile_seconds"] / metrics["train_seconds"],
+        "variants_compiled": stats["variants_compiled"],
+        "dynamo_graphs": stats["graphs_captured"],
+        "saved_bytes": cm.slimfit.saved_bytes,
+        "frozen_layers": len(cm.slimfit.frozen),
+        "layers": len(layers),
+        "distinct_frozen_sets": schedule.distinct_sets() if schedule else 1,
+        "new_set_every": schedule.new_set_every if schedule else None,
+    })
+    results: dict[str, Any] = {"slimfit": metrics}
+    report = cm.slimfit.report()
+    print(report)
+    out = Path(settings.out) if settings.out else None
+    if out is not None:
+        cm.train()
+        paths = cm.slimfit.save_report(out, optimizer=opt, **sample)
+        results["files"] = sorted(str(p) for p in paths.values())
+    if settings.compare_eager:
+        eager_model = _with_head(model_dir, settings.seed, len(data.classes))
+        eager = train(eager_model, data, settings, "eager")
+        eager_model.train()
+        eager.pop("optimizer")
+        eager["saved_bytes"] = eager_saved_bytes(eager_model, **eager.pop("sample"))
+        results["eager"] = eager
+        print(side_by_side(results))
+    print(json.dumps({k: v for k, v in results.items() if k != "files"}, indent=2))
+    if out is not None:
+        (out / "config.json").write_text(json.dumps(
+            {"settings": asdict(settings), "slimfit_config": str(cm.slimfit.config),
+             "torch": torch.__version__}, indent=2))
+        (out / "metrics.json").write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}/: config.json, metrics.json, " + ", ".join(Path(p).name for p in results["files"]))
+    return results
+
+
+def _with_head(model_dir: Path, seed: int, num_labels: int) -> nn.Module:
+    torch.manual_seed(seed)  # the fresh head's init: the same for slimfit and eager
+    return load_classifier(model_dir, num_labels)
+
+
+def side_by_side(results: dict[str, dict[str, Any]]) -> str:
+    s, e = results["slimfit"], results["eager"]
+    rows = [
+        ("test accuracy", f"{s['accuracy']:.2%}", f"{e['accuracy']:.2%}"),
+        ("training seconds", f"{s['train_seconds']:.1f}", f"{e['train_seconds']:.1f}"),
+        ("median step seconds", f"{s['median_step_seconds']:.3f}", f"{e['median_step_seconds']:.3f}"),
+        ("saved for backward, MB/step", f"{s['saved_bytes'] / 1e6:.1f}", f"{e['saved_bytes'] / 1e6:.1f}"),
+        ("compile seconds", f"{s['compile_seconds']:.1f}", "0"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'slimfit':>12}  {'eager':>12}"]
+    lines += [f"{name:{width}}  {a:>12}  {b:>12}" for name, a, b in rows]
+    return "\n".join(lines)
