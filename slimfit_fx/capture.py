@@ -144,9 +144,12 @@ def compile_variant(
     partition_pass: PartitionPass,
     on_partition: OnPartition,
     tracing_context: Any,
+    memory_budget: float | None = None,
 ) -> Callable[..., Any]:
     """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph
     and `partition_pass` to the forward/backward pair the partitioner made.
+    `memory_budget` (None: torch's setting) is the min-cut partitioner's
+    activation_memory_budget.
 
     The joint pass runs before partitioning, so the partitioner only saves what
     the rewritten backward still reads; the partition pass changes how the
@@ -168,6 +171,8 @@ def compile_variant(
     # joint pass hook the variant would silently keep every weight gradient.
     patches = {k: v for k, v in patches.items()
                if k == "joint_custom_pass" or hasattr(functorch_config, k)}
+    if memory_budget is not None:
+        patches["activation_memory_budget"] = memory_budget
     graph_copy = copy_graph_module(gm)
     partitioner = _Partitioner(on_partition, partition_pass)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
@@ -200,3 +205,9 @@ def dynamo_compiled_frames() -> int:
 def reset_dynamo() -> None:
     """Forget every dynamo-compiled frame (tests call this between cases)."""
     torch._dynamo.reset()
+
+
+def memory_budget(value: float):
+    """Context manager: torch.compile's partitioner (plain torch.compile included)
+    uses activation_memory_budget `value` for graphs compiled inside it."""
+    return functorch_config.patch(activation_memory_budget=value)

@@ -76,6 +76,10 @@ class SlimFitConfig:
     compression: how static activations are stored between forward and backward:
         "paper" (the paper's formats), "row" (the same widths with per-row
         scales), "off", or a CompressionConfig.
+    memory_budget: the partitioner's activation memory budget (torch's
+        `activation_memory_budget`) for every variant, in (0.0, 1.0]: below 1.0
+        it recomputes cheap activations in backward instead of saving them.
+        None keeps torch's own setting (1.0 unless the user changed it).
     """
 
     freeze_ratio: float = 0.9
@@ -87,6 +91,7 @@ class SlimFitConfig:
     compile_budget: float = 0.03
     seed: int = 0
     compression: str | CompressionConfig = "paper"
+    memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         ratio = self.freeze_ratio
@@ -123,6 +128,12 @@ class SlimFitConfig:
             )
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"SlimFitConfig.compile_budget must be in (0.0, 1.0], got {budget!r}")
+        mb = self.memory_budget
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float))):
+            raise TypeError(f"SlimFitConfig.memory_budget must be None or a float in (0.0, 1.0], "
+                            f"got {mb!r} of type {type(mb).__name__}")
+        if mb is not None and not 0.0 < mb <= 1.0:
+            raise ValueError(f"SlimFitConfig.memory_budget must be None or in (0.0, 1.0], got {mb!r}")
 
     @property
     def compression_config(self) -> CompressionConfig:

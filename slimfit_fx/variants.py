@@ -102,6 +102,7 @@ class FrozenSetState:
     names_by_id: dict[int, str]
     cache: VariantCache
     compression: CompressionConfig | None = None
+    memory_budget: float | None = None  # the partitioner's activation_memory_budget; None: torch's
     variants_compiled: int = 0
     compile_seconds: float = 0.0
     graphs: list["CapturedGraph"] = field(default_factory=list)
@@ -210,6 +211,7 @@ class CapturedGraph:
         start = time.perf_counter()
         fn = capture.compile_variant(
             self.gm, self.example_inputs, backend=self.state.backend,
+            memory_budget=self.state.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context,
         )

@@ -160,6 +160,9 @@ def test_set_frozen_rejects_bad_names(names, error, match):
         ("backend", "tensorrt", ValueError),
         ("max_variants", 0, ValueError),
         ("max_variants", 2.5, TypeError),
+        ("memory_budget", 0.0, ValueError),
+        ("memory_budget", 1.5, ValueError),
+        ("memory_budget", "low", TypeError),
     ],
 )
 def test_config_names_field_and_value(field, value, error):

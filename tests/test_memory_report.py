@@ -94,3 +94,21 @@ def test_group_of_collapses_to_the_repeated_block():
     assert group_of("bert.encoder.layer.11.attention.self") == "bert.encoder.layer.11"
     assert group_of("classifier") == "classifier"
     assert group_of("") == "(other)"
+
+
+def test_memory_budget_recomputes_instead_of_saving_and_keeps_the_numerics():
+    """The partitioner honours SlimFitConfig.memory_budget for slimfit's variants:
+    fewer bytes saved, the same gradients (recomputation is exact)."""
+    import random
+
+    from .harness import assert_matches_eager
+    from .models import bert
+
+    saved = {}
+    for budget in (None, 0.1):
+        case = bert(batch=4, seq=32)
+        cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off", memory_budget=budget)
+        frozen = random.Random(0).sample(cm.slimfit.layers, len(cm.slimfit.layers) // 2)
+        assert_matches_eager(cm, case, frozen)
+        saved[budget] = cm.slimfit.saved_bytes
+    assert saved[0.1] < 0.5 * saved[None]
