@@ -83,6 +83,34 @@ def gpt2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.1
     return model, {"input_ids": ids, "labels": ids}
 
 
+def vit_base(seed: int = 0, batch: int = 8, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    """ViT-B/16 at 224x224 (12 layers, hidden 768, 197 tokens), random init."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(num_labels=10, problem_type="single_label_classification",
+                       hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "pixel_values": torch.randn(batch, 3, config.image_size, config.image_size, generator=g),
+        "labels": torch.randint(0, 10, (batch,), generator=g),
+    }
+    return ViTForImageClassification(config).train(), data
+
+
+def gpt2_small(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    """GPT-2 small (12 layers, hidden 768, 50257-token vocabulary), random init, LM loss."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    model = GPT2LMHeadModel(config).train()
+    model.loss_type = "ForCausalLM"  # unset, HF logs a warning inside forward: a graph break
+    return model, {"input_ids": ids, "labels": ids}
+
+
 def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
     """The bundled pretrained all-MiniLM-L6-v2 with a fresh 5-class head, on BBC News text."""
     from .data import load_bbc_news, load_default_model
@@ -94,7 +122,8 @@ def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) 
 
 
 MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
-    "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "gpt2-tiny": gpt2_tiny, "minilm": minilm,
+    "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "vit-base": vit_base,
+    "gpt2-tiny": gpt2_tiny, "gpt2-small": gpt2_small, "minilm": minilm,
 }
 
 
