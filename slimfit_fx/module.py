@@ -7,6 +7,7 @@ attribute passthrough. Everything slimfit-specific hangs off `.slimfit`.
 from __future__ import annotations
 
 import functools
+import sys
 import weakref
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from . import capture
 from .config import SlimFitConfig
-from .errors import AlreadyCompiledError, CaptureError
+from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .graphs import VariantGraphs
 from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
@@ -50,6 +51,7 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
             "slimfit_fx.compile got a module already wrapped by torch.compile; pass the "
             "original model instead (`model._orig_mod`): slimfit_fx runs torch.compile itself"
         )
+    _refuse_sharded_submodules(model)
     if model in _COMPILED:
         raise AlreadyCompiledError(
             f"slimfit_fx.compile was already called on this {type(model).__name__}; use the "
@@ -72,6 +74,23 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
     return module
 
 
+def _refuse_sharded_submodules(model: nn.Module) -> None:
+    """FSDP2 on a submodule puts hooks that dynamo must skip inside the one forward graph."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is None:
+        return
+    inner = [name for name, m in model.named_modules() if name and isinstance(m, fsdp.FSDPModule)]
+    if inner:
+        raise TypeError(
+            f"{type(model).__name__}.{inner[0]} ({len(inner)} submodule(s) in all) is sharded "
+            "with fully_shard. FSDP2 runs its all-gather and reshard hooks under "
+            "torch._dynamo.disable, so they split the forward that slimfit_fx captures as one "
+            "graph. Fix: shard the root module only, then compile: fully_shard(model); "
+            "cm = slimfit_fx.compile(model) (parameters are gathered for the whole forward "
+            "and backward; gradients and optimizer state stay sharded)"
+        )
+
+
 class SlimFit:
     """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
 
@@ -86,6 +105,7 @@ class SlimFit:
             names_by_id=parameter_names_by_identity(model),
             cache=VariantCache(config.max_variants),
             compression=config.compression_config,
+            memory_budget=config.memory_budget,
         )
         self.schedule: InterLayerSchedule | None = None
         if config.schedule == "ils":
@@ -219,7 +239,15 @@ class SlimFit:
         return self._state.graph_calls
 
     def _capture_backend(self):
-        return self._state.capture_backend
+        state, model = self._state, self.model
+
+        def capture_backend(gm, example_inputs):
+            # Graph inputs are named by identity. Refresh the map at capture: FSDP2
+            # (fully_shard) swaps other parameter objects in for each forward.
+            state.names_by_id.update(parameter_names_by_identity(model))
+            return state.capture_backend(gm, example_inputs)
+
+        return capture_backend
 
 
 def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> InterLayerSchedule:
@@ -281,15 +309,43 @@ class SlimFitModule(nn.Module):
 
         self.forward = forward
 
+    # isinstance(cm, type(model)) holds, so code that branches on the model's class
+    # treats cm as the model: HF Trainer writes checkpoints through the model's
+    # save_pretrained (config.json included) only for PreTrainedModel instances.
+    # type(cm) is still SlimFitModule.
+    @property
+    def __class__(self) -> type:
+        model = self.__dict__.get("_modules", {}).get("_model")
+        return SlimFitModule if model is None else type(model)
+
+    @__class__.setter
+    def __class__(self, cls: type) -> None:
+        raise TypeError(
+            f"cannot make this slimfit_fx module a {cls.__name__}: wrappers that swap a "
+            "module's class (fully_shard, replicate) must be applied to the model before "
+            "compiling, e.g. fully_shard(model); cm = slimfit_fx.compile(model)"
+        )
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # Export runs forward without dynamo, so the check below would blame the
+            # recompile limit; the frozen set only shapes backward anyway.
+            raise SlimFitError(
+                f"torch.export/torch.onnx.export/torch.jit.trace was given the slimfit_fx module "
+                f"of {type(self._model).__name__}, whose compiled graphs serve training only. "
+                "Export the plain model instead: cm.slimfit.model (the module passed to "
+                "slimfit_fx.compile; it holds the trained weights), e.g. "
+                "torch.onnx.export(cm.slimfit.model.eval(), args)."
+            )
         calls_before = self.slimfit._graph_calls()
         try:
             with capture.capture_settings():
                 outputs = self._compiled(*args, **kwargs)
         except capture.CAPTURE_ERRORS as err:
+            _refuse_sharded_submodules(self._model)  # the clearer message, if that is why
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "
                 "graph, which slimfit_fx needs to control every parameter's gradient. "

@@ -34,7 +34,12 @@ CALIBRATION_STEP = 4
 
 def score_sample(p: torch.Tensor) -> torch.Tensor:
     """The elements a layer's score is computed on: all of them, or every n-th."""
-    flat = p.detach().reshape(-1)
+    p = p.detach()
+    if hasattr(p, "full_tensor"):
+        # A DTensor shard (fully_shard): every rank scores the whole weight, so all
+        # pick the same frozen set. A collective; ranks reach it in the same order.
+        p = p.full_tensor()
+    flat = p.reshape(-1)
     return flat[:: max(1, flat.numel() // SCORE_SAMPLE)]
 
 

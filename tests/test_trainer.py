@@ -1,5 +1,9 @@
-"""ILS inside HF Trainer (accelerate's optimizer wrapper), with no callback added."""
+"""HF Trainer and accelerate with the compiled module as it is: ILS driven through
+accelerate's optimizer wrapper with no callback added, checkpoints that are the
+plain HF model, resuming, and `Accelerator.prepare`."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,6 +13,10 @@ import slimfit_fx
 from . import models
 
 transformers = pytest.importorskip("transformers")
+
+# A manual frozen set: one embedding, one attention and one MLP weight.
+FROZEN = ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attention.self.query.weight",
+          "bert.encoder.layer.1.intermediate.dense.weight")
 
 
 def test_hf_trainer_drives_the_schedule(tmp_path):
@@ -31,3 +39,74 @@ def test_hf_trainer_drives_the_schedule(tmp_path):
     moved = [n for n, p in cm.named_parameters() if not torch.equal(p, before[n])]
     never_trained = [n for n, c in zip(cm.slimfit.layers, schedule.trained_counts()) if c == 0]
     assert moved and not set(never_trained) & set(moved)
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(batch["labels"]))]
+
+
+def _manual_run(out_dir, resume_from=None):
+    """4 Trainer steps of BERT with a fixed frozen set, a checkpoint every 2."""
+    case = models.bert(batch=8)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm.slimfit.set_frozen(FROZEN)
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=cm, args=args, train_dataset=_rows(case.batch))
+    trainer.train(resume_from_checkpoint=resume_from)
+    return trainer, case.model
+
+
+def test_trainer_checkpoints_are_the_plain_model_and_resume(tmp_path):
+    from safetensors import safe_open
+
+    trainer, model = _manual_run(tmp_path / "run")
+    trained = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    initial = models.bert(batch=8).model.state_dict()
+    assert all(torch.equal(trained[n], initial[n]) for n in FROZEN)
+    assert not torch.equal(trained["classifier.weight"], initial["classifier.weight"])
+
+    trainer.save_model(str(tmp_path / "final"))
+    for folder in (tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == set(trained)  # the model's own names, no wrapper prefix
+        config = json.loads((folder / "config.json").read_text())
+        assert config["architectures"] == ["BertForSequenceClassification"]
+        loaded = transformers.BertForSequenceClassification.from_pretrained(str(folder))
+        assert type(loaded) is transformers.BertForSequenceClassification
+        for name, weight in loaded.state_dict().items():
+            assert torch.equal(weight, trained[name]), name
+
+    # Weights, optimizer, scheduler and RNG come back; the frozen set is the
+    # caller's (set again before training, as for the first run).
+    _, resumed = _manual_run(tmp_path / "resumed", resume_from=str(tmp_path / "run" / "checkpoint-2"))
+    for name, weight in resumed.state_dict().items():
+        assert torch.equal(weight, trained[name]), name  # same steps, same kernels: bit-equal
+
+
+def test_accelerate_prepares_the_compiled_model(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    from safetensors import safe_open
+
+    case = models.bert(batch=8)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm.slimfit.set_frozen(FROZEN)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+    loader = torch.utils.data.DataLoader(_rows(case.batch), batch_size=2)
+    accelerator = accelerate.Accelerator(cpu=True)
+    before = {n: p.detach().clone() for n, p in cm.named_parameters()}
+    model, optimizer, loader = accelerator.prepare(cm, optimizer, loader)
+    for batch in loader:
+        accelerator.backward(model(**batch).loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = {n for n, p in cm.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and not moved & set(FROZEN)
+    assert cm.slimfit.stats["graphs_captured"] == 1 and cm.slimfit.stats["cache_hits"] == 3
+
+    accelerator.save_model(model, str(tmp_path))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(before)

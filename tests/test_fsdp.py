@@ -1,0 +1,196 @@
+"""FSDP2 (`fully_shard`) under slimfit_fx: 2 CPU processes (gloo), each with its own data.
+
+FSDP2 runs its all-gather and reshard hooks under torch._dynamo.disable, so a
+sharded submodule would split the one forward graph slimfit_fx needs. The root
+module can be sharded: `fully_shard(model)`, then `slimfit_fx.compile(model)`;
+parameters are gathered for the whole forward and backward, gradients and
+optimizer state stay sharded.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import slimfit_fx
+from slimfit_fx.memory import eager_frozen
+
+from . import models
+
+pytest.importorskip("transformers")
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+WORLD = 2
+STEPS = 3
+ILS_STEPS = 2  # the first step's scores already pick a new set for the second
+LR = 1e-3
+# A manual frozen set: two embeddings and the first layer's query and key.
+FROZEN = ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+          "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.key.weight")
+# Sharded and single-process runs differ only in float32 summation order (two
+# half-batch gradients averaged by reduce_scatter vs one full batch); after 3 Adam
+# steps of at most 1e-3 each that moves weights by < 1e-6. A wrong or missing
+# gradient, or a frozen layer that moved, is off by ~1e-3.
+TOLERANCE = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _batch(rank: int) -> dict[str, torch.Tensor]:
+    return models.bert(seed=100 + rank).batch  # each rank sees different data
+
+
+def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered from its shards (a collective: all ranks call it)."""
+    return {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+
+
+def _error(run) -> str:
+    try:
+        run()
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
+def _rank_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    fully_shard = fsdp.fully_shard
+    try:
+        record: dict = {"loss": [], "frozen_grads": []}
+        data = _batch(rank)
+
+        # Root shard, manual frozen set.
+        model = models.bert(seed=0).model
+        fully_shard(model)
+        # Compression off: its quantized activations would change gradients on purpose.
+        cm = slimfit_fx.compile(model, backend="aot_eager", compression="off")
+        cm.slimfit.set_frozen(FROZEN)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+        for _ in range(STEPS):
+            loss = cm(**data).loss
+            loss.backward()
+            record["frozen_grads"].append(sorted(n for n, p in cm.named_parameters()
+                                                 if n in FROZEN and p.grad is not None))
+            optimizer.step()
+            optimizer.zero_grad()
+            record["loss"].append(loss.item())
+        weights = _full_weights(model)
+        record["graphs_captured"] = cm.slimfit.stats["graphs_captured"]
+
+        # Root shard, ILS: scores come from whole weights, so the ranks agree.
+        model = models.bert(seed=0).model
+        fully_shard(model)
+        before = _full_weights(model)
+        cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.5, new_set_every=1)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+        record["ils_frozen"] = []
+        for _ in range(ILS_STEPS):
+            cm(**data).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            record["ils_frozen"].append(sorted(cm.slimfit.frozen))
+        after = _full_weights(model)
+        record["ils_moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
+        counts = cm.slimfit.schedule.trained_counts()
+        record["ils_never_trained"] = [n for n, c in zip(cm.slimfit.layers, counts) if c == 0]
+
+        # What cannot work is refused with the fix named.
+        def shard_layers_then_compile():
+            model = models.bert(seed=0).model
+            for layer in model.bert.encoder.layer:
+                fully_shard(layer)
+            fully_shard(model)
+            slimfit_fx.compile(model, backend="aot_eager")
+
+        def compile_then_shard_layers():
+            model = models.bert(seed=0).model
+            cm = slimfit_fx.compile(model, backend="aot_eager")
+            for layer in model.bert.encoder.layer:
+                fully_shard(layer)
+            cm(**data)  # the capture fails at the first layer's hook
+
+        def compile_then_shard():
+            fully_shard(slimfit_fx.compile(models.bert(seed=0).model, backend="aot_eager"))
+
+        record["errors"] = {run.__name__: _error(run) for run in (
+            shard_layers_then_compile, compile_then_shard_layers, compile_then_shard)}
+
+        if rank == 0:
+            torch.save(weights, os.path.join(out_dir, "weights.pt"))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_rank_main, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return records, torch.load(out / "weights.pt", weights_only=True)
+
+
+def _single_process_reference() -> dict[str, torch.Tensor]:
+    """Eager, frozen parameters requires_grad=False, both ranks' batches as one."""
+    model = models.bert(seed=0).model
+    batches = [_batch(r) for r in range(WORLD)]
+    data = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    with eager_frozen(model, frozenset(FROZEN)):
+        for _ in range(STEPS):
+            model(**data).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+needs_dist = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+
+@needs_dist
+def test_root_sharded_model_trains_like_single_process_eager(ranks):
+    records, weights = ranks
+    for r in records:
+        assert r["frozen_grads"] == [[]] * STEPS, f"frozen layers got gradients: {r['frozen_grads']}"
+    assert records[0]["loss"] != records[1]["loss"]  # different data: reduce_scatter had work to do
+    assert records[0]["graphs_captured"] == 1
+    reference = _single_process_reference()
+    initial = dict(models.bert(seed=0).model.named_parameters())
+    assert weights.keys() == reference.keys()
+    for name, ref in reference.items():
+        torch.testing.assert_close(weights[name], ref, rtol=0, atol=TOLERANCE, msg=name)
+        if name in FROZEN:
+            assert torch.equal(weights[name], initial[name]), f"{name} is frozen but moved"
+
+
+@needs_dist
+def test_ils_picks_the_same_frozen_set_on_every_rank(ranks):
+    records, _ = ranks
+    assert records[0]["ils_frozen"] == records[1]["ils_frozen"]
+    assert len({tuple(s) for s in records[0]["ils_frozen"]}) > 1  # the set did change
+    assert records[0]["ils_moved"] and not set(records[0]["ils_never_trained"]) & set(records[0]["ils_moved"])
+
+
+@needs_dist
+def test_what_cannot_work_is_refused_with_the_fix(ranks):
+    records, _ = ranks
+    for r in records:
+        errors = r["errors"]
+        for run in ("shard_layers_then_compile", "compile_then_shard_layers"):
+            assert errors[run].startswith("TypeError") and "torch._dynamo.disable" in errors[run], errors[run]
+        for message in errors.values():
+            assert "fully_shard(model); cm = slimfit_fx.compile(model)" in message, message
