@@ -15,10 +15,14 @@ SCALES = ("fixed", "row")
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Bit width per kind of static activation (None keeps it in its own dtype).
+    """Bit width per kind of static activation (None keeps it in its own dtype),
+    and the share of a frozen LayerNorm's normalized output kept (pruning).
 
     qkv: attention query/key/value; softmax: attention probabilities; gelu_input /
-    gelu_output: the FFN activation's input and output. scale: "fixed" is the
+    gelu_output: the FFN activation's input and output. layernorm_keep: for a
+    LayerNorm whose weight is frozen, backward keeps only this share of each row
+    of its normalized input (largest magnitudes, with their indices), in (0, 1];
+    None keeps it whole. scale: "fixed" is the
     paper's power-of-two fixed point with no scale (Q3.4 for 8-bit signed, steps
     of 1/256 for softmax, 0.5 for 4-bit GELU input); "row" stores a per-row fp32
     scale (finer, 4 more bytes per row).
@@ -29,6 +33,7 @@ class CompressionConfig:
     gelu_input_bits: int | None = 4
     gelu_output_bits: int | None = 8
     scale: str = "fixed"
+    layernorm_keep: float | None = 0.1
 
     def __post_init__(self) -> None:
         for kind in COMPRESSION_KINDS:
@@ -37,10 +42,15 @@ class CompressionConfig:
                 raise ValueError(f"CompressionConfig.{kind}_bits must be 4, 8 or None, got {bits!r}")
         if self.scale not in SCALES:
             raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
+        keep = self.layernorm_keep
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float))
+                                 or not 0.0 < keep <= 1.0):
+            raise ValueError(f"CompressionConfig.layernorm_keep must be None or in (0.0, 1.0], got {keep!r}")
 
     @property
     def enabled(self) -> bool:
-        return any(self.bits_for(kind) is not None for kind in COMPRESSION_KINDS)
+        return self.layernorm_keep is not None or any(
+            self.bits_for(kind) is not None for kind in COMPRESSION_KINDS)
 
     def bits_for(self, kind: str) -> int | None:
         return getattr(self, f"{kind}_bits")
@@ -49,7 +59,7 @@ class CompressionConfig:
 COMPRESSION_PRESETS = {
     "paper": CompressionConfig(),
     "row": CompressionConfig(scale="row"),
-    "off": CompressionConfig(None, None, None, None),
+    "off": CompressionConfig(None, None, None, None, layernorm_keep=None),
 }
 BACKENDS = ("inductor", "aot_eager")
 

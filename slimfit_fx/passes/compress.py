@@ -2,8 +2,9 @@
 
 Runs after partitioning on the (forward, backward) pair: a saved tensor is
 recognised by what produces or consumes it (attention Q/K/V, softmax output,
-GELU input and output), replaced in the forward's saved outputs by its
-quantized form, and dequantized in the backward right before its first use.
+GELU input and output, a frozen LayerNorm's normalized input), replaced in the
+forward's saved outputs by its quantized or pruned form, and unpacked in the
+backward right before its first use.
 It never compresses primals (parameters, inputs) and never changes what the
 forward returns to the user; what it skips, it counts with the reason.
 """
@@ -43,46 +44,76 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
 
 
-def _through_views_down(node: fx.Node) -> list[fx.Node]:
-    """`node` and every node reached from it through view ops only."""
+# Ops whose output holds its input's values: views, copies and float casts. Mixed
+# precision puts casts between a saved tensor and what identifies it: under
+# autocast the matmul after an fp32 softmax reads a bf16 copy of the
+# probabilities, and inductor's GELU decomposition upcasts a bf16 input to fp32
+# before the erf (`_to_copy`, or `convert_element_type` once decomposed). Dropout
+# with p=0 is a clone.
+_SAME_VALUES = _VIEWS | {aten.clone.default, aten._to_copy.default,
+                         torch.ops.prims.convert_element_type.default}
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _holds_same_values(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SAME_VALUES and _is_float(node) \
+        and isinstance(node.args[0], fx.Node)
+
+
+def _through_copies_down(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node reached from it through _SAME_VALUES ops only."""
     seen, stack = [], [node]
     while stack:
         n = stack.pop()
         seen.append(n)
-        stack += [u for u in n.users if u.op == "call_function" and u.target in _VIEWS]
+        stack += [u for u in n.users if _holds_same_values(u)]
     return seen
 
 
-def _through_views_up(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
+def _through_copies_up(node: fx.Node) -> fx.Node:
+    """The node whose values `node` holds, found up through _SAME_VALUES ops."""
+    while _holds_same_values(node):
         node = node.args[0]
     return node
 
 
-def _reaches(node: fx.Node, targets: set, hops: int) -> bool:
+# The ops between a GELU's input and its erf/tanh in the decompositions below.
+_GELU_ARITHMETIC = {aten.mul.Tensor, aten.add.Tensor, aten.pow.Tensor_Scalar,
+                    aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+
+
+def _reaches(node: fx.Node, targets: set, hops: int, through: set) -> bool:
+    """Whether a `targets` op is at most `hops` uses below `node`, through `through` ops."""
     frontier = [node]
     for _ in range(hops):
         frontier = [u for n in frontier for u in n.users]
         if any(u.target in targets for u in frontier):
             return True
+        # Not through matmuls or indexing: a LayerNorm output feeding a
+        # Linear and then a tanh (BERT's pooler) is no GELU input.
+        frontier = [u for u in frontier if u.target in through]
     return False
 
 
 def _is_gelu_input(node: fx.Node) -> bool:
     # aten.gelu; its decomposition (inductor): x * 0.5 * (1 + erf(x * 0.7071...));
     # or the tanh approximation (GPT-2's gelu_new): 0.5x(1 + tanh(c(x + 0.044715x^3)))
-    for n in _through_views_down(node):
+    for n in _through_copies_down(node):
         for user in n.users:
             if user.target == aten.gelu.default:
                 return True
             if user.target in (aten.mul.Tensor, aten.pow.Tensor_Scalar) and _reaches(
-                    user, {aten.erf.default, aten.tanh.default}, 5):
+                    user, {aten.erf.default, aten.tanh.default}, 5, _GELU_ARITHMETIC):
                 return True
     return False
 
 
 def _is_gelu_output(node: fx.Node) -> bool:
-    root = _through_views_up(node)
+    root = _through_copies_up(node)
     if root.target == aten.gelu.default:
         return True
     return root.target == aten.mul.Tensor and any(
@@ -92,15 +123,46 @@ def _is_gelu_output(node: fx.Node) -> bool:
 
 
 def _is_softmax_output(node: fx.Node) -> bool:
-    root = _through_views_up(node)
+    root = _through_copies_up(node)
     if root.target == aten._softmax.default:
         return True
     return root.target == aten.div.Tensor and isinstance(root.args[0], fx.Node) \
         and root.args[0].target == aten.exp.default
 
 
-def classify_saved(node: fx.Node, backward_users: list[fx.Node]) -> str | None:
+def _is_rsqrt(node) -> bool:
+    return isinstance(node, fx.Node) and node.target == aten.rsqrt.default
+
+
+def _is_frozen_layernorm_xhat(node: fx.Node, frozen_primals: set[str]) -> bool:
+    """x_hat = (x - mean) * rsqrt(var + eps) of a decomposed LayerNorm whose weight
+    (the other factor of its `mul` user) is a frozen parameter."""
+    if node.target != aten.mul.Tensor or not any(_is_rsqrt(a) for a in node.args):
+        return False
+    centred = next(a for a in node.args if not _is_rsqrt(a))
+    if not (isinstance(centred, fx.Node) and centred.target == aten.sub.Tensor):
+        return False
+    return any(u.target == aten.mul.Tensor and any(getattr(a, "name", None) in frozen_primals
+                                                   for a in u.args if a is not node)
+               for u in node.users)
+
+
+def _frozen_layernorm_input_uses(placeholder: fx.Node, frozen_primals: set[str]) -> bool:
+    """Backward reads this saved tensor only as the input of native_layer_norm_backward
+    of LayerNorms whose weight is a frozen parameter (undecomposed graphs: aot_eager)."""
+    users = list(placeholder.users)
+    return len(users) == 1 and all(
+        u.target == aten.native_layer_norm_backward.default and u.args[1] is placeholder
+        and getattr(u.args[5], "name", None) in frozen_primals for u in users)
+
+
+def classify_saved(node: fx.Node, backward_users: list[fx.Node],
+                   frozen_primals: set[str] = frozenset(), placeholder: fx.Node | None = None) -> str | None:
     """Which kind of static activation a saved forward node is, if any."""
+    if _is_frozen_layernorm_xhat(node, frozen_primals):
+        return "layernorm"
+    if placeholder is not None and _frozen_layernorm_input_uses(placeholder, frozen_primals):
+        return "layernorm_input"
     if backward_users and all(u.target in _ATTENTION_BACKWARD and any(
             u.args[i] is not None and getattr(u.args[i], "name", None) == node.name for i in (1, 2, 3))
             for u in backward_users):
@@ -129,6 +191,13 @@ class Format:
 
 
 def format_for(config: CompressionConfig, kind: str) -> Format | None:
+    if kind in ("layernorm", "layernorm_input"):
+        keep = config.layernorm_keep
+        if keep is None:
+            return None
+        return Format(torch.ops.slimfit.prune_topk.default, (float(keep),),
+                      torch.ops.slimfit.unprune_topk.default, (),
+                      f"top {keep:.0%} per row of x_hat, int32 indices")
     bits = config.bits_for(kind)
     if bits is None:
         return None
@@ -175,13 +244,16 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     user_outputs = {n.name for n in outputs[:num_forward_outputs] if isinstance(n, fx.Node)}
     placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(backward.graph.nodes)}
+    primals = [n for n in forward.graph.nodes if n.op == "placeholder"]
+    frozen_primals = ({p.name for p, name in zip(primals, ctx.input_names) if name in ctx.frozen}
+                      if len(primals) >= len(ctx.input_names) else set())
     new_saved: list[object] = []
     for saved in outputs[num_forward_outputs:]:
         placeholder = placeholders.get(getattr(saved, "name", None))
         if not isinstance(saved, fx.Node) or placeholder is None:
             new_saved.append(saved)
             continue
-        kind = classify_saved(saved, list(placeholder.users))
+        kind = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder)
         fmt = format_for(config, kind) if kind else None
         reason = _skip_reason(saved, user_outputs) if fmt else None
         if fmt is None or reason is not None or not placeholder.users:
@@ -189,9 +261,15 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
                 ctx.counters[f"skipped_{kind}_{reason}"] += 1
             new_saved.append(saved)
             continue
-        packed = _pack(forward, saved, fmt)
+        first_use = min(placeholder.users, key=order.__getitem__)
+        if kind == "layernorm_input":
+            packed = _pack(forward, _normalized(forward, saved), fmt)
+            _unpack(backward, placeholder, packed, fmt, first_use,
+                    finish=lambda x_hat: _denormalized(backward, x_hat, first_use))
+        else:
+            packed = _pack(forward, saved, fmt)
+            _unpack(backward, placeholder, packed, fmt, first_use)
         new_saved += packed
-        _unpack(backward, placeholder, packed, fmt, min(placeholder.users, key=order.__getitem__))
         before = saved.meta["val"].numel() * saved.meta["val"].element_size()
         after = sum(ops.compressed_nbytes(p.meta["val"]) for p in packed)
         tag = {"kind": kind, "format": fmt.describe(), "from": saved.name,
@@ -227,8 +305,44 @@ def _pack(forward: fx.GraphModule, saved: fx.Node, fmt) -> list[fx.Node]:
     return parts
 
 
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["val"] = _fake(target, *args)
+    return node
+
+
+def _normalized(forward: fx.GraphModule, saved: fx.Node) -> fx.Node:
+    """x_hat = (x - mean) * rstd for a saved LayerNorm input x, from the forward's
+    own native_layer_norm statistics (added after them)."""
+    norm = next(u for u in saved.users
+                if u.target == aten.native_layer_norm.default and u.args[0] is saved)
+    stats = {u.args[1]: u for u in norm.users if u.target is operator.getitem}
+    graph = forward.graph
+    for i in (1, 2):
+        if i not in stats:
+            with graph.inserting_after(norm):
+                stats[i] = graph.call_function(operator.getitem, (norm, i))
+                stats[i].meta["val"] = norm.meta["val"][i]
+    with graph.inserting_after(max(stats[1], stats[2], key=lambda n: list(graph.nodes).index(n))):
+        centred = _call(graph, aten.sub.Tensor, saved, stats[1])
+    with graph.inserting_after(centred):
+        x_hat = _call(graph, aten.mul.Tensor, centred, stats[2])
+    x_hat.meta["nn_module_stack"] = saved.meta.get("nn_module_stack", {})
+    return x_hat
+
+
+def _denormalized(backward: fx.GraphModule, x_hat: fx.Node, first_use: fx.Node) -> fx.Node:
+    """x = x_hat / rstd + mean: what native_layer_norm_backward reads as its input,
+    rebuilt so that it normalizes back to the (pruned) x_hat."""
+    mean, rstd = first_use.args[3], first_use.args[4]
+    graph = backward.graph
+    with graph.inserting_before(first_use):
+        scaled = _call(graph, aten.div.Tensor, x_hat, rstd)
+        return _call(graph, aten.add.Tensor, scaled, mean)
+
+
 def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node], fmt,
-            first_use: fx.Node) -> None:
+            first_use: fx.Node, finish=None) -> None:
     graph = backward.graph
     val = placeholder.meta["val"]
     new_inputs = []
@@ -242,5 +356,7 @@ def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node
         unpacked = graph.call_function(fmt.dequantize_op, args)
     unpacked.meta["val"] = _fake(fmt.dequantize_op, *args)
     unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
+    if finish is not None:
+        unpacked = finish(unpacked)
     placeholder.replace_all_uses_with(unpacked)
     graph.erase_node(placeholder)
