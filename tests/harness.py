@@ -24,21 +24,37 @@ def main_output(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
-def step(module: nn.Module, case: Case):
-    """Forward + backward once; returns the loss, the output and every parameter's grad."""
+def step(module: nn.Module, case: Case, autocast: torch.dtype | None = None):
+    """Forward + backward once; returns the loss, the output and every parameter's grad.
+    `autocast`: run the forward under CPU autocast to that dtype (backward outside
+    it, as torch.amp recommends)."""
     module.zero_grad(set_to_none=True)
-    output = module(**case.batch)
-    loss = case.loss(output)
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        output = module(**case.batch)
+        loss = case.loss(output)
     loss.backward()
     grads = {name: (None if p.grad is None else p.grad.detach().clone())
              for name, p in module.named_parameters()}
     return loss.detach(), main_output(output).detach(), grads
 
 
-def eager_step(model: nn.Module, case: Case, frozen: frozenset[str]):
+def eager_step(model: nn.Module, case: Case, frozen: frozenset[str],
+               autocast: torch.dtype | None = None):
     """Reference: plain eager with frozen parameters requires_grad=False."""
     with eager_frozen(model, frozen):
-        return step(model, case)
+        return step(model, case, autocast)
+
+
+def gradient_fidelity(grads, ref_grads) -> tuple[float, float]:
+    """Cosine and SQNR (dB) of every gradient, flattened into one vector, against
+    `ref_grads`; the same parameters must have no gradient on both sides."""
+    assert [n for n in grads if grads[n] is None] == [n for n in ref_grads if ref_grads[n] is None]
+    names = [n for n in ref_grads if ref_grads[n] is not None]
+    got = torch.cat([grads[n].double().reshape(-1) for n in names])
+    ref = torch.cat([ref_grads[n].double().reshape(-1) for n in names])
+    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
+    sqnr = 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum().clamp_min(1e-300)).item()
+    return cosine, sqnr
 
 
 def assert_matches_eager(cm: slimfit_fx.SlimFitModule, case: Case, frozen) -> None:

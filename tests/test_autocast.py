@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import slimfit_fx
-from slimfit_fx.memory import eager_frozen
 
 from . import models
-from .harness import TOLERANCE, eager_step, main_output, step
+from .harness import TOLERANCE, eager_step, gradient_fidelity, step
 from .models import FACTORIES
 
 # Compression off: aot_eager runs the same aten kernels on the same bf16 values as
@@ -30,21 +29,11 @@ TRANSFORMERS = ["bert", "vit", "gpt2"]
 
 
 def autocast_step(module: torch.nn.Module, case: models.Case):
-    """Forward under bf16 autocast, backward outside it (as torch.amp recommends);
-    returns the loss, the output and every parameter's grad."""
-    module.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        output = module(**case.batch)
-        loss = case.loss(output)
-    loss.backward()
-    grads = {name: (None if p.grad is None else p.grad.detach().clone())
-             for name, p in module.named_parameters()}
-    return loss.detach(), main_output(output).detach(), grads
+    return step(module, case, autocast=torch.bfloat16)
 
 
 def eager_autocast_step(case: models.Case, frozen):
-    with eager_frozen(case.model, frozen):
-        return autocast_step(case.model, case)
+    return eager_step(case.model, case, frozen, autocast=torch.bfloat16)
 
 
 def first_half(cm) -> list[str]:
@@ -68,12 +57,7 @@ def compile_case(name: str, compression, backend: str = "aot_eager", case=None, 
 
 def assert_gradients_close(grads, ref_grads) -> None:
     """Same set of gradients, and the cosine/SQNR floors over all of them."""
-    assert [n for n in grads if grads[n] is None] == [n for n in ref_grads if ref_grads[n] is None]
-    names = [n for n in ref_grads if ref_grads[n] is not None]
-    got = torch.cat([grads[n].double().reshape(-1) for n in names])
-    ref = torch.cat([ref_grads[n].double().reshape(-1) for n in names])
-    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
-    sqnr = 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum().clamp_min(1e-300)).item()
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
 
 

@@ -8,7 +8,7 @@ import torch
 import slimfit_fx
 from slimfit_fx.config import CompressionConfig
 
-from .harness import eager_step, step
+from .harness import eager_step, gradient_fidelity, step
 from .models import FACTORIES
 
 # Gradients with compression on vs eager (no compression), over all trainable
@@ -20,10 +20,6 @@ COSINE_FLOOR = 0.99
 SQNR_FLOOR_DB = 20.0
 
 TRANSFORMERS = ["bert", "vit", "gpt2"]
-
-
-def _grad_vector(grads: dict[str, torch.Tensor | None], names) -> torch.Tensor:
-    return torch.cat([grads[n].double().reshape(-1) for n in names if grads[n] is not None])
 
 
 def compile_case(name: str, compression, backend: str = "aot_eager", frozen=None):
@@ -71,11 +67,7 @@ def test_gradients_stay_close_to_eager(name, compression, backend):
     loss, _, grads = step(cm, case)
     ref_loss, _, ref_grads = eager_step(case.model, case, frozen)
     assert cm.slimfit._last_training_variant().counters["tensors_compressed"] > 0
-    names = [n for n in ref_grads if ref_grads[n] is not None]
-    assert [n for n in ref_grads if grads[n] is None] == [n for n in ref_grads if ref_grads[n] is None]
-    got, ref = _grad_vector(grads, names), _grad_vector(ref_grads, names)
-    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
-    sqnr = 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum()).item()
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
     # compression only touches what backward reads: the forward is exact
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
@@ -137,12 +129,6 @@ def _layernorm_only(keep):
     return CompressionConfig(None, None, None, None, layernorm_keep=keep)
 
 
-def _grad_cosine(grads, ref_grads):
-    names = [n for n in ref_grads if ref_grads[n] is not None]
-    got, ref = _grad_vector(grads, names), _grad_vector(ref_grads, names)
-    return torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
-
-
 @pytest.mark.parametrize("name, backend", [*((n, "aot_eager") for n in TRANSFORMERS), ("bert", "inductor")])
 def test_frozen_layernorm_pruning_rebuilds_exactly_when_keeping_everything(name, backend):
     """keep=1.0 runs the whole rewrite (x_hat in forward, rebuilt input or x_hat in
@@ -165,7 +151,7 @@ def test_frozen_layernorm_keeps_a_tenth(name):
     assert pruned >= 4, counters  # both LayerNorms of both blocks
     # 10% of each row kept, as the value (fp32) and its int32 index: 20% of the bytes
     assert counters["bytes_after_compression"] <= 0.25 * counters["bytes_before_compression"]
-    assert _grad_cosine(grads, ref_grads) >= LAYERNORM_COSINE_FLOOR
+    assert gradient_fidelity(grads, ref_grads)[0] >= LAYERNORM_COSINE_FLOOR
 
 
 def test_trained_layernorms_are_not_pruned():
