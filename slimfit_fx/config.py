@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 SCHEDULES = ("manual", "ils")
-COMPRESSION_KINDS = ("qkv", "softmax", "gelu_input", "gelu_output")
+COMPRESSION_KINDS = ("qkv", "softmax", "attention_out", "gelu_input", "gelu_output")
 SCALES = ("fixed", "row")
 
 
@@ -18,18 +18,26 @@ class CompressionConfig:
     """Bit width per kind of static activation (None keeps it in its own dtype),
     and the share of a frozen LayerNorm's normalized output kept (pruning).
 
-    qkv: attention query/key/value; softmax: attention probabilities; gelu_input /
-    gelu_output: the FFN activation's input and output. layernorm_keep: for a
+    qkv: attention query/key/value; softmax: attention probabilities (saved by
+    attention written out as matmul-softmax-matmul); attention_out: the output of
+    a fused attention (scaled_dot_product_attention), which its backward reads
+    instead of the probabilities; gelu_input / gelu_output: the FFN activation's
+    input and output. layernorm_keep: for a
     LayerNorm whose weight is frozen, backward keeps only this share of each row
-    of its normalized input (largest magnitudes, with their indices), in (0, 1];
-    None keeps it whole. scale: "fixed" is the
-    paper's power-of-two fixed point with no scale (Q3.4 for 8-bit signed, steps
-    of 1/256 for softmax, 0.5 for 4-bit GELU input); "row" stores a per-row fp32
-    scale (finer, 4 more bytes per row).
+    of its normalized input (largest magnitudes, with their indices: int16 for
+    rows of up to 32768, else int32), in (0, 1]; None keeps it whole. scale:
+    "fixed" is the paper's power-of-two fixed point with no scale (Q3.4 for 8-bit
+    signed, steps of 1/256 for softmax, 0.5 for 4-bit GELU input); "row" stores a
+    per-row fp32 scale (finer, 4 more bytes per row).
+
+    attention_out is not in the paper, whose models saved the probabilities:
+    fused attention saves its output instead, a convex combination of V's rows,
+    so "paper" stores it like V (8-bit Q3.4: the same range and step).
     """
 
     qkv_bits: int | None = 8
     softmax_bits: int | None = 8
+    attention_out_bits: int | None = 8
     gelu_input_bits: int | None = 4
     gelu_output_bits: int | None = 8
     scale: str = "fixed"
@@ -59,7 +67,8 @@ class CompressionConfig:
 COMPRESSION_PRESETS = {
     "paper": CompressionConfig(),
     "row": CompressionConfig(scale="row"),
-    "off": CompressionConfig(None, None, None, None, layernorm_keep=None),
+    "off": CompressionConfig(qkv_bits=None, softmax_bits=None, attention_out_bits=None,
+                             gelu_input_bits=None, gelu_output_bits=None, layernorm_keep=None),
 }
 BACKENDS = ("inductor", "aot_eager")
 

@@ -253,28 +253,43 @@ def _check_keep_ratio(keep_ratio: float) -> None:
         raise ValueError(f"keep_ratio={keep_ratio!r} must be in [{1 / _PPM}, 1]")
 
 
-# Indices count within a row, so int32 always fits; a fixed index dtype keeps
-# the fake kernel from guarding on a symbolic row length. A row of 2**31 or more
-# elements (8 GiB in fp32) is refused rather than given int64 indices.
-MAX_PRUNED_ROW = 2**31 - 1
+# Indices count within a row. The caller picks their width (index_bits 16 or 32)
+# rather than the kernel from the row length, so the fake kernel never guards on
+# a symbolic row length; a row too long for the width is refused, never wrapped.
+INDEX_DTYPES = {16: torch.int16, 32: torch.int32}
+MAX_PRUNED_ROW = {bits: torch.iinfo(dtype).max + 1 for bits, dtype in INDEX_DTYPES.items()}
 
 
-def prune_topk(x: Tensor, keep_ratio: float) -> tuple[Tensor, Tensor]:
+def index_bits_for(row_length: int) -> int:
+    """The narrowest index width prune_topk accepts for rows of `row_length`."""
+    return next((bits for bits, most in sorted(MAX_PRUNED_ROW.items()) if row_length <= most), 32)
+
+
+def _check_index_bits(index_bits: int) -> None:
+    if index_bits not in INDEX_DTYPES:
+        raise ValueError(f"index_bits={index_bits!r} must be one of {tuple(INDEX_DTYPES)}")
+
+
+def prune_topk(x: Tensor, keep_ratio: float, index_bits: int = 32) -> tuple[Tensor, Tensor]:
     """The kept_per_row(n, keep_ratio) largest-|x| entries of each last-dim row.
 
     Returns (values, indices), both of shape (*x.shape[:-1], k): values in x's
-    dtype, indices into the row as int32, in no particular order within a row.
+    dtype, indices into the row as int16 or int32 (`index_bits`; rows of up to
+    2**15 or 2**31 elements), in no particular order within a row.
     A 0-d x is one row. nan ranks above every number (torch.topk's order) and
     is kept as nan, inf as inf; ties are broken arbitrarily.
     """
     _check_keep_ratio(keep_ratio)
+    _check_index_bits(index_bits)
     _check_float_dtype("x.dtype", x.dtype)
     rows = x.contiguous().reshape(_rows_shape(x.shape))
     n = rows.shape[-1]
-    if n > MAX_PRUNED_ROW:
-        raise ValueError(f"x.shape[-1]={n} is too long to prune; at most {MAX_PRUNED_ROW}")
+    if n > MAX_PRUNED_ROW[index_bits]:
+        raise ValueError(f"x.shape[-1]={n} is too long to prune with index_bits={index_bits}; "
+                         f"at most {MAX_PRUNED_ROW[index_bits]} (index_bits=32 takes up to "
+                         f"{MAX_PRUNED_ROW[32]})")
     _, indices = rows.abs().topk(kept_per_row(n, keep_ratio), dim=-1, sorted=False)
-    return rows.gather(-1, indices), indices.to(torch.int32)
+    return rows.gather(-1, indices), indices.to(INDEX_DTYPES[index_bits])
 
 
 def unprune_topk(
@@ -283,7 +298,7 @@ def unprune_topk(
     """Inverse of prune_topk: a `dtype` tensor of `shape`, zero except at the kept entries."""
     _check_float_dtype("dtype", dtype)
     out = values.new_zeros(_rows_shape(shape), dtype=dtype)
-    out.scatter_(-1, indices.contiguous(), values.contiguous().to(dtype))
+    out.scatter_(-1, indices.contiguous().to(torch.int64), values.contiguous().to(dtype))
     return out.reshape(shape)
 
 
@@ -335,11 +350,12 @@ def _fake_dequantize_rowwise(q, scale, bits, shape, dtype):
     return q.new_empty(shape, dtype=dtype)
 
 
-def _fake_prune_topk(x, keep_ratio):
+def _fake_prune_topk(x, keep_ratio, index_bits=32):
     _check_keep_ratio(keep_ratio)
+    _check_index_bits(index_bits)
     rows_shape = _rows_shape(x.shape)
     kept_shape = (*rows_shape[:-1], kept_per_row(rows_shape[-1], keep_ratio))
-    return x.new_empty(kept_shape), x.new_empty(kept_shape, dtype=torch.int32)
+    return x.new_empty(kept_shape), x.new_empty(kept_shape, dtype=INDEX_DTYPES[index_bits])
 
 
 def _fake_unprune_topk(values, indices, shape, dtype):

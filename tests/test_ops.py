@@ -255,20 +255,21 @@ def test_rowwise_saturates_inf_and_zeroes_nan(bits):
     value_range=value_ranges,
     noncontiguous=st.booleans(),
     seed=st.integers(0, 2**16),
+    index_bits=st.sampled_from((16, 32)),
 )
-def test_prune_keeps_exactly_the_top_k(keep_ratio, shape, dtype, value_range, noncontiguous, seed):
+def test_prune_keeps_exactly_the_top_k(keep_ratio, shape, dtype, value_range, noncontiguous, seed, index_bits):
     x = sample(shape, dtype, value_range, seed, noncontiguous=noncontiguous)
     before = x.clone()
     rows = rows_of(x)
     n = rows.shape[-1]
     k = math.ceil(Fraction(str(keep_ratio)) * n)
 
-    values, indices = ops.prune_topk(x, keep_ratio)
+    values, indices = ops.prune_topk(x, keep_ratio, index_bits)
     x_hat = ops.unprune_topk(values, indices, list(x.shape), dtype)
 
     assert torch.equal(x, before)
     assert values.shape == indices.shape == (*rows.shape[:-1], k)
-    assert values.dtype == dtype and indices.dtype == torch.int32
+    assert values.dtype == dtype and indices.dtype == {16: torch.int16, 32: torch.int32}[index_bits]
     assert x_hat.dtype == dtype and x_hat.shape == x.shape
     assert torch.equal(values, rows.gather(-1, indices.long()))
     kept = torch.zeros(rows.shape, dtype=torch.bool).scatter_(-1, indices.long(), True)
@@ -279,8 +280,20 @@ def test_prune_keeps_exactly_the_top_k(keep_ratio, shape, dtype, value_range, no
         smallest_kept = torch.where(kept, magnitude, math.inf).amin(-1)
         largest_dropped = torch.where(kept, -math.inf, magnitude).amax(-1)
         assert (smallest_kept >= largest_dropped).all()
-    values_op, indices_op = S.prune_topk(x, keep_ratio)
+    values_op, indices_op = S.prune_topk(x, keep_ratio, index_bits)
     assert torch.equal(S.unprune_topk(values_op, indices_op, list(x.shape), dtype), x_hat)
+
+
+def test_int16_indices_reach_the_last_element_of_the_longest_row():
+    """Row length 2**15: index 32767 is int16's largest; one more element is refused."""
+    x = torch.zeros(1, 2**15)
+    x[0, -1] = 5.0
+    values, indices = ops.prune_topk(x, 1e-4, 16)  # keeps ceil(3.3) = 4 per row
+    assert indices.dtype == torch.int16 and 2**15 - 1 in indices[0].tolist() and 5.0 in values[0].tolist()
+    assert torch.equal(ops.unprune_topk(values, indices, list(x.shape), x.dtype), x)
+    assert ops.index_bits_for(2**15) == 16 and ops.index_bits_for(2**15 + 1) == 32
+    with pytest.raises(ValueError, match="too long to prune with index_bits=16"):
+        ops.prune_topk(torch.zeros(1, 2**15 + 1), 0.5, 16)
 
 
 def test_prune_keeps_nan_and_inf_first():
@@ -307,8 +320,10 @@ def test_compressed_nbytes_of_the_paper_formats():
     assert ops.compressed_nbytes(ops.quantize_fixed(x, 8, 4, True)) * 4 == fp32
     assert ops.compressed_nbytes(ops.quantize_fixed(x, 4, 1, True)) * 8 == fp32
     assert ops.compressed_nbytes(ops.quantize_rowwise(x, 8)) == fp32 // 4 + 64 * 4
-    # 77 fp32 values and 77 int32 indices per 768-wide row: ~20% of fp32, as in the paper.
+    # 77 fp32 values and 77 int32 indices per 768-wide row: ~20% of fp32, as in the
+    # paper; int16 indices: 15%.
     assert ops.compressed_nbytes(ops.prune_topk(x, 0.1)) == 64 * 77 * 8
+    assert ops.compressed_nbytes(ops.prune_topk(x, 0.1, 16)) == 64 * 77 * 6
 
 
 @pytest.mark.parametrize(
@@ -320,6 +335,7 @@ def test_compressed_nbytes_of_the_paper_formats():
         (lambda x: ops.quantize_rowwise(x, 2), ValueError, "bits=2"),
         (lambda x: ops.prune_topk(x, 0.0), ValueError, "keep_ratio=0.0"),
         (lambda x: ops.prune_topk(x, 1.5), ValueError, "keep_ratio=1.5"),
+        (lambda x: ops.prune_topk(x, 0.5, 8), ValueError, "index_bits=8"),
         (lambda x: ops.dequantize_fixed(x.to(torch.int8), 8, 4, True, [4, 4], torch.float32),
          ValueError, "shape [4, 4]"),
         (lambda x: ops.dequantize_fixed(x.to(torch.int8), 8, 4, True, [3, 4], torch.int32),

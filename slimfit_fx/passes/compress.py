@@ -1,7 +1,7 @@
 """compress_saved: store static activations packed, unpack them where backward reads them.
 
 Runs after partitioning on the (forward, backward) pair: a saved tensor is
-recognised by what produces or consumes it (attention Q/K/V, softmax output,
+recognised by what produces or consumes it (attention Q/K/V and output, softmax output,
 GELU input and output, a frozen LayerNorm's normalized input), replaced in the
 forward's saved outputs by its quantized or pruned form, and unpacked in the
 backward right before its first use.
@@ -29,14 +29,18 @@ FIXED_POINT = {
     ("softmax", 8): ops.SOFTMAX_UINT8, ("softmax", 4): ops.FixedPoint(4, 4, False),
     ("gelu_input", 4): ops.GELU_INT4, ("gelu_input", 8): ops.Q3_4_INT8,
     ("gelu_output", 8): ops.Q3_4_INT8, ("gelu_output", 4): ops.FixedPoint(4, 1, True),
+    # A convex combination of V's rows: V's format covers its range at V's step.
+    ("attention_out", 8): ops.Q3_4_INT8, ("attention_out", 4): ops.FixedPoint(4, 1, True),
 }
 
-_ATTENTION_BACKWARD = {  # q, k, v are args 1, 2, 3 of every fused attention backward
-    getattr(aten, name).default
-    for name in ("_scaled_dot_product_flash_attention_for_cpu_backward",
-                 "_scaled_dot_product_efficient_attention_backward",
-                 "_scaled_dot_product_flash_attention_backward",
-                 "_scaled_dot_product_cudnn_attention_backward")
+# q, k, v are args 1, 2, 3 of every fused attention backward; the value is the
+# position of the forward's output `out` (read to form rowsum(grad_out * out)).
+_ATTENTION_BACKWARD = {
+    getattr(aten, name).default: out_index
+    for name, out_index in (("_scaled_dot_product_flash_attention_for_cpu_backward", 4),
+                            ("_scaled_dot_product_efficient_attention_backward", 5),
+                            ("_scaled_dot_product_flash_attention_backward", 4),
+                            ("_scaled_dot_product_cudnn_attention_backward", 4))
     if hasattr(aten, name)
 }
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
@@ -167,6 +171,10 @@ def classify_saved(node: fx.Node, backward_users: list[fx.Node],
             u.args[i] is not None and getattr(u.args[i], "name", None) == node.name for i in (1, 2, 3))
             for u in backward_users):
         return "qkv"
+    if backward_users and all(u.target in _ATTENTION_BACKWARD
+                              and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) == node.name
+                              for u in backward_users):
+        return "attention_out"
     if _is_softmax_output(node):
         return "softmax"
     if _is_gelu_input(node):
@@ -190,14 +198,18 @@ class Format:
         return self.text
 
 
-def format_for(config: CompressionConfig, kind: str) -> Format | None:
+def format_for(config: CompressionConfig, kind: str, val: torch.Tensor | None = None) -> Format | None:
+    """How `kind` is stored under `config`; `val` (the saved tensor's fake value)
+    sizes the prune indices: int16 when its rows are static and short enough."""
     if kind in ("layernorm", "layernorm_input"):
         keep = config.layernorm_keep
         if keep is None:
             return None
-        return Format(torch.ops.slimfit.prune_topk.default, (float(keep),),
+        row = val.shape[-1] if val is not None and val.dim() else None
+        index_bits = ops.index_bits_for(row) if isinstance(row, int) else 32
+        return Format(torch.ops.slimfit.prune_topk.default, (float(keep), index_bits),
                       torch.ops.slimfit.unprune_topk.default, (),
-                      f"top {keep:.0%} per row of x_hat, int32 indices")
+                      f"top {keep:.0%} per row of x_hat, int{index_bits} indices")
     bits = config.bits_for(kind)
     if bits is None:
         return None
@@ -254,7 +266,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
             new_saved.append(saved)
             continue
         kind = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder)
-        fmt = format_for(config, kind) if kind else None
+        fmt = format_for(config, kind, saved.meta.get("val")) if kind else None
         reason = _skip_reason(saved, user_outputs) if fmt else None
         if fmt is None or reason is not None or not placeholder.users:
             if fmt is not None and reason is not None:
