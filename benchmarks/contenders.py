@@ -150,7 +150,6 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.9)
     parser.add_argument("--only", nargs="*", default=None, help="contender names to run (default all)")
     args = parser.parse_args()
-    sections = []
     for key in args.models:
         zoo_name, kwargs = MODELS[key]
         factory = lambda: zoo.build(zoo_name, seed=0, dropout=0.0, **kwargs)
@@ -165,16 +164,18 @@ def main() -> None:
                 rows[contender.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             print(contender.name, rows[contender.name], flush=True)
         shape = ", ".join(f"{k} {v}" for k, v in kwargs.items())
-        sections.append(table(f"{key} ({shape})", rows))
-        print(sections[-1], flush=True)
-    body = (f"Random init, dropout 0, AdamW; slimfit freezes {args.ratio:.0%} of the layers (one seeded "
-            "draw, the head trains) with the inductor backend; \"eager, slimfit's frozen set\" is eager "
-            "with those same layers at requires_grad=False. Saved MiB: bytes autograd holds from "
-            "forward to backward (saved-tensor hooks; parameters and inputs excluded). RSS rise: "
-            "resident memory after the forward minus before it (MALLOC_MMAP_THRESHOLD_=65536). "
-            f"Step: median of {args.steps} after {args.warmup} warm-up steps (forward, backward, AdamW). "
-            "Compile: first step minus the median (caches off).\n\n" + "\n\n".join(sections))
-    write_section("contenders", "Saved activations and step time, every contender", body)
+        section = table(f"{key} ({shape})", rows)
+        print(section, flush=True)
+        body = (f"Random init, dropout 0, AdamW; slimfit freezes {args.ratio:.0%} of the layers (one seeded "
+                "draw, the head trains) with the inductor backend; \"eager, slimfit's frozen set\" is eager "
+                "with those same layers at requires_grad=False. Saved MiB: bytes autograd holds from "
+                "forward to backward (saved-tensor hooks; parameters and inputs excluded). RSS rise: "
+                "resident memory after the forward minus before it (MALLOC_MMAP_THRESHOLD_=65536). "
+                f"Step: median of {args.steps} after {args.warmup} warm-up steps (forward, backward, AdamW). "
+                "Compile: first step minus the median (caches off).\n\n" + section)
+        # One section per model, written as soon as it is measured: a run cut short
+        # keeps what it finished, and running one model leaves the others' tables.
+        write_section(f"contenders-{key}", f"Every contender: {key}", body)
 
 
 if __name__ == "__main__":
