@@ -25,6 +25,7 @@ import torch
 import slimfit_fx
 from slimfit_fx import zoo
 from slimfit_fx.memory import eager_frozen, eager_saved_bytes
+from slimfit_fx.numerics import gradient_fidelity
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "compression.md"
 
@@ -39,15 +40,6 @@ def grads_of(module, batch) -> dict[str, torch.Tensor]:
 def eager_grads(model, batch, frozen) -> dict[str, torch.Tensor]:
     with eager_frozen(model, frozen):
         return grads_of(model, batch)
-
-
-def fidelity(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, float]:
-    names = sorted(ref)
-    a = torch.cat([got[n] for n in names])
-    b = torch.cat([ref[n] for n in names])
-    cosine = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    sqnr = 10 * torch.log10(b.pow(2).sum() / (a - b).pow(2).sum().clamp_min(1e-300)).item()
-    return cosine, sqnr
 
 
 def timed_steps(fn, repeats: int) -> float:
@@ -85,7 +77,7 @@ def main() -> None:
         counters = cm.slimfit._last_training_variant().counters
         label = "slimfit, freeze only" if compression == "off" else f"slimfit + {compression!r} compression"
         label += f" + memory_budget {budget}" if budget else ""
-        rows[label] = (cm.slimfit.saved_bytes, step, *fidelity(got, reference),
+        rows[label] = (cm.slimfit.saved_bytes, step, *gradient_fidelity(got, reference),
                        cm.slimfit.stats["compile_seconds"])
         rows[label] += (counters.get("tensors_compressed", 0),)
         slimfit_fx.capture.reset_dynamo()

@@ -45,18 +45,6 @@ def eager_step(model: nn.Module, case: Case, frozen: frozenset[str],
         return step(model, case, autocast)
 
 
-def gradient_fidelity(grads, ref_grads) -> tuple[float, float]:
-    """Cosine and SQNR (dB) of every gradient, flattened into one vector, against
-    `ref_grads`; the same parameters must have no gradient on both sides."""
-    assert [n for n in grads if grads[n] is None] == [n for n in ref_grads if ref_grads[n] is None]
-    names = [n for n in ref_grads if ref_grads[n] is not None]
-    got = torch.cat([grads[n].double().reshape(-1) for n in names])
-    ref = torch.cat([ref_grads[n].double().reshape(-1) for n in names])
-    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=0).item()
-    sqnr = 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum().clamp_min(1e-300)).item()
-    return cosine, sqnr
-
-
 def assert_matches_eager(cm: slimfit_fx.SlimFitModule, case: Case, frozen) -> None:
     """Set `frozen` on `cm`, step it, and compare loss and gradients with eager."""
     frozen = frozenset(frozen)

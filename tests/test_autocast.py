@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import slimfit_fx
+from slimfit_fx.numerics import gradient_fidelity
 
 from . import models
-from .harness import TOLERANCE, eager_step, gradient_fidelity, step
+from .harness import TOLERANCE, eager_step, step
 from .models import FACTORIES
 
 # Compression off: aot_eager runs the same aten kernels on the same bf16 values as

@@ -3,14 +3,16 @@ how close gradients stay to eager with compression on (floors stated once)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
 
 import slimfit_fx
 from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
+from slimfit_fx.numerics import gradient_fidelity
 
-from .harness import eager_step, gradient_fidelity, step
+from .harness import eager_step, step
 from .models import FACTORIES
 
 # Gradients with compression on vs eager (no compression), over all trainable
@@ -169,3 +171,13 @@ def test_trained_layernorms_are_not_pruned():
     step(cm, case)
     counters = cm.slimfit._last_training_variant().counters
     assert "tensors_compressed" not in counters, counters
+
+
+def test_gradient_fidelity_scores_and_refuses_different_parameters():
+    g = {"a": torch.tensor([1.0, 2.0]), "b": None}
+    assert gradient_fidelity(g, g)[0] == pytest.approx(1.0)
+    cosine, sqnr = gradient_fidelity({"a": torch.tensor([1.0, 2.2]), "b": None}, g)
+    assert cosine < 1.0 and sqnr == pytest.approx(10 * math.log10(5 / 0.04))
+    with pytest.raises(ValueError, match=r"only in grads \['b'\]"):
+        gradient_fidelity({"a": g["a"], "b": torch.ones(1)}, g)
+

@@ -14,8 +14,9 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import capture
+from slimfit_fx.numerics import gradient_fidelity
 
-from .harness import TOLERANCE, assert_matches_eager, eager_step, gradient_fidelity, step
+from .harness import TOLERANCE, assert_matches_eager, eager_step, step
 from .models import Case, _classifier_case
 from .test_compress_pass import COSINE_FLOOR, SQNR_FLOOR_DB
 from .test_schedule import ils, train
