@@ -19,7 +19,7 @@ import slimfit_fx
 from . import zoo
 from .config import COMPRESSION_PRESETS
 from .data import BUNDLED_MODEL, resolve_data_dir, resolve_model_dir
-from .finetune import FinetuneSettings, run, seeded_frozen_set
+from .finetune import LR_SCHEDULES, FinetuneSettings, run, seeded_frozen_set
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-length", "--seq-len", dest="max_length", type=int, default=d.max_length,
                     help="tokens per article (padded/truncated)")
     ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                    help="linear: decay to 0 over the run (the paper's); constant: no decay")
     ft.add_argument("--freeze-ratio", type=float, default=d.freeze_ratio, help="share of layers frozen")
     ft.add_argument("--schedule", choices=("ils", "fixed"), default=d.schedule,
                     help="ils: training-dynamics scheduling; fixed: one seeded draw of layers "

@@ -24,6 +24,9 @@ from .data import (TextClassificationData, load_classifier, load_text_folders, l
 from .memory import eager_saved_bytes
 
 
+LR_SCHEDULES = ("linear", "constant")
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
     model: str = "all-minilm-l6-v2"
@@ -32,6 +35,7 @@ class FinetuneSettings:
     batch_size: int = 16
     max_length: int = 128
     lr: float = 1e-4
+    lr_schedule: str = "linear"  # linear decay to 0 over the run (the paper's), or "constant"
     freeze_ratio: float = 0.8
     schedule: str = "ils"  # or "fixed": one seeded draw for the whole run
     new_set_every: int | None = None
@@ -59,6 +63,8 @@ class FinetuneSettings:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.schedule not in ("ils", "fixed"):
             raise ValueError(f"schedule must be 'ils' or 'fixed', got {self.schedule!r}")
         self.slimfit_config()
@@ -104,8 +110,12 @@ def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSet
     opt = torch.optim.AdamW(module.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(settings.seed)
     per_epoch = len(data.train["labels"]) // settings.batch_size
+    total = per_epoch * settings.epochs
+    end_factor = 0.0 if settings.lr_schedule == "linear" else 1.0
+    lr_decay = torch.optim.lr_scheduler.LinearLR(opt, 1.0, end_factor, total_iters=total)
     step_seconds: list[float] = []
-    bar = _progress(per_epoch * settings.epochs, desc, settings.progress)
+    last_lr = settings.lr
+    bar = _progress(total, desc, settings.progress)
     module.train()
     start = time.perf_counter()
     for epoch in range(settings.epochs):
@@ -114,7 +124,9 @@ def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSet
             share = frozen_share()  # the set this step runs with, before the optimizer moves it
             loss = module(**batch).loss
             loss.backward()
+            last_lr = opt.param_groups[0]["lr"]
             opt.step()
+            lr_decay.step()
             opt.zero_grad(set_to_none=True)
             step_seconds.append(time.perf_counter() - t0)
             bar.update(1)
@@ -138,6 +150,7 @@ def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSet
         "steps": len(step_seconds),
         "train_seconds": train_seconds,
         "median_step_seconds": statistics.median(step_seconds) if step_seconds else 0.0,
+        "last_step_lr": last_lr,
         "optimizer": opt,
         "sample": sample,
     }

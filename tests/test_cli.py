@@ -6,6 +6,7 @@ import json
 import pytest
 
 from slimfit_fx import cli
+from slimfit_fx.finetune import FinetuneSettings
 
 SMALL = ["--backend", "aot_eager", "--limit", "40", "--batch-size", "8", "--max-length", "32"]
 
@@ -61,6 +62,11 @@ def test_finetune_rejects_bad_input_before_training(tmp_path, flags, message):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+def test_unknown_lr_schedule_is_refused():
+    with pytest.raises(ValueError, match="lr_schedule must be one of .*got 'cosine'"):
+        FinetuneSettings(lr_schedule="cosine").check()
+
+
 def test_finetune_reads_a_folder_per_class(tmp_path):
     data = tmp_path / "data"
     for label, word in (("sport", "match goal team"), ("tech", "chip software device")):
@@ -72,3 +78,11 @@ def test_finetune_reads_a_folder_per_class(tmp_path):
               "--schedule", "fixed"])
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
     assert results["steps"] == 2 and results["test_articles"] == 4  # 16 train (2 batches), 4 test
+    assert results["last_step_lr"] == pytest.approx(0.5e-4)  # linear decay from 1e-4 to 0 over 2 steps
+
+
+def test_constant_lr_schedule_keeps_the_rate(tmp_path):
+    cli.main(["finetune", *SMALL, "--limit", "20", "--out", str(tmp_path / "run"), "--schedule", "fixed",
+              "--lr-schedule", "constant", "--lr", "3e-4"])
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
+    assert results["steps"] == 1 and results["last_step_lr"] == pytest.approx(3e-4)
