@@ -66,9 +66,9 @@ def table(rows, args) -> str:
     lines += ["", f"Mean over {len(rows)} of {len(args.seeds)} seeds: slimfit {spread(slim)}, eager "
               f"{spread(eager)}, difference {spread(diffs)} points. One test article is "
               f"{100 / test:.2f} points ({test} test articles)."]
-    return (f"all-MiniLM-L6-v2 on BBC News, {args.epochs} epoch(s), batch 16, seq 128, AdamW lr 1e-4 decaying linearly to 0; "
-            f"slimfit: ILS freezing {args.freeze_ratio:.0%} of the layers, a new frozen set "
-            f"{budget}, compression {args.compression!r}, backend {args.backend}; eager: every layer "
+    return (f"all-MiniLM-L6-v2 on BBC News, {args.epochs} epoch(s), batch 16, seq 128, "
+            f"AdamW lr 1e-4 decaying linearly to 0; slimfit: ILS freezing {args.freeze_ratio:.0%} "
+            f"of the layers, a new frozen set {budget}, compression {args.compression!r}, backend {args.backend}; eager: every layer "
             f"trains.\n\n" + "\n".join(lines))
 
 
