@@ -5,7 +5,8 @@
 BERT-base config (random init, dropout 0 so gradients compare one to one), 90% of
 the layers frozen (seed 0 draw). Cases: eager full fine-tune; eager with the set
 frozen; slimfit freeze only (compression "off"); slimfit + "paper" compression;
-slimfit + "row" (per-row scales); slimfit + "paper" + memory_budget 0.1 (the
+slimfit + "row" (per-row scales); slimfit + "extended" ("paper" plus the
+trainable layers' inputs 8-bit per-row); slimfit + "paper" + memory_budget 0.1 (the
 partitioner recomputes what it can instead of saving it). Saved bytes are counted with saved-tensor hooks
 on what autograd packs (parameters and inputs excluded); gradient cosine and SQNR
 are against eager with the same frozen set. Prints one table and writes it to
@@ -68,7 +69,8 @@ def main() -> None:
         step = timed_steps(lambda: eager_grads(model, batch, frozen_set), args.repeats)
         fid = (1.0, float("inf")) if frozen_set else (float("nan"), float("nan"))
         rows[name] = (saved, step, *fid, 0.0)
-    for compression, budget in (("off", None), ("paper", None), ("row", None), ("paper", 0.1)):
+    for compression, budget in (("off", None), ("paper", None), ("row", None), ("extended", None),
+                                 ("paper", 0.1)):
         cm = slimfit_fx.compile(zoo.bert_base(seed=0, batch=args.batch, seq=args.seq, dropout=0.0)[0],
                                 backend=args.backend, compression=compression, memory_budget=budget)
         cm.slimfit.set_frozen(frozen)

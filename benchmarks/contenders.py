@@ -6,8 +6,9 @@
 Contenders: eager full fine-tune; eager with the encoder (every transformer
 block) frozen; eager with slimfit's frozen set; torch.compile default; torch.compile
 with activation_memory_budget 0.5 and 0.1; slimfit freeze-only; slimfit freeze +
-"paper" compression; slimfit freeze + compression + memory budget 0.1. Random-init
-models of real shapes, AdamW, dropout 0 (so compiled and eager compute the same
+"paper" compression; slimfit freeze + "extended" compression ("paper" plus the
+trainable layers' inputs 8-bit); slimfit freeze + "paper" compression + memory
+budget 0.1. Random-init models of real shapes, AdamW, dropout 0 (so compiled and eager compute the same
 function). Per contender: bytes autograd saves for backward (saved-tensor hooks,
 parameters and inputs excluded), RSS rise from before forward to before backward
 (needs MALLOC_MMAP_THRESHOLD_=65536, set by re-running itself), median step time
@@ -85,6 +86,7 @@ CONTENDERS = [
     Contender("torch.compile, memory budget 0.1", lambda model, frozen: torch.compile(model), memory_budget=0.1),
     Contender("slimfit, freeze only", _slimfit("off")),
     Contender("slimfit, freeze + paper compression", _slimfit("paper")),
+    Contender("slimfit, freeze + extended compression", _slimfit("extended")),
     Contender("slimfit, freeze + compression + budget 0.1", _slimfit("paper", 0.1)),
 ]
 

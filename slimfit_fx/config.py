@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 SCHEDULES = ("manual", "ils")
-COMPRESSION_KINDS = ("qkv", "softmax", "attention_out", "gelu_input", "gelu_output")
+COMPRESSION_KINDS = ("qkv", "softmax", "attention_out", "gelu_input", "gelu_output", "weight_input")
 SCALES = ("fixed", "row")
 
 
@@ -33,6 +33,15 @@ class CompressionConfig:
     attention_out is not in the paper, whose models saved the probabilities:
     fused attention saves its output instead, a convex combination of V's rows,
     so "paper" stores it like V (8-bit Q3.4: the same range and step).
+
+    weight_input: what the weight gradients of trainable layers read, the input
+    of a trainable Linear/matmul (x in x^T @ grad_y) and the normalized input of
+    a trainable LayerNorm. The paper quantizes one of these, the FFN output
+    dense's input (gelu_output, which takes precedence); weight_input_bits
+    extends that to every trainable layer, always with a per-row scale (the
+    inputs of different layers have no common range for a fixed step). None in
+    "paper" and "row"; 8 in "extended". It changes the trainable layers' own
+    weight gradients, which the paper's formats (but for gelu_output) leave exact.
     """
 
     qkv_bits: int | None = 8
@@ -40,6 +49,7 @@ class CompressionConfig:
     attention_out_bits: int | None = 8
     gelu_input_bits: int | None = 4
     gelu_output_bits: int | None = 8
+    weight_input_bits: int | None = None
     scale: str = "fixed"
     layernorm_keep: float | None = 0.1
 
@@ -67,6 +77,7 @@ class CompressionConfig:
 COMPRESSION_PRESETS = {
     "paper": CompressionConfig(),
     "row": CompressionConfig(scale="row"),
+    "extended": CompressionConfig(weight_input_bits=8),
     "off": CompressionConfig(qkv_bits=None, softmax_bits=None, attention_out_bits=None,
                              gelu_input_bits=None, gelu_output_bits=None, layernorm_keep=None),
 }
@@ -94,7 +105,8 @@ class SlimFitConfig:
     seed: seeds the scheduler's initial random scores.
     compression: how static activations are stored between forward and backward:
         "paper" (the paper's formats), "row" (the same widths with per-row
-        scales), "off", or a CompressionConfig.
+        scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
+        see CompressionConfig.weight_input_bits), "off", or a CompressionConfig.
     memory_budget: the partitioner's activation memory budget (torch's
         `activation_memory_budget`) for every variant, in (0.0, 1.0]: below 1.0
         it recomputes cheap activations in backward instead of saving them.

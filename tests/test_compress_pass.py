@@ -64,7 +64,7 @@ def test_paper_compression_packs_attention_and_gelu_saves(name):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("name", TRANSFORMERS)
-@pytest.mark.parametrize("compression", ["paper", "row"])
+@pytest.mark.parametrize("compression", ["paper", "row", "extended"])
 def test_gradients_stay_close_to_eager(name, compression, backend):
     if backend == "inductor" and name != "bert":
         pytest.skip("inductor compiles take ~30 s each here; bert covers the inductor path")
@@ -72,7 +72,11 @@ def test_gradients_stay_close_to_eager(name, compression, backend):
     frozen = cm.slimfit.frozen
     loss, _, grads = step(cm, case)
     ref_loss, _, ref_grads = eager_step(case.model, case, frozen)
-    assert cm.slimfit._last_training_variant().counters["tensors_compressed"] > 0
+    counters = cm.slimfit._last_training_variant().counters
+    assert counters["tensors_compressed"] > 0
+    if compression == "extended":  # the trainable half's inputs (Linear inputs, LayerNorm x_hat or x)
+        assert counters.get("compressed_weight_input", 0) \
+            + counters.get("compressed_weight_input_layernorm_input", 0) >= 3, counters
     cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
     # compression only touches what backward reads: the forward is exact
@@ -181,3 +185,46 @@ def test_gradient_fidelity_scores_and_refuses_different_parameters():
     with pytest.raises(ValueError, match=r"only in grads \['b'\]"):
         gradient_fidelity({"a": g["a"], "b": torch.ones(1)}, g)
 
+
+
+def _weight_inputs_only(bits=8):
+    return dataclasses.replace(COMPRESSION_PRESETS["off"], weight_input_bits=bits)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_weight_inputs_are_packed_when_their_layers_train_and_only_then(name):
+    """Every layer trains: each block's Linear inputs and LayerNorm inputs are read
+    for weight gradients and travel 8-bit with a per-row scale. Every layer frozen:
+    no weight gradient is computed, so nothing is a weight input."""
+    case, cm = compile_case(name, _weight_inputs_only(), frozen=lambda layers: [])
+    _, _, grads = step(cm, case)
+    _, _, ref_grads = eager_step(case.model, case, frozen=())
+    counters = cm.slimfit._last_training_variant().counters
+    packed = counters.get("compressed_weight_input", 0) \
+        + counters.get("compressed_weight_input_layernorm_input", 0)
+    # per block at least: the attention input (Q/K/V share it), the attention output
+    # dense's input, the FFN's two inputs, two LayerNorms
+    assert packed >= 2 * 6, counters
+    assert counters["tensors_compressed"] == packed, counters  # nothing else was asked for
+    # int8 codes plus one fp32 scale per row: rows of 32 (hidden) cost 36 of every
+    # 128 bytes, rows of 16 (a fused attention's output, per head) 20 of every 64
+    assert counters["bytes_after_compression"] <= 0.32 * counters["bytes_before_compression"]
+    saved = cm.slimfit._last_training_variant().graphs.saved_nodes("forward")
+    packed_nodes = [n for n in saved if "compress_saved" in n.meta.get("slimfit", {})]
+    assert {n.meta["val"].dtype for n in packed_nodes} == {torch.int8, torch.float32}
+    assert not {n.meta["slimfit"]["compress_saved"]["from"] for n in packed_nodes} & {n.name for n in saved}
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
+
+    case, cm = compile_case(name, _weight_inputs_only(), frozen=lambda layers: layers)
+    step(cm, case)
+    assert "tensors_compressed" not in cm.slimfit._last_training_variant().counters
+
+
+def test_gelu_output_keeps_the_papers_format_when_both_apply():
+    """A trainable FFN output dense's input is both gelu_output (the paper's int8
+    Q3.4) and a weight input; the more specific kind wins."""
+    case, cm = compile_case("bert", "extended", frozen=lambda layers: [])
+    step(cm, case)
+    counters = cm.slimfit._last_training_variant().counters
+    assert counters["compressed_gelu_output"] == 2, counters  # one per block

@@ -2,7 +2,8 @@
 
 Runs after partitioning on the (forward, backward) pair: a saved tensor is
 recognised by what produces or consumes it (attention Q/K/V and output, softmax output,
-GELU input and output, a frozen LayerNorm's normalized input), replaced in the
+GELU input and output, a frozen LayerNorm's normalized input, and what only a
+trainable layer's weight gradient reads), replaced in the
 forward's saved outputs by its quantized or pruned form, and unpacked in the
 backward right before its first use.
 It never compresses primals (parameters, inputs) and never changes what the
@@ -138,50 +139,91 @@ def _is_rsqrt(node) -> bool:
     return isinstance(node, fx.Node) and node.target == aten.rsqrt.default
 
 
-def _is_frozen_layernorm_xhat(node: fx.Node, frozen_primals: set[str]) -> bool:
-    """x_hat = (x - mean) * rsqrt(var + eps) of a decomposed LayerNorm whose weight
-    (the other factor of its `mul` user) is a frozen parameter."""
+def _layernorm_xhat_weight(node: fx.Node) -> str | None:
+    """For x_hat = (x - mean) * rsqrt(var + eps) of a decomposed LayerNorm, the
+    name of the graph input its `mul` user scales it by (the LayerNorm's weight)."""
     if node.target != aten.mul.Tensor or not any(_is_rsqrt(a) for a in node.args):
-        return False
+        return None
     centred = next(a for a in node.args if not _is_rsqrt(a))
     if not (isinstance(centred, fx.Node) and centred.target == aten.sub.Tensor):
-        return False
-    return any(u.target == aten.mul.Tensor and any(getattr(a, "name", None) in frozen_primals
-                                                   for a in u.args if a is not node)
-               for u in node.users)
+        return None
+    for user in node.users:
+        if user.target == aten.mul.Tensor:
+            for a in user.args:
+                if a is not node and isinstance(a, fx.Node) and a.op == "placeholder":
+                    return a.name
+    return None
 
 
-def _frozen_layernorm_input_uses(placeholder: fx.Node, frozen_primals: set[str]) -> bool:
-    """Backward reads this saved tensor only as the input of native_layer_norm_backward
-    of LayerNorms whose weight is a frozen parameter (undecomposed graphs: aot_eager)."""
+def _layernorm_input_weight(placeholder: fx.Node) -> str | None:
+    """Backward reads this saved tensor only as the input of one
+    native_layer_norm_backward (undecomposed graphs: aot_eager): its weight's name."""
     users = list(placeholder.users)
-    return len(users) == 1 and all(
-        u.target == aten.native_layer_norm_backward.default and u.args[1] is placeholder
-        and getattr(u.args[5], "name", None) in frozen_primals for u in users)
+    if len(users) == 1 and users[0].target == aten.native_layer_norm_backward.default \
+            and users[0].args[1] is placeholder and isinstance(users[0].args[5], fx.Node):
+        return users[0].args[5].name
+    return None
+
+
+def _returned_as_is(node: fx.Node) -> bool:
+    """`node`'s values reach nothing but the graph's output, through copies only."""
+    return all(u.op == "output" or _holds_same_values(u)
+               for n in _through_copies_down(node) for u in n.users)
+
+
+def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
+    """Backward reads this saved tensor (through copies) only as a matmul operand
+    whose product is returned as is, a weight gradient (x^T @ grad_y of a Linear),
+    and perhaps as the `out` a fused attention backward reads."""
+    copies = _through_copies_down(placeholder)
+    names = {n.name for n in copies}
+    readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
+    return bool(readers) and any(u.target in _WEIGHT_GRAD_MATMULS for u in readers) and all(
+        (u.target in _WEIGHT_GRAD_MATMULS and _returned_as_is(u))
+        or (u.target in _ATTENTION_BACKWARD
+            and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) in names
+            and not any(getattr(u.args[i], "name", None) in names for i in (1, 2, 3)))
+        for u in readers)
+
+
+_WEIGHT_GRAD_MATMULS = {aten.mm.default, aten.bmm.default}
 
 
 def classify_saved(node: fx.Node, backward_users: list[fx.Node],
-                   frozen_primals: set[str] = frozenset(), placeholder: fx.Node | None = None) -> str | None:
-    """Which kind of static activation a saved forward node is, if any."""
-    if _is_frozen_layernorm_xhat(node, frozen_primals):
-        return "layernorm"
-    if placeholder is not None and _frozen_layernorm_input_uses(placeholder, frozen_primals):
-        return "layernorm_input"
+                   frozen_primals: set[str] = frozenset(), placeholder: fx.Node | None = None,
+                   trainable_primals: set[str] = frozenset()) -> list[str]:
+    """Which kinds of saved activation a forward node is, most specific first
+    (a trainable FFN output dense's input is both gelu_output and weight_input)."""
+    kinds = []
+    weight = _layernorm_xhat_weight(node)
+    ln_input_weight = _layernorm_input_weight(placeholder) if placeholder is not None else None
+    if weight in frozen_primals:
+        kinds.append("layernorm")
+    if ln_input_weight in frozen_primals:
+        kinds.append("layernorm_input")
     if backward_users and all(u.target in _ATTENTION_BACKWARD and any(
             u.args[i] is not None and getattr(u.args[i], "name", None) == node.name for i in (1, 2, 3))
             for u in backward_users):
-        return "qkv"
+        kinds.append("qkv")
     if backward_users and all(u.target in _ATTENTION_BACKWARD
                               and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) == node.name
                               for u in backward_users):
-        return "attention_out"
+        kinds.append("attention_out")
     if _is_softmax_output(node):
-        return "softmax"
+        kinds.append("softmax")
     if _is_gelu_input(node):
-        return "gelu_input"
+        kinds.append("gelu_input")
     if _is_gelu_output(node):
-        return "gelu_output"
-    return None
+        kinds.append("gelu_output")
+    # A trainable LayerNorm's normalized input: its weight gradient reads it
+    # (and so does its input gradient, as for a frozen one).
+    if weight in trainable_primals:
+        kinds.append("weight_input")
+    if ln_input_weight in trainable_primals:
+        kinds.append("weight_input_layernorm_input")
+    if placeholder is not None and _read_for_weight_gradients(placeholder):
+        kinds.append("weight_input")
+    return kinds
 
 
 @dataclass(frozen=True)
@@ -201,6 +243,8 @@ class Format:
 def format_for(config: CompressionConfig, kind: str, val: torch.Tensor | None = None) -> Format | None:
     """How `kind` is stored under `config`; `val` (the saved tensor's fake value)
     sizes the prune indices: int16 when its rows are static and short enough."""
+    if kind == "weight_input_layernorm_input":
+        kind = "weight_input"
     if kind in ("layernorm", "layernorm_input"):
         keep = config.layernorm_keep
         if keep is None:
@@ -213,7 +257,7 @@ def format_for(config: CompressionConfig, kind: str, val: torch.Tensor | None = 
     bits = config.bits_for(kind)
     if bits is None:
         return None
-    if config.scale == "row":
+    if config.scale == "row" or kind == "weight_input":  # no fixed step fits every layer's input
         return Format(torch.ops.slimfit.quantize_rowwise.default, (bits,),
                       torch.ops.slimfit.dequantize_rowwise.default, (bits,), f"{bits}-bit, per-row scale")
     fixed = FIXED_POINT[kind, bits]
@@ -222,6 +266,15 @@ def format_for(config: CompressionConfig, kind: str, val: torch.Tensor | None = 
     return Format(torch.ops.slimfit.quantize_fixed.default, args,
                   torch.ops.slimfit.dequantize_fixed.default, args,
                   f"{sign}{bits} fixed point, step 2^-{fixed.frac_bits}")
+
+
+def _first_format(config: CompressionConfig, kinds: list[str], val) -> tuple[str | None, Format | None]:
+    """The first of `kinds` that `config` stores compressed, with its format."""
+    for kind in kinds:
+        fmt = format_for(config, kind, val)
+        if fmt is not None:
+            return kind, fmt
+    return (kinds[0] if kinds else None), None
 
 
 def _fake(fn, *args):
@@ -257,16 +310,18 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(backward.graph.nodes)}
     primals = [n for n in forward.graph.nodes if n.op == "placeholder"]
-    frozen_primals = ({p.name for p, name in zip(primals, ctx.input_names) if name in ctx.frozen}
-                      if len(primals) >= len(ctx.input_names) else set())
+    named = list(zip(primals, ctx.input_names)) if len(primals) >= len(ctx.input_names) else []
+    frozen_primals = {p.name for p, name in named if name in ctx.frozen}
+    trainable_primals = {p.name for p, name in named if name is not None and name not in ctx.frozen}
     new_saved: list[object] = []
     for saved in outputs[num_forward_outputs:]:
         placeholder = placeholders.get(getattr(saved, "name", None))
         if not isinstance(saved, fx.Node) or placeholder is None:
             new_saved.append(saved)
             continue
-        kind = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder)
-        fmt = format_for(config, kind, saved.meta.get("val")) if kind else None
+        kinds = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder,
+                               trainable_primals)
+        kind, fmt = _first_format(config, kinds, saved.meta.get("val"))
         reason = _skip_reason(saved, user_outputs) if fmt else None
         if fmt is None or reason is not None or not placeholder.users:
             if fmt is not None and reason is not None:
@@ -274,7 +329,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
             new_saved.append(saved)
             continue
         first_use = min(placeholder.users, key=order.__getitem__)
-        if kind == "layernorm_input":
+        if kind in ("layernorm_input", "weight_input_layernorm_input"):
             packed = _pack(forward, _normalized(forward, saved), fmt)
             _unpack(backward, placeholder, packed, fmt, first_use,
                     finish=lambda x_hat: _denormalized(backward, x_hat, first_use))
