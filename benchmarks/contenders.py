@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -43,7 +44,9 @@ MODELS: dict[str, tuple[str, dict]] = {
     "gpt2-small": ("gpt2-small", dict(batch=4, seq=128)),
     "bert-tiny": ("bert-tiny", dict(batch=2, seq=12)),  # a smoke run, not in the default list
 }
-ENCODER_MARKERS = (".encoder.", ".h.")  # BERT/ViT blocks, GPT-2 blocks
+# The encoder: every numbered transformer block (bert.encoder.layer.3.,
+# vit.layers.3., transformer.h.3.), whatever a model's version calls the list.
+ENCODER_BLOCK = re.compile(r"\.\d+\.")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -70,7 +73,10 @@ def _slimfit(compression, budget=None):
 
 
 def _encoder(model, frozen):
-    return [n for n, _ in model.named_parameters() if any(m in n for m in ENCODER_MARKERS)]
+    names = [n for n, _ in model.named_parameters() if ENCODER_BLOCK.search(n)]
+    if not names:
+        raise ValueError(f"no numbered transformer block in {type(model).__name__}'s parameter names")
+    return names
 
 
 def _plain(model, frozen):
