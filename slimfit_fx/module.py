@@ -212,18 +212,24 @@ class SlimFit:
         return paths
 
     def graphs(self, frozen: Iterable[str] | None = None) -> VariantGraphs:
-        """The graphs of the live variant for `frozen` (default: the current frozen
-        set) on the graph that last trained: joint as traced, after each pass,
-        forward and backward. `print()` it, or `.diff(before, after)` two stages."""
+        """The graphs of a compiled variant: by default the one the last training
+        step ran (what `report()` describes; under "ils" the frozen set may
+        already have moved on for the next step), else the live variant for
+        `frozen` on the graph that last trained. Stages: joint as traced, after
+        each pass, forward and backward. `print()` it, or `.diff(before, after)`."""
         state = self._state
-        key_set = self.frozen if frozen is None else resolve_names(frozen, self.layers, self._aliases)
         graph = state.last_training_graph
-        variant = None if graph is None else state.cache.peek((graph.graph_id, key_set))
+        if frozen is None:
+            variant = state.training_variant()
+            what = "the last training step's variant"
+        else:
+            key_set = resolve_names(frozen, self.layers, self._aliases)
+            variant = None if graph is None else state.cache.peek((graph.graph_id, key_set))
+            what = f"a compiled variant for this frozen set ({len(key_set)} layers frozen)"
         if variant is None:
             raise KeyError(
-                f"no compiled variant for this frozen set ({len(key_set)} layers frozen); "
-                "run a training step with it first (variants are built on first use, and "
-                f"at most max_variants={self.config.max_variants} stay cached)"
+                f"no {what}; run a training step with it first (variants are built on "
+                f"first use, and at most max_variants={self.config.max_variants} stay cached)"
             )
         return variant.graphs
 

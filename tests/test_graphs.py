@@ -116,3 +116,17 @@ def test_computed_before_bytes_count_each_storage_once():
     computed = distinct_bytes(cm.slimfit.report().saved_tensors_before)
     # measured storages may be a little larger (a slice of an input-derived base)
     assert 0.9 * measured <= computed <= measured, (computed, measured)
+
+
+def test_graphs_default_to_the_set_the_last_step_ran_under_ils():
+    """ILS moves the frozen set on at optimizer.step(); graphs() still shows the
+    variant that step ran (as report() does), not the next step's set."""
+    cm, case = _compiled("mlp", schedule="ils", freeze_ratio=0.5, new_set_every=1)
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+    for _ in range(3):
+        ran = cm.slimfit.frozen
+        case.loss(cm(**case.batch)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert cm.slimfit.frozen != ran  # the scheduler moved on (random initial scores, seeded)
+    assert cm.slimfit.graphs() is cm.slimfit.graphs(frozen=ran)
