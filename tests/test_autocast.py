@@ -122,6 +122,26 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     assert_gradients_close(grads, ref_grads)
 
 
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_extended_compression_packs_trainable_inputs_under_autocast(name):
+    """"extended" adds the trainable layers' inputs: bf16 copies a Linear reads,
+    fp32 x_hat or input of a LayerNorm (autocast keeps LayerNorm fp32). Each
+    unpacks to its own dtype; nothing is skipped."""
+    case, cm = compile_case(name, "extended", frozen=first_half_matrices)
+    loss, _, grads = autocast_step(cm, case)
+    ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
+    variant = cm.slimfit._last_training_variant()
+    counters = variant.counters
+    assert counters.get("compressed_weight_input", 0) \
+        + counters.get("compressed_weight_input_layernorm_input", 0) >= 3, counters
+    assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"]
+    for node in variant.graphs["backward"].graph.nodes:
+        if node.target == torch.ops.slimfit.dequantize_rowwise.default:
+            assert node.meta["val"].dtype == node.args[-1] in (torch.bfloat16, torch.float32)
+    torch.testing.assert_close(loss, ref_loss, rtol=TOLERANCE, atol=TOLERANCE)  # forward is exact
+    assert_gradients_close(grads, ref_grads)
+
+
 def test_compression_lowers_measured_saved_bytes_under_autocast():
     measured = {}
     for compression in ("off", "paper"):
