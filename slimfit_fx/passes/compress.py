@@ -165,6 +165,9 @@ def _layernorm_input_weight(placeholder: fx.Node) -> str | None:
     return None
 
 
+_WEIGHT_GRAD_MATMULS = {aten.mm.default, aten.bmm.default}
+
+
 def _returned_as_is(node: fx.Node) -> bool:
     """`node`'s values reach nothing but the graph's output, through copies only."""
     return all(u.op == "output" or _holds_same_values(u)
@@ -184,9 +187,6 @@ def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
             and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) in names
             and not any(getattr(u.args[i], "name", None) in names for i in (1, 2, 3)))
         for u in readers)
-
-
-_WEIGHT_GRAD_MATMULS = {aten.mm.default, aten.bmm.default}
 
 
 def classify_saved(node: fx.Node, backward_users: list[fx.Node],
