@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="tokens per article (padded/truncated)")
     ft.add_argument("--lr", type=float, default=d.lr)
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
-                    help="linear: decay to 0 over the run (the paper's); constant: no decay")
+                    help="constant: no decay; linear: decay to 0 over the run (the paper's)")
     ft.add_argument("--freeze-ratio", type=float, default=d.freeze_ratio, help="share of layers frozen")
     ft.add_argument("--schedule", choices=("ils", "fixed"), default=d.schedule,
                     help="ils: training-dynamics scheduling; fixed: one seeded draw of layers "

@@ -75,14 +75,14 @@ def test_finetune_reads_a_folder_per_class(tmp_path):
             (data / label / f"{i}.txt").write_text(f"{word} {i} " * 5)
     (data / "empty").mkdir()  # no .txt files: not a class
     cli.main(["finetune", *SMALL, "--data-dir", str(data), "--out", str(tmp_path / "run"),
-              "--schedule", "fixed"])
+              "--schedule", "fixed", "--lr-schedule", "linear"])
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
     assert results["steps"] == 2 and results["test_articles"] == 4  # 16 train (2 batches), 4 test
     assert results["last_step_lr"] == pytest.approx(0.5e-4)  # linear decay from 1e-4 to 0 over 2 steps
 
 
-def test_constant_lr_schedule_keeps_the_rate(tmp_path):
+def test_constant_lr_schedule_by_default_keeps_the_rate(tmp_path):
     cli.main(["finetune", *SMALL, "--limit", "20", "--out", str(tmp_path / "run"), "--schedule", "fixed",
-              "--lr-schedule", "constant", "--lr", "3e-4"])
+              "--lr", "3e-4"])
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
     assert results["steps"] == 1 and results["last_step_lr"] == pytest.approx(3e-4)
