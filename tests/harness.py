@@ -5,6 +5,8 @@ set to requires_grad=False, which is what freezing means.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -63,3 +65,22 @@ def assert_matches_eager(cm: slimfit_fx.SlimFitModule, case: Case, frozen) -> No
         assert got is not None, f"{name} trains but got no gradient"
         err = (got.double() - ref.double()).norm() / max(ref_norm.item(), 1e-12)
         assert err <= TOLERANCE, f"{name}: gradient error {err:.2e} of the model's grad norm"
+
+
+def exit_rank() -> None:
+    """End a spawned process-group rank that finished its work (its results on disk).
+
+    Skips the gloo process group's destructor: torch joins the group's worker
+    threads from it while holding the GIL, and a worker releasing its last work's
+    Python state waits for the GIL, a teardown deadlock (the class of
+    pytorch/pytorch#56297) that hung a CI run here once. mp.spawn only checks the
+    exit code. Ranks that fail call dist.destroy_process_group() and raise.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()  # no rank leaves while another still talks to it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

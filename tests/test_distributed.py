@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import slimfit_fx
 
 from . import models
+from .harness import exit_rank
 
 WORLD = 2
 STEPS = 5
@@ -50,9 +51,12 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             record["frozen"].append(sorted(cm.slimfit.frozen))
             record["loss"].append(loss.item())
         record["weights"] = float(sum(p.double().sum() for p in cm.parameters()))
-        (open(os.path.join(out_dir, f"rank{rank}.json"), "w")).write(json.dumps(record))
-    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(json.dumps(record))
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")

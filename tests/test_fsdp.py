@@ -22,6 +22,7 @@ import slimfit_fx
 from slimfit_fx.memory import eager_frozen
 
 from . import models
+from .harness import exit_rank
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
@@ -132,8 +133,10 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             torch.save(weights, os.path.join(out_dir, "weights.pt"))
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(record, f)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    exit_rank()
 
 
 @pytest.fixture(scope="module")
