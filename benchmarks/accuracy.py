@@ -73,8 +73,7 @@ def table(rows, args) -> str:
     return (f"all-MiniLM-L6-v2 on BBC News, {args.epochs} epoch(s), batch 16, seq 128, "
             f"AdamW lr 1e-4 ({lr}); slimfit: ILS freezing {args.freeze_ratio:.0%} of the layers, "
             f"a new frozen set {budget}, compression {args.compression!r}, backend {args.backend}; "
-            f"eager: every layer "
-            f"trains.\n\n" + "\n".join(lines))
+            f"eager: every layer trains.\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ BERT-base config (random init, dropout 0 so gradients compare one to one), 90% o
 the layers frozen (seed 0 draw). Cases: eager full fine-tune; eager with the set
 frozen; slimfit freeze only (compression "off"); slimfit + "paper" compression;
 slimfit + "row" (per-row scales); slimfit + "extended" ("paper" plus the
-trainable layers' inputs 8-bit per-row); slimfit + "paper" + memory_budget 0.1 (the
-partitioner recomputes what it can instead of saving it). Saved bytes are counted with saved-tensor hooks
-on what autograd packs (parameters and inputs excluded); gradient cosine and SQNR
-are against eager with the same frozen set. Prints one table and writes it to
+trainable layers' inputs 8-bit per-row); slimfit + "paper" + memory_budget 0.1
+(the partitioner recomputes what it can instead of saving it). Saved bytes are
+counted with saved-tensor hooks on what autograd packs (parameters and inputs
+excluded); gradient cosine and SQNR are against eager with the same frozen set. Prints one table and writes it to
 docs/compression.md.
 """
 from __future__ import annotations

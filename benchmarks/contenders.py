@@ -8,8 +8,8 @@ block) frozen; eager with slimfit's frozen set; torch.compile default; torch.com
 with activation_memory_budget 0.5 and 0.1; slimfit freeze-only; slimfit freeze +
 "paper" compression; slimfit freeze + "extended" compression ("paper" plus the
 trainable layers' inputs 8-bit); slimfit freeze + "paper" compression + memory
-budget 0.1. Random-init models of real shapes, AdamW, dropout 0 (so compiled and eager compute the same
-function). Per contender: bytes autograd saves for backward (saved-tensor hooks,
+budget 0.1. Random-init models of real shapes, AdamW, dropout 0 (so compiled and
+eager compute the same function). Per contender: bytes autograd saves for backward (saved-tensor hooks,
 parameters and inputs excluded), RSS rise from before forward to before backward
 (needs MALLOC_MMAP_THRESHOLD_=65536, set by re-running itself), median step time
 of `--steps` after `--warmup`, and compile seconds (first step minus the median).

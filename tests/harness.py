@@ -6,8 +6,10 @@ set to requires_grad=False, which is what freezing means.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import slimfit_fx
@@ -67,6 +69,11 @@ def assert_matches_eager(cm: slimfit_fx.SlimFitModule, case: Case, frozen) -> No
         assert err <= TOLERANCE, f"{name}: gradient error {err:.2e} of the model's grad norm"
 
 
+def packed_count(counters, *kinds: str) -> int:
+    """How many saved tensors compress_saved packed as any of `kinds`."""
+    return sum(counters.get(f"compressed_{kind}", 0) for kind in kinds)
+
+
 def exit_rank() -> None:
     """End a spawned process-group rank that finished its work (its results on disk).
 
@@ -76,10 +83,6 @@ def exit_rank() -> None:
     pytorch/pytorch#56297) that hung a CI run here once. mp.spawn only checks the
     exit code. Ranks that fail call dist.destroy_process_group() and raise.
     """
-    import sys
-
-    import torch.distributed as dist
-
     dist.barrier()  # no rank leaves while another still talks to it
     sys.stdout.flush()
     sys.stderr.flush()

@@ -11,7 +11,7 @@ import slimfit_fx
 from slimfit_fx.numerics import gradient_fidelity
 
 from . import models
-from .harness import TOLERANCE, eager_step, step
+from .harness import TOLERANCE, eager_step, packed_count, step
 from .models import FACTORIES
 
 # Compression off: aot_eager runs the same aten kernels on the same bf16 values as
@@ -132,8 +132,7 @@ def test_extended_compression_packs_trainable_inputs_under_autocast(name):
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
     variant = cm.slimfit._last_training_variant()
     counters = variant.counters
-    assert counters.get("compressed_weight_input", 0) \
-        + counters.get("compressed_weight_input_layernorm_input", 0) >= 3, counters
+    assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
     assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"]
     for node in variant.graphs["backward"].graph.nodes:
         if node.target == torch.ops.slimfit.dequantize_rowwise.default:

@@ -12,7 +12,7 @@ import slimfit_fx
 from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
 from slimfit_fx.numerics import gradient_fidelity
 
-from .harness import eager_step, step
+from .harness import eager_step, packed_count, step
 from .models import FACTORIES
 
 # Gradients with compression on vs eager (no compression), over all trainable
@@ -75,8 +75,7 @@ def test_gradients_stay_close_to_eager(name, compression, backend):
     counters = cm.slimfit._last_training_variant().counters
     assert counters["tensors_compressed"] > 0
     if compression == "extended":  # the trainable half's inputs (Linear inputs, LayerNorm x_hat or x)
-        assert counters.get("compressed_weight_input", 0) \
-            + counters.get("compressed_weight_input_layernorm_input", 0) >= 3, counters
+        assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
     cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
     # compression only touches what backward reads: the forward is exact
@@ -150,7 +149,7 @@ def test_frozen_layernorm_pruning_rebuilds_exactly_when_keeping_everything(name,
     case, cm = compile_case(name, _layernorm_only(1.0), backend, frozen=lambda layers: layers)
     assert_matches_eager(cm, case, cm.slimfit.layers)
     counters = cm.slimfit._last_training_variant().counters
-    assert counters.get("compressed_layernorm", 0) + counters.get("compressed_layernorm_input", 0) >= 2, counters
+    assert packed_count(counters, "layernorm", "layernorm_input") >= 2, counters
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
@@ -159,7 +158,7 @@ def test_frozen_layernorm_keeps_a_tenth(name):
     _, _, grads = step(cm, case)
     _, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
     counters = cm.slimfit._last_training_variant().counters
-    pruned = counters.get("compressed_layernorm", 0) + counters.get("compressed_layernorm_input", 0)
+    pruned = packed_count(counters, "layernorm", "layernorm_input")
     assert pruned >= 4, counters  # both LayerNorms of both blocks
     # 10% of each row kept (ceil: 4 of the tiny models' 32), as the value (fp32) and
     # its int16 index: 6 bytes of every 128, 19%
@@ -200,8 +199,7 @@ def test_weight_inputs_are_packed_when_their_layers_train_and_only_then(name):
     _, _, grads = step(cm, case)
     _, _, ref_grads = eager_step(case.model, case, frozen=())
     counters = cm.slimfit._last_training_variant().counters
-    packed = counters.get("compressed_weight_input", 0) \
-        + counters.get("compressed_weight_input_layernorm_input", 0)
+    packed = packed_count(counters, "weight_input", "weight_input_layernorm_input")
     # per block at least: the attention input (Q/K/V share it), the attention output
     # dense's input, the FFN's two inputs, two LayerNorms
     assert packed >= 2 * 6, counters

@@ -44,6 +44,20 @@ _ATTENTION_BACKWARD = {
                             ("_scaled_dot_product_cudnn_attention_backward", 4))
     if hasattr(aten, name)
 }
+
+
+def _reads_qkv(user: fx.Node, names: set[str]) -> bool:
+    """`user` is a fused attention backward reading one of `names` as q, k or v."""
+    return user.target in _ATTENTION_BACKWARD \
+        and any(getattr(user.args[i], "name", None) in names for i in (1, 2, 3))
+
+
+def _reads_out(user: fx.Node, names: set[str]) -> bool:
+    """`user` is a fused attention backward reading one of `names` as its `out`."""
+    return user.target in _ATTENTION_BACKWARD \
+        and getattr(user.args[_ATTENTION_BACKWARD[user.target]], "name", None) in names
+
+
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.permute.default, aten.transpose.int, aten.t.default, aten.detach.default,
           aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
@@ -183,9 +197,7 @@ def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
     readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
     return bool(readers) and any(u.target in _WEIGHT_GRAD_MATMULS for u in readers) and all(
         (u.target in _WEIGHT_GRAD_MATMULS and _returned_as_is(u))
-        or (u.target in _ATTENTION_BACKWARD
-            and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) in names
-            and not any(getattr(u.args[i], "name", None) in names for i in (1, 2, 3)))
+        or (_reads_out(u, names) and not _reads_qkv(u, names))
         for u in readers)
 
 
@@ -201,13 +213,9 @@ def classify_saved(node: fx.Node, backward_users: list[fx.Node],
         kinds.append("layernorm")
     if ln_input_weight in frozen_primals:
         kinds.append("layernorm_input")
-    if backward_users and all(u.target in _ATTENTION_BACKWARD and any(
-            u.args[i] is not None and getattr(u.args[i], "name", None) == node.name for i in (1, 2, 3))
-            for u in backward_users):
+    if backward_users and all(_reads_qkv(u, {node.name}) for u in backward_users):
         kinds.append("qkv")
-    if backward_users and all(u.target in _ATTENTION_BACKWARD
-                              and getattr(u.args[_ATTENTION_BACKWARD[u.target]], "name", None) == node.name
-                              for u in backward_users):
+    if backward_users and all(_reads_out(u, {node.name}) for u in backward_users):
         kinds.append("attention_out")
     if _is_softmax_output(node):
         kinds.append("softmax")
