@@ -109,7 +109,9 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     unpacked = [n for n in variant.graphs["backward"].graph.nodes
                 if n.target in (torch.ops.slimfit.dequantize_fixed.default,
                                 torch.ops.slimfit.dequantize_rowwise.default)]
-    assert len(unpacked) == counters["tensors_compressed"]
+    # GPT-2's tanh GELU output is rebuilt from its input: one more unpack each
+    assert len(unpacked) == counters["tensors_compressed"] + counters.get("recomputed_gelu_tanh", 0)
+    assert counters.get("recomputed_gelu_tanh", 0) == (2 if name == "gpt2" else 0), counters
     assert {n.meta["val"].dtype for n in unpacked} == {torch.bfloat16}
     assert {n.args[-1] for n in unpacked} == {torch.bfloat16}  # the dtype the kernel returns
 

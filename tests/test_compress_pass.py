@@ -226,3 +226,39 @@ def test_gelu_output_keeps_the_papers_format_when_both_apply():
     step(cm, case)
     counters = cm.slimfit._last_training_variant().counters
     assert counters["compressed_gelu_output"] == 2, counters  # one per block
+
+
+def _is_tanh_output(node) -> bool:
+    while node.op == "call_function" and node.target == torch.ops.aten.detach.default:
+        node = node.args[0]
+    return node.target == torch.ops.aten.tanh.default
+
+
+@pytest.mark.parametrize("frozen", [lambda layers: layers, lambda layers: layers[: len(layers) // 2]],
+                         ids=["all-frozen", "half-frozen"])
+def test_gpt2_tanh_gelu_is_rebuilt_from_its_input_instead_of_saved(frozen):
+    """aot_eager saves t = tanh(c(x + 0.044715x^3)) of GPT-2's gelu_new for tanh's
+    backward, in fp32 next to the 4-bit x; the pass drops t and reruns the GELU's
+    ops on x as backward holds it (the paper computes the GELU derivative from x)."""
+    case, cm = compile_case("gpt2", "paper", frozen=frozen)
+    step(cm, case)
+    variant = cm.slimfit._last_training_variant()
+    before = variant.graphs.saved_nodes("forward before passes")
+    after = variant.graphs.saved_nodes("forward")
+    assert sum(map(_is_tanh_output, before)) == 2  # one per block: the case this is about
+    assert not any(map(_is_tanh_output, after))
+    assert variant.counters["recomputed_gelu_tanh"] == 2, variant.counters
+    assert variant.counters["compressed_gelu_input"] == 2, variant.counters
+
+
+def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
+    # softmax stays on so the pass runs; these graphs use fused attention, so it packs nothing
+    rebuild_only = CompressionConfig(qkv_bits=None, attention_out_bits=None, gelu_input_bits=None,
+                                     gelu_output_bits=None, layernorm_keep=None)
+    from .harness import assert_matches_eager
+
+    case, cm = compile_case("gpt2", rebuild_only)
+    layers = cm.slimfit.layers
+    assert_matches_eager(cm, case, layers[: len(layers) // 2])
+    counters = cm.slimfit._last_training_variant().counters
+    assert counters["recomputed_gelu_tanh"] == 2 and "tensors_compressed" not in counters, counters

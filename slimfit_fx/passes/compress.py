@@ -6,6 +6,8 @@ GELU input and output, a frozen LayerNorm's normalized input, and what only a
 trainable layer's weight gradient reads), replaced in the
 forward's saved outputs by its quantized or pruned form, and unpacked in the
 backward right before its first use.
+The tanh output of a tanh-approximation GELU, saved next to its input, is not
+kept at all: backward reruns the GELU's ops on the input as it holds it.
 It never compresses primals (parameters, inputs) and never changes what the
 forward returns to the user; what it skips, it counts with the reason.
 """
@@ -132,6 +134,10 @@ def _is_gelu_input(node: fx.Node) -> bool:
 
 
 def _is_gelu_output(node: fx.Node) -> bool:
+    # aten.gelu, or the last mul of the erf decomposition: (0.5x) * (1 + erf(...)).
+    # Not the tanh approximation's (GPT-2's gelu_new): on tiny GPT-2 its outputs sit
+    # near Q3.4's step of 1/16 and gradient cosine fell from 0.9996 to 0.990 with it
+    # stored so; "extended" stores it as a weight input, with a per-row scale.
     root = _through_copies_up(node)
     if root.target == aten.gelu.default:
         return True
@@ -139,6 +145,37 @@ def _is_gelu_output(node: fx.Node) -> bool:
         isinstance(a, fx.Node) and a.target == aten.add.Tensor
         and any(isinstance(b, fx.Node) and b.target == aten.erf.default for b in a.args)
         for a in root.args)
+
+
+def _gelu_tanh_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """For t = tanh(c * (x + 0.044715 x^3)) of a tanh-approximation GELU written out
+    in aten ops (GPT-2's gelu_new; aot_eager saves t for tanh's backward), the
+    GELU input x, itself among `saved`, and the ops from x to t in graph order:
+    backward can rebuild t from x instead of keeping it."""
+    if _through_copies_up(node).target != aten.tanh.default:
+        return None
+    chain, stack, inputs = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in chain:
+            continue
+        chain.append(n)
+        if len(chain) > 12:  # the decompositions have 6 ops and a copy or two; this is something else
+            return None
+        for a in n.all_input_nodes:
+            if a.name in saved and a is not node:
+                inputs.add(a)
+            elif a.op == "call_function" and a.target in _GELU_ARITHMETIC | _SAME_VALUES | {aten.tanh.default}:
+                stack.append(a)
+            else:
+                return None
+    if len(inputs) != 1:
+        return None
+    (x,) = inputs
+    if not _is_gelu_input(x):
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return x, sorted(chain, key=order.__getitem__)
 
 
 def _is_softmax_output(node: fx.Node) -> bool:
@@ -285,11 +322,11 @@ def _first_format(config: CompressionConfig, kinds: list[str], val) -> tuple[str
     return (kinds[0] if kinds else None), None
 
 
-def _fake(fn, *args):
-    vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+def _fake(fn, *args, **kwargs):
+    vals = fx.map_arg(args, lambda a: a.meta["val"])
     mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
     with mode:
-        return fn(*vals)
+        return fn(*vals, **fx.map_arg(kwargs, lambda a: a.meta["val"]))
 
 
 def _skip_reason(node: fx.Node, user_outputs: set[str]) -> str | None:
@@ -321,11 +358,21 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     named = list(zip(primals, ctx.input_names)) if len(primals) >= len(ctx.input_names) else []
     frozen_primals = {p.name for p, name in named if name in ctx.frozen}
     trainable_primals = {p.name for p, name in named if name is not None and name not in ctx.frozen}
+    saved_nodes = {n.name: n for n in outputs[num_forward_outputs:] if isinstance(n, fx.Node)}
+    # How backward reads each saved tensor after the rewrite: its packed form, or as is.
+    packed_inputs: dict[str, tuple[list[fx.Node], Format]] = {}
+    kept: dict[str, fx.Node] = {}
+    recomputed = []
     new_saved: list[object] = []
     for saved in outputs[num_forward_outputs:]:
         placeholder = placeholders.get(getattr(saved, "name", None))
         if not isinstance(saved, fx.Node) or placeholder is None:
             new_saved.append(saved)
+            continue
+        rebuild = _gelu_tanh_recompute(saved, saved_nodes)
+        if rebuild is not None and rebuild[0].name in placeholders and placeholder.users \
+                and _skip_reason(saved, user_outputs) is None:
+            recomputed.append((saved, placeholder, *rebuild))  # no longer saved
             continue
         kinds = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder,
                                trainable_primals)
@@ -335,6 +382,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
             if fmt is not None and reason is not None:
                 ctx.counters[f"skipped_{kind}_{reason}"] += 1
             new_saved.append(saved)
+            kept[saved.name] = placeholder
             continue
         first_use = min(placeholder.users, key=order.__getitem__)
         if kind in ("layernorm_input", "weight_input_layernorm_input"):
@@ -343,7 +391,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
                     finish=lambda x_hat: _denormalized(backward, x_hat, first_use))
         else:
             packed = _pack(forward, saved, fmt)
-            _unpack(backward, placeholder, packed, fmt, first_use)
+            packed_inputs[saved.name] = (_unpack(backward, placeholder, packed, fmt, first_use), fmt)
         new_saved += packed
         before = saved.meta["val"].numel() * saved.meta["val"].element_size()
         after = sum(ops.compressed_nbytes(p.meta["val"]) for p in packed)
@@ -355,6 +403,10 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         ctx.counters[f"compressed_{kind}"] += 1
         ctx.counters["bytes_before_compression"] += before
         ctx.counters["bytes_after_compression"] += after
+    for saved, placeholder, x, chain in recomputed:
+        _recompute(backward, placeholder, kept.get(x.name), packed_inputs.get(x.name), chain, x)
+        ctx.counters["recomputed_gelu_tanh"] += 1
+        ctx.counters["bytes_recomputed"] += saved.meta["val"].numel() * saved.meta["val"].element_size()
     out_node.args = (tuple(outputs[:num_forward_outputs] + new_saved),)
     for gm in (forward, backward):
         gm.graph.lint()
@@ -380,10 +432,34 @@ def _pack(forward: fx.GraphModule, saved: fx.Node, fmt) -> list[fx.Node]:
     return parts
 
 
-def _call(graph: fx.Graph, target, *args) -> fx.Node:
-    node = graph.call_function(target, args)
-    node.meta["val"] = _fake(target, *args)
+def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
+    node = graph.call_function(target, args, kwargs)
+    node.meta["val"] = _fake(target, *args, **kwargs)
     return node
+
+
+def _recompute(backward: fx.GraphModule, placeholder: fx.Node, x_placeholder: fx.Node | None,
+               x_packed: tuple[list[fx.Node], Format] | None, chain: list[fx.Node], x: fx.Node) -> None:
+    """Replace the saved `placeholder` by `chain` (forward ops from x to it) rerun
+    in backward on x as backward has it: unpacked from its packed form, or kept."""
+    graph = backward.graph
+    first_use = min(placeholder.users, key={n: i for i, n in enumerate(graph.nodes)}.__getitem__)
+    with graph.inserting_before(first_use):
+        if x_packed is None and x_placeholder is None:
+            raise AssertionError(f"compress_saved: {x.name} is neither packed nor kept")
+        if x_packed is not None:
+            inputs, fmt = x_packed
+            val = x.meta["val"]
+            value = _call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+        else:
+            value = x_placeholder
+        env = {x: value}
+        for n in chain:
+            env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
+                           **fx.map_arg(n.kwargs, env.__getitem__))
+    env[chain[-1]].meta["slimfit"] = {"compress_saved": f"recompute {placeholder.name} from {x.name}"}
+    placeholder.replace_all_uses_with(env[chain[-1]])
+    graph.erase_node(placeholder)
 
 
 def _normalized(forward: fx.GraphModule, saved: fx.Node) -> fx.Node:
@@ -417,7 +493,7 @@ def _denormalized(backward: fx.GraphModule, x_hat: fx.Node, first_use: fx.Node) 
 
 
 def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node], fmt,
-            first_use: fx.Node, finish=None) -> None:
+            first_use: fx.Node, finish=None) -> list[fx.Node]:
     graph = backward.graph
     val = placeholder.meta["val"]
     new_inputs = []
@@ -435,3 +511,4 @@ def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node
         unpacked = finish(unpacked)
     placeholder.replace_all_uses_with(unpacked)
     graph.erase_node(placeholder)
+    return new_inputs
