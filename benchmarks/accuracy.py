@@ -1,7 +1,7 @@
 """BBC News accuracy: slimfit (ILS, paper compression) vs eager full fine-tune, per seed.
 
     python benchmarks/accuracy.py [--seeds 0 1] [--freeze-ratio 0.9] [--epochs 1]
-        [--backend aot_eager --new-set-every 5]
+        [--lr 1e-4] [--eager-lr LR] [--backend aot_eager --new-set-every 5]
 
 Each seed runs `slimfit-fx finetune --compare-eager` (same model, data split,
 batch order, head init and epochs for both) and the table reports both
@@ -27,6 +27,9 @@ def main() -> None:
     parser.add_argument("--freeze-ratio", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--compression", default="paper")
+    parser.add_argument("--lr", type=float, default=1e-4, help="slimfit's AdamW learning rate")
+    parser.add_argument("--eager-lr", type=float, default=None,
+                        help="the full fine-tune's learning rate (default: --lr)")
     parser.add_argument("--lr-schedule", default="linear", choices=("linear", "constant"),
                         help="linear: the paper's decay to 0 (the main job's default is constant)")
     parser.add_argument("--backend", default="inductor")
@@ -38,7 +41,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             cli.main(["finetune", "--seed", str(seed), "--freeze-ratio", str(args.freeze_ratio),
                       "--epochs", str(args.epochs), "--compression", args.compression,
-                      "--lr-schedule", args.lr_schedule,
+                      "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
+                      *(["--eager-lr", str(args.eager_lr)] if args.eager_lr is not None else []),
                       "--backend", args.backend, "--compare-eager", "--no-progress", "--out", out,
                       *(["--new-set-every", str(args.new_set_every)] if args.new_set_every else [])])
             rows.append((seed, json.loads((Path(out) / "metrics.json").read_text())))
@@ -69,11 +73,12 @@ def table(rows, args) -> str:
     lines += ["", f"Mean over {len(rows)} of {len(args.seeds)} seeds: slimfit {spread(slim)}, eager "
               f"{spread(eager)}, difference {spread(diffs)} points. One test article is "
               f"{100 / test:.2f} points ({test} test articles)."]
-    lr = "decaying linearly to 0" if args.lr_schedule == "linear" else "constant"
+    decay = "decaying linearly to 0" if args.lr_schedule == "linear" else "constant"
+    eager_lr = args.lr if args.eager_lr is None else args.eager_lr
     return (f"all-MiniLM-L6-v2 on BBC News, {args.epochs} epoch(s), batch 16, seq 128, "
-            f"AdamW lr 1e-4 ({lr}); slimfit: ILS freezing {args.freeze_ratio:.0%} of the layers, "
-            f"a new frozen set {budget}, compression {args.compression!r}, backend {args.backend}; "
-            f"eager: every layer trains.\n\n" + "\n".join(lines))
+            f"AdamW ({decay}); slimfit: lr {args.lr:g}, ILS freezing {args.freeze_ratio:.0%} of the "
+            f"layers, a new frozen set {budget}, compression {args.compression!r}, backend "
+            f"{args.backend}; eager: lr {eager_lr:g}, every layer trains.\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

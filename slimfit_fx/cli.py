@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-length", "--seq-len", dest="max_length", type=int, default=d.max_length,
                     help="tokens per article (padded/truncated)")
     ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--eager-lr", type=float, default=d.eager_lr,
+                    help="--compare-eager's learning rate (default: --lr)")
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                     help="constant: no decay; linear: decay to 0 over the run (the paper's)")
     ft.add_argument("--freeze-ratio", type=float, default=d.freeze_ratio, help="share of layers frozen")

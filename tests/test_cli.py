@@ -14,7 +14,7 @@ SMALL = ["--backend", "aot_eager", "--limit", "40", "--batch-size", "8", "--max-
 def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["finetune", *SMALL, "--freeze-ratio", "0.5", "--new-set-every", "1", "--out", str(out),
-              "--compare-eager", "--progress"])
+              "--compare-eager", "--eager-lr", "2e-4", "--progress"])
     results = json.loads((out / "metrics.json").read_text())
     slim, eager = results["slimfit"], results["eager"]
     assert slim["steps"] == eager["steps"] == 3  # 5 classes x 6 training articles = 30: three batches of 8
@@ -23,6 +23,7 @@ def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
     assert slim["saved_bytes"] > 0 and slim["compile_seconds"] > 0
     assert 0 < slim["saved_bytes"] < eager["saved_bytes"]  # half the layers frozen, Q/K/V and GELU packed
     assert slim["distinct_frozen_sets"] == 3  # per-step ILS
+    assert slim["lr"] == slim["last_step_lr"] == 1e-4 and eager["lr"] == eager["last_step_lr"] == 2e-4
     assert slim["dynamo_graphs"] == 2  # one training graph, one for evaluation
     config = json.loads((out / "config.json").read_text())
     assert config["settings"]["freeze_ratio"] == 0.5 and config["settings"]["compare_eager"]
@@ -53,6 +54,7 @@ def test_inspect_rejects_unknown_models():
 @pytest.mark.parametrize("flags, message", [
     (["--freeze-ratio", "1.5"], "freeze_ratio must be in"),
     (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    (["--eager-lr", "0"], "eager_lr must be > 0, got 0.0"),
     (["--model", "bert-9000"], "unknown model 'bert-9000'"),
     (["--data-dir", "/nonexistent/news"], "data directory '/nonexistent/news' does not exist"),
 ])
