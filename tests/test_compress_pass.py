@@ -2,18 +2,22 @@
 how close gradients stay to eager with compression on (floors stated once)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import operator
 
 import pytest
 import torch
 
 import slimfit_fx
+from slimfit_fx import zoo
 from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
+from slimfit_fx.memory import eager_frozen
 from slimfit_fx.numerics import gradient_fidelity
 
-from .harness import eager_step, packed_count, step
-from .models import FACTORIES
+from .harness import TOLERANCE, eager_step, packed_count, step
+from .models import FACTORIES, Case, hf_loss
 
 # Gradients with compression on vs eager (no compression), over all trainable
 # parameters flattened into one vector. Lossy by design, so not TOLERANCE: a
@@ -262,3 +266,71 @@ def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
     assert_matches_eager(cm, case, layers[: len(layers) // 2])
     counters = cm.slimfit._last_training_variant().counters
     assert counters["recomputed_gelu_tanh"] == 2 and "tensors_compressed" not in counters, counters
+
+
+DROPOUT_MODELS = {"bert": zoo.bert_tiny, "vit": zoo.vit_tiny, "gpt2": zoo.gpt2_tiny}
+
+
+def _dropout_step(module, case: Case, seed: int = 123):
+    torch.manual_seed(seed)  # the same dropout masks for slimfit (aot_eager runs aten's dropout) and eager
+    return step(module, case)
+
+
+def _dropout_run(name: str, compression):
+    """Attention dropout 0.1 sends scaled_dot_product_attention down its math path
+    (Q @ K^T, _safe_softmax, dropout, @ V): slimfit and eager, half the layers frozen."""
+    case = Case(*DROPOUT_MODELS[name](seed=0, dropout=0.1), hf_loss)
+    reference = copy.deepcopy(case.model)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression=compression)
+    layers = cm.slimfit.layers
+    cm.slimfit.set_frozen(layers[: len(layers) // 2])
+    got = _dropout_step(cm, case)
+    with eager_frozen(reference, cm.slimfit.frozen):
+        want = _dropout_step(reference, case)
+    return cm, got, want
+
+
+_COPIES = {getattr(torch.ops.aten, op).default for op in
+           ("detach", "view", "_unsafe_view", "clone", "expand", "permute", "t")} | {torch.ops.aten.transpose.int}
+
+
+def _is_dropped_probabilities(node) -> bool:
+    while node.op == "call_function" and node.target in _COPIES:
+        node = node.args[0]
+    return node.target is operator.getitem and node.args[1] == 0 \
+        and node.args[0].target == torch.ops.aten.native_dropout.default \
+        and "softmax" in str(node.args[0].args[0].target)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(name):
+    """Q/K/V int8 and the softmax output uint8 as matmul operands; the dropped
+    probabilities P * mask / (1 - p) are not saved but rebuilt from P and the mask."""
+    cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run(name, "paper")
+    variant = cm.slimfit._last_training_variant()
+    counters = variant.counters
+    assert counters["compressed_softmax"] == 2 and counters["recomputed_attention_dropout"] == 2, counters
+    # GPT-2 returns K to the user (its KV cache): the saved K^T views it, so it stays
+    assert counters["compressed_qkv"] == (4 if name == "gpt2" else 6), counters
+    assert counters.get("skipped_qkv_also_returned", 0) == (2 if name == "gpt2" else 0), counters
+    assert any(map(_is_dropped_probabilities, variant.graphs.saved_nodes("forward before passes")))
+    assert not any(map(_is_dropped_probabilities, variant.graphs.saved_nodes("forward")))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)  # same masks: the forward is exact
+    cosine, sqnr = gradient_fidelity({k: v for k, v in grads.items() if v is not None},
+                                     {k: v for k, v in ref_grads.items() if v is not None})
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
+
+
+def test_rebuilt_dropped_probabilities_match_eager_when_the_softmax_is_kept_whole():
+    # attention_out stays on so the pass runs; the math path has no fused `out` to pack
+    rebuild_only = CompressionConfig(qkv_bits=None, softmax_bits=None, gelu_input_bits=None,
+                                     gelu_output_bits=None, layernorm_keep=None)
+    cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run("bert", rebuild_only)
+    counters = cm.slimfit._last_training_variant().counters
+    assert counters["recomputed_attention_dropout"] == 2 and "tensors_compressed" not in counters, counters
+    torch.testing.assert_close(loss, ref_loss, rtol=TOLERANCE, atol=TOLERANCE)
+    for name, ref in ref_grads.items():
+        if ref is None:
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], ref, rtol=TOLERANCE, atol=TOLERANCE, msg=name)

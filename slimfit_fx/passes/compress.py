@@ -178,12 +178,72 @@ def _gelu_tanh_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.N
     return x, sorted(chain, key=order.__getitem__)
 
 
+# _safe_softmax: scaled_dot_product_attention's math path (attention dropout > 0 on CPU)
+_SOFTMAXES = {aten._softmax.default, *([aten._safe_softmax.default] if hasattr(aten, "_safe_softmax") else [])}
+
+
 def _is_softmax_output(node: fx.Node) -> bool:
     root = _through_copies_up(node)
-    if root.target == aten._softmax.default:
+    if root.target in _SOFTMAXES:
         return True
     return root.target == aten.div.Tensor and isinstance(root.args[0], fx.Node) \
         and root.args[0].target == aten.exp.default
+
+
+def _dropout_of(node: fx.Node) -> fx.Node | None:
+    """The native_dropout call whose output (getitem 0) `node` holds, through copies."""
+    root = _through_copies_up(node)
+    if root.target is operator.getitem and root.args[1] == 0 and isinstance(root.args[0], fx.Node) \
+            and root.args[0].target == aten.native_dropout.default:
+        return root.args[0]
+    return None
+
+
+def _holds_probabilities(node: fx.Node) -> bool:
+    """Softmax output, or its dropout (attention dropout), through copies."""
+    dropout = _dropout_of(node)
+    return _is_softmax_output(node if dropout is None else dropout.args[0])
+
+
+_MATMULS = {aten.bmm.default, aten.mm.default}
+# Between Q @ K^T and its softmax: scaling, the additive mask, views and casts.
+_SCORE_ARITHMETIC = _SAME_VALUES | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor}
+
+
+def _is_attention_operand(node: fx.Node) -> bool:
+    """Q, K or V of attention written out as matmuls (eager attention, or fused
+    attention's math path): an operand of a matmul whose product reaches a softmax
+    (Q, K), or whose other operand holds the probabilities (V)."""
+    for n in _through_copies_down(_through_copies_up(node)):
+        for user in n.users:
+            if user.target not in _MATMULS:
+                continue
+            others = [a for a in user.args if isinstance(a, fx.Node) and a is not n]
+            if any(_holds_probabilities(o) for o in others) \
+                    or _reaches(user, _SOFTMAXES, 6, _SCORE_ARITHMETIC):
+                return True
+    return False
+
+
+def _dropped_probabilities(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """For attention probabilities after dropout, P * mask / (1 - p), with P and
+    the mask both saved too: (the dropout call, P's saved node, the mask's saved
+    node). Backward rebuilds them as native_dropout_backward(P, mask, scale)."""
+    dropout = _dropout_of(node)
+    if dropout is None or not _is_softmax_output(dropout.args[0]):
+        return None
+    probabilities = _through_copies_up(dropout.args[0])
+    sources = {}
+    for s in saved.values():
+        root = _through_copies_up(s)
+        if root is probabilities and s.meta["val"].shape == probabilities.meta["val"].shape:
+            sources.setdefault("p", s)
+        elif root.target is operator.getitem and root.args[0] is dropout and root.args[1] == 1 \
+                and s.meta["val"].shape == root.meta["val"].shape:
+            sources.setdefault("mask", s)
+    if len(sources) != 2:
+        return None
+    return dropout, sources["p"], sources["mask"]
 
 
 def _is_rsqrt(node) -> bool:
@@ -251,6 +311,8 @@ def classify_saved(node: fx.Node, backward_users: list[fx.Node],
     if ln_input_weight in frozen_primals:
         kinds.append("layernorm_input")
     if backward_users and all(_reads_qkv(u, {node.name}) for u in backward_users):
+        kinds.append("qkv")
+    elif _is_attention_operand(node) and not _holds_probabilities(node):
         kinds.append("qkv")
     if backward_users and all(_reads_out(u, {node.name}) for u in backward_users):
         kinds.append("attention_out")
@@ -329,11 +391,20 @@ def _fake(fn, *args, **kwargs):
         return fn(*vals, **fx.map_arg(kwargs, lambda a: a.meta["val"]))
 
 
+def _view_root(node: fx.Node) -> fx.Node:
+    """The node whose storage `node` views (itself if it is no view)."""
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 def _skip_reason(node: fx.Node, user_outputs: set[str]) -> str | None:
+    """Why `node` is saved as it is; `user_outputs` are the view roots of what the
+    forward returns to the user (held anyway, so a packed copy would only add bytes)."""
     val = node.meta.get("val")
     if node.op == "placeholder":
         return "primal"
-    if node.name in user_outputs:
+    if _view_root(node).name in user_outputs:
         return "also_returned"
     if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
         return "not_float"
@@ -351,7 +422,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         return forward, backward
     out_node = forward.graph.output_node()
     outputs = list(out_node.args[0])
-    user_outputs = {n.name for n in outputs[:num_forward_outputs] if isinstance(n, fx.Node)}
+    user_outputs = {_view_root(n).name for n in outputs[:num_forward_outputs] if isinstance(n, fx.Node)}
     placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(backward.graph.nodes)}
     primals = [n for n in forward.graph.nodes if n.op == "placeholder"]
@@ -369,9 +440,9 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         if not isinstance(saved, fx.Node) or placeholder is None:
             new_saved.append(saved)
             continue
-        rebuild = _gelu_tanh_recompute(saved, saved_nodes)
-        if rebuild is not None and rebuild[0].name in placeholders and placeholder.users \
-                and _skip_reason(saved, user_outputs) is None:
+        rebuild = _rebuild_plan(saved, saved_nodes)
+        if rebuild is not None and all(n.name in placeholders for n in rebuild[1]) \
+                and placeholder.users and _skip_reason(saved, user_outputs) is None:
             recomputed.append((saved, placeholder, *rebuild))  # no longer saved
             continue
         kinds = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder,
@@ -403,9 +474,9 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         ctx.counters[f"compressed_{kind}"] += 1
         ctx.counters["bytes_before_compression"] += before
         ctx.counters["bytes_after_compression"] += after
-    for saved, placeholder, x, chain in recomputed:
-        _recompute(backward, placeholder, kept.get(x.name), packed_inputs.get(x.name), chain, x)
-        ctx.counters["recomputed_gelu_tanh"] += 1
+    for saved, placeholder, kind, sources, start, chain in recomputed:
+        _rebuild(backward, placeholder, sources, start, chain, kept, packed_inputs)
+        ctx.counters[f"recomputed_{kind}"] += 1
         ctx.counters["bytes_recomputed"] += saved.meta["val"].numel() * saved.meta["val"].element_size()
     out_node.args = (tuple(outputs[:num_forward_outputs] + new_saved),)
     for gm in (forward, backward):
@@ -438,29 +509,62 @@ def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
     return node
 
 
-def _recompute(backward: fx.GraphModule, placeholder: fx.Node, x_placeholder: fx.Node | None,
-               x_packed: tuple[list[fx.Node], Format] | None, chain: list[fx.Node], x: fx.Node) -> None:
-    """Replace the saved `placeholder` by `chain` (forward ops from x to it) rerun
-    in backward on x as backward has it: unpacked from its packed form, or kept."""
+def _rebuild_plan(saved: fx.Node, saved_nodes: dict[str, fx.Node]):
+    """How backward can rebuild `saved` from other saved tensors instead of keeping
+    it: (kind, the saved nodes it reads, how to start, the forward ops to rerun in
+    graph order), or None."""
+    tanh = _gelu_tanh_recompute(saved, saved_nodes)
+    if tanh is not None:
+        x, chain = tanh
+        return "gelu_tanh", [x], x, chain
+    dropped = _dropped_probabilities(saved, saved_nodes)
+    if dropped is not None:
+        dropout, probabilities, mask = dropped
+        copies = []
+        node = saved
+        while node.target is not operator.getitem:  # the copies between dropout and `saved`
+            copies.append(node)
+            node = node.args[0]
+        return "attention_dropout", [probabilities, mask], (node, dropout), copies[::-1]
+    return None
+
+
+def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, sources: list[fx.Node], start,
+             chain: list[fx.Node], kept: dict[str, fx.Node],
+             packed: dict[str, tuple[list[fx.Node], Format]]) -> None:
+    """Replace the saved `placeholder` by a rebuild from `sources` as backward holds
+    them (unpacked from their packed form, or kept): dropped attention
+    probabilities as native_dropout_backward(P, mask, 1 / (1 - p)), then `chain`,
+    forward ops rerun on those values."""
     graph = backward.graph
     first_use = min(placeholder.users, key={n: i for i, n in enumerate(graph.nodes)}.__getitem__)
     with graph.inserting_before(first_use):
-        if x_packed is None and x_placeholder is None:
-            raise AssertionError(f"compress_saved: {x.name} is neither packed nor kept")
-        if x_packed is not None:
-            inputs, fmt = x_packed
-            val = x.meta["val"]
-            value = _call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+        values = []
+        for source in sources:
+            if source.name in packed:
+                inputs, fmt = packed[source.name]
+                val = source.meta["val"]
+                values.append(_call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args,
+                                    list(val.shape), val.dtype))
+            elif source.name in kept:
+                values.append(kept[source.name])
+            else:
+                raise AssertionError(f"compress_saved: {source.name} is neither packed nor kept")
+        if isinstance(start, tuple):  # (dropout output, the native_dropout call)
+            getitem, dropout = start
+            probabilities, mask = values
+            env = {getitem: _call(graph, aten.native_dropout_backward.default, probabilities, mask,
+                                  1.0 / (1.0 - dropout.args[1]))}
         else:
-            value = x_placeholder
-        env = {x: value}
+            env = {start: values[0]}
         for n in chain:
             env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
                            **fx.map_arg(n.kwargs, env.__getitem__))
-    env[chain[-1]].meta["slimfit"] = {"compress_saved": f"recompute {placeholder.name} from {x.name}"}
-    placeholder.replace_all_uses_with(env[chain[-1]])
+    value = env[chain[-1]] if chain else next(iter(env.values()))
+    value.meta["slimfit"] = {"compress_saved": f"rebuild {placeholder.name} from "
+                                               f"{', '.join(s.name for s in sources)}"}
+    placeholder.replace_all_uses_with(value)
     graph.erase_node(placeholder)
-
 
 def _normalized(forward: fx.GraphModule, saved: fx.Node) -> fx.Node:
     """x_hat = (x - mean) * rstd for a saved LayerNorm input x, from the forward's
