@@ -334,3 +334,26 @@ def test_rebuilt_dropped_probabilities_match_eager_when_the_softmax_is_kept_whol
             assert grads[name] is None, name
         else:
             torch.testing.assert_close(grads[name], ref, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+
+
+def test_attention_with_dropout_is_compressed_under_inductor():
+    """Inductor decomposes the math path (amax/exp softmax, a bool mask from its own
+    RNG): the same kinds are found. Its masks differ from eager's, so the reference
+    is slimfit with compression off under the same seed (the same masks)."""
+    model, batch = zoo.bert_tiny(seed=0, dropout=0.1)
+    runs = {}
+    for compression in ("off", "paper"):
+        case = Case(copy.deepcopy(model), batch, hf_loss)
+        cm = slimfit_fx.compile(case.model, backend="inductor", compression=compression)
+        layers = cm.slimfit.layers
+        cm.slimfit.set_frozen(layers[: len(layers) // 2])
+        runs[compression] = (cm, _dropout_step(cm, case))
+    cm, (loss, _, grads) = runs["paper"]
+    _, (ref_loss, _, ref_grads) = runs["off"]
+    counters = cm.slimfit._last_training_variant().counters
+    assert counters["compressed_qkv"] == 6 and counters["compressed_softmax"] == 2, counters
+    assert counters["recomputed_attention_dropout"] == 2, counters
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    cosine, sqnr = gradient_fidelity({k: v for k, v in grads.items() if v is not None},
+                                     {k: v for k, v in ref_grads.items() if v is not None})
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)

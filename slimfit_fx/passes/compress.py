@@ -147,6 +147,29 @@ def _is_gelu_output(node: fx.Node) -> bool:
         for a in root.args)
 
 
+def _pointwise_from_saved(node: fx.Node, saved: dict[str, fx.Node], ops: set,
+                          limit: int = 12) -> tuple[set[fx.Node], list[fx.Node]] | None:
+    """If `node` is computed from other `saved` tensors by `ops` alone: those saved
+    tensors and the ops from them to `node`, in graph order; else None."""
+    chain, stack, inputs = [], [node], set()
+    while stack:
+        n = stack.pop()
+        if n in chain:
+            continue
+        chain.append(n)
+        if len(chain) > limit:
+            return None
+        for a in n.all_input_nodes:
+            if a.name in saved and a is not node:
+                inputs.add(a)
+            elif a.op == "call_function" and a.target in ops:
+                stack.append(a)
+            else:
+                return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return inputs, sorted(chain, key=order.__getitem__)
+
+
 def _gelu_tanh_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
     """For t = tanh(c * (x + 0.044715 x^3)) of a tanh-approximation GELU written out
     in aten ops (GPT-2's gelu_new; aot_eager saves t for tanh's backward), the
@@ -154,28 +177,29 @@ def _gelu_tanh_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.N
     backward can rebuild t from x instead of keeping it."""
     if _through_copies_up(node).target != aten.tanh.default:
         return None
-    chain, stack, inputs = [], [node], set()
-    while stack:
-        n = stack.pop()
-        if n in chain:
-            continue
-        chain.append(n)
-        if len(chain) > 12:  # the decompositions have 6 ops and a copy or two; this is something else
-            return None
-        for a in n.all_input_nodes:
-            if a.name in saved and a is not node:
-                inputs.add(a)
-            elif a.op == "call_function" and a.target in _GELU_ARITHMETIC | _SAME_VALUES | {aten.tanh.default}:
-                stack.append(a)
-            else:
-                return None
-    if len(inputs) != 1:
+    # the decompositions have 6 ops and a copy or two
+    found = _pointwise_from_saved(node, saved, _GELU_ARITHMETIC | _SAME_VALUES | {aten.tanh.default})
+    if found is None or len(found[0]) != 1:
         return None
-    (x,) = inputs
-    if not _is_gelu_input(x):
+    (x,), chain = found
+    return (x, chain) if _is_gelu_input(x) else None
+
+
+def _decomposed_dropout_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """Attention probabilities after a decomposed dropout (inductor: P * mask * 1/(1-p)
+    with a bool mask), P and the mask both saved: ([P, mask], the ops from them to
+    `node`): backward rebuilds them instead of keeping them."""
+    if _through_copies_up(node).target != aten.mul.Tensor:
         return None
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return x, sorted(chain, key=order.__getitem__)
+    found = _pointwise_from_saved(node, saved, _SAME_VALUES | {aten.mul.Tensor}, limit=8)
+    if found is None or len(found[0]) != 2:
+        return None
+    inputs, chain = found
+    masks = [n for n in inputs if n.meta["val"].dtype == torch.bool]
+    probabilities = [n for n in inputs if _is_float(n) and _is_softmax_output(n)]
+    if len(masks) != 1 or len(probabilities) != 1:
+        return None
+    return [probabilities[0], masks[0]], chain
 
 
 # _safe_softmax: scaled_dot_product_attention's math path (attention dropout > 0 on CPU)
@@ -186,6 +210,8 @@ def _is_softmax_output(node: fx.Node) -> bool:
     root = _through_copies_up(node)
     if root.target in _SOFTMAXES:
         return True
+    if root.target == aten.where.self:  # _safe_softmax decomposed: where(row all masked, 0, softmax)
+        return any(isinstance(a, fx.Node) and _is_softmax_output(a) for a in root.args[1:])
     return root.target == aten.div.Tensor and isinstance(root.args[0], fx.Node) \
         and root.args[0].target == aten.exp.default
 
@@ -200,9 +226,15 @@ def _dropout_of(node: fx.Node) -> fx.Node | None:
 
 
 def _holds_probabilities(node: fx.Node) -> bool:
-    """Softmax output, or its dropout (attention dropout), through copies."""
+    """Softmax output, or its dropout (attention dropout; decomposed, a product of
+    the probabilities with a mask and 1/(1-p)), through copies."""
     dropout = _dropout_of(node)
-    return _is_softmax_output(node if dropout is None else dropout.args[0])
+    if dropout is not None:
+        return _is_softmax_output(dropout.args[0])
+    root = _through_copies_up(node)
+    if root.target == aten.mul.Tensor:
+        return any(isinstance(a, fx.Node) and _is_float(a) and _holds_probabilities(a) for a in root.args)
+    return _is_softmax_output(node)
 
 
 _MATMULS = {aten.bmm.default, aten.mm.default}
@@ -219,8 +251,9 @@ def _is_attention_operand(node: fx.Node) -> bool:
             if user.target not in _MATMULS:
                 continue
             others = [a for a in user.args if isinstance(a, fx.Node) and a is not n]
+            # amax: the first op of a decomposed softmax (inductor)
             if any(_holds_probabilities(o) for o in others) \
-                    or _reaches(user, _SOFTMAXES, 6, _SCORE_ARITHMETIC):
+                    or _reaches(user, _SOFTMAXES | {aten.amax.default}, 6, _SCORE_ARITHMETIC):
                 return True
     return False
 
@@ -516,7 +549,11 @@ def _rebuild_plan(saved: fx.Node, saved_nodes: dict[str, fx.Node]):
     tanh = _gelu_tanh_recompute(saved, saved_nodes)
     if tanh is not None:
         x, chain = tanh
-        return "gelu_tanh", [x], x, chain
+        return "gelu_tanh", [x], None, chain
+    decomposed = _decomposed_dropout_recompute(saved, saved_nodes)
+    if decomposed is not None:
+        sources, chain = decomposed
+        return "attention_dropout", sources, None, chain
     dropped = _dropped_probabilities(saved, saved_nodes)
     if dropped is not None:
         dropout, probabilities, mask = dropped
@@ -555,8 +592,8 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, sources: list[fx.No
             probabilities, mask = values
             env = {getitem: _call(graph, aten.native_dropout_backward.default, probabilities, mask,
                                   1.0 / (1.0 - dropout.args[1]))}
-        else:
-            env = {start: values[0]}
+        else:  # `chain` reads the sources themselves
+            env = dict(zip(sources, values))
         for n in chain:
             env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
                            **fx.map_arg(n.kwargs, env.__getitem__))
