@@ -13,7 +13,6 @@ import torch
 import slimfit_fx
 from slimfit_fx import zoo
 from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
-from slimfit_fx.memory import eager_frozen
 from slimfit_fx.numerics import gradient_fidelity
 
 from .harness import TOLERANCE, eager_step, packed_count, step
@@ -271,9 +270,9 @@ def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
 DROPOUT_MODELS = {"bert": zoo.bert_tiny, "vit": zoo.vit_tiny, "gpt2": zoo.gpt2_tiny}
 
 
-def _dropout_step(module, case: Case, seed: int = 123):
+def _seeded(run, *args, seed: int = 123):
     torch.manual_seed(seed)  # the same dropout masks for slimfit (aot_eager runs aten's dropout) and eager
-    return step(module, case)
+    return run(*args)
 
 
 def _dropout_run(name: str, compression):
@@ -284,9 +283,8 @@ def _dropout_run(name: str, compression):
     cm = slimfit_fx.compile(case.model, backend="aot_eager", compression=compression)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen(layers[: len(layers) // 2])
-    got = _dropout_step(cm, case)
-    with eager_frozen(reference, cm.slimfit.frozen):
-        want = _dropout_step(reference, case)
+    got = _seeded(step, cm, case)
+    want = _seeded(eager_step, reference, case, cm.slimfit.frozen)
     return cm, got, want
 
 
@@ -316,8 +314,7 @@ def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(na
     assert any(map(_is_dropped_probabilities, variant.graphs.saved_nodes("forward before passes")))
     assert not any(map(_is_dropped_probabilities, variant.graphs.saved_nodes("forward")))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)  # same masks: the forward is exact
-    cosine, sqnr = gradient_fidelity({k: v for k, v in grads.items() if v is not None},
-                                     {k: v for k, v in ref_grads.items() if v is not None})
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
 
 
@@ -347,13 +344,12 @@ def test_attention_with_dropout_is_compressed_under_inductor():
         cm = slimfit_fx.compile(case.model, backend="inductor", compression=compression)
         layers = cm.slimfit.layers
         cm.slimfit.set_frozen(layers[: len(layers) // 2])
-        runs[compression] = (cm, _dropout_step(cm, case))
+        runs[compression] = (cm, _seeded(step, cm, case))
     cm, (loss, _, grads) = runs["paper"]
     _, (ref_loss, _, ref_grads) = runs["off"]
     counters = cm.slimfit._last_training_variant().counters
     assert counters["compressed_qkv"] == 6 and counters["compressed_softmax"] == 2, counters
     assert counters["recomputed_attention_dropout"] == 2, counters
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    cosine, sqnr = gradient_fidelity({k: v for k, v in grads.items() if v is not None},
-                                     {k: v for k, v in ref_grads.items() if v is not None})
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)

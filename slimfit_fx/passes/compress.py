@@ -14,11 +14,11 @@ forward returns to the user; what it skips, it counts with the reason.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import fx
-
-from dataclasses import dataclass
 
 from .. import ops
 from ..config import CompressionConfig
@@ -258,10 +258,10 @@ def _is_attention_operand(node: fx.Node) -> bool:
     return False
 
 
-def _dropped_probabilities(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+def _dropped_probabilities(node: fx.Node, saved: dict[str, fx.Node]) -> list[fx.Node] | None:
     """For attention probabilities after dropout, P * mask / (1 - p), with P and
-    the mask both saved too: (the dropout call, P's saved node, the mask's saved
-    node). Backward rebuilds them as native_dropout_backward(P, mask, scale)."""
+    the mask both saved too: [P's saved node, the mask's saved node]. Backward
+    rebuilds them as native_dropout_backward(P, mask, scale)."""
     dropout = _dropout_of(node)
     if dropout is None or not _is_softmax_output(dropout.args[0]):
         return None
@@ -276,7 +276,7 @@ def _dropped_probabilities(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx
             sources.setdefault("mask", s)
     if len(sources) != 2:
         return None
-    return dropout, sources["p"], sources["mask"]
+    return [sources["p"], sources["mask"]]
 
 
 def _is_rsqrt(node) -> bool:
@@ -473,10 +473,10 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         if not isinstance(saved, fx.Node) or placeholder is None:
             new_saved.append(saved)
             continue
-        rebuild = _rebuild_plan(saved, saved_nodes)
-        if rebuild is not None and all(n.name in placeholders for n in rebuild[1]) \
+        plan = _rebuild_plan(saved, saved_nodes)
+        if plan is not None and all(n.name in placeholders for n in plan.sources) \
                 and placeholder.users and _skip_reason(saved, user_outputs) is None:
-            recomputed.append((saved, placeholder, *rebuild))  # no longer saved
+            recomputed.append((saved, placeholder, plan))  # no longer saved
             continue
         kinds = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder,
                                trainable_primals)
@@ -507,9 +507,11 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         ctx.counters[f"compressed_{kind}"] += 1
         ctx.counters["bytes_before_compression"] += before
         ctx.counters["bytes_after_compression"] += after
-    for saved, placeholder, kind, sources, start, chain in recomputed:
-        _rebuild(backward, placeholder, sources, start, chain, kept, packed_inputs)
-        ctx.counters[f"recomputed_{kind}"] += 1
+    for saved, placeholder, plan in recomputed:
+        # the placeholder's users are the backward's own nodes, all in `order`
+        _rebuild(backward, placeholder, plan, min(placeholder.users, key=order.__getitem__),
+                 kept, packed_inputs)
+        ctx.counters[f"recomputed_{plan.kind}"] += 1
         ctx.counters["bytes_recomputed"] += saved.meta["val"].numel() * saved.meta["val"].element_size()
     out_node.args = (tuple(outputs[:num_forward_outputs] + new_saved),)
     for gm in (forward, backward):
@@ -542,66 +544,73 @@ def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
     return node
 
 
-def _rebuild_plan(saved: fx.Node, saved_nodes: dict[str, fx.Node]):
-    """How backward can rebuild `saved` from other saved tensors instead of keeping
-    it: (kind, the saved nodes it reads, how to start, the forward ops to rerun in
-    graph order), or None."""
+class _Rebuild(NamedTuple):
+    """How backward rebuilds a saved tensor from other saved tensors (`sources`)."""
+
+    kind: str
+    sources: list[fx.Node]
+    chain: list[fx.Node]  # forward ops to rerun in graph order, on the sources or on...
+    dropout_output: fx.Node | None = None  # ...native_dropout's output, rebuilt from [P, mask]
+
+
+def _rebuild_plan(saved: fx.Node, saved_nodes: dict[str, fx.Node]) -> _Rebuild | None:
+    """How backward can rebuild `saved` instead of keeping it, or None."""
     tanh = _gelu_tanh_recompute(saved, saved_nodes)
     if tanh is not None:
         x, chain = tanh
-        return "gelu_tanh", [x], None, chain
+        return _Rebuild("gelu_tanh", [x], chain)
     decomposed = _decomposed_dropout_recompute(saved, saved_nodes)
     if decomposed is not None:
-        sources, chain = decomposed
-        return "attention_dropout", sources, None, chain
+        return _Rebuild("attention_dropout", *decomposed)
     dropped = _dropped_probabilities(saved, saved_nodes)
     if dropped is not None:
-        dropout, probabilities, mask = dropped
         copies = []
         node = saved
         while node.target is not operator.getitem:  # the copies between dropout and `saved`
             copies.append(node)
             node = node.args[0]
-        return "attention_dropout", [probabilities, mask], (node, dropout), copies[::-1]
+        return _Rebuild("attention_dropout", dropped, copies[::-1], dropout_output=node)
     return None
 
 
-def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, sources: list[fx.Node], start,
-             chain: list[fx.Node], kept: dict[str, fx.Node],
-             packed: dict[str, tuple[list[fx.Node], Format]]) -> None:
-    """Replace the saved `placeholder` by a rebuild from `sources` as backward holds
-    them (unpacked from their packed form, or kept): dropped attention
-    probabilities as native_dropout_backward(P, mask, 1 / (1 - p)), then `chain`,
-    forward ops rerun on those values."""
+def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: _Rebuild, first_use: fx.Node,
+             kept: dict[str, fx.Node], packed: dict[str, tuple[list[fx.Node], Format]]) -> None:
+    """Replace the saved `placeholder` by a rebuild from `plan.sources` as backward
+    holds them (unpacked from their packed form, or kept): dropped attention
+    probabilities as native_dropout_backward(P, mask, 1 / (1 - p)), then
+    `plan.chain`, forward ops rerun on those values."""
     graph = backward.graph
-    first_use = min(placeholder.users, key={n: i for i, n in enumerate(graph.nodes)}.__getitem__)
     with graph.inserting_before(first_use):
         values = []
-        for source in sources:
+        for source in plan.sources:
             if source.name in packed:
                 inputs, fmt = packed[source.name]
-                val = source.meta["val"]
-                values.append(_call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args,
-                                    list(val.shape), val.dtype))
+                values.append(_dequantize(graph, inputs, fmt, source.meta["val"]))
             elif source.name in kept:
                 values.append(kept[source.name])
             else:
                 raise AssertionError(f"compress_saved: {source.name} is neither packed nor kept")
-        if isinstance(start, tuple):  # (dropout output, the native_dropout call)
-            getitem, dropout = start
+        if plan.dropout_output is not None:
             probabilities, mask = values
-            env = {getitem: _call(graph, aten.native_dropout_backward.default, probabilities, mask,
-                                  1.0 / (1.0 - dropout.args[1]))}
-        else:  # `chain` reads the sources themselves
-            env = dict(zip(sources, values))
-        for n in chain:
+            p = plan.dropout_output.args[0].args[1]  # native_dropout(input, p, train)
+            env = {plan.dropout_output: _call(graph, aten.native_dropout_backward.default,
+                                              probabilities, mask, 1.0 / (1.0 - p))}
+        else:  # the chain reads the sources themselves
+            env = dict(zip(plan.sources, values))
+        for n in plan.chain:
             env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
                            **fx.map_arg(n.kwargs, env.__getitem__))
-    value = env[chain[-1]] if chain else next(iter(env.values()))
+    value = env[plan.chain[-1]] if plan.chain else next(iter(env.values()))
     value.meta["slimfit"] = {"compress_saved": f"rebuild {placeholder.name} from "
-                                               f"{', '.join(s.name for s in sources)}"}
+                                               f"{', '.join(s.name for s in plan.sources)}"}
     placeholder.replace_all_uses_with(value)
     graph.erase_node(placeholder)
+
+
+def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, val: torch.Tensor) -> fx.Node:
+    """A dequantize call rebuilding a tensor shaped and typed like `val` from its packed parts."""
+    return _call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+
 
 def _normalized(forward: fx.GraphModule, saved: fx.Node) -> fx.Node:
     """x_hat = (x - mean) * rstd for a saved LayerNorm input x, from the forward's
@@ -643,10 +652,8 @@ def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node
             node = graph.placeholder(f"{placeholder.name}_packed{i}")
             node.meta["val"] = p.meta["val"]
             new_inputs.append(node)
-    args = (*new_inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
     with graph.inserting_before(first_use):
-        unpacked = graph.call_function(fmt.dequantize_op, args)
-    unpacked.meta["val"] = _fake(fmt.dequantize_op, *args)
+        unpacked = _dequantize(graph, new_inputs, fmt, val)
     unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
     if finish is not None:
         unpacked = finish(unpacked)
