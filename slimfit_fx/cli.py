@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                          "scheduling); default: derived from --compile-budget")
     ft.add_argument("--compile-budget", type=float, default=d.compile_budget,
                     help="ils: share of training time new frozen sets may spend compiling")
+    ft.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=d.train_new_layers,
+                    help="ILS never freezes layers the checkpoint did not hold (the fresh head); "
+                         "--no-train-new-layers scores them like any layer, as the paper does")
     ft.add_argument("--compression", choices=tuple(COMPRESSION_PRESETS), default=d.compression,
                     help="how saved activations are stored (see README)")
     ft.add_argument("--backend", choices=("inductor", "aot_eager"), default=d.backend)

@@ -111,6 +111,12 @@ class SlimFitConfig:
         `activation_memory_budget`) for every variant, in (0.0, 1.0]: below 1.0
         it recomputes cheap activations in backward instead of saving them.
         None keeps torch's own setting (1.0 unless the user changed it).
+    always_train: layer names (see `cm.slimfit.layers`) that "ils" never freezes,
+        e.g. a freshly initialized classification head, which has no training
+        dynamics to judge yet. They count among the layers that train, so the
+        frozen share stays `freeze_ratio` of all layers where it can. Only with
+        schedule="ils"; the paper's scheduler scores every layer alike, which is
+        what the default () does.
     """
 
     freeze_ratio: float = 0.9
@@ -123,6 +129,7 @@ class SlimFitConfig:
     seed: int = 0
     compression: str | CompressionConfig = "paper"
     memory_budget: float | None = None
+    always_train: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         ratio = self.freeze_ratio
@@ -165,6 +172,16 @@ class SlimFitConfig:
                             f"got {mb!r} of type {type(mb).__name__}")
         if mb is not None and not 0.0 < mb <= 1.0:
             raise ValueError(f"SlimFitConfig.memory_budget must be None or in (0.0, 1.0], got {mb!r}")
+        names = self.always_train
+        if isinstance(names, (str, bytes)) or not isinstance(names, (tuple, list, set, frozenset)) \
+                or not all(isinstance(n, str) for n in names):
+            raise TypeError("SlimFitConfig.always_train must be a tuple of layer names (str), "
+                            f"got {names!r:.80}")
+        object.__setattr__(self, "always_train", tuple(sorted(set(names))))
+        if self.always_train and self.schedule != "ils":
+            raise ValueError(
+                f"SlimFitConfig.always_train applies to schedule='ils', got schedule={self.schedule!r}; "
+                "with schedule='manual' leave those layers out of cm.slimfit.set_frozen(...)")
 
     @property
     def compression_config(self) -> CompressionConfig:

@@ -103,11 +103,19 @@ def load_tokenizer(model_dir: Path):
 
 def load_classifier(model_dir: Path, num_labels: int):
     """The model in `model_dir` with a fresh `num_labels`-way classification head, offline."""
+    return load_classifier_and_new(model_dir, num_labels)[0]
+
+
+def load_classifier_and_new(model_dir: Path, num_labels: int):
+    """`load_classifier`'s model and the names of the parameters the checkpoint
+    did not hold (freshly initialized: the classification head)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=num_labels, problem_type="single_label_classification")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=num_labels, problem_type="single_label_classification",
+        output_loading_info=True)
+    return model, frozenset(info["missing_keys"])
 
 
 def load_default_model(num_labels: int):

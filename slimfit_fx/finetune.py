@@ -2,7 +2,8 @@
 
 `run(settings)` loads the model and data, trains with a progress bar, evaluates,
 and writes the run directory (config, metrics, report, plots). Only the public
-API is used; this module must not reach into the compiler.
+API (and `find_layers`, what a layer is) is used; this module must not reach
+into the compiler.
 """
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from torch import nn
 
 import slimfit_fx
 
-from .data import (TextClassificationData, load_classifier, load_text_folders, load_tokenizer,
+from .data import (TextClassificationData, load_classifier_and_new, load_text_folders, load_tokenizer,
                    resolve_data_dir, resolve_model_dir)
+from .layers import find_layers
 from .memory import eager_saved_bytes
 
 
@@ -45,6 +47,9 @@ class FinetuneSettings:
     schedule: str = "ils"  # or "fixed": one seeded draw for the whole run
     new_set_every: int | None = None
     compile_budget: float = 0.03
+    # "ils" never freezes the layers the checkpoint did not hold (the fresh head):
+    # SlimFitConfig.always_train. False scores them like any layer, as the paper does.
+    train_new_layers: bool = True
     compression: str = "paper"
     backend: str = "inductor"
     limit: int | None = None
@@ -53,9 +58,12 @@ class FinetuneSettings:
     compare_eager: bool = False
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
-    def slimfit_config(self) -> slimfit_fx.SlimFitConfig:
-        """The compile config; raises ValueError/TypeError naming a bad field."""
-        ils = dict(schedule="ils", new_set_every=self.new_set_every, compile_budget=self.compile_budget)
+    def slimfit_config(self, new_layers: tuple[str, ...] = ()) -> slimfit_fx.SlimFitConfig:
+        """The compile config; raises ValueError/TypeError naming a bad field.
+        `new_layers` (layers the checkpoint did not hold) always train under "ils"
+        if `train_new_layers`."""
+        ils = dict(schedule="ils", new_set_every=self.new_set_every, compile_budget=self.compile_budget,
+                   always_train=new_layers if self.train_new_layers else ())
         return slimfit_fx.SlimFitConfig(
             backend=self.backend, freeze_ratio=self.freeze_ratio, seed=self.seed,
             compression=self.compression, **(ils if self.schedule == "ils" else {}))
@@ -172,11 +180,12 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     data_dir = resolve_data_dir(settings.data_dir)
     data = load_text_folders(load_tokenizer(model_dir), data_dir, max_length=settings.max_length,
                              seed=settings.seed, limit=settings.limit)
-    model = _with_head(model_dir, settings.seed, len(data.classes))
+    model, new_parameters = _with_head(model_dir, settings.seed, len(data.classes))
+    new_layers = tuple(n for n in find_layers(model) if n in new_parameters)
     if len(data.train["labels"]) < settings.batch_size:
         raise ValueError(f"only {len(data.train['labels'])} training articles, fewer than one batch "
                          f"of {settings.batch_size}; lower batch_size or raise limit")
-    cm = slimfit_fx.compile(model, settings.slimfit_config())
+    cm = slimfit_fx.compile(model, settings.slimfit_config(new_layers))
     if settings.schedule == "fixed":
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))
     layers = cm.slimfit.layers
@@ -184,6 +193,8 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
           f"(ratio {settings.freeze_ratio}), compression: {settings.compression}, classes: "
           f"{len(data.classes)}, train articles: {len(data.train['labels'])}, test articles: "
           f"{len(data.test['labels'])}", flush=True)
+    if cm.slimfit.config.always_train:
+        print(f"always trains (not in the checkpoint): {', '.join(cm.slimfit.config.always_train)}")
     metrics = train(cm, data, settings, "slimfit", lambda: len(cm.slimfit.frozen) / len(layers))
     opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
     stats = cm.slimfit.stats
@@ -196,6 +207,7 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         "saved_bytes": cm.slimfit.saved_bytes,
         "frozen_layers": len(cm.slimfit.frozen),
         "layers": len(layers),
+        "always_train": list(cm.slimfit.config.always_train),
         "distinct_frozen_sets": schedule.distinct_sets() if schedule else 1,
         "new_set_every": schedule.new_set_every if schedule else None,
     })
@@ -208,7 +220,7 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         paths = cm.slimfit.save_report(out, optimizer=opt, **sample)
         results["files"] = sorted(str(p) for p in paths.values())
     if settings.compare_eager:
-        eager_model = _with_head(model_dir, settings.seed, len(data.classes))
+        eager_model, _ = _with_head(model_dir, settings.seed, len(data.classes))
         eager = train(eager_model, data, settings, "eager", lr=settings.eager_lr)
         eager_model.train()
         eager.pop("optimizer")
@@ -225,9 +237,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     return results
 
 
-def _with_head(model_dir: Path, seed: int, num_labels: int) -> nn.Module:
+def _with_head(model_dir: Path, seed: int, num_labels: int) -> tuple[nn.Module, frozenset[str]]:
     torch.manual_seed(seed)  # the fresh head's init: the same for slimfit and eager
-    return load_classifier(model_dir, num_labels)
+    return load_classifier_and_new(model_dir, num_labels)
 
 
 def side_by_side(results: dict[str, dict[str, Any]]) -> str:

@@ -52,32 +52,33 @@ def parameter_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def resolve_names(
-    names: Iterable[str], layers: tuple[str, ...], aliases: dict[str, str]
+    names: Iterable[str], layers: tuple[str, ...], aliases: dict[str, str], who: str = "set_frozen"
 ) -> frozenset[str]:
-    """Validate user-given layer names and map tied aliases to canonical names."""
+    """Validate user-given layer names and map tied aliases to canonical names;
+    `who` (the API that took them) heads the error messages."""
     if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
         raise TypeError(
-            "set_frozen expects an iterable of parameter names (e.g. a list or set), "
+            f"{who} expects an iterable of parameter names (e.g. a list or set), "
             f"got {type(names).__name__} {names!r:.80}"
         )
     layer_set = set(layers)
     resolved = set()
     for name in names:
         if not isinstance(name, str):
-            raise TypeError(f"set_frozen: parameter names must be str, got {name!r}")
+            raise TypeError(f"{who}: parameter names must be str, got {name!r}")
         if name not in aliases:
             import difflib
 
             close = difflib.get_close_matches(name, aliases, n=3)
             hint = f" Did you mean {close}?" if close else ""
             raise KeyError(
-                f"set_frozen: {name!r} is not a parameter of the model.{hint} "
+                f"{who}: {name!r} is not a parameter of the model.{hint} "
                 "The names freezing controls are in cm.slimfit.layers."
             )
         canonical = aliases[name]
         if canonical not in layer_set:
             raise ValueError(
-                f"set_frozen: {name!r} is a parameter but not a layer: only weights of rank >= 2 "
+                f"{who}: {name!r} is a parameter but not a layer: only weights of rank >= 2 "
                 "and normalization weights can be frozen (biases always train, and parameters "
                 "with requires_grad=False are already frozen). See cm.slimfit.layers."
             )

@@ -61,17 +61,20 @@ class InterLayerSchedule:
     each layer name to its parameter. The schedule advances on optimizer steps
     (`before_step` / `after_step`), never on forward or backward calls, so
     gradient accumulation over micro-batches sees one frozen set and one score
-    update per optimizer step.
+    update per optimizer step. Layers in `always_train` are never frozen; the
+    frozen set is drawn from the rest and keeps its size where they leave room.
     """
 
     def __init__(self, layers: Sequence[str], parameters: dict[str, torch.nn.Parameter],
                  freeze_ratio: float, *, reschedule_every: int, new_set_every: int | None,
                  compile_budget: float, max_pool: int, seed: int,
                  apply_frozen: Callable[[frozenset[str]], None],
-                 compile_seconds: Callable[[], float]) -> None:
+                 compile_seconds: Callable[[], float],
+                 always_train: frozenset[str] = frozenset()) -> None:
         self.layers = tuple(layers)
         self.parameters = parameters
-        self.num_frozen = int(freeze_ratio * len(self.layers))
+        self.always_train = frozenset(always_train)
+        self.num_frozen = min(int(freeze_ratio * len(self.layers)), len(self.layers) - len(self.always_train))
         self.reschedule_every = reschedule_every
         self.new_set_every = new_set_every
         self.compile_budget = compile_budget
@@ -97,8 +100,9 @@ class InterLayerSchedule:
     # -- selection ---------------------------------------------------------------
 
     def _lowest(self) -> frozenset[str]:
-        order = torch.argsort(self.scores, stable=True)[: self.num_frozen].tolist()
-        return frozenset(self.layers[i] for i in order)
+        order = [i for i in torch.argsort(self.scores, stable=True).tolist()
+                 if self.layers[i] not in self.always_train]
+        return frozenset(self.layers[i] for i in order[: self.num_frozen])
 
     def _frozen_score(self, frozen: frozenset[str]) -> float:
         return float(self.scores[[self._index[n] for n in frozen]].sum()) if frozen else 0.0

@@ -63,6 +63,53 @@ def test_the_lowest_scores_are_frozen_next():
     assert cm.slimfit.frozen == expected
 
 
+def test_always_train_layers_train_every_step_and_the_frozen_share_holds():
+    case = models.bert()
+    head = "classifier.weight"
+    cm = ils(case, always_train=(head,))
+    layers = cm.slimfit.layers
+    assert head in layers
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    sizes = []
+    train(cm, case, optimizer, 6, on_step=lambda: sizes.append(len(cm.slimfit.frozen)))
+    counts = dict(zip(layers, cm.slimfit.schedule.trained_counts()))
+    assert counts[head] == 6, counts
+    assert set(sizes) == {int(0.8 * len(layers))}
+    # without it the head is scored like any layer and sits out some steps
+    cm = ils(models.bert())
+    train(cm, case, torch.optim.SGD(cm.parameters(), lr=1e-2), 6)
+    assert dict(zip(layers, cm.slimfit.schedule.trained_counts()))[head] < 6
+
+
+def test_always_train_leaves_room_it_cannot_take_from_the_ratio():
+    layers = slimfit_fx.compile(models.mlp().model, backend="aot_eager").slimfit.layers
+    cm = ils(models.mlp(), freeze_ratio=1.0, always_train=layers[:1])
+    assert cm.slimfit.frozen == frozenset(layers[1:])
+
+
+@pytest.mark.parametrize("names, error, match", [
+    (("not.a.parameter",), KeyError, "SlimFitConfig.always_train: 'not.a.parameter' is not a parameter"),
+    (("classifier.bias",), ValueError, "is a parameter but not a layer"),
+])
+def test_always_train_names_must_be_layers(names, error, match):
+    with pytest.raises(error, match=match):
+        ils(models.bert(), always_train=names)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ("classifier.weight", TypeError, "tuple of layer names"),
+    ((1,), TypeError, "tuple of layer names"),
+])
+def test_bad_always_train_is_refused(value, error, match):
+    with pytest.raises(error, match=match):
+        slimfit_fx.SlimFitConfig(schedule="ils", always_train=value)
+
+
+def test_always_train_needs_the_ils_schedule():
+    with pytest.raises(ValueError, match="schedule='ils'"):
+        slimfit_fx.SlimFitConfig(always_train=("classifier.weight",))
+
+
 def test_frozen_layers_do_not_move_under_adamw_with_stale_grads():
     case = models.mlp()
     cm = ils(case, freeze_ratio=0.5)
