@@ -208,6 +208,7 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         "frozen_layers": len(cm.slimfit.frozen),
         "layers": len(layers),
         "always_train": list(cm.slimfit.config.always_train),
+        "trained_steps": dict(zip(layers, schedule.trained_counts())) if schedule else None,
         "distinct_frozen_sets": schedule.distinct_sets() if schedule else 1,
         "new_set_every": schedule.new_set_every if schedule else None,
     })

@@ -23,6 +23,9 @@ def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
     assert slim["saved_bytes"] > 0 and slim["compile_seconds"] > 0
     assert 0 < slim["saved_bytes"] < eager["saved_bytes"]  # half the layers frozen, Q/K/V and GELU packed
     assert slim["distinct_frozen_sets"] == 3  # per-step ILS
+    # the head is the one layer the checkpoint lacks: it trains every step
+    assert slim["always_train"] == ["classifier.weight"]
+    assert slim["trained_steps"]["classifier.weight"] == 3
     assert slim["lr"] == slim["last_step_lr"] == 1e-4 and eager["lr"] == eager["last_step_lr"] == 2e-4
     assert slim["dynamo_graphs"] == 2  # one training graph, one for evaluation
     config = json.loads((out / "config.json").read_text())
@@ -88,3 +91,10 @@ def test_constant_lr_schedule_by_default_keeps_the_rate(tmp_path):
               "--lr", "3e-4"])
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())["slimfit"]
     assert results["steps"] == 1 and results["last_step_lr"] == pytest.approx(3e-4)
+
+
+def test_new_layers_always_train_unless_told_otherwise():
+    new = ("classifier.weight",)
+    assert FinetuneSettings().slimfit_config(new).always_train == new
+    assert FinetuneSettings(train_new_layers=False).slimfit_config(new).always_train == ()
+    assert FinetuneSettings(schedule="fixed").slimfit_config(new).always_train == ()  # the draw keeps the head
