@@ -23,6 +23,7 @@ from .models import FACTORIES, Case, hf_loss
 # cosine of 0.99 and 20 dB SQNR still fail on any wrong or missing term (those
 # give cosines far below 0.9), and hold for the paper's 4/8-bit formats on these
 # tiny random models (measured: cosine >= 0.999 for all three, see the note).
+aten = torch.ops.aten
 COSINE_FLOOR = 0.99
 SQNR_FLOOR_DB = 20.0
 
@@ -63,6 +64,31 @@ def test_paper_compression_packs_attention_and_gelu_saves(name):
     # Never a primal: inputs and parameters are not compressed.
     placeholders = {n.name for n in forward.graph.nodes if n.op == "placeholder"}
     assert not sources & placeholders
+
+
+def _view_root(node):
+    while node.op == "call_function" and isinstance(node.args[0], torch.fx.Node) \
+            and node.target in (aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
+                                aten._unsafe_view.default, aten.reshape.default, aten.expand.default):
+        node = node.args[0]
+    return node
+
+
+def test_a_head_whose_logits_reach_a_log_softmax_is_not_taken_for_attention():
+    """GPT-2's LM head multiplies by the tied embedding (a view of a parameter) and
+    inductor decomposes the loss's log-softmax with amax, like attention's softmax:
+    neither the weight nor the head's input is packed as Q/K/V."""
+    case, cm = compile_case("gpt2", "paper", backend="inductor")
+    step(cm, case)
+    variant = cm.slimfit._last_training_variant()
+    forward = variant.graphs["forward"]
+    by_name = {n.name: n for n in forward.graph.nodes}
+    packed = [n for n in variant.graphs.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
+    sources = [by_name[n.meta["slimfit"]["compress_saved"]["from"]] for n in packed]
+    assert sources
+    assert not [s.name for s in sources if _view_root(s).op == "placeholder"]
+    # q of each attention layer (k and v are returned as the cache), nothing more
+    assert variant.counters["compressed_qkv"] == 2, variant.counters
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -245,12 +245,16 @@ _SCORE_ARITHMETIC = _SAME_VALUES | {aten.mul.Tensor, aten.div.Tensor, aten.add.T
 def _is_attention_operand(node: fx.Node) -> bool:
     """Q, K or V of attention written out as matmuls (eager attention, or fused
     attention's math path): an operand of a matmul whose product reaches a softmax
-    (Q, K), or whose other operand holds the probabilities (V)."""
+    (Q, K), or whose other operand holds the probabilities (V). Both operands of
+    such a matmul are activations: a matmul with a weight (a graph input) is a
+    layer, such as a classifier or LM head whose logits reach a log-softmax."""
     for n in _through_copies_down(_through_copies_up(node)):
         for user in n.users:
             if user.target not in _MATMULS:
                 continue
             others = [a for a in user.args if isinstance(a, fx.Node) and a is not n]
+            if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in (n, *others)):
+                continue
             # amax: the first op of a decomposed softmax (inductor)
             if any(_holds_probabilities(o) for o in others) \
                     or _reaches(user, _SOFTMAXES | {aten.amax.default}, 6, _SCORE_ARITHMETIC):
@@ -435,7 +439,7 @@ def _skip_reason(node: fx.Node, user_outputs: set[str]) -> str | None:
     """Why `node` is saved as it is; `user_outputs` are the view roots of what the
     forward returns to the user (held anyway, so a packed copy would only add bytes)."""
     val = node.meta.get("val")
-    if node.op == "placeholder":
+    if _view_root(node).op == "placeholder":  # a parameter or input (or a view of one): resident
         return "primal"
     if _view_root(node).name in user_outputs:
         return "also_returned"
