@@ -2,12 +2,14 @@
 
     python benchmarks/accuracy.py [--seeds 0 1] [--freeze-ratio 0.9] [--epochs 1]
         [--lr 1e-4] [--eager-lr LR] [--backend aot_eager --new-set-every 5]
-        [--no-train-new-layers]
+        [--no-train-new-layers] [--keep runs/accuracy]
 
 Each seed runs `slimfit-fx finetune --compare-eager` (same model, data split,
 batch order, head init and epochs for both) and the table reports both
 accuracies, their difference, and the spread over seeds. Writes its section of
-docs/benchmarks.md.
+docs/benchmarks.md. With --keep DIR each seed's run directory is kept as
+DIR/seed-N, and a seed whose kept run used the very same finetune arguments is
+read back instead of rerun, so seeds can be added to a table later.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import argparse
 import json
 import statistics
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from doc import write_section
@@ -39,18 +42,30 @@ def main() -> None:
     parser.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=True,
                         help="ILS never freezes the fresh classification head (default); "
                              "--no-train-new-layers scores it like any layer, as the paper does")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each seed's run directory here; a seed already kept with the "
+                             "same arguments is read back, not rerun")
     args = parser.parse_args()
     rows = []
     for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as out:
-            cli.main(["finetune", "--seed", str(seed), "--freeze-ratio", str(args.freeze_ratio),
-                      "--epochs", str(args.epochs), "--compression", args.compression,
-                      "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
-                      *(["--eager-lr", str(args.eager_lr)] if args.eager_lr is not None else []),
-                      "--backend", args.backend, "--compare-eager",
-                      "--train-new-layers" if args.train_new_layers else "--no-train-new-layers", "--no-progress", "--out", out,
-                      *(["--new-set-every", str(args.new_set_every)] if args.new_set_every else [])])
-            rows.append((seed, json.loads((Path(out) / "metrics.json").read_text())))
+        argv = ["finetune", "--seed", str(seed), "--freeze-ratio", str(args.freeze_ratio),
+                "--epochs", str(args.epochs), "--compression", args.compression,
+                "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
+                *(["--eager-lr", str(args.eager_lr)] if args.eager_lr is not None else []),
+                "--backend", args.backend, "--compare-eager",
+                "--train-new-layers" if args.train_new_layers else "--no-train-new-layers",
+                "--no-progress",
+                *(["--new-set-every", str(args.new_set_every)] if args.new_set_every else [])]
+        with (nullcontext(args.keep / f"seed-{seed}") if args.keep
+              else tempfile.TemporaryDirectory()) as out:
+            out = Path(out)
+            kept = out / "argv.json"
+            if not (kept.exists() and json.loads(kept.read_text()) == argv
+                    and (out / "metrics.json").exists()):
+                kept.unlink(missing_ok=True)
+                cli.main([*argv, "--out", str(out)])
+                kept.write_text(json.dumps(argv))  # written last: only a finished run is reused
+            rows.append((seed, json.loads((out / "metrics.json").read_text())))
         capture.reset_dynamo()
         body = table(rows, args)  # written after every seed: a cut-short run keeps what it measured
         print(body)
