@@ -93,6 +93,10 @@ def table(rows, args) -> str:
     lines += ["", f"Mean over {len(rows)} of {len(args.seeds)} seeds: slimfit {spread(slim)}, eager "
               f"{spread(eager)}, difference {spread(diffs)} points. One test article is "
               f"{100 / test:.2f} points ({test} test articles)."]
+    if len(diffs) > 1:  # how far the mean difference itself can move with the seeds drawn
+        sd = statistics.stdev(diffs)
+        lines.append(f"Per-seed difference: standard deviation {sd:.2f} points, standard error of "
+                     f"the mean {sd / len(diffs) ** 0.5:.2f} points.")
     decay = "decaying linearly to 0" if args.lr_schedule == "linear" else "constant"
     eager_lr = args.lr if args.eager_lr is None else args.eager_lr
     head = ("the fresh classification head always trains" if args.train_new_layers
