@@ -9,7 +9,8 @@ batch order, head init and epochs for both) and the table reports both
 accuracies, their difference, and the spread over seeds. Writes its section of
 docs/benchmarks.md. With --keep DIR each seed's run directory is kept as
 DIR/seed-N, and a seed whose kept run used the very same finetune arguments is
-read back instead of rerun, so seeds can be added to a table later.
+read back instead of rerun, so seeds can be added to a table later. Only the
+arguments are compared, not the code: empty DIR after changing slimfit_fx.
 """
 from __future__ import annotations
 
