@@ -20,13 +20,12 @@ from doc import write_section
 
 import slimfit_fx
 from slimfit_fx import capture
-from slimfit_fx.config import COMPRESSION_KINDS, CompressionConfig
+from slimfit_fx.config import COMPRESSION_PRESETS
 from slimfit_fx.data import load_bbc_news, load_classifier, load_tokenizer, resolve_model_dir
 from slimfit_fx.finetune import seeded_frozen_set
 from slimfit_fx.numerics import gradient_fidelity
 
-PAPER = CompressionConfig()
-NOTHING = CompressionConfig(**{f"{kind}_bits": None for kind in COMPRESSION_KINDS}, layernorm_keep=None)
+PAPER, NOTHING = COMPRESSION_PRESETS["paper"], COMPRESSION_PRESETS["off"]
 CASES = {
     "off (reference)": "off",
     "paper": "paper",
