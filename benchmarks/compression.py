@@ -76,7 +76,7 @@ def main() -> None:
         cm.slimfit.set_frozen(frozen)
         got = grads_of(cm, batch)  # first step builds the variant
         step = timed_steps(lambda: grads_of(cm, batch), args.repeats)
-        counters = cm.slimfit._last_training_variant().counters
+        counters = cm.slimfit.last_step.counters
         label = "slimfit, freeze only" if compression == "off" else f"slimfit + {compression!r} compression"
         label += f" + memory_budget {budget}" if budget else ""
         rows[label] = (cm.slimfit.saved_bytes, step, *gradient_fidelity(got, reference),

@@ -25,7 +25,8 @@ from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .schedule import InterLayerSchedule
-from .variants import FrozenSetState, VariantCache
+from .regions import block_prefixes
+from .variants import EngineState
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -99,11 +100,12 @@ class SlimFit:
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
         self._aliases = parameter_aliases(model)
-        self._state = FrozenSetState(
+        self._state = EngineState(
             backend=config.backend,
             frozen=frozenset(),
             names_by_id=parameter_names_by_identity(model),
-            cache=VariantCache(config.max_variants),
+            layers=frozenset(self.layers),
+            blocks=block_prefixes(model),
             compression=config.compression_config,
             memory_budget=config.memory_budget,
         )
@@ -155,24 +157,25 @@ class SlimFit:
 
     @property
     def stats(self) -> Mapping[str, float]:
+        """graphs_captured: dynamo graphs; regions: regions the training graph runs
+        per step; regions_compiled: distinct regions compiled (one compile serves
+        every region with the same structure, for every frozen set)."""
         state = self._state
         return {
             "graphs_captured": len(state.graphs),
-            "variants_compiled": state.variants_compiled,
-            "variants_live": len(state.cache),
-            "cache_hits": state.cache.hits,
-            "cache_misses": state.cache.misses,
-            "evictions": state.cache.evictions,
+            "regions": sum(c.instances for c in state.compiled.values()),
+            "regions_compiled": len(state.compiled),
             "compile_seconds": state.compile_seconds,
             "wall_seconds": state.wall_seconds(),
         }
 
     @property
     def saved_bytes(self) -> int | None:
-        """Bytes held from forward to backward by the current frozen set's variant,
-        as measured at its last training forward; None until one has run."""
-        variant = self._state.training_variant()
-        return None if variant is None else variant.saved_bytes
+        """Bytes held from forward to backward at the last training forward: what
+        the compiled regions saved plus the inputs stashed for the weight gradients
+        of the layers that trained; None until one has run."""
+        step = self._state.last_step
+        return None if step is None else step.saved_bytes
 
     def report(self) -> Report:
         return build_report(self)
@@ -211,35 +214,30 @@ class SlimFit:
             self.plot_schedule(paths["schedule.png"])
         return paths
 
-    def graphs(self, frozen: Iterable[str] | None = None) -> VariantGraphs:
-        """The graphs of a compiled variant: by default the one the last training
-        step ran (what `report()` describes; under "ils" the frozen set may
-        already have moved on for the next step), else the live variant for
-        `frozen` on the graph that last trained. Stages: joint as traced, after
+    def graphs(self, region: str | None = None) -> VariantGraphs:
+        """The graphs of one compiled region: `region` names it (see
+        `compiled_regions()`), by default the one most regions of the last
+        training step ran (the repeated block). Stages: joint as traced, after
         each pass, forward and backward. `print()` it, or `.diff(before, after)`."""
-        state = self._state
-        graph = state.last_training_graph
-        if frozen is None:
-            variant = state.training_variant()
-            what = "the last training step's variant"
-        else:
-            key_set = resolve_names(frozen, self.layers, self._aliases)
-            variant = None if graph is None else state.cache.peek((graph.graph_id, key_set))
-            what = f"a compiled variant for this frozen set ({len(key_set)} layers frozen)"
-        if variant is None:
-            raise KeyError(
-                f"no {what}; run a training step with it first (variants are built on "
-                f"first use, and at most max_variants={self.config.max_variants} stay cached)"
-            )
-        return variant.graphs
+        compiled = self.compiled_regions()
+        if not compiled:
+            raise KeyError("nothing compiled for training yet; run a training forward first")
+        if region is None:
+            return max(compiled.values(), key=lambda c: (c.instances, len(c.taps))).graphs
+        if region not in compiled:
+            raise KeyError(f"no compiled region {region!r}; the compiled regions are {sorted(compiled)}")
+        return compiled[region].graphs
 
-    def _variant_for_current_set(self):
-        """The live training variant for the current frozen set, if built."""
-        graph = self._state.last_training_graph
-        return None if graph is None else self._state.cache.peek(graph.key())
+    def compiled_regions(self) -> dict[str, Any]:
+        """Every compiled region by name (the first block that built it, or
+        "region N"): its graphs, taps, compile time and how many regions share it."""
+        return {c.name: c for c in self._state.compiled.values()}
 
-    def _last_training_variant(self):
-        return self._state.training_variant()
+    @property
+    def last_step(self):
+        """What the last training forward ran (read-only): its frozen set,
+        saved_bytes, pass counters and saved tensors; None before the first."""
+        return self._state.last_step
 
     def _graph_calls(self) -> int:
         return self._state.graph_calls

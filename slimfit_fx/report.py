@@ -146,7 +146,7 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
 
 
 def build_report(slimfit: "SlimFit") -> Report:
-    variant = slimfit._last_training_variant()
+    variant = slimfit.last_step
     return Report(
         model=type(slimfit.model).__name__,
         backend=slimfit.config.backend,

@@ -1,190 +1,287 @@
-"""Frozen-set keyed variants of each captured graph, and the run-time guard.
+"""The run-time engine: one compile per distinct region, any frozen set at run time.
 
-Dynamo captures a forward once; this module compiles one forward/backward
-variant per frozen set from that capture, keeps them in an LRU cache, and at
-every call runs the variant built for the frozen set in force right now.
-It never decides the frozen set; it only reads it.
+Dynamo captures a forward once. For training, the graph is split into regions
+(one per repeated block, plus the code between blocks); each distinct region is
+compiled once, with every layer weight's gradient tapped out of it
+(`regions.tap_weight_grads`). At run time the frozen set in force decides, per
+layer use, whether its stashed input is kept and its weight gradient formed
+(`weight_grads`), so a new frozen set never compiles anything. This module
+never decides the frozen set; it only reads it.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
-from . import capture
-from .errors import SlimFitError
+from . import capture, ops, regions
+from .config import CompressionConfig
 from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
                      VariantGraphs, after)
 from .memory import run_counting_saved_bytes
-from .config import CompressionConfig
 from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
+from .weight_grads import TapGrad, TapSlot
 
 log = logging.getLogger(__name__)
 
-# Key of the single variant of a graph that never builds a backward.
-NO_BACKWARD = "no_backward"
-
 
 @dataclass
-class Variant:
-    """One compiled forward/backward pair, valid only for `frozen` on `graph_id`."""
+class CompiledRegion:
+    """One compiled forward/backward pair, shared by every region with its structure."""
 
-    graph_id: int
-    frozen: frozenset[str] | str
+    name: str  # the first region's block (or "region N") that built it
     fn: Callable[..., Any]
+    taps: list[regions.WeightTap]
+    num_outputs: int  # the region's own outputs; the stashed operands follow
+    returns_tuple: bool
     compile_seconds: float
     counters: dict[str, int]
     graphs: VariantGraphs
-    frozen_inputs: frozenset[int] = frozenset()  # graph input positions of frozen parameters
-    saved_bytes: int | None = None
-    # (bytes, resident) per tensor autograd packed at the last training forward
-    saved_record: list[tuple[int, bool]] | None = None
+    instances: int = 0
 
-    @property
-    def joint_graph(self) -> fx.GraphModule | None:
-        """The joint graph after every joint pass (None for a graph with no backward)."""
-        joint = [gm for stage, gm in self.graphs.stages.items() if stage.startswith(JOINT)]
-        return joint[-1] if joint else None
-
-    def saved_tensors(self) -> list[SavedTensor]:
-        """What this variant's forward saves, measured at its last training run."""
-        return self.graphs.saved_tensors(self.saved_record)
-
-    def saved_tensors_before_passes(self) -> list[SavedTensor]:
-        """What the forward would save with no slimfit pass (computed from the graph),
-        each marked with the pass that dropped it, if one did."""
-        return self.graphs.saved_tensors_before_passes(tuple(p.__name__ for p in JOINT_PASSES))
+    def saved_tensors(self, record: list[tuple[int, bool]] | None) -> list[SavedTensor]:
+        return self.graphs.saved_tensors(record)
 
 
-class VariantCache:
-    """LRU of compiled variants; an evicted variant is dropped and its memory freed."""
+class Region(torch.nn.Module):
+    """One region of the split graph: runs its compiled code with the current frozen set."""
 
-    def __init__(self, max_variants: int) -> None:
-        self.max_variants = max_variants
-        self._entries: OrderedDict[Hashable, Variant] = OrderedDict()
-        self.hits = self.misses = self.evictions = 0
+    def __init__(self, index: int, block: str | None, input_names: tuple[str | None, ...],
+                 state: "EngineState") -> None:
+        super().__init__()
+        self.index, self.block, self.input_names = index, block, input_names
+        self.compiled: CompiledRegion | None = None
+        object.__setattr__(self, "state", state)  # not a submodule
 
-    def get(self, key: Hashable) -> Variant | None:
-        variant = self._entries.get(key)
-        if variant is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return variant
-
-    def put(self, key: Hashable, variant: Variant) -> None:
-        self._entries[key] = variant
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_variants:
-            self._entries.popitem(last=False)
-            self.evictions += 1
-
-    def peek(self, key: Hashable) -> Variant | None:
-        return self._entries.get(key)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    def forward(self, *args: Any) -> Any:
+        state, compiled = self.state, self.compiled
+        frozen = state.frozen
+        call_args = list(args)
+        slots: list[TapSlot | None] = []
+        probes = []
+        for tap in compiled.taps:
+            weight = args[tap.weight_input]
+            call_args[tap.weight_input] = weight.detach()
+            trains = self.input_names[tap.weight_input] not in frozen and weight.requires_grad
+            slot = TapSlot(tap, weight) if trains else None
+            slots.append(slot)
+            probes.append(TapGrad.apply(weight if trains else state.anchor(weight.device), slot,
+                                        tap.probe_shape, tap.probe_dtype))
+        start = len(state.record)
+        outputs = compiled.fn(*call_args, *probes)
+        state.calls.append((self, state.record[start:]))
+        stashed = outputs[compiled.num_outputs:]
+        packed: dict[int, Any] = {}
+        for slot in slots:
+            if slot is not None:
+                operands = [args[i] if where == "input" else stashed[i] for where, i in slot.tap.stash]
+                state.stash(slot, operands, args, packed)
+        result = outputs[:compiled.num_outputs]
+        return tuple(result) if compiled.returns_tuple else result[0]
 
 
 @dataclass
-class FrozenSetState:
+class EngineState:
     """The frozen set in force and everything compiled for it; shared by all graphs."""
 
     backend: str
     frozen: frozenset[str]
     names_by_id: dict[int, str]
-    cache: VariantCache
+    layers: frozenset[str]
+    blocks: tuple[str, ...]
     compression: CompressionConfig | None = None
-    memory_budget: float | None = None  # the partitioner's activation_memory_budget; None: torch's
-    variants_compiled: int = 0
+    memory_budget: float | None = None
     compile_seconds: float = 0.0
     graphs: list["CapturedGraph"] = field(default_factory=list)
+    compiled: dict[tuple, CompiledRegion] = field(default_factory=dict)
     graph_calls: int = 0
     last_training_graph: "CapturedGraph | None" = None
-    last_training_key: Hashable | None = None  # variant key of the last training forward
-    first_training_call: float | None = None  # perf_counter() at the first training forward
+    last_step: "StepRecord | None" = None
+    first_training_call: float | None = None
+    # filled during one training forward
+    record: list[tuple[int, bool]] = field(default_factory=list)
+    calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
+    stash_bytes: dict[int, int] = field(default_factory=dict)
+    _anchors: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def anchor(self, device: torch.device) -> torch.Tensor:
+        """A leaf that requires grad, for probes of frozen uses (their gradient is dropped)."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._anchors[device]
 
     def wall_seconds(self) -> float:
-        """Seconds since the first training forward (0 before it)."""
         start = self.first_training_call
         return 0.0 if start is None else time.perf_counter() - start
 
-    def training_variant(self) -> Variant | None:
-        """The variant the last training forward ran (None if evicted since); a
-        scheduler may already have moved the frozen set on for the next step."""
-        key = self.last_training_key
-        return None if key is None else self.cache.peek(key)
+    def stash(self, slot: TapSlot, operands: list[Any], args: tuple, packed: dict[int, Any]) -> None:
+        """Keep a trainable use's operands for its weight gradient, stored as the
+        compression config says (the FFN output dense's input, GELU output, in
+        the paper's int8; every trainable layer's input per-row under weight_input)."""
+        fmt = _stash_format(self.compression, slot.tap)
+        resident = {id(a) for a in args if isinstance(a, torch.nn.Parameter)}
+        kept = []
+        for operand in operands:
+            if fmt is not None and isinstance(operand, torch.Tensor) and operand.is_floating_point() \
+                    and operand.dim() >= 2 and id(operand) not in resident:
+                if id(operand) not in packed:
+                    packed[id(operand)] = (fmt[0](operand), operand.shape, operand.dtype)
+                kept.append(packed[id(operand)])
+            else:
+                kept.append(operand)
+        for item in kept:
+            for t in (item[0] if isinstance(item, tuple) else (item,)):
+                if isinstance(t, torch.Tensor) and id(t) not in resident:
+                    storage = t.untyped_storage()
+                    self.stash_bytes[storage.data_ptr()] = storage.nbytes()
+        slot.operands = kept
+        if fmt is not None:
+            slot.unpack = lambda items, dequantize=fmt[1]: [
+                dequantize(*item) if isinstance(item, tuple) else item for item in items]
 
     def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        """The torch.compile backend: called once per dynamo graph, returns the guard."""
+        """The torch.compile backend: called once per dynamo graph."""
         graph = CapturedGraph(len(self.graphs), gm, example_inputs, self)
         self.graphs.append(graph)
         return graph
 
 
+def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap):
+    """(pack, unpack) for a tap's stashed float operands, or None to keep them."""
+    if config is None:
+        return None
+    if tap.producer == "gelu" and config.gelu_output_bits is not None:
+        fixed = ops.Q3_4_INT8 if config.gelu_output_bits == 8 else ops.FixedPoint(4, 1, True)
+        if config.scale == "fixed":
+            args = (fixed.bits, fixed.frac_bits, fixed.signed)
+            return (lambda x: (torch.ops.slimfit.quantize_fixed(x, *args),),
+                    lambda codes, shape, dtype: torch.ops.slimfit.dequantize_fixed(codes[0], *args, list(shape), dtype))
+        bits = config.gelu_output_bits
+    elif config.weight_input_bits is not None:
+        bits = config.weight_input_bits
+    else:
+        return None
+    return (lambda x: tuple(torch.ops.slimfit.quantize_rowwise(x, bits)),
+            lambda codes, shape, dtype: torch.ops.slimfit.dequantize_rowwise(*codes, bits, list(shape), dtype))
+
+
+@dataclass
+class StepRecord:
+    """What the last training forward ran: the frozen set, each region call's
+    saved tensors as measured, and the stashed operands of trainable layers."""
+
+    frozen: frozenset[str]
+    saved_bytes: int
+    stash_bytes: int
+    calls: list[tuple[Region, list[tuple[int, bool]]]]
+
+    @property
+    def counters(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for region, _ in self.calls:
+            total.update(region.compiled.counters)
+        return dict(total)
+
+    def saved_tensors(self) -> list[SavedTensor]:
+        result = []
+        for region, record in self.calls:
+            result += [_rename(t, region) for t in region.compiled.saved_tensors(record)]
+        return result
+
+    def saved_tensors_before_passes(self) -> list[SavedTensor]:
+        result = []
+        for region, _ in self.calls:
+            graphs = region.compiled.graphs
+            result += [_rename(t, region)
+                       for t in graphs.saved_tensors_before_passes(tuple(p.__name__ for p in JOINT_PASSES))]
+        return result
+
+
+def _rename(tensor: SavedTensor, region: Region) -> SavedTensor:
+    """A shared region's tensors carry the module names of the block that built it."""
+    import dataclasses
+
+    first, own = region.compiled.name, region.block
+    module = tensor.module
+    if own and first and (module == first or module.startswith(first + ".")):
+        module = own + module[len(first):]
+    return dataclasses.replace(tensor, module=module, name=f"{region.index}:{tensor.name}")
+
+
 class CapturedGraph:
-    """One dynamo graph. Calling it runs the variant for the current frozen set."""
+    """One dynamo graph. Training calls run its regions; inference runs one compile."""
 
     def __init__(self, graph_id: int, gm: fx.GraphModule, example_inputs: list[Any],
-                 state: FrozenSetState) -> None:
+                 state: EngineState) -> None:
         self.graph_id = graph_id
         self.state = state
-        self.gm = gm
         self.tracing_context = capture.current_tracing_context()
         self.input_names = tuple(
             state.names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None
             for x in example_inputs
         )
-        # A graph captured with grad disabled, or with nothing requiring grad, has
-        # no backward: one variant serves every frozen set.
         self.builds_backward = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
         )
-        self.example_inputs = capture.fake_inputs(example_inputs, self.tracing_context)
+        fake = capture.fake_inputs(example_inputs, self.tracing_context)
+        start = time.perf_counter()
+        if self.builds_backward:
+            self.fn = self._build_regions(gm)
+        else:
+            self.fn = capture.compile_variant(
+                gm, fake, backend=state.backend, joint_pass=lambda g: g,
+                partition_pass=lambda f, b, n: (f, b), on_partition=lambda *a: None,
+                tracing_context=self.tracing_context)
+        state.compile_seconds += time.perf_counter() - start
 
-    def key(self) -> tuple[int, frozenset[str] | str]:
-        return (self.graph_id, self.state.frozen if self.builds_backward else NO_BACKWARD)
-
-    def __call__(self, *args: Any) -> Any:
+    def _build_regions(self, gm: fx.GraphModule) -> fx.GraphModule:
         state = self.state
-        key = self.key()
-        training = self.builds_backward and torch.is_grad_enabled()
-        if training and state.first_training_call is None:
-            state.first_training_call = time.perf_counter()
-        variant = state.cache.get(key) or self._build(key)
-        if (variant.graph_id, variant.frozen) != key:
-            raise SlimFitError(
-                f"variant for {variant.frozen!r} on graph {variant.graph_id} was about to run "
-                f"for {key!r}; refusing to run a stale variant"
-            )
-        state.graph_calls += 1
-        if not training:
-            return variant.fn(*args)
-        state.last_training_graph, state.last_training_key = self, key
-        if variant.frozen_inputs:
-            # Frozen parameters enter detached, so autograd (and DDP's search for
-            # unused parameters) sees no path to them at all.
-            args = tuple(a.detach() if i in variant.frozen_inputs else a for i, a in enumerate(args))
-        record: list[tuple[int, bool]] = []
-        outputs, variant.saved_bytes = run_counting_saved_bytes(variant.fn, *args, record=record)
-        variant.saved_record = record
-        return outputs
+        split = regions.split_regions(gm, state.blocks)
+        top_inputs = {n: i for i, n in enumerate(n for n in split.graph.nodes if n.op == "placeholder")}
+        for index, node in enumerate(n for n in split.graph.nodes if n.op == "call_module"):
+            sub = getattr(split, node.target)
+            names = tuple(self.input_names[top_inputs[a]] if a in top_inputs else None for a in node.args)
+            is_weight = [name in state.layers for name in names]
+            block = _region_block(sub, state.blocks)
+            region = Region(index, block, names, state)
+            key = regions.structural_key(sub, is_weight)
+            compiled = state.compiled.get(key)
+            if compiled is None:
+                compiled = self._compile_region(sub, is_weight, names, block or f"region {index}")
+                state.compiled[key] = compiled
+            compiled.instances += 1
+            region.compiled = compiled
+            setattr(split, node.target, region)
+        split.recompile()
+        return split
 
-    def _build(self, key: tuple[int, frozenset[str] | str]) -> Variant:
-        frozen = key[1]
-        ctx = PassContext(
-            input_names=self.input_names,
-            frozen=frozen if isinstance(frozen, frozenset) else frozenset(),
-            compression=self.state.compression,
-        )
-        graphs = VariantGraphs(self.input_names)
+    def _compile_region(self, sub: fx.GraphModule, is_weight: list[bool],
+                        names: tuple[str | None, ...], name: str) -> CompiledRegion:
+        state = self.state
+        tapped, taps, num_outputs = regions.tap_weight_grads(sub, is_weight)
+        returns_tuple = isinstance(sub.graph.output_node().args[0], (tuple, list))
+        example = []
+        for node, weight in zip((n for n in tapped.graph.nodes if n.op == "placeholder"),
+                                [*is_weight, *([False] * len(taps))]):
+            value = node.meta["example_value"]
+            if node.name.startswith("slimfit_probe_"):
+                with value.fake_mode:
+                    value = torch.zeros((), dtype=value.dtype, device=value.device).expand(
+                        value.shape).requires_grad_(True)
+            elif weight and isinstance(value, torch.Tensor):
+                value = value.detach()
+            example.append(value)
+        input_names = (*names, *([None] * len(taps)))
+        ctx = PassContext(input_names=input_names,
+                          frozen=frozenset(n for n, w in zip(names, is_weight) if w),
+                          compression=state.compression)
+        graphs = VariantGraphs(input_names)
 
         def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
             graphs.stages[JOINT] = capture.copy_graph_module(gm)
@@ -193,15 +290,13 @@ class CapturedGraph:
                 graphs.stages[after(each.__name__)] = capture.copy_graph_module(gm)
             return gm
 
-        def partition_pass(forward: fx.GraphModule, backward: fx.GraphModule,
-                           num_outputs: int) -> tuple[fx.GraphModule, fx.GraphModule]:
+        def partition_pass(forward, backward, num_outputs):
             for each in PARTITION_PASSES:
                 forward, backward = each((forward, backward), num_outputs, ctx)
             return forward, backward
 
-        def on_partition(forward: fx.GraphModule, backward: fx.GraphModule, num_outputs: int,
-                         partition: capture.Partition) -> None:
-            if JOINT in graphs.stages:  # what the partitioner makes of the untouched joint
+        def on_partition(forward, backward, num_outputs, partition) -> None:
+            if JOINT in graphs.stages:
                 before = partition(capture.copy_graph_module(graphs.stages[JOINT]))
                 graphs.stages[FORWARD_BEFORE], graphs.stages[BACKWARD_BEFORE] = before
             graphs.stages[FORWARD] = capture.copy_graph_module(forward)
@@ -210,22 +305,43 @@ class CapturedGraph:
 
         start = time.perf_counter()
         fn = capture.compile_variant(
-            self.gm, self.example_inputs, backend=self.state.backend,
-            memory_budget=self.state.memory_budget,
+            tapped, example, backend=state.backend, memory_budget=state.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
-            tracing_context=self.tracing_context,
-        )
+            tracing_context=self.tracing_context)
         seconds = time.perf_counter() - start
-        variant = Variant(
-            graph_id=self.graph_id, frozen=frozen, fn=fn, compile_seconds=seconds,
-            counters=dict(ctx.counters), graphs=graphs,
-            frozen_inputs=frozenset(i for i, name in enumerate(self.input_names) if name in ctx.frozen),
-        )
-        log.info("graph %d, %s: built a %s variant in %.2f s; %s", self.graph_id,
-                 f"{len(ctx.frozen)} layers frozen" if self.builds_backward else "no backward",
-                 self.state.backend, seconds,
-                 ", ".join(f"{k}={v}" for k, v in sorted(variant.counters.items())) or "no rewrites")
-        self.state.variants_compiled += 1
-        self.state.compile_seconds += seconds
-        self.state.cache.put(key, variant)
-        return variant
+        ctx.counters["weight_uses_tapped"] += len(taps)
+        log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
+                 state.backend, seconds, len(taps),
+                 ", ".join(f"{k}={v}" for k, v in sorted(ctx.counters.items())))
+        return CompiledRegion(name=name, fn=fn, taps=taps, num_outputs=num_outputs,
+                              returns_tuple=returns_tuple, compile_seconds=seconds,
+                              counters=dict(ctx.counters), graphs=graphs)
+
+    def __call__(self, *args: Any) -> Any:
+        state = self.state
+        state.graph_calls += 1
+        training = self.builds_backward and torch.is_grad_enabled()
+        if not training:
+            return self.fn(*args)
+        if state.first_training_call is None:
+            state.first_training_call = time.perf_counter()
+        state.record, state.calls, state.stash_bytes = [], [], {}
+        frozen = state.frozen
+        try:
+            outputs, saved = run_counting_saved_bytes(self.fn, *args, record=state.record)
+            state.last_training_graph = self
+            state.last_step = StepRecord(frozen=frozen, saved_bytes=saved + sum(state.stash_bytes.values()),
+                                         stash_bytes=sum(state.stash_bytes.values()), calls=state.calls)
+        finally:
+            state.record, state.calls, state.stash_bytes = [], [], {}
+        return outputs
+
+
+def _region_block(sub: fx.GraphModule, blocks: tuple[str, ...]) -> str | None:
+    blocks_set = set(blocks)
+    for node in sub.graph.nodes:
+        if node.op == "call_function" or node.op == "call_method":
+            block = regions.block_of(node, blocks_set)
+            if block is not None:
+                return block
+    return None

@@ -63,7 +63,7 @@ def assert_gradients_close(grads, ref_grads) -> None:
 
 
 def forward_node(cm, name: str) -> torch.fx.Node:
-    graph = cm.slimfit._last_training_variant().graphs["forward"].graph
+    graph = cm.slimfit.last_step.graphs["forward"].graph
     return next(n for n in graph.nodes if n.name == name)
 
 
@@ -91,7 +91,7 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     case, cm = compile_case(name, compression, frozen=first_half_matrices)
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     counters = variant.counters
     # Same counts as fp32 (tests/test_compress_pass.py): nothing is skipped for
     # being bf16. GPT-2 returns k and v to the user, so only q is packed there.
@@ -132,7 +132,7 @@ def test_extended_compression_packs_trainable_inputs_under_autocast(name):
     case, cm = compile_case(name, "extended", frozen=first_half_matrices)
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     counters = variant.counters
     assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
     assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"]
@@ -166,7 +166,7 @@ def test_every_saved_copy_of_softmax_probabilities_is_packed(autocast):
     else:
         loss, _, grads = step(cm, case)
         ref_loss, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     assert variant.counters.get("compressed_softmax") == 4, variant.counters  # 2 layers x 2 copies
     probabilities = 2 * 2 * 12 * 12  # batch x heads x seq x seq; no other saved tensor has this size
     unpacked = [n for n in variant.graphs.saved_nodes("forward")
@@ -182,7 +182,7 @@ def test_inductor_packs_bf16_gelu_inputs_and_nothing_else():
     case, cm = compile_case("bert", "paper", backend="inductor", frozen=first_half_matrices)
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters.get("compressed_qkv") == 6 and counters.get("compressed_gelu_input") == 2, counters
     assert not [k for k in counters if k.startswith("skipped_")], counters
     # inductor computes bf16 elementwise math in fp32 and rounds once per kernel,

@@ -42,7 +42,7 @@ def compile_case(name: str, compression, backend: str = "aot_eager", frozen=None
 def test_paper_compression_packs_attention_and_gelu_saves(name):
     case, cm = compile_case(name, "paper")
     step(cm, case)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     counters = variant.counters
     # q, k, v of both attention layers; GPT-2 returns k and v to the user (its
     # KV cache), so they stay resident and only q is packed
@@ -80,7 +80,7 @@ def test_a_head_whose_logits_reach_a_log_softmax_is_not_taken_for_attention():
     neither the weight nor the head's input is packed as Q/K/V."""
     case, cm = compile_case("gpt2", "paper", backend="inductor")
     step(cm, case)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     forward = variant.graphs["forward"]
     by_name = {n.name: n for n in forward.graph.nodes}
     packed = [n for n in variant.graphs.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
@@ -101,7 +101,7 @@ def test_gradients_stay_close_to_eager(name, compression, backend):
     frozen = cm.slimfit.frozen
     loss, _, grads = step(cm, case)
     ref_loss, _, ref_grads = eager_step(case.model, case, frozen)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters["tensors_compressed"] > 0
     if compression == "extended":  # the trainable half's inputs (Linear inputs, LayerNorm x_hat or x)
         assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
@@ -117,7 +117,7 @@ def test_off_and_a_config_with_nothing_chosen_compress_nothing():
     for compression in ("off", nothing):
         case, cm = compile_case("bert", compression)
         step(cm, case)
-        assert "tensors_compressed" not in cm.slimfit._last_training_variant().counters
+        assert "tensors_compressed" not in cm.slimfit.last_step.counters
 
 
 def test_compression_lowers_measured_saved_bytes():
@@ -177,7 +177,7 @@ def test_frozen_layernorm_pruning_rebuilds_exactly_when_keeping_everything(name,
 
     case, cm = compile_case(name, _layernorm_only(1.0), backend, frozen=lambda layers: layers)
     assert_matches_eager(cm, case, cm.slimfit.layers)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert packed_count(counters, "layernorm", "layernorm_input") >= 2, counters
 
 
@@ -186,7 +186,7 @@ def test_frozen_layernorm_keeps_a_tenth(name):
     case, cm = compile_case(name, _layernorm_only(0.1), frozen=lambda layers: layers)
     _, _, grads = step(cm, case)
     _, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     pruned = packed_count(counters, "layernorm", "layernorm_input")
     assert pruned >= 4, counters  # both LayerNorms of both blocks
     # 10% of each row kept (ceil: 4 of the tiny models' 32), as the value (fp32) and
@@ -201,7 +201,7 @@ def test_trained_layernorms_are_not_pruned():
     case, cm = compile_case("bert", _layernorm_only(0.1),
                             frozen=lambda layers: [n for n in layers if "LayerNorm" not in n])
     step(cm, case)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert "tensors_compressed" not in counters, counters
 
 
@@ -227,7 +227,7 @@ def test_weight_inputs_are_packed_when_their_layers_train_and_only_then(name):
     case, cm = compile_case(name, _weight_inputs_only(), frozen=lambda layers: [])
     _, _, grads = step(cm, case)
     _, _, ref_grads = eager_step(case.model, case, frozen=())
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     packed = packed_count(counters, "weight_input", "weight_input_layernorm_input")
     # per block at least: the attention input (Q/K/V share it), the attention output
     # dense's input, the FFN's two inputs, two LayerNorms
@@ -236,7 +236,7 @@ def test_weight_inputs_are_packed_when_their_layers_train_and_only_then(name):
     # int8 codes plus one fp32 scale per row: rows of 32 (hidden) cost 36 of every
     # 128 bytes, rows of 16 (a fused attention's output, per head) 20 of every 64
     assert counters["bytes_after_compression"] <= 0.32 * counters["bytes_before_compression"]
-    saved = cm.slimfit._last_training_variant().graphs.saved_nodes("forward")
+    saved = cm.slimfit.last_step.graphs.saved_nodes("forward")
     packed_nodes = [n for n in saved if "compress_saved" in n.meta.get("slimfit", {})]
     assert {n.meta["val"].dtype for n in packed_nodes} == {torch.int8, torch.float32}
     assert not {n.meta["slimfit"]["compress_saved"]["from"] for n in packed_nodes} & {n.name for n in saved}
@@ -245,7 +245,7 @@ def test_weight_inputs_are_packed_when_their_layers_train_and_only_then(name):
 
     case, cm = compile_case(name, _weight_inputs_only(), frozen=lambda layers: layers)
     step(cm, case)
-    assert "tensors_compressed" not in cm.slimfit._last_training_variant().counters
+    assert "tensors_compressed" not in cm.slimfit.last_step.counters
 
 
 def test_gelu_output_keeps_the_papers_format_when_both_apply():
@@ -253,7 +253,7 @@ def test_gelu_output_keeps_the_papers_format_when_both_apply():
     Q3.4) and a weight input; the more specific kind wins."""
     case, cm = compile_case("bert", "extended", frozen=lambda layers: [])
     step(cm, case)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters["compressed_gelu_output"] == 2, counters  # one per block
 
 
@@ -271,7 +271,7 @@ def test_gpt2_tanh_gelu_is_rebuilt_from_its_input_instead_of_saved(frozen):
     ops on x as backward holds it (the paper computes the GELU derivative from x)."""
     case, cm = compile_case("gpt2", "paper", frozen=frozen)
     step(cm, case)
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     before = variant.graphs.saved_nodes("forward before passes")
     after = variant.graphs.saved_nodes("forward")
     assert sum(map(_is_tanh_output, before)) == 2  # one per block: the case this is about
@@ -289,7 +289,7 @@ def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
     case, cm = compile_case("gpt2", rebuild_only)
     layers = cm.slimfit.layers
     assert_matches_eager(cm, case, layers[: len(layers) // 2])
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters["recomputed_gelu_tanh"] == 2 and "tensors_compressed" not in counters, counters
 
 
@@ -331,7 +331,7 @@ def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(na
     """Q/K/V int8 and the softmax output uint8 as matmul operands; the dropped
     probabilities P * mask / (1 - p) are not saved but rebuilt from P and the mask."""
     cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run(name, "paper")
-    variant = cm.slimfit._last_training_variant()
+    variant = cm.slimfit.last_step
     counters = variant.counters
     assert counters["compressed_softmax"] == 2 and counters["recomputed_attention_dropout"] == 2, counters
     # GPT-2 returns K to the user (its KV cache): the saved K^T views it, so it stays
@@ -349,7 +349,7 @@ def test_rebuilt_dropped_probabilities_match_eager_when_the_softmax_is_kept_whol
     rebuild_only = CompressionConfig(qkv_bits=None, softmax_bits=None, gelu_input_bits=None,
                                      gelu_output_bits=None, layernorm_keep=None)
     cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run("bert", rebuild_only)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters["recomputed_attention_dropout"] == 2 and "tensors_compressed" not in counters, counters
     torch.testing.assert_close(loss, ref_loss, rtol=TOLERANCE, atol=TOLERANCE)
     for name, ref in ref_grads.items():
@@ -373,7 +373,7 @@ def test_attention_with_dropout_is_compressed_under_inductor():
         runs[compression] = (cm, _seeded(step, cm, case))
     cm, (loss, _, grads) = runs["paper"]
     _, (ref_loss, _, ref_grads) = runs["off"]
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     assert counters["compressed_qkv"] == 6 and counters["compressed_softmax"] == 2, counters
     assert counters["recomputed_attention_dropout"] == 2, counters
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)

@@ -68,7 +68,7 @@ def test_frozen_adapters_match_eager(config):
     for frozen, choose in FROZEN_SETS.items():
         chosen = choose(cm.slimfit.layers)
         assert_matches_eager(cm, case, chosen)
-        counters = cm.slimfit._last_training_variant().counters
+        counters = cm.slimfit.last_step.counters
         assert counters.get("grads_cut", 0) == len(chosen), (frozen, counters)
     assert cm.slimfit.stats["graphs_captured"] == 1
 
@@ -144,7 +144,7 @@ def test_lora_under_bf16_autocast_with_paper_compression():
     cm.slimfit.set_frozen([n for n in cm.slimfit.layers if ".lora_A." in n])
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     # q and v are base + LoRA sums, still read by the fused attention backward
     assert counters.get("compressed_qkv") == 6 and counters.get("compressed_gelu_input") == 2, counters
     torch.testing.assert_close(loss, ref_loss)

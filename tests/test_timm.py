@@ -73,7 +73,7 @@ def test_compression_keeps_vit_gradients_close_to_eager(compression):
     cm.slimfit.set_frozen(layers[: len(layers) // 2])
     loss, _, grads = step(cm, case)
     ref_loss, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
-    counters = cm.slimfit._last_training_variant().counters
+    counters = cm.slimfit.last_step.counters
     # timm's attention is fused SDPA and its MLP nn.GELU: q, k, v and the GELU
     # input of all 12 blocks are packed
     assert counters["compressed_qkv"] == 36 and counters["compressed_gelu_input"] == 12, counters

@@ -1,0 +1,228 @@
+"""Split a captured graph into regions, one per repeated block, and tap each
+layer's weight gradient out of its region.
+
+Pure FX: it reads the dynamo graph and the model's module tree and writes new
+graphs; it never compiles or runs anything. The runtime (`variants.py`)
+compiles each distinct region once and computes weight gradients outside it.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+
+# Ops that only reshape or cast a weight on its way to the op that uses it
+# (`self.weight.t()`, `self.weight.to(dtype)`): they stay with the weight.
+_WEIGHT_ONLY_METHODS = {"t", "to", "view", "reshape", "transpose", "permute", "unsqueeze",
+                        "squeeze", "contiguous", "float", "half", "bfloat16", "type_as", "flatten",
+                        "expand", "__getitem__"}
+_WEIGHT_ONLY_FUNCTIONS = {torch.t, torch.transpose, torch.reshape, torch.permute, torch.flatten,
+                          torch.unsqueeze, torch.squeeze, operator.getitem}
+
+
+def block_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the repeated blocks: children of a ModuleList/Sequential
+    that share their class with a sibling (HF `encoder.layer.N`, timm `blocks.N`)."""
+    blocks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = list(module.named_children())
+        for child_name, child in children:
+            if sum(type(c) is type(child) for _, c in children) >= 2 and any(True for _ in child.parameters()):
+                blocks.append(f"{name}.{child_name}" if name else child_name)
+    return tuple(blocks)
+
+
+def module_path(node: fx.Node) -> list[str]:
+    """The module paths (outermost first) that dynamo recorded for `node`, as
+    `named_modules()` names."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = []
+    for path, _ in stack.values():
+        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path))
+        path = re.sub(r"^L\['self'\]\.?", "", path)
+        paths.append(path)
+    return paths
+
+
+def block_of(node: fx.Node, blocks: set[str]) -> str | None:
+    for path in reversed(module_path(node)):  # innermost block first
+        parts = path.split(".")
+        for end in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in blocks:
+                return prefix
+    return None
+
+
+def split_regions(gm: fx.GraphModule, blocks: Sequence[str]) -> fx.GraphModule:
+    """`gm` split into submodules `submod_0..N` in graph order: each repeated block's
+    nodes form one region, and the nodes between blocks form regions of their own."""
+    blocks = set(blocks)
+    region, owner, assignment = 0, object(), {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        block = block_of(node, blocks) if module_path(node) else owner
+        if block != owner and assignment:
+            region += 1
+        owner = block
+        assignment[node] = region
+    return split_module(gm, None, lambda node: assignment[node], keep_original_order=True,
+                        keep_original_node_name=True)
+
+
+def _meta_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype),
+                str(value.device), value.requires_grad)
+    return ("value", repr(value))
+
+
+def structural_key(gm: fx.GraphModule, weight_inputs: Sequence[bool]) -> tuple:
+    """Equal for two regions that compute the same thing on inputs of the same kind:
+    ops, wiring, constants, input metadata and which inputs are layer weights."""
+    index = {}
+    rows = []
+    placeholders = iter(weight_inputs)
+    for i, node in enumerate(gm.graph.nodes):
+        index[node] = i
+        args = fx.map_arg((node.args, node.kwargs), lambda n: ("node", index[n]))
+        if node.op == "placeholder":
+            rows.append(("placeholder", _meta_key(node.meta.get("example_value")), next(placeholders)))
+        elif node.op == "get_attr":
+            rows.append(("get_attr", id(getattr(gm, node.target))))
+        else:
+            rows.append((node.op, str(node.target), repr(args)))
+    return tuple(rows)
+
+
+@dataclass
+class WeightTap:
+    """One use of a layer weight inside a region, rewritten so that the region
+    computes everything but that use's weight gradient.
+
+    The region takes an extra input (the probe) added to the use's output, so
+    its backward hands out the gradient at that output; it returns the use's
+    other tensor operands (`stash`: region input positions, or extra output
+    positions) so the weight gradient can be formed outside, only when the layer
+    trains. `use` computes the op from (weight, *stash) for that gradient.
+    """
+
+    weight_input: int  # region input position of the weight
+    probe_shape: tuple[int, ...]
+    probe_dtype: torch.dtype
+    stash: list[tuple[str, int]]  # ("input", position) or ("output", position)
+    use: fx.GraphModule
+    producer: str = ""  # op that made the first stashed tensor ("gelu", ...)
+    weight_grad: Any = field(default=None, repr=False)  # traced on first need
+
+
+def _is_weight_only(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _WEIGHT_ONLY_METHODS
+    return node.op == "call_function" and node.target in _WEIGHT_ONLY_FUNCTIONS
+
+
+def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if isinstance(a.meta.get("example_value"), torch.Tensor)]
+
+
+def _uses(weight: fx.Node) -> list[tuple[list[fx.Node], fx.Node]]:
+    """(chain of weight-only ops, the op that combines the weight with activations)."""
+    found, todo = [], [(weight, [])]
+    while todo:
+        node, chain = todo.pop()
+        for user in node.users:
+            if user.op == "output":
+                raise NotImplementedError("a region returns a layer weight itself")
+            others = [a for a in _tensor_inputs(user) if a is not node]
+            if _is_weight_only(user) and not others:
+                todo.append((user, chain + [user]))
+            else:
+                found.append((chain, user))
+    return found
+
+
+def _use_module(weight: fx.Node, chain: list[fx.Node], use: fx.Node,
+                operands: list[fx.Node]) -> fx.GraphModule:
+    """A graph computing `use` from (weight, *operands), chain included."""
+    graph = fx.Graph()
+    env = {weight: graph.placeholder("weight")}
+    for i, operand in enumerate(operands):
+        env[operand] = graph.placeholder(f"operand_{i}")
+    for node in (*chain, use):
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[use])
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def _producer(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", str(target)) if node.op != "placeholder" else "input"
+
+
+def tap_weight_grads(region: fx.GraphModule, weight_inputs: Sequence[bool]) -> tuple[fx.GraphModule, list[WeightTap], int]:
+    """A copy of `region` whose layer weights (inputs flagged in `weight_inputs`)
+    get no gradient inside it: each use gets a probe input and stashes its
+    operands. Returns (graph, taps, number of the region's own outputs); the
+    graph returns a flat tuple: the region's outputs, then the stashed tensors."""
+    gm = fx.GraphModule(region, _copy_graph(region.graph))
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    position = {n: i for i, n in enumerate(placeholders)}
+    output = graph.output_node()
+    taps, stashed = [], []
+    last_input = placeholders[-1]
+    for weight, is_weight in zip(placeholders, weight_inputs):
+        if not is_weight:
+            continue
+        for chain, use in _uses(weight):
+            value = use.meta.get("example_value")
+            if not isinstance(value, torch.Tensor):
+                raise NotImplementedError(f"{use.format_node()} returns no single tensor")
+            chain_set = set(chain) | {weight}
+            operands = [a for a in _tensor_inputs(use) if a not in chain_set]
+            with graph.inserting_after(last_input):
+                probe = graph.placeholder(f"slimfit_probe_{len(taps)}")
+            probe.meta["example_value"] = value
+            last_input = probe
+            with graph.inserting_after(use):
+                tapped = graph.call_function(operator.add, (use, probe))
+            tapped.meta = dict(use.meta)
+            tapped.meta["slimfit"] = {"tap_weight_grads": f"probe {len(taps)}"}
+            use.replace_all_uses_with(tapped, delete_user_cb=lambda n: n is not tapped)
+            stash = []
+            for operand in operands:
+                if operand.op == "placeholder":
+                    stash.append(("input", position[operand]))
+                else:
+                    with graph.inserting_after(operand):
+                        detached = graph.call_method("detach", (operand,))
+                    detached.meta = dict(operand.meta)
+                    stash.append(("output", len(stashed)))
+                    stashed.append(detached)
+            taps.append(WeightTap(
+                weight_input=position[weight], probe_shape=tuple(value.shape), probe_dtype=value.dtype,
+                stash=stash, use=_use_module(weight, chain, use, operands),
+                producer=_producer(operands[0]) if operands else ""))
+    result = output.args[0]  # read after the taps rewired the region's outputs
+    flat = list(result) if isinstance(result, (tuple, list)) else [result]
+    output.args = (tuple(flat + stashed),)
+    graph.lint()
+    gm.recompile()
+    return gm, taps, len(flat)
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    out = new.graph_copy(graph, {})
+    new.output(out)
+    return new

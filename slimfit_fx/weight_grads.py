@@ -1,0 +1,81 @@
+"""Weight gradients formed outside the compiled regions, only for layers that train.
+
+A region's backward hands out the gradient at each tapped use's output (through
+its probe input); here that gradient meets the use's stashed operands in one
+traced weight-gradient graph (for a Linear: one matmul). A frozen layer's
+operands are dropped as soon as its region's forward returns.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .regions import WeightTap
+
+
+def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any],
+                      grad_shape: tuple[int, ...], grad_dtype: torch.dtype) -> fx.GraphModule:
+    """The aten graph of d(use(weight, *operands))/d(weight) given the output's
+    gradient, with the forward work the gradient does not read removed (a
+    Linear's weight gradient needs its input, not its output)."""
+
+    def weight_grad(weight: torch.Tensor, *rest: Any) -> torch.Tensor:
+        *operands, grad = rest
+        w = weight.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = use(w, *operands)
+        return torch.autograd.grad(out, w, grad)[0]
+
+    grad = torch.empty(grad_shape, dtype=grad_dtype, device=weight.device)
+    with torch.no_grad():
+        gm = make_fx(weight_grad, tracing_mode="fake")(weight.detach(), *operands, grad)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class TapSlot:
+    """One trainable use in one forward: the stashed operands until backward."""
+
+    __slots__ = ("tap", "weight", "operands", "unpack")
+
+    def __init__(self, tap: WeightTap, weight: torch.Tensor) -> None:
+        self.tap = tap
+        self.weight = weight.detach()
+        self.operands: list[Any] | None = None
+        self.unpack = None
+
+    def weight_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.operands is None:
+            raise RuntimeError(
+                "slimfit_fx: a layer's weight gradient was asked for before its region's "
+                "forward stashed the layer's input, or a second time (backward through the "
+                "same graph twice needs retain_graph, which slimfit_fx does not support)")
+        operands = self.unpack(self.operands) if self.unpack is not None else self.operands
+        self.operands = None
+        tap = self.tap
+        if tap.weight_grad is None:
+            tap.weight_grad = trace_weight_grad(tap.use, self.weight, operands, tuple(grad.shape), grad.dtype)
+        return tap.weight_grad(self.weight, *operands, grad)
+
+
+class TapGrad(torch.autograd.Function):
+    """The probe: zeros shaped like the use's output, added to it in the region.
+
+    Its gradient is the gradient at the use's output; with a slot (the layer
+    trains) backward turns it into the weight's gradient, else drops it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, anchor: torch.Tensor, slot: TapSlot | None,
+                shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        ctx.slot = slot
+        return torch.zeros((), dtype=dtype, device=anchor.device).expand(shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        slot, ctx.slot = ctx.slot, None
+        return (None if slot is None else slot.weight_grad(grad)), None, None, None
