@@ -90,18 +90,13 @@ class SlimFitConfig:
 
     freeze_ratio: share of layers the scheduler freezes, in [0.0, 1.0]
         (0.0 freezes nothing).
-    schedule: who picks the frozen set; "manual" means `cm.slimfit.set_frozen`,
-        "ils" the training-dynamics scheduler (inter-layer scheduling).
+    schedule: who picks the frozen set; "ils" (the default) is the
+        training-dynamics scheduler (inter-layer scheduling), "manual" means
+        `cm.slimfit.set_frozen`. To freeze nothing: freeze_ratio=0.0.
     backend: compiler for every variant, "inductor" or "aot_eager" (no codegen).
-    max_variants: compiled frozen-set variants kept alive (LRU), >= 1.
-    reschedule_every: "ils" picks a new frozen set every this many optimizer steps.
-    new_set_every: optimizer steps that pay for one compiled frozen set: "ils"
-        admits a set it has not compiled yet only while sets so far <= steps /
-        new_set_every (otherwise it picks the best compiled set); 1 is the paper's
-        unbounded per-step scheduling. None derives it once, at step 4, from the
-        measured compile and step times and `compile_budget`.
-    compile_budget: share of training wall time that compiling new frozen sets
-        may take when `new_set_every` is None, in (0.0, 1.0].
+    reschedule_every: "ils" picks a new frozen set every this many optimizer
+        steps; 1 (the default) is the paper's per-step scheduling. A new frozen
+        set never compiles anything, so there is no compile cost to trade.
     seed: seeds the scheduler's initial random scores.
     compression: how static activations are stored between forward and backward:
         "paper" (the paper's formats), "row" (the same widths with per-row
@@ -120,12 +115,9 @@ class SlimFitConfig:
     """
 
     freeze_ratio: float = 0.9
-    schedule: str = "manual"
+    schedule: str = "ils"
     backend: str = "inductor"
-    max_variants: int = 8
     reschedule_every: int = 1
-    new_set_every: int | None = None
-    compile_budget: float = 0.03
     seed: int = 0
     compression: str | CompressionConfig = "paper"
     memory_budget: float | None = None
@@ -148,24 +140,13 @@ class SlimFitConfig:
             raise ValueError(
                 f"SlimFitConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
             )
-        _check_int("max_variants", self.max_variants, 1)
         _check_int("reschedule_every", self.reschedule_every, 1)
-        if self.new_set_every is not None:
-            _check_int("new_set_every", self.new_set_every, 1, none_ok=True)
         _check_int("seed", self.seed, 0)
         if not isinstance(self.compression, CompressionConfig) and self.compression not in COMPRESSION_PRESETS:
             raise ValueError(
                 f"SlimFitConfig.compression must be one of {tuple(COMPRESSION_PRESETS)} or a "
                 f"CompressionConfig, got {self.compression!r}"
             )
-        budget = self.compile_budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise TypeError(
-                f"SlimFitConfig.compile_budget must be a float in (0.0, 1.0], got {budget!r} "
-                f"of type {type(budget).__name__}"
-            )
-        if not 0.0 < budget <= 1.0:
-            raise ValueError(f"SlimFitConfig.compile_budget must be in (0.0, 1.0], got {budget!r}")
         mb = self.memory_budget
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float))):
             raise TypeError(f"SlimFitConfig.memory_budget must be None or a float in (0.0, 1.0], "
@@ -191,12 +172,26 @@ class SlimFitConfig:
     def replace(self, **overrides) -> "SlimFitConfig":
         """A copy with `overrides` applied; unknown field names raise TypeError."""
         fields = {f.name for f in dataclasses.fields(self)}
+        _refuse_removed(overrides)
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise TypeError(
                 f"unknown SlimFitConfig field(s) {unknown}; the fields are {sorted(fields)}"
             )
         return dataclasses.replace(self, **overrides)
+
+
+# Fields of the per-frozen-set compiler, gone since one compile serves every set.
+_REMOVED = {"max_variants", "new_set_every", "compile_budget"}
+
+
+def _refuse_removed(fields) -> None:
+    removed = sorted(_REMOVED & set(fields))
+    if removed:
+        raise TypeError(
+            f"SlimFitConfig no longer has {removed}: slimfit_fx compiles each distinct region "
+            "once and every frozen set runs on that code, so there is no per-set compile to "
+            "bound; drop the argument (the schedule re-ranks layers after every optimizer step)")
 
 
 def _check_int(field: str, value: object, least: int, none_ok: bool = False) -> None:

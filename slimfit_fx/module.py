@@ -269,9 +269,7 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -
     parameters = dict(model.named_parameters())
     schedule = InterLayerSchedule(
         slimfit.layers, {n: parameters[n] for n in slimfit.layers}, config.freeze_ratio,
-        reschedule_every=config.reschedule_every, new_set_every=config.new_set_every,
-        compile_budget=config.compile_budget, max_pool=config.max_variants, seed=config.seed,
-        apply_frozen=apply_frozen, compile_seconds=lambda: state.compile_seconds,
+        reschedule_every=config.reschedule_every, seed=config.seed, apply_frozen=apply_frozen,
         always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
                                    who="SlimFitConfig.always_train"),
     )

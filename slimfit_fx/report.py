@@ -43,9 +43,8 @@ class Report:
                        f"{len(self.layers) - len(self.frozen)} trainable)"),
             ("saved for backward", saved),
             ("dynamo graphs", f"{s['graphs_captured']}"),
-            ("variants", f"{s['variants_live']} live, {s['variants_compiled']} compiled, "
-                         f"{s['evictions']} evicted"),
-            ("cache", f"{s['cache_hits']} hits, {s['cache_misses']} misses"),
+            ("regions", f"{s['regions']} per step, {s['regions_compiled']} compiled "
+                        "(one compile serves every frozen set)"),
             ("compile time", f"{s['compile_seconds']:.2f} s"),
         ]
         if self.saved_tensors_before:
@@ -118,12 +117,10 @@ def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float]) -> list[tu
     counts = list(schedule["trained_steps"].values())
     wall = stats.get("wall_seconds") or 0.0
     share = f"{stats['compile_seconds'] / wall:.1%} of {wall:.1f} s" if wall else "no training yet"
-    every = schedule["new_set_every"]
     return [
         ("schedule", f"ils, {schedule['steps']} optimizer steps, rescheduled every "
                      f"{schedule['reschedule_every']}"),
-        ("new frozen set at most every", "not calibrated yet" if every is None else f"{every} steps"),
-        ("frozen sets in pool", f"{schedule['pool']} (distinct sets used: {schedule['distinct_sets']})"),
+        ("distinct frozen sets", f"{schedule['distinct_sets']}"),
         ("trained steps per layer", f"min {min(counts, default=0)}, max {max(counts, default=0)}"),
         ("score bookkeeping peak", f"{schedule['snapshot_bytes_peak']:,} B"),
         ("compile share", share),
@@ -137,8 +134,6 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
     return {
         "steps": schedule.step,
         "reschedule_every": schedule.reschedule_every,
-        "new_set_every": schedule.new_set_every,
-        "pool": len(schedule.pool),
         "distinct_sets": schedule.distinct_sets(),
         "trained_steps": dict(zip(schedule.layers, schedule.trained_counts())),
         "snapshot_bytes_peak": schedule.snapshot_bytes_peak,

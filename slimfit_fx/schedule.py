@@ -2,16 +2,13 @@
 
 After each optimizer step every layer that trained is scored by how much it
 moved, d = mean(|W_new - W_old| / |W_old|); the k lowest-scoring layers are
-frozen next. This module only writes the frozen set; it never compiles. To keep
-compile cost bounded it admits a never-seen frozen set (one new variant) at most
-once every `new_set_every` steps and otherwise picks the best set already in its
-pool of compiled sets. Admissions are counted in steps, so a run's choices
-are deterministic and a resumed run repeats them.
+frozen next, after every optimizer step as the paper does. This module only
+writes the frozen set; it never compiles (no frozen set costs a compile), and
+reads no clock: the same seed and the same weights give the same sets on any
+machine, and a resumed run repeats them.
 """
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -27,9 +24,6 @@ INITIAL_SCORE = 1e10
 # to well under 1%, and bookkeeping stays ~256 KiB per trained layer instead of a
 # copy of each (BERT's word embeddings alone are 89 MiB).
 SCORE_SAMPLE = 65536
-# Steps whose duration calibrates `new_set_every` when the config leaves it to
-# the compile budget: steps 2..CALIBRATION_STEP (step 1 pays the first compile).
-CALIBRATION_STEP = 4
 
 
 def score_sample(p: torch.Tensor) -> torch.Tensor:
@@ -55,7 +49,7 @@ def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 class InterLayerSchedule:
-    """Scores, the frozen set each step, and the pool of frozen sets compiled so far.
+    """Scores and the frozen set each step.
 
     `apply_frozen(frozen)` is called whenever the set changes; `parameters` maps
     each layer name to its parameter. The schedule advances on optimizer steps
@@ -66,34 +60,24 @@ class InterLayerSchedule:
     """
 
     def __init__(self, layers: Sequence[str], parameters: dict[str, torch.nn.Parameter],
-                 freeze_ratio: float, *, reschedule_every: int, new_set_every: int | None,
-                 compile_budget: float, max_pool: int, seed: int,
+                 freeze_ratio: float, *, reschedule_every: int, seed: int,
                  apply_frozen: Callable[[frozenset[str]], None],
-                 compile_seconds: Callable[[], float],
                  always_train: frozenset[str] = frozenset()) -> None:
         self.layers = tuple(layers)
         self.parameters = parameters
         self.always_train = frozenset(always_train)
         self.num_frozen = min(int(freeze_ratio * len(self.layers)), len(self.layers) - len(self.always_train))
         self.reschedule_every = reschedule_every
-        self.new_set_every = new_set_every
-        self.compile_budget = compile_budget
-        self.max_pool = max_pool
         self.apply_frozen = apply_frozen
-        self.compile_seconds = compile_seconds
         self.generator = torch.Generator().manual_seed(seed)
         self.scores = torch.rand(len(self.layers), dtype=torch.float64,
                                  generator=self.generator) * INITIAL_SCORE
         self.step = 0
-        self.sets_admitted = 0  # frozen sets this schedule asked to be compiled
-        self.pool: list[frozenset[str]] = []  # most recently used last
         self.history: list[int] = []  # frozen set of each step as a bitmask over layers
         self.snapshot_bytes_peak = 0
         self._snapshots: dict[int, torch.Tensor] = {}
         self._index = {name: i for i, name in enumerate(self.layers)}
         self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
-        self._step_times: list[float] = []
-        self._clock: tuple[float, float] | None = None  # (wall, compile seconds) at last step
         self.frozen = self._choose()
         self.apply_frozen(self.frozen)
 
@@ -104,36 +88,9 @@ class InterLayerSchedule:
                  if self.layers[i] not in self.always_train]
         return frozenset(self.layers[i] for i in order[: self.num_frozen])
 
-    def _frozen_score(self, frozen: frozenset[str]) -> float:
-        return float(self.scores[[self._index[n] for n in frozen]].sum()) if frozen else 0.0
-
     def _choose(self) -> frozenset[str]:
-        """ILS's set if it is compiled or a new set is due; else the pooled set
-        that freezes the lowest total score (trains the layers ILS wants most)."""
-        wanted = self._lowest()
-        if wanted in self.pool:
-            self._touch(wanted)
-            return wanted
-        if not self.pool or self._new_set_due():
-            self.sets_admitted += 1
-            self._touch(wanted)
-            return wanted
-        best = min(self.pool, key=self._frozen_score)
-        self._touch(best)
-        return best
-
-    def _new_set_due(self) -> bool:
-        # The n-th set (the first included) is paid for by n * new_set_every steps,
-        # so compile time stays within the budget over the run, the first compile too.
-        if self.new_set_every is None:  # not calibrated yet: stay on the first set
-            return False
-        return self.step >= self.sets_admitted * self.new_set_every
-
-    def _touch(self, frozen: frozenset[str]) -> None:
-        if frozen in self.pool:
-            self.pool.remove(frozen)
-        self.pool.append(frozen)
-        del self.pool[: -self.max_pool]
+        """The `num_frozen` lowest-scoring layers (ties: the earlier layer)."""
+        return self._lowest()
 
     # -- optimizer hooks -----------------------------------------------------------
 
@@ -167,7 +124,6 @@ class InterLayerSchedule:
             self._snapshots.clear()
         self.step += 1
         self.history.append(self._mask(self.frozen))
-        self._calibrate()
         if self.step % self.reschedule_every == 0:
             chosen = self._choose()
             if chosen != self.frozen:
@@ -176,28 +132,6 @@ class InterLayerSchedule:
 
     def _mask(self, frozen: Iterable[str]) -> int:
         return sum(1 << self._index[n] for n in frozen)
-
-    def _calibrate(self) -> None:
-        """Derive `new_set_every` from the first variant's compile time and the
-        step time, so new variants cost at most `compile_budget` of the steps'
-        wall time. Done once, at a fixed step, and agreed across ranks."""
-        if self.new_set_every is not None:  # pinned by the config, or calibrated already
-            return
-        now = (time.perf_counter(), self.compile_seconds())
-        if self._clock is not None:
-            wall, compiled = now[0] - self._clock[0], now[1] - self._clock[1]
-            self._step_times.append(wall - compiled)
-        self._clock = now
-        # A run resumed before calibration has no step timed yet: wait for one.
-        if self.step < CALIBRATION_STEP or not self._step_times:
-            return
-        step_seconds = sorted(self._step_times)[len(self._step_times) // 2]
-        every = max(1, math.ceil(now[1] / max(self.compile_budget * step_seconds, 1e-9)))
-        if dist.is_available() and dist.is_initialized():
-            agreed = torch.tensor([every], dtype=torch.int64)
-            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-            every = int(agreed.item())
-        self.new_set_every = every
 
     # -- state -----------------------------------------------------------------------
 
@@ -222,9 +156,6 @@ class InterLayerSchedule:
             "step": self.step,
             "scores": self.scores.clone(),
             "frozen": sorted(self.frozen),
-            "pool": [sorted(s) for s in self.pool],
-            "sets_admitted": self.sets_admitted,
-            "new_set_every": self.new_set_every,
             "generator": self.generator.get_state(),
             "history": self.history_matrix(),
             "snapshot_bytes_peak": self.snapshot_bytes_peak,
@@ -239,13 +170,9 @@ class InterLayerSchedule:
             )
         self.step = int(state["step"])
         self.scores = state["scores"].clone().to(torch.float64)
-        self.pool = [frozenset(s) for s in state["pool"]]
-        self.sets_admitted = int(state["sets_admitted"])
-        self.new_set_every = state["new_set_every"]
         self.generator.set_state(state["generator"])
         trained = state["history"].T
         self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in trained]
         self.snapshot_bytes_peak = int(state["snapshot_bytes_peak"])
-        self._step_times, self._clock = [], None
         self.frozen = frozenset(state["frozen"])
         self.apply_frozen(self.frozen)

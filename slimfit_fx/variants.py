@@ -231,6 +231,8 @@ class CapturedGraph:
         )
         fake = capture.fake_inputs(example_inputs, self.tracing_context)
         start = time.perf_counter()
+        if self.builds_backward and state.first_training_call is None:
+            state.first_training_call = start  # compiling counts in the training wall time
         if self.builds_backward:
             self.fn = self._build_regions(gm)
         else:

@@ -19,7 +19,7 @@ def test_module_still_looks_like_the_model():
     case = FACTORIES["bert"]()
     keys = list(case.model.state_dict())
     names = [n for n, _ in case.model.named_parameters()]
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     assert list(cm.state_dict()) == keys
     assert [n for n, _ in cm.named_parameters()] == names
     assert cm.config is case.model.config  # attribute passthrough
@@ -31,14 +31,14 @@ def test_module_still_looks_like_the_model():
 
 
 def test_layers_follow_the_method():
-    cm = slimfit_fx.compile(MLP(), backend="aot_eager")
+    cm = slimfit_fx.compile(MLP(), schedule="manual", backend="aot_eager")
     # rank >= 2 weights and the LayerNorm weight; no bias, no LayerNorm bias
     assert cm.slimfit.layers == ("net.0.weight", "net.1.weight", "net.3.weight", "net.5.weight")
 
 
 def test_tied_weights_are_one_layer_and_aliases_resolve():
     case = FACTORIES["gpt2"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     assert "lm_head.weight" not in cm.slimfit.layers
     cm.slimfit.set_frozen(["lm_head.weight"])  # alias of transformer.wte.weight
     assert cm.slimfit.frozen == frozenset({"transformer.wte.weight"})
@@ -46,7 +46,7 @@ def test_tied_weights_are_one_layer_and_aliases_resolve():
 
 def test_no_grad_saves_nothing_and_reuses_one_variant_for_all_sets():
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     packed = []
 
     def pack(t):
@@ -65,7 +65,7 @@ def test_no_grad_saves_nothing_and_reuses_one_variant_for_all_sets():
 
 def test_stats_count_hits_misses_and_compile_time():
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     layers = cm.slimfit.layers
     for frozen in ([], layers[:1], [], layers[:1]):
         cm.slimfit.set_frozen(frozen)
@@ -80,7 +80,7 @@ def test_stats_count_hits_misses_and_compile_time():
 
 def test_lru_eviction_frees_the_variant():
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", max_variants=2)
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", max_variants=2)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen([layers[0]])
     step(cm, case)
@@ -96,7 +96,7 @@ def test_lru_eviction_frees_the_variant():
 
 def test_frozen_grads_are_none_and_optimizer_skips_them():
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     frozen = cm.slimfit.layers[:2]
     cm.slimfit.set_frozen(frozen)
     before = {n: p.detach().clone() for n, p in cm.named_parameters()}
@@ -124,7 +124,7 @@ def test_compile_rejects_models_without_trainable_parameters():
 
 def test_compile_twice_is_an_error():
     model = MLP()
-    cm = slimfit_fx.compile(model, backend="aot_eager")
+    cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager")
     with pytest.raises(AlreadyCompiledError, match="already called"):
         slimfit_fx.compile(model)
     with pytest.raises(AlreadyCompiledError, match="already a slimfit_fx module"):
@@ -144,7 +144,7 @@ def test_compile_twice_is_an_error():
     ],
 )
 def test_set_frozen_rejects_bad_names(names, error, match):
-    cm = slimfit_fx.compile(MLP(), backend="aot_eager")
+    cm = slimfit_fx.compile(MLP(), schedule="manual", backend="aot_eager")
     with pytest.raises(error, match=match):
         cm.slimfit.set_frozen(names)
     assert cm.slimfit.frozen == frozenset()
@@ -188,14 +188,14 @@ class DataDependent(nn.Module):
 
 
 def test_uncapturable_model_says_what_broke():
-    cm = slimfit_fx.compile(DataDependent(), backend="aot_eager")
+    cm = slimfit_fx.compile(DataDependent(), schedule="manual", backend="aot_eager")
     with pytest.raises(CaptureError, match=r"DataDependent.forward.*Dynamo said:.*test_api.py"):
         cm(torch.randn(2, 4))
 
 
 def test_pass_effects_are_logged_on_request_and_silent_by_default(caplog):
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     cm.slimfit.set_frozen(cm.slimfit.layers[:2])
     with caplog.at_level("INFO", logger="slimfit_fx"):
         step(cm, case)

@@ -51,7 +51,7 @@ def first_half_matrices(cm) -> list[str]:
 
 def compile_case(name: str, compression, backend: str = "aot_eager", case=None, frozen=first_half):
     case = case or FACTORIES[name]()
-    cm = slimfit_fx.compile(case.model, backend=backend, compression=compression)
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend, compression=compression)
     cm.slimfit.set_frozen(frozen(cm))
     return case, cm
 

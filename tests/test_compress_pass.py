@@ -32,7 +32,7 @@ TRANSFORMERS = ["bert", "vit", "gpt2"]
 
 def compile_case(name: str, compression, backend: str = "aot_eager", frozen=None):
     case = FACTORIES[name]()
-    cm = slimfit_fx.compile(case.model, backend=backend, compression=compression)
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend, compression=compression)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen(frozen(layers) if frozen else [n for n in layers if n != layers[-1]])
     return case, cm
@@ -306,7 +306,7 @@ def _dropout_run(name: str, compression):
     (Q @ K^T, _safe_softmax, dropout, @ V): slimfit and eager, half the layers frozen."""
     case = Case(*DROPOUT_MODELS[name](seed=0, dropout=0.1), hf_loss)
     reference = copy.deepcopy(case.model)
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression=compression)
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression=compression)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen(layers[: len(layers) // 2])
     got = _seeded(step, cm, case)
@@ -367,7 +367,7 @@ def test_attention_with_dropout_is_compressed_under_inductor():
     runs = {}
     for compression in ("off", "paper"):
         case = Case(copy.deepcopy(model), batch, hf_loss)
-        cm = slimfit_fx.compile(case.model, backend="inductor", compression=compression)
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend="inductor", compression=compression)
         layers = cm.slimfit.layers
         cm.slimfit.set_frozen(layers[: len(layers) // 2])
         runs[compression] = (cm, _seeded(step, cm, case))

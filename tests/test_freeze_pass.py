@@ -22,7 +22,7 @@ def _live_variant(cm):
 
 def test_pass_is_a_pure_function_of_graph_and_context():
     case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     step(cm, case)
     joint = _live_variant(cm).joint_graph  # nothing frozen: every weight grad present
     names = cm.slimfit._state.graphs[0].input_names
@@ -46,7 +46,7 @@ def test_pass_is_a_pure_function_of_graph_and_context():
 
 def test_live_variant_counts_what_it_cut():
     case = FACTORIES["bert"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     encoder = [n for n in cm.slimfit.layers if ".encoder." in n]
     cm.slimfit.set_frozen(encoder)
     step(cm, case)
@@ -60,7 +60,7 @@ def test_live_variant_counts_what_it_cut():
 
 def test_conv_backward_stops_computing_frozen_weight_grad():
     case = FACTORIES["convnet"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     cm.slimfit.set_frozen(["features.0.weight", "features.3.weight"])
     step(cm, case)
     variant = _live_variant(cm)
@@ -92,7 +92,7 @@ def test_freezing_the_encoder_lowers_saved_bytes(backend):
     encoder_weights = {n for n, p in case.model.named_parameters() if ".encoder." in n and p.dim() >= 2}
     encoder_frozen_eager = eager_saved_bytes(case.model, frozen=encoder_weights, **case.batch)
     none_frozen_eager = eager_saved_bytes(case.model, **case.batch)
-    cm = slimfit_fx.compile(case.model, backend=backend, compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend, compression="off")
     encoder = [n for n in cm.slimfit.layers if ".encoder." in n]
 
     step(cm, case)

@@ -77,7 +77,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         model = models.bert(seed=0).model
         fully_shard(model)
         # Compression off: its quantized activations would change gradients on purpose.
-        cm = slimfit_fx.compile(model, backend="aot_eager", compression="off")
+        cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager", compression="off")
         cm.slimfit.set_frozen(FROZEN)
         optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
         for _ in range(STEPS):
@@ -114,17 +114,17 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             for layer in model.bert.encoder.layer:
                 fully_shard(layer)
             fully_shard(model)
-            slimfit_fx.compile(model, backend="aot_eager")
+            slimfit_fx.compile(model, schedule="manual", backend="aot_eager")
 
         def compile_then_shard_layers():
             model = models.bert(seed=0).model
-            cm = slimfit_fx.compile(model, backend="aot_eager")
+            cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager")
             for layer in model.bert.encoder.layer:
                 fully_shard(layer)
             cm(**data)  # the capture fails at the first layer's hook
 
         def compile_then_shard():
-            fully_shard(slimfit_fx.compile(models.bert(seed=0).model, backend="aot_eager"))
+            fully_shard(slimfit_fx.compile(models.bert(seed=0).model, schedule="manual", backend="aot_eager"))
 
         record["errors"] = {run.__name__: _error(run) for run in (
             shard_layers_then_compile, compile_then_shard_layers, compile_then_shard)}

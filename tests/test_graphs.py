@@ -12,7 +12,7 @@ from .models import FACTORIES
 
 def _compiled(model_name="bert", **overrides):
     case = FACTORIES[model_name]()
-    return slimfit_fx.compile(case.model, **{"backend": "aot_eager", "compression": "off", **overrides}), case
+    return slimfit_fx.compile(case.model, **{"backend": "aot_eager", "compression": "off", "schedule": "manual", **overrides}), case
 
 
 def test_stages_in_pipeline_order_with_tags_and_a_diff():

@@ -17,7 +17,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _trained(freeze_encoder=True):
     case = FACTORIES["bert"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     if freeze_encoder:
         cm.slimfit.set_frozen([n for n in cm.slimfit.layers if ".encoder." in n])
     opt = torch.optim.AdamW(cm.parameters(), lr=1e-3)
@@ -51,7 +51,7 @@ def test_breakdown_measures_what_it_can_and_labels_the_rest():
 
 def test_eager_measurement_leaves_buffers_alone():
     case = FACTORIES["convnet"]()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     step(cm, case)
     before = {n: b.clone() for n, b in cm.named_buffers()}
     cm.slimfit.memory_breakdown(**case.batch)
@@ -107,7 +107,7 @@ def test_memory_budget_recomputes_instead_of_saving_and_keeps_the_numerics():
     saved = {}
     for budget in (None, 0.1):
         case = bert(batch=4, seq=32)
-        cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off", memory_budget=budget)
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off", memory_budget=budget)
         frozen = random.Random(0).sample(cm.slimfit.layers, len(cm.slimfit.layers) // 2)
         assert_matches_eager(cm, case, frozen)
         saved[budget] = cm.slimfit.saved_bytes

@@ -30,7 +30,7 @@ def _fine_tuned():
     the training graphs), plus a copy of the weights before training."""
     case = models.bert(batch=4)
     initial = copy.deepcopy(case.model).eval()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="paper")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="paper")
     cm.slimfit.set_frozen(cm.slimfit.layers[:4])
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
     for _ in range(3):
@@ -85,6 +85,6 @@ def test_exported_fine_tuned_model_matches_eager_in_onnxruntime(tmp_path):
 ])
 def test_exporting_the_slimfit_module_names_the_model_to_export(export):
     case = models.bert()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     with pytest.raises(Exception, match=r"cm\.slimfit\.model"):
         export(cm.eval(), _inputs(case.batch))

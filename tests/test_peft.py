@@ -48,7 +48,7 @@ def is_adapter(name: str) -> bool:
 def test_only_trainable_adapter_weights_are_layers(config):
     case = lora_case(config)
     trainable = [n for n, p in case.model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     layers = cm.slimfit.layers
     assert list(layers) == trainable
     assert layers and all(is_adapter(n) for n in layers), layers
@@ -62,7 +62,7 @@ def test_only_trainable_adapter_weights_are_layers(config):
 @pytest.mark.parametrize("config", LORA_CONFIGS)
 def test_frozen_adapters_match_eager(config):
     case = lora_case(config)
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     # One capture, one variant per frozen set. Base weights (requires_grad=False)
     # get no gradient in either run; the harness checks that with the adapters' gradients.
     for frozen, choose in FROZEN_SETS.items():
@@ -106,7 +106,7 @@ def test_ils_trains_adapters_and_never_moves_base_weights():
 def test_peft_api_reaches_through_the_compiled_module(tmp_path, capsys):
     case = lora_case("qv")
     peft_model = case.model
-    cm = slimfit_fx.compile(peft_model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(peft_model, schedule="manual", backend="aot_eager", compression="off")
     assert cm.peft_config is peft_model.peft_config
     assert cm.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
     peft_model.print_trainable_parameters()
@@ -140,7 +140,7 @@ def test_lora_under_bf16_autocast_with_paper_compression():
     from .test_autocast import assert_gradients_close, autocast_step, eager_autocast_step
 
     case = lora_case("qv_dense_head")
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="paper")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="paper")
     cm.slimfit.set_frozen([n for n in cm.slimfit.layers if ".lora_A." in n])
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)

@@ -82,7 +82,7 @@ def test_always_train_layers_train_every_step_and_the_frozen_share_holds():
 
 
 def test_always_train_leaves_room_it_cannot_take_from_the_ratio():
-    layers = slimfit_fx.compile(models.mlp().model, backend="aot_eager").slimfit.layers
+    layers = slimfit_fx.compile(models.mlp().model, schedule="manual", backend="aot_eager").slimfit.layers
     cm = ils(models.mlp(), freeze_ratio=1.0, always_train=layers[:1])
     assert cm.slimfit.frozen == frozenset(layers[1:])
 
@@ -264,7 +264,7 @@ def test_state_from_another_model_is_refused():
     other = ils(models.mlp(seed=1))
     with pytest.raises(ValueError, match="different set of layers"):
         other.slimfit.load_state_dict(state)
-    manual = slimfit_fx.compile(models.mlp(seed=2).model, backend="aot_eager")
+    manual = slimfit_fx.compile(models.mlp(seed=2).model, schedule="manual", backend="aot_eager")
     with pytest.raises(ValueError, match="schedule='ils'"):
         manual.slimfit.load_state_dict(cm.slimfit.state_dict())
 
@@ -315,7 +315,7 @@ def test_per_step_ils_on_a_second_model_of_the_same_class():
     from transformers import BertConfig, BertForSequenceClassification
 
     first = models.bert()
-    slimfit_fx.compile(first.model, backend="aot_eager")(**first.batch).loss.backward()
+    slimfit_fx.compile(first.model, schedule="manual", backend="aot_eager")(**first.batch).loss.backward()
     case = models.bert(seed=1, batch=3, seq=16)
     config = BertConfig(**{**case.model.config.to_dict(), "num_attention_heads": 4, "hidden_size": 48})
     case.model = BertForSequenceClassification(config).train()

@@ -46,7 +46,7 @@ def resnet18(seed: int = 0) -> Case:
 @pytest.mark.parametrize("factory", [vit_tiny, resnet18], ids=lambda f: f.__name__)
 def test_adamw_steps_match_eager_for_each_frozen_set(factory):
     case = factory()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
     layers = cm.slimfit.layers
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
     # each comparison runs on the weights the previous AdamW step left
@@ -68,7 +68,7 @@ FLOORS = {"row": (COSINE_FLOOR, SQNR_FLOOR_DB), "paper": (0.98, 13.0)}
 @pytest.mark.parametrize("compression", ["paper", "row"])
 def test_compression_keeps_vit_gradients_close_to_eager(compression):
     case = vit_tiny()
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", compression=compression)
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression=compression)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen(layers[: len(layers) // 2])
     loss, _, grads = step(cm, case)

@@ -48,7 +48,7 @@ def _rows(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
 def _manual_run(out_dir, resume_from=None):
     """4 Trainer steps of BERT with a fixed frozen set, a checkpoint every 2."""
     case = models.bert(batch=8)
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     cm.slimfit.set_frozen(FROZEN)
     args = transformers.TrainingArguments(
         output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
@@ -92,7 +92,7 @@ def test_accelerate_prepares_the_compiled_model(tmp_path):
     from safetensors import safe_open
 
     case = models.bert(batch=8)
-    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     cm.slimfit.set_frozen(FROZEN)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
     loader = torch.utils.data.DataLoader(_rows(case.batch), batch_size=2)
