@@ -68,17 +68,52 @@ class _Partitioner(CustomPartitionerFn):
     inductor do by default.
     """
 
-    def __init__(self, on_partition: OnPartition, partition_pass: PartitionPass) -> None:
+    def __init__(self, on_partition: OnPartition, partition_pass: PartitionPass,
+                 unsaved_outputs: int = 0) -> None:
         self.on_partition = on_partition
         self.partition_pass = partition_pass
+        self.unsaved_outputs = unsaved_outputs
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         def partition(joint: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
             return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
-        forward, backward = partition(gm)
+        forward, backward = self._partition_unsaved(gm, joint_inputs, kwargs) or partition(gm)
         forward, backward = self.partition_pass(forward, backward, kwargs["num_fwd_outputs"])
         self.on_partition(forward, backward, kwargs["num_fwd_outputs"], partition)
+        return forward, backward
+
+    def _partition_unsaved(self, gm: fx.GraphModule, joint_inputs: Any, kwargs: dict):
+        """Partition as if the last `unsaved_outputs` forward outputs were not
+        outputs, then return them from the forward all the same.
+
+        They are layer inputs a region hands out for weight gradients and drops at
+        once for frozen layers. As outputs the min-cut takes them as free to save,
+        so it would save a LayerNorm's input instead of x_hat and a GELU's
+        pre-activation for recompute, which compression does not recognise.
+        AOTAutograd places a graph's outputs in order, so they are the last
+        forward outputs; None (partition normally) where that does not hold."""
+        count, total = self.unsaved_outputs, kwargs["num_fwd_outputs"]
+        if not count:
+            return None
+        joint = copy_graph_module(gm)
+        outputs = list(joint.graph.output_node().args[0])
+        hidden = outputs[total - count: total]
+        if not all(isinstance(n, fx.Node) for n in hidden):
+            return None
+        sources = [_through_detach(n) for n in hidden]
+        joint.graph.output_node().args = ((*outputs[: total - count], *outputs[total:]),)
+        joint.recompile()
+        forward, backward = min_cut_rematerialization_partition(
+            joint, joint_inputs, **{**kwargs, "num_fwd_outputs": total - count})
+        by_name = {n.name: n for n in forward.graph.nodes}
+        if not all(n.name in by_name for n in sources):
+            return None
+        out = forward.graph.output_node()
+        returned = list(out.args[0])
+        out.args = ((*returned[: total - count], *(by_name[n.name] for n in sources),
+                     *returned[total - count:]),)
+        forward.recompile()
         return forward, backward
 
     def uuid(self) -> Any:
@@ -93,6 +128,13 @@ class _Partitioner(CustomPartitionerFn):
         # Inductor pickles its config into the FX-graph cache key; our callback is a
         # closure. What identifies this partitioner for the key is its uuid.
         return (_partitioner_from_cache_key, (self.uuid(),))
+
+
+def _through_detach(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in (torch.ops.aten.detach.default,
+                                                           torch.ops.aten.alias.default):
+        node = node.args[0]
+    return node
 
 
 def _partitioner_from_cache_key(uuid: Any) -> None:
@@ -145,6 +187,7 @@ def compile_variant(
     on_partition: OnPartition,
     tracing_context: Any,
     memory_budget: float | None = None,
+    unsaved_outputs: int = 0,
 ) -> Callable[..., Any]:
     """Compile `gm` through AOTAutograd with `joint_pass` applied to its joint graph
     and `partition_pass` to the forward/backward pair the partitioner made.
@@ -153,7 +196,8 @@ def compile_variant(
 
     The joint pass runs before partitioning, so the partitioner only saves what
     the rewritten backward still reads; the partition pass changes how the
-    saved tensors are stored.
+    saved tensors are stored. The last `unsaved_outputs` forward outputs are
+    partitioned as if they were not outputs (see _Partitioner._partition_unsaved).
     """
 
     def joint_custom_pass(joint_gm: fx.GraphModule, joint_inputs: Any) -> fx.GraphModule:
@@ -174,7 +218,7 @@ def compile_variant(
     if memory_budget is not None:
         patches["activation_memory_budget"] = memory_budget
     graph_copy = copy_graph_module(gm)
-    partitioner = _Partitioner(on_partition, partition_pass)
+    partitioner = _Partitioner(on_partition, partition_pass, unsaved_outputs)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
         if backend == "inductor":
             from torch._inductor.compile_fx import compile_fx

@@ -45,11 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--schedule", choices=("ils", "fixed"), default=d.schedule,
                     help="ils: training-dynamics scheduling; fixed: one seeded draw of layers "
                          "frozen for the whole run (the classifier always trains)")
-    ft.add_argument("--new-set-every", type=int, default=d.new_set_every,
-                    help="ils: steps that pay for one new compiled frozen set (1 = per-step "
-                         "scheduling); default: derived from --compile-budget")
-    ft.add_argument("--compile-budget", type=float, default=d.compile_budget,
-                    help="ils: share of training time new frozen sets may spend compiling")
     ft.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=d.train_new_layers,
                     help="ILS never freezes layers the checkpoint did not hold (the fresh head); "
                          "--no-train-new-layers scores them like any layer, as the paper does")

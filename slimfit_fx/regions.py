@@ -122,7 +122,8 @@ class WeightTap:
     stash: list[tuple[str, int]]  # ("input", position) or ("output", position)
     use: fx.GraphModule
     producer: str = ""  # op that made the first stashed tensor ("gelu", ...)
-    weight_grad: Any = field(default=None, repr=False)  # traced on first need
+    # traced on first need, per (autocast, operand dtypes)
+    weight_grads: dict = field(default_factory=dict, repr=False)
 
 
 def _is_weight_only(node: fx.Node) -> bool:

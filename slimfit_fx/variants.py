@@ -108,6 +108,7 @@ class EngineState:
     record: list[tuple[int, bool]] = field(default_factory=list)
     calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
     stash_bytes: dict[int, int] = field(default_factory=dict)
+    stash_counters: Counter = field(default_factory=Counter)
     _anchors: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     def anchor(self, device: torch.device) -> torch.Tensor:
@@ -124,7 +125,7 @@ class EngineState:
         """Keep a trainable use's operands for its weight gradient, stored as the
         compression config says (the FFN output dense's input, GELU output, in
         the paper's int8; every trainable layer's input per-row under weight_input)."""
-        fmt = _stash_format(self.compression, slot.tap)
+        kind, fmt = _stash_format(self.compression, slot.tap)
         resident = {id(a) for a in args if isinstance(a, torch.nn.Parameter)}
         kept = []
         for operand in operands:
@@ -132,6 +133,7 @@ class EngineState:
                     and operand.dim() >= 2 and id(operand) not in resident:
                 if id(operand) not in packed:
                     packed[id(operand)] = (fmt[0](operand), operand.shape, operand.dtype)
+                    self.stash_counters[f"compressed_{kind}"] += 1
                 kept.append(packed[id(operand)])
             else:
                 kept.append(operand)
@@ -153,22 +155,23 @@ class EngineState:
 
 
 def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap):
-    """(pack, unpack) for a tap's stashed float operands, or None to keep them."""
+    """(kind, (pack, unpack)) for a tap's stashed float operands; (None, None) keeps them."""
     if config is None:
-        return None
+        return None, None
     if tap.producer == "gelu" and config.gelu_output_bits is not None:
         fixed = ops.Q3_4_INT8 if config.gelu_output_bits == 8 else ops.FixedPoint(4, 1, True)
         if config.scale == "fixed":
             args = (fixed.bits, fixed.frac_bits, fixed.signed)
-            return (lambda x: (torch.ops.slimfit.quantize_fixed(x, *args),),
-                    lambda codes, shape, dtype: torch.ops.slimfit.dequantize_fixed(codes[0], *args, list(shape), dtype))
-        bits = config.gelu_output_bits
+            return "gelu_output", (
+                lambda x: (torch.ops.slimfit.quantize_fixed(x, *args),),
+                lambda codes, shape, dtype: torch.ops.slimfit.dequantize_fixed(codes[0], *args, list(shape), dtype))
+        kind, bits = "gelu_output", config.gelu_output_bits
     elif config.weight_input_bits is not None:
-        bits = config.weight_input_bits
+        kind, bits = "weight_input", config.weight_input_bits
     else:
-        return None
-    return (lambda x: tuple(torch.ops.slimfit.quantize_rowwise(x, bits)),
-            lambda codes, shape, dtype: torch.ops.slimfit.dequantize_rowwise(*codes, bits, list(shape), dtype))
+        return None, None
+    return kind, (lambda x: tuple(torch.ops.slimfit.quantize_rowwise(x, bits)),
+                  lambda codes, shape, dtype: torch.ops.slimfit.dequantize_rowwise(*codes, bits, list(shape), dtype))
 
 
 @dataclass
@@ -180,13 +183,24 @@ class StepRecord:
     saved_bytes: int
     stash_bytes: int
     calls: list[tuple[Region, list[tuple[int, bool]]]]
+    stash_counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def counters(self) -> dict[str, int]:
+        """The passes' counters summed over the regions the step ran, plus the
+        layer inputs packed at run time for the weight gradients of trainable layers."""
         total: Counter = Counter()
         for region, _ in self.calls:
             total.update(region.compiled.counters)
+        total.update(self.stash_counters)
         return dict(total)
+
+    @property
+    def graphs(self) -> VariantGraphs:
+        """The graphs of the region most of this step's regions ran (the repeated block)."""
+        compiled = Counter(id(region.compiled) for region, _ in self.calls)
+        return max((region.compiled for region, _ in self.calls),
+                   key=lambda c: (compiled[id(c)], len(c.taps))).graphs
 
     def saved_tensors(self) -> list[SavedTensor]:
         result = []
@@ -249,13 +263,14 @@ class CapturedGraph:
         for index, node in enumerate(n for n in split.graph.nodes if n.op == "call_module"):
             sub = getattr(split, node.target)
             names = tuple(self.input_names[top_inputs[a]] if a in top_inputs else None for a in node.args)
+            activations = frozenset(i for i, a in enumerate(node.args) if a not in top_inputs)
             is_weight = [name in state.layers for name in names]
             block = _region_block(sub, state.blocks)
             region = Region(index, block, names, state)
-            key = regions.structural_key(sub, is_weight)
+            key = (regions.structural_key(sub, is_weight), activations)
             compiled = state.compiled.get(key)
             if compiled is None:
-                compiled = self._compile_region(sub, is_weight, names, block or f"region {index}")
+                compiled = self._compile_region(sub, is_weight, names, block or f"region {index}", activations)
                 state.compiled[key] = compiled
             compiled.instances += 1
             region.compiled = compiled
@@ -263,8 +278,8 @@ class CapturedGraph:
         split.recompile()
         return split
 
-    def _compile_region(self, sub: fx.GraphModule, is_weight: list[bool],
-                        names: tuple[str | None, ...], name: str) -> CompiledRegion:
+    def _compile_region(self, sub: fx.GraphModule, is_weight: list[bool], names: tuple[str | None, ...],
+                        name: str, activations: frozenset[int]) -> CompiledRegion:
         state = self.state
         tapped, taps, num_outputs = regions.tap_weight_grads(sub, is_weight)
         returns_tuple = isinstance(sub.graph.output_node().args[0], (tuple, list))
@@ -282,7 +297,9 @@ class CapturedGraph:
         input_names = (*names, *([None] * len(taps)))
         ctx = PassContext(input_names=input_names,
                           frozen=frozenset(n for n, w in zip(names, is_weight) if w),
-                          compression=state.compression)
+                          compression=state.compression,
+                          stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
+                          activation_inputs=activations)
         graphs = VariantGraphs(input_names)
 
         def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
@@ -309,7 +326,7 @@ class CapturedGraph:
         fn = capture.compile_variant(
             tapped, example, backend=state.backend, memory_budget=state.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
-            tracing_context=self.tracing_context)
+            tracing_context=self.tracing_context, unsaved_outputs=ctx.stashed_outputs)
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
@@ -327,13 +344,14 @@ class CapturedGraph:
             return self.fn(*args)
         if state.first_training_call is None:
             state.first_training_call = time.perf_counter()
-        state.record, state.calls, state.stash_bytes = [], [], {}
+        state.record, state.calls, state.stash_bytes, state.stash_counters = [], [], {}, Counter()
         frozen = state.frozen
         try:
             outputs, saved = run_counting_saved_bytes(self.fn, *args, record=state.record)
             state.last_training_graph = self
             state.last_step = StepRecord(frozen=frozen, saved_bytes=saved + sum(state.stash_bytes.values()),
-                                         stash_bytes=sum(state.stash_bytes.values()), calls=state.calls)
+                                         stash_bytes=sum(state.stash_bytes.values()), calls=state.calls,
+                                         stash_counters=dict(state.stash_counters))
         finally:
             state.record, state.calls, state.stash_bytes = [], [], {}
         return outputs

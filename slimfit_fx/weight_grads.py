@@ -16,16 +16,26 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .regions import WeightTap
 
 
+def autocast_state(device: torch.device) -> tuple[str, torch.dtype] | None:
+    """The autocast a region ran under (its uses cast their weight the same way)."""
+    kind = device.type
+    return (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+
+
 def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any],
-                      grad_shape: tuple[int, ...], grad_dtype: torch.dtype) -> fx.GraphModule:
+                      grad_shape: tuple[int, ...], grad_dtype: torch.dtype,
+                      autocast: tuple[str, torch.dtype] | None) -> fx.GraphModule:
     """The aten graph of d(use(weight, *operands))/d(weight) given the output's
     gradient, with the forward work the gradient does not read removed (a
-    Linear's weight gradient needs its input, not its output)."""
+    Linear's weight gradient needs its input, not its output). Under autocast
+    the use's casts are traced too, so the gradient comes back in the weight's dtype."""
 
     def weight_grad(weight: torch.Tensor, *rest: Any) -> torch.Tensor:
         *operands, grad = rest
         w = weight.detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.autocast(autocast[0] if autocast else weight.device.type,
+                                                 dtype=autocast[1] if autocast else None,
+                                                 enabled=autocast is not None):
             out = use(w, *operands)
         return torch.autograd.grad(out, w, grad)[0]
 
@@ -40,13 +50,14 @@ def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[
 class TapSlot:
     """One trainable use in one forward: the stashed operands until backward."""
 
-    __slots__ = ("tap", "weight", "operands", "unpack")
+    __slots__ = ("tap", "weight", "operands", "unpack", "autocast")
 
     def __init__(self, tap: WeightTap, weight: torch.Tensor) -> None:
         self.tap = tap
         self.weight = weight.detach()
         self.operands: list[Any] | None = None
         self.unpack = None
+        self.autocast = autocast_state(weight.device)
 
     def weight_grad(self, grad: torch.Tensor) -> torch.Tensor:
         if self.operands is None:
@@ -56,10 +67,14 @@ class TapSlot:
                 "same graph twice needs retain_graph, which slimfit_fx does not support)")
         operands = self.unpack(self.operands) if self.unpack is not None else self.operands
         self.operands = None
-        tap = self.tap
-        if tap.weight_grad is None:
-            tap.weight_grad = trace_weight_grad(tap.use, self.weight, operands, tuple(grad.shape), grad.dtype)
-        return tap.weight_grad(self.weight, *operands, grad)
+        # traced for contiguous gradients (its views assume them); a copy only if not
+        grad = grad.contiguous()
+        key = (self.autocast, tuple(getattr(o, "dtype", None) for o in operands))
+        traced = self.tap.weight_grads.get(key)
+        if traced is None:
+            traced = self.tap.weight_grads[key] = trace_weight_grad(
+                self.tap.use, self.weight, operands, tuple(grad.shape), grad.dtype, self.autocast)
+        return traced(self.weight, *operands, grad)
 
 
 class TapGrad(torch.autograd.Function):

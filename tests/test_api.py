@@ -44,7 +44,7 @@ def test_tied_weights_are_one_layer_and_aliases_resolve():
     assert cm.slimfit.frozen == frozenset({"transformer.wte.weight"})
 
 
-def test_no_grad_saves_nothing_and_reuses_one_variant_for_all_sets():
+def test_no_grad_saves_nothing_and_serves_every_set_from_one_compile():
     case = FACTORIES["mlp"]()
     cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     packed = []
@@ -59,39 +59,30 @@ def test_no_grad_saves_nothing_and_reuses_one_variant_for_all_sets():
         out2 = cm(**case.batch)
     assert not out.requires_grad and not out2.requires_grad
     assert packed == []
-    assert cm.slimfit.stats["variants_compiled"] == 1
+    assert cm.slimfit.stats["graphs_captured"] == 1 and cm.slimfit.stats["regions_compiled"] == 0
     torch.testing.assert_close(out, out2)
 
 
-def test_stats_count_hits_misses_and_compile_time():
+def test_stats_count_regions_and_compile_time():
     case = FACTORIES["mlp"]()
     cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
     layers = cm.slimfit.layers
-    for frozen in ([], layers[:1], [], layers[:1]):
-        cm.slimfit.set_frozen(frozen)
-        step(cm, case)
-    stats = cm.slimfit.stats
-    assert stats["variants_compiled"] == 2
-    assert stats["cache_misses"] == 2 and stats["cache_hits"] == 2
-    assert stats["evictions"] == 0 and stats["compile_seconds"] > 0
-    text = str(cm.slimfit.report())
-    assert "1 frozen" in text and "variants" in text
-
-
-def test_lru_eviction_frees_the_variant():
-    case = FACTORIES["mlp"]()
-    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", max_variants=2)
-    layers = cm.slimfit.layers
-    cm.slimfit.set_frozen([layers[0]])
+    cm.slimfit.set_frozen([])
     step(cm, case)
-    first = weakref.ref(cm.slimfit._variant_for_current_set().fn)
-    for frozen in ([layers[1]], [layers[2]]):
+    first = dict(cm.slimfit.stats)
+    for frozen in (layers[:1], [], layers[:1]):
         cm.slimfit.set_frozen(frozen)
         step(cm, case)
-    gc.collect()
     stats = cm.slimfit.stats
-    assert stats["evictions"] == 1 and stats["variants_live"] == 2
-    assert first() is None, "the evicted variant's compiled function is still alive"
+    assert stats["compile_seconds"] == first["compile_seconds"] > 0
+    assert 1 <= stats["regions_compiled"] <= stats["regions"]
+    text = str(cm.slimfit.report())
+    assert "1 frozen" in text and "regions" in text
+
+
+def test_removed_per_set_fields_say_why():
+    with pytest.raises(TypeError, match="compiles each distinct region once"):
+        slimfit_fx.compile(MLP(), max_variants=2)
 
 
 def test_frozen_grads_are_none_and_optimizer_skips_them():
@@ -158,8 +149,6 @@ def test_set_frozen_rejects_bad_names(names, error, match):
         ("freeze_ratio", "0.9", TypeError),
         ("schedule", "sometimes", ValueError),
         ("backend", "tensorrt", ValueError),
-        ("max_variants", 0, ValueError),
-        ("max_variants", 2.5, TypeError),
         ("memory_budget", 0.0, ValueError),
         ("memory_budget", 1.5, ValueError),
         ("memory_budget", "low", TypeError),

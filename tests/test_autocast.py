@@ -194,7 +194,7 @@ def test_inductor_packs_bf16_gelu_inputs_and_nothing_else():
 def test_ils_trains_under_autocast_with_compression():
     case = models.bert()
     cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="paper", schedule="ils",
-                            freeze_ratio=0.5, new_set_every=1)
+                            freeze_ratio=0.5)
     params = dict(cm.named_parameters())
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
     losses, sets = [], []

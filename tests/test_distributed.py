@@ -38,7 +38,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         case = models.bert(seed=0)
         data = models.bert(seed=100 + rank).batch  # each rank sees different data
         cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule="ils",
-                                freeze_ratio=0.8, new_set_every=1)
+                                freeze_ratio=0.8)
         # The one line DDP needs: frozen layers get no gradient in a step.
         ddp = torch.nn.parallel.DistributedDataParallel(cm, find_unused_parameters=True)
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)

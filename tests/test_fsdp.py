@@ -95,7 +95,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         model = models.bert(seed=0).model
         fully_shard(model)
         before = _full_weights(model)
-        cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.5, new_set_every=1)
+        cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.5)
         optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
         record["ils_frozen"] = []
         for _ in range(ILS_STEPS):

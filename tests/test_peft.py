@@ -76,7 +76,7 @@ def test_frozen_adapters_match_eager(config):
 def test_ils_trains_adapters_and_never_moves_base_weights():
     case = lora_case("qv_dense_head")
     cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off", schedule="ils",
-                            freeze_ratio=0.5, new_set_every=1)
+                            freeze_ratio=0.5)
     params = dict(cm.named_parameters())
     base = {n: p.detach().clone() for n, p in params.items() if not p.requires_grad}
     # weight_decay would move any parameter the optimizer stepped, base weights included

@@ -54,7 +54,7 @@ def test_adamw_steps_match_eager_for_each_frozen_set(factory):
         assert_matches_eager(cm, case, frozen)
         optimizer.step()
     stats = cm.slimfit.stats
-    assert stats["graphs_captured"] == 1 and stats["variants_compiled"] == 3, stats
+    assert stats["graphs_captured"] == 1 and stats["regions_compiled"] <= stats["regions"], stats
 
 
 # "row" meets the floors every transformer test uses. "paper" gets its own: its

@@ -21,8 +21,7 @@ FROZEN = ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.0.attent
 
 def test_hf_trainer_drives_the_schedule(tmp_path):
     case = models.bert(batch=8)
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule="ils", freeze_ratio=0.8,
-                            new_set_every=1)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule="ils", freeze_ratio=0.8)
     rows = [{k: v[i] for k, v in case.batch.items()} for i in range(8)]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,

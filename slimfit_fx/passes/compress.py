@@ -435,11 +435,14 @@ def _view_root(node: fx.Node) -> fx.Node:
     return node
 
 
-def _skip_reason(node: fx.Node, user_outputs: set[str]) -> str | None:
+def _skip_reason(node: fx.Node, user_outputs: set[str], resident: set[str] | None = None) -> str | None:
     """Why `node` is saved as it is; `user_outputs` are the view roots of what the
     forward returns to the user (held anyway, so a packed copy would only add bytes)."""
     val = node.meta.get("val")
-    if _view_root(node).op == "placeholder":  # a parameter or input (or a view of one): resident
+    root = _view_root(node)
+    # a parameter or model input (or a view of one) is resident; an activation an
+    # earlier region handed in is not (`resident`: the resident placeholders' names)
+    if root.op == "placeholder" and (resident is None or root.name in resident):
         return "primal"
     if _view_root(node).name in user_outputs:
         return "also_returned"
@@ -459,10 +462,13 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         return forward, backward
     out_node = forward.graph.output_node()
     outputs = list(out_node.args[0])
-    user_outputs = {_view_root(n).name for n in outputs[:num_forward_outputs] if isinstance(n, fx.Node)}
+    returned = outputs[:num_forward_outputs - ctx.stashed_outputs]
+    user_outputs = {_view_root(n).name for n in returned if isinstance(n, fx.Node)}
     placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
     order = {n: i for i, n in enumerate(backward.graph.nodes)}
     primals = [n for n in forward.graph.nodes if n.op == "placeholder"]
+    resident = None if ctx.activation_inputs is None else {
+        p.name for i, p in enumerate(primals) if i not in ctx.activation_inputs}
     named = list(zip(primals, ctx.input_names)) if len(primals) >= len(ctx.input_names) else []
     frozen_primals = {p.name for p, name in named if name in ctx.frozen}
     trainable_primals = {p.name for p, name in named if name is not None and name not in ctx.frozen}
@@ -479,13 +485,13 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
             continue
         plan = _rebuild_plan(saved, saved_nodes)
         if plan is not None and all(n.name in placeholders for n in plan.sources) \
-                and placeholder.users and _skip_reason(saved, user_outputs) is None:
+                and placeholder.users and _skip_reason(saved, user_outputs, resident) is None:
             recomputed.append((saved, placeholder, plan))  # no longer saved
             continue
         kinds = classify_saved(saved, list(placeholder.users), frozen_primals, placeholder,
                                trainable_primals)
         kind, fmt = _first_format(config, kinds, saved.meta.get("val"))
-        reason = _skip_reason(saved, user_outputs) if fmt else None
+        reason = _skip_reason(saved, user_outputs, resident) if fmt else None
         if fmt is None or reason is not None or not placeholder.users:
             if fmt is not None and reason is not None:
                 ctx.counters[f"skipped_{kind}_{reason}"] += 1

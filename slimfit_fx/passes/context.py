@@ -16,10 +16,17 @@ if TYPE_CHECKING:
 @dataclass
 class PassContext:
     """input_names[i]: canonical parameter name of graph input i, or None for
-    buffers and user inputs. frozen: the frozen set this variant is built for. compression: how
-    saved activations are stored (None: as they are)."""
+    buffers and user inputs. frozen: the layers whose gradients this graph does not
+    compute. compression: how saved activations are stored (None: as they are)."""
 
     input_names: tuple[str | None, ...]
     frozen: frozenset[str]
     counters: Counter = field(default_factory=Counter)
     compression: "CompressionConfig | None" = None
+    # The forward's last `stashed_outputs` user outputs are layer inputs handed
+    # out for weight gradients (regions.tap_weight_grads), kept only while their
+    # layer trains: not outputs the user holds, so they do not stop packing.
+    stashed_outputs: int = 0
+    # Input positions that carry activations from an earlier region (not resident
+    # like parameters and model inputs, so worth packing); None: every input is resident.
+    activation_inputs: frozenset[int] | None = None
