@@ -148,8 +148,11 @@ def capture_settings():
     scaling, when a second model of the same class is compiled in the process)
     makes AOTAutograd ask dynamo to restart tracing, which it can only do
     inside dynamo's own compile, not when slimfit builds a later variant.
+    Shapes stay static too (a new shape is a new capture, not a symbolic one):
+    regions size their weight-gradient probes from the captured shapes, and
+    compression skips dynamic shapes anyway.
     """
-    return torch._dynamo.config.patch(specialize_float=True)
+    return torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False)
 
 
 def current_tracing_context() -> Any:

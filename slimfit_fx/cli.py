@@ -77,7 +77,7 @@ def inspect(args: argparse.Namespace) -> slimfit_fx.SlimFitModule:
         model, batch = zoo.build(args.model, seed=args.seed)
     except ValueError as err:
         raise SystemExit(str(err)) from err
-    cm = slimfit_fx.compile(model, backend=args.backend)
+    cm = slimfit_fx.compile(model, schedule="manual", backend=args.backend)
     try:
         frozen = seeded_frozen_set(cm.slimfit.layers, args.freeze_ratio, args.seed)
     except ValueError as err:

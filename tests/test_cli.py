@@ -13,7 +13,7 @@ SMALL = ["--backend", "aot_eager", "--limit", "40", "--batch-size", "8", "--max-
 
 def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    cli.main(["finetune", *SMALL, "--freeze-ratio", "0.5", "--new-set-every", "1", "--out", str(out),
+    cli.main(["finetune", *SMALL, "--freeze-ratio", "0.5", "--out", str(out),
               "--compare-eager", "--eager-lr", "2e-4", "--progress"])
     results = json.loads((out / "metrics.json").read_text())
     slim, eager = results["slimfit"], results["eager"]

@@ -63,13 +63,13 @@ def test_only_trainable_adapter_weights_are_layers(config):
 def test_frozen_adapters_match_eager(config):
     case = lora_case(config)
     cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
-    # One capture, one variant per frozen set. Base weights (requires_grad=False)
+    # One capture, one compile for every frozen set. Base weights (requires_grad=False)
     # get no gradient in either run; the harness checks that with the adapters' gradients.
     for frozen, choose in FROZEN_SETS.items():
         chosen = choose(cm.slimfit.layers)
         assert_matches_eager(cm, case, chosen)
         counters = cm.slimfit.last_step.counters
-        assert counters.get("grads_cut", 0) == len(chosen), (frozen, counters)
+        assert counters["weight_uses_tapped"] > 0, (frozen, counters)
     assert cm.slimfit.stats["graphs_captured"] == 1
 
 

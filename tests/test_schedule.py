@@ -107,7 +107,7 @@ def test_bad_always_train_is_refused(value, error, match):
 
 def test_always_train_needs_the_ils_schedule():
     with pytest.raises(ValueError, match="schedule='ils'"):
-        slimfit_fx.SlimFitConfig(always_train=("classifier.weight",))
+        slimfit_fx.SlimFitConfig(schedule="manual", always_train=("classifier.weight",))
 
 
 def test_frozen_layers_do_not_move_under_adamw_with_stale_grads():

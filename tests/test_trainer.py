@@ -104,7 +104,7 @@ def test_accelerate_prepares_the_compiled_model(tmp_path):
         optimizer.zero_grad()
     moved = {n for n, p in cm.named_parameters() if not torch.equal(p, before[n])}
     assert moved and not moved & set(FROZEN)
-    assert cm.slimfit.stats["graphs_captured"] == 1 and cm.slimfit.stats["cache_hits"] == 3
+    assert cm.slimfit.stats["graphs_captured"] == 1
 
     accelerator.save_model(model, str(tmp_path))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
