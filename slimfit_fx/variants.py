@@ -10,6 +10,7 @@ never decides the frozen set; it only reads it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -195,6 +196,14 @@ class StepRecord:
         total.update(self.stash_counters)
         return dict(total)
 
+    def saved_nodes(self, stage: str = FORWARD) -> list[fx.Node]:
+        """The saved-tensor nodes of `stage` in every region call of the step, in order."""
+        return [n for region, _ in self.calls for n in region.compiled.graphs.saved_nodes(stage)]
+
+    def graph_nodes(self, stage: str) -> list[fx.Node]:
+        """Every node of `stage` in every region call of the step, in order."""
+        return [n for region, _ in self.calls for n in region.compiled.graphs[stage].graph.nodes]
+
     @property
     def graphs(self) -> VariantGraphs:
         """The graphs of the region most of this step's regions ran (the repeated block)."""
@@ -270,7 +279,8 @@ class CapturedGraph:
             key = (regions.structural_key(sub, is_weight), activations)
             compiled = state.compiled.get(key)
             if compiled is None:
-                compiled = self._compile_region(sub, is_weight, names, block or f"region {index}", activations)
+                compiled = self._compile_region(sub, is_weight, names, block or f"region {index}", activations,
+                                                block)
                 state.compiled[key] = compiled
             compiled.instances += 1
             region.compiled = compiled
@@ -279,7 +289,7 @@ class CapturedGraph:
         return split
 
     def _compile_region(self, sub: fx.GraphModule, is_weight: list[bool], names: tuple[str | None, ...],
-                        name: str, activations: frozenset[int]) -> CompiledRegion:
+                        name: str, activations: frozenset[int], block: str | None) -> CompiledRegion:
         state = self.state
         tapped, taps, num_outputs = regions.tap_weight_grads(sub, is_weight)
         returns_tuple = isinstance(sub.graph.output_node().args[0], (tuple, list))
@@ -295,9 +305,16 @@ class CapturedGraph:
                 value = value.detach()
             example.append(value)
         input_names = (*names, *([None] * len(taps)))
+        compression = state.compression
+        if block is None and compression is not None and compression.layernorm_keep is not None:
+            # Norms outside the repeated blocks (an embedding norm, the final norm
+            # before a head) are kept whole: every LayerNorm's input gradient reads
+            # the pruned x_hat, and the final norm's lands straight in the loss's
+            # gradient to the whole network (tiny GPT-2 with ln_f pruned: cosine 0.983).
+            compression = dataclasses.replace(compression, layernorm_keep=None)
         ctx = PassContext(input_names=input_names,
                           frozen=frozenset(n for n, w in zip(names, is_weight) if w),
-                          compression=state.compression,
+                          compression=compression,
                           stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
                           activation_inputs=activations)
         graphs = VariantGraphs(input_names)

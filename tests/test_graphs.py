@@ -20,8 +20,8 @@ def test_stages_in_pipeline_order_with_tags_and_a_diff():
     step(cm, case)
     graphs = cm.slimfit.graphs()
     assert graphs is cm.slimfit.compiled_regions()["bert.encoder.layer.0"].graphs
-    assert list(graphs) == ["joint", "forward before passes", "backward before passes", "forward",
-                            "backward"]
+    assert list(graphs) == ["joint", "joint after place_static_saves", "forward before passes",
+                            "backward before passes", "forward", "backward"]
     assert "# slimfit: {'compress_saved'" in graphs.format("forward")
     diff = graphs.diff("forward before passes", "forward")
     assert "+%quantize_fixed" in diff
