@@ -66,7 +66,8 @@ class Contender:
 
 def _slimfit(compression, budget=None):
     def build(model, frozen):
-        cm = slimfit_fx.compile(model, backend="inductor", compression=compression, memory_budget=budget)
+        cm = slimfit_fx.compile(model, schedule="manual", backend="inductor", compression=compression,
+                                memory_budget=budget)
         cm.slimfit.set_frozen(frozen)
         return cm
     return build

@@ -56,7 +56,7 @@ def main() -> None:
     for name, compression in CASES.items():
         torch.manual_seed(args.seed)  # the same head init in every case
         model = load_classifier(model_dir, len(data.classes))
-        cm = slimfit_fx.compile(model, backend="aot_eager", compression=compression)
+        cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager", compression=compression)
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, args.freeze_ratio, args.seed))
         cm.train()
         torch.manual_seed(args.seed)  # the same dropout masks in every case

@@ -72,8 +72,10 @@ class Region(torch.nn.Module):
             trains = self.input_names[tap.weight_input] not in frozen and weight.requires_grad
             slot = TapSlot(tap, weight) if trains else None
             slots.append(slot)
-            probes.append(TapGrad.apply(weight if trains else state.anchor(weight.device), slot,
-                                        tap.probe_shape, tap.probe_dtype))
+            # A frozen use's probe needs no autograd node: the region's backward
+            # still hands out its gradient, and autograd drops it.
+            probes.append(TapGrad.apply(weight, slot, tap.probe_shape, tap.probe_dtype) if trains
+                          else state.zeros(weight.device, tap.probe_dtype).expand(tap.probe_shape))
         start = len(state.record)
         outputs = compiled.fn(*call_args, *probes)
         state.calls.append((self, state.record[start:]))
@@ -110,13 +112,14 @@ class EngineState:
     calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
     stash_bytes: dict[int, int] = field(default_factory=dict)
     stash_counters: Counter = field(default_factory=Counter)
-    _anchors: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+    _anchors: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def anchor(self, device: torch.device) -> torch.Tensor:
-        """A leaf that requires grad, for probes of frozen uses (their gradient is dropped)."""
-        if device not in self._anchors:
-            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
-        return self._anchors[device]
+    def zeros(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One 0-dim zero per (device, dtype): frozen uses' probes expand it."""
+        key = (device, dtype)
+        if key not in self._anchors:
+            self._anchors[key] = torch.zeros((), device=device, dtype=dtype)
+        return self._anchors[key]
 
     def wall_seconds(self) -> float:
         start = self.first_training_call
