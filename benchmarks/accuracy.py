@@ -53,8 +53,7 @@ def main() -> None:
                 *(["--eager-lr", str(args.eager_lr)] if args.eager_lr is not None else []),
                 "--backend", args.backend, "--compare-eager",
                 "--train-new-layers" if args.train_new_layers else "--no-train-new-layers",
-                "--no-progress",
-]
+                "--no-progress"]
         with (nullcontext(args.keep / f"seed-{seed}") if args.keep
               else tempfile.TemporaryDirectory()) as out:
             out = Path(out)

@@ -18,25 +18,14 @@ from .compress import _is_gelu_input, _is_softmax_output
 from .context import PassContext
 
 
-def _reachable(starts: list[fx.Node]) -> set[fx.Node]:
+def _closure(starts: list[fx.Node], step) -> set[fx.Node]:
+    """Every node reached from `starts` by repeatedly following `step(node)`."""
     seen, todo = set(), list(starts)
     while todo:
         node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        todo.extend(node.users)
-    return seen
-
-
-def _ancestors(ends: list[fx.Node]) -> set[fx.Node]:
-    seen, todo = set(), list(ends)
-    while todo:
-        node = todo.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
+        if node not in seen:
+            seen.add(node)
+            todo.extend(step(node))
     return seen
 
 
@@ -51,9 +40,10 @@ def place_static_saves(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     probabilities and the GELU input, which compress_saved stores 8/4-bit."""
     graph = gm.graph
     tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
-    from_tangents = _reachable(tangents)
+    from_tangents = _closure(tangents, lambda n: n.users)
     outputs = [o for o in graph.output_node().args[0] if isinstance(o, fx.Node)]
-    forward = _ancestors([o for o in outputs if o not in from_tangents])
+    forward_outputs = [o for o in outputs if o not in from_tangents]
+    forward = _closure(forward_outputs, lambda n: n.all_input_nodes)
     for node in graph.nodes:
         if node.op != "call_function" or node not in forward:
             continue
