@@ -112,14 +112,14 @@ class EngineState:
     calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
     stash_bytes: dict[int, int] = field(default_factory=dict)
     stash_counters: Counter = field(default_factory=Counter)
-    _anchors: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _zeros: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def zeros(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """One 0-dim zero per (device, dtype): frozen uses' probes expand it."""
         key = (device, dtype)
-        if key not in self._anchors:
-            self._anchors[key] = torch.zeros((), device=device, dtype=dtype)
-        return self._anchors[key]
+        if key not in self._zeros:
+            self._zeros[key] = torch.zeros((), device=device, dtype=dtype)
+        return self._zeros[key]
 
     def wall_seconds(self) -> float:
         start = self.first_training_call
@@ -231,8 +231,6 @@ class StepRecord:
 
 def _rename(tensor: SavedTensor, region: Region) -> SavedTensor:
     """A shared region's tensors carry the module names of the block that built it."""
-    import dataclasses
-
     first, own = region.compiled.name, region.block
     module = tensor.module
     if own and first and (module == first or module.startswith(first + ".")):

@@ -51,3 +51,23 @@ def test_a_frozen_conv_computes_no_weight_gradient():
     masks = [n.args[-1] for c in cm.slimfit.compiled_regions().values()
              for n in c.graphs["backward"].graph.nodes if n.target == aten.convolution_backward.default]
     assert masks and all(not mask[1] for mask in masks), masks  # output_mask: (input, weight, bias)
+
+
+def test_placement_makes_the_partitioner_save_what_compression_stores(monkeypatch):
+    """Inside a region inductor's min-cut saved GELU derivatives and attention scores
+    (fp32, no format for them); place_static_saves steers it to the GELU input and
+    the probabilities. Without the pass, neither is packed."""
+    from slimfit_fx import variants, zoo
+
+    def run():
+        model, batch = zoo.bert_tiny(seed=0, batch=2, seq=12, dropout=0.1)
+        cm = slimfit_fx.compile(model, schedule="manual", backend="inductor")
+        cm(**batch).loss.backward()
+        return cm.slimfit.last_step.counters
+
+    counters = run()
+    assert counters["placed_softmax_saves"] == counters["compressed_softmax"] == 2, counters
+    assert counters["placed_gelu_input_saves"] == counters["compressed_gelu_input"] == 2, counters
+    monkeypatch.setattr(variants, "JOINT_PASSES", ())
+    counters = run()
+    assert "compressed_gelu_input" not in counters, counters
