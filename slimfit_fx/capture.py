@@ -16,12 +16,16 @@ import torch._dynamo
 import torch._functorch.config as functorch_config
 import torch._guards
 from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 import torch._inductor.config as inductor_config
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch._dynamo.utils import counters as _dynamo_counters
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+
+from . import ops
 
 if not hasattr(functorch_config, "joint_custom_pass"):
     raise ImportError(
@@ -69,10 +73,11 @@ class _Partitioner(CustomPartitionerFn):
     """
 
     def __init__(self, on_partition: OnPartition, partition_pass: PartitionPass,
-                 unsaved_outputs: int = 0) -> None:
+                 unsaved_outputs: int = 0, inline: dict | None = None) -> None:
         self.on_partition = on_partition
         self.partition_pass = partition_pass
         self.unsaved_outputs = unsaved_outputs
+        self.inline = inline
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Any, **kwargs: Any):
         def partition(joint: fx.GraphModule) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -81,6 +86,8 @@ class _Partitioner(CustomPartitionerFn):
         forward, backward = self._partition_unsaved(gm, joint_inputs, kwargs) or partition(gm)
         forward, backward = self.partition_pass(forward, backward, kwargs["num_fwd_outputs"])
         self.on_partition(forward, backward, kwargs["num_fwd_outputs"], partition)
+        if self.inline:
+            forward, backward = (inline_ops(g, self.inline) for g in (forward, backward))
         return forward, backward
 
     def _partition_unsaved(self, gm: fx.GraphModule, joint_inputs: Any, kwargs: dict):
@@ -128,6 +135,45 @@ class _Partitioner(CustomPartitionerFn):
         # Inductor pickles its config into the FX-graph cache key; our callback is a
         # closure. What identifies this partitioner for the key is its uuid.
         return (_partitioner_from_cache_key, (self.uuid(),))
+
+
+def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
+    """Replace every call of an op in `kernels` (overload -> plain-torch function)
+    by the functional aten graph of that function, traced on the node's fake
+    values with inductor's decompositions (as AOTAutograd traces for inductor),
+    so inductor sees and fuses the math instead of one opaque call."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    decompositions = select_decomp_table()
+    graph = gm.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in kernels]:
+        flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+        where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
+
+        def kernel(*tensors: Any, fn: Callable = kernels[node.target], flat: list = flat,
+                   where: list = where, spec: Any = spec) -> Any:
+            values = list(flat)
+            for i, t in zip(where, tensors):
+                values[i] = t
+            args, kwargs = pytree.tree_unflatten(values, spec)
+            return fn(*args, **kwargs)
+
+        traced = make_fx(torch.func.functionalize(kernel, remove="mutations_and_views"),
+                         decomposition_table=decompositions, tracing_mode="fake")(
+            *(flat[i].meta["val"] for i in where))
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        with graph.inserting_before(node):
+            out = graph.graph_copy(traced.graph, dict(zip(placeholders, (flat[i] for i in where))))
+        if isinstance(out, (tuple, list)):  # multi-output ops are read through getitem
+            for user in list(node.users):
+                user.replace_all_uses_with(out[user.args[1]])
+                graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    return gm
 
 
 def _through_detach(node: fx.Node) -> fx.Node:
@@ -221,7 +267,10 @@ def compile_variant(
     if memory_budget is not None:
         patches["activation_memory_budget"] = memory_budget
     graph_copy = copy_graph_module(gm)
-    partitioner = _Partitioner(on_partition, partition_pass, unsaved_outputs)
+    # inductor fuses the compression math into its kernels; aot_eager keeps the
+    # ops (each runs its eager kernel either way)
+    partitioner = _Partitioner(on_partition, partition_pass, unsaved_outputs,
+                               inline=ops.KERNELS if backend == "inductor" else None)
     with torch._guards.tracing(tracing_context), functorch_config.patch(**patches):
         if backend == "inductor":
             from torch._inductor.compile_fx import compile_fx

@@ -318,10 +318,17 @@ def compressed_nbytes(tensors: Tensor | Sequence[Tensor]):
 # except dequantized/unpruned tensors is integer.
 
 
+# Each op's plain-torch kernel, by overload: compiling for inductor, the passes'
+# nodes are traced into these aten ops so inductor fuses them into their
+# neighbours' kernels (an opaque op would run this Python once per call, with a
+# full pass over memory per line). The graphs users print keep the slimfit ops.
+KERNELS: dict = {}
+
+
 def _register(fn, fake) -> None:
-    # torch.library keeps the definition; the module needs no handle to it.
     op = torch.library.custom_op(f"slimfit::{fn.__name__}", fn, mutates_args=())
     op.register_fake(fake)
+    KERNELS[getattr(torch.ops.slimfit, fn.__name__).default] = fn
 
 
 def _fake_quantize_fixed(x, bits, frac_bits, signed):

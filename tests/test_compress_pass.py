@@ -384,3 +384,17 @@ def test_attention_with_dropout_is_compressed_under_inductor():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
+
+
+@pytest.mark.parametrize("backend, opaque", [("inductor", False), ("aot_eager", True)])
+def test_inductor_fuses_the_formats_instead_of_calling_them(backend, opaque):
+    """Under inductor no slimfit op runs at step time (the compression math is in
+    inductor's kernels); aot_eager runs each op's kernel. Every layer is frozen, so
+    no trainable layer's input is packed outside the regions."""
+    case, cm = compile_case("bert", "paper", backend=backend, frozen=lambda layers: layers)
+    step(cm, case)  # compiles
+    with torch.profiler.profile() as prof:
+        step(cm, case)
+    assert packed_count(cm.slimfit.last_step.counters, "qkv", "softmax") > 0
+    called = {e.key for e in prof.key_averages() if e.key.startswith("slimfit::")}
+    assert bool(called) == opaque, called
