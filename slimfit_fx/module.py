@@ -159,13 +159,17 @@ class SlimFit:
     def stats(self) -> Mapping[str, float]:
         """graphs_captured: dynamo graphs; regions: regions the training graph runs
         per step; regions_compiled: distinct regions compiled (one compile serves
-        every region with the same structure, for every frozen set)."""
+        every region with the same structure, for every frozen set);
+        compile_seconds: every compile, including weight_grad_trace_seconds
+        (weight-gradient graphs, traced when a layer first trains)."""
         state = self._state
+        traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
         return {
             "graphs_captured": len(state.graphs),
             "regions": sum(c.instances for c in state.compiled.values()),
             "regions_compiled": len(state.compiled),
-            "compile_seconds": state.compile_seconds,
+            "compile_seconds": state.compile_seconds + traces,
+            "weight_grad_trace_seconds": traces,
             "wall_seconds": state.wall_seconds(),
         }
 

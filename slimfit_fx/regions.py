@@ -124,6 +124,7 @@ class WeightTap:
     producer: str = ""  # op that made the first stashed tensor ("gelu", ...)
     # traced on first need, per (autocast, operand dtypes)
     weight_grads: dict = field(default_factory=dict, repr=False)
+    trace_seconds: float = 0.0  # spent tracing them
 
 
 def _is_weight_only(node: fx.Node) -> bool:

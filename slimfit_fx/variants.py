@@ -27,7 +27,7 @@ from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, 
                      VariantGraphs, after)
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
-from .weight_grads import TapGrad, TapSlot
+from .weight_grads import TapGrad, TapSlot, autocast_state, weight_grad_graph
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,15 @@ class CapturedGraph:
             tapped, example, backend=state.backend, memory_budget=state.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context, unsaved_outputs=ctx.stashed_outputs)
+        # Every layer's weight-gradient graph now, on the region's fake values and
+        # the autocast it compiles under, so a layer that first trains later
+        # compiles nothing (another dtype or autocast traces when first seen).
+        stashed = tapped.graph.output_node().args[0][num_outputs:]
+        for tap in taps:
+            operands = [example[i] if where == "input" else stashed[i].meta["example_value"]
+                        for where, i in tap.stash]
+            weight_grad_graph(tap, example[tap.weight_input], operands,
+                              autocast_state(example[tap.weight_input].device))
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,

@@ -7,6 +7,7 @@ operands are dropped as soon as its region's forward returns.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -47,6 +48,21 @@ def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[
     return gm
 
 
+def _key(autocast: tuple[str, torch.dtype] | None, operands: list[Any]) -> tuple:
+    return autocast, tuple(getattr(o, "dtype", None) for o in operands)
+
+
+def weight_grad_graph(tap: WeightTap, weight: torch.Tensor, operands: list[Any],
+                      autocast: tuple[str, torch.dtype] | None) -> fx.GraphModule:
+    """The tap's weight-gradient graph for these operand dtypes and autocast,
+    traced once (real or fake tensors) and kept on the tap."""
+    key = _key(autocast, operands)
+    if key not in tap.weight_grads:
+        tap.weight_grads[key] = trace_weight_grad(tap.use, weight, operands, tap.probe_shape,
+                                                  tap.probe_dtype, autocast)
+    return tap.weight_grads[key]
+
+
 class TapSlot:
     """One trainable use in one forward: the stashed operands until backward."""
 
@@ -69,11 +85,11 @@ class TapSlot:
         self.operands = None
         # traced for contiguous gradients (its views assume them); a copy only if not
         grad = grad.contiguous()
-        key = (self.autocast, tuple(getattr(o, "dtype", None) for o in operands))
-        traced = self.tap.weight_grads.get(key)
-        if traced is None:
-            traced = self.tap.weight_grads[key] = trace_weight_grad(
-                self.tap.use, self.weight, operands, tuple(grad.shape), grad.dtype, self.autocast)
+        traced = self.tap.weight_grads.get(_key(self.autocast, operands))
+        if traced is None:  # a dtype or autocast the region was not compiled with
+            start = time.perf_counter()
+            traced = weight_grad_graph(self.tap, self.weight, operands, self.autocast)
+            self.tap.trace_seconds += time.perf_counter() - start
         return traced(self.weight, *operands, grad)
 
 
