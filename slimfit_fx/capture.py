@@ -8,6 +8,7 @@ its partitioner. Everything version-specific lives here; tested on torch
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -199,6 +200,24 @@ def capture_settings():
     compression skips dynamic shapes anyway.
     """
     return torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False)
+
+
+def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
+    model alone.
+
+    Dynamo keeps compiled frames on the code object it compiled (the model
+    class's forward, shared by every instance), and each slimfit model brings
+    its own backend: without isolate_recompiles (torch >= 2.13) every model adds
+    an entry guarded on its backend, so the 9th model of a class in a process
+    hits recompile_limit. torch versions without the option keep that limit
+    (raise torch._dynamo.config.recompile_limit for long sweeps there).
+    """
+    isolate = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
+    return torch.compile(model, backend=backend, fullgraph=True, **isolate)
+
+
+_COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 def current_tracing_context() -> Any:

@@ -18,25 +18,33 @@ import slimfit_fx
 
 from . import zoo
 from .config import COMPRESSION_PRESETS
-from .data import BUNDLED_MODEL, resolve_data_dir, resolve_model_dir
-from .finetune import LR_SCHEDULES, FinetuneSettings, run, seeded_frozen_set
+from .data import BUNDLED_MODEL
+from .finetune import LR_SCHEDULES, FinetuneSettings, SettingsError, run, seeded_frozen_set
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except None ones (their help says what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimfit-fx")
     sub = parser.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="fine-tune a text classifier offline (default: "
-                        "all-MiniLM-L6-v2 on BBC News) and write a run directory")
+                        "all-MiniLM-L6-v2 on BBC News) and write a run directory",
+                        formatter_class=_Help)
     d = FinetuneSettings()
     ft.add_argument("--model", default=d.model,
                     help=f"{BUNDLED_MODEL!r} (bundled) or a local Hugging Face model directory")
     ft.add_argument("--data-dir", default=None,
                     help="one sub-folder of .txt files per class (default: the bundled BBC News)")
-    ft.add_argument("--epochs", type=int, default=d.epochs)
-    ft.add_argument("--batch-size", type=int, default=d.batch_size)
-    ft.add_argument("--max-length", "--seq-len", dest="max_length", type=int, default=d.max_length,
+    ft.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training articles")
+    ft.add_argument("--batch-size", type=int, default=d.batch_size, help="articles per optimizer step")
+    ft.add_argument("--seq-len", "--max-length", dest="max_length", type=int, default=d.max_length,
                     help="tokens per article (padded/truncated)")
-    ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     ft.add_argument("--eager-lr", type=float, default=d.eager_lr,
                     help="--compare-eager's learning rate (default: --lr)")
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
@@ -50,9 +58,13 @@ def _parser() -> argparse.ArgumentParser:
                          "--no-train-new-layers scores them like any layer, as the paper does")
     ft.add_argument("--compression", choices=tuple(COMPRESSION_PRESETS), default=d.compression,
                     help="how saved activations are stored (see README)")
-    ft.add_argument("--backend", choices=("inductor", "aot_eager"), default=d.backend)
-    ft.add_argument("--limit", type=int, default=None, help="use only the first N articles")
-    ft.add_argument("--seed", type=int, default=d.seed)
+    ft.add_argument("--backend", choices=("inductor", "aot_eager"), default=d.backend,
+                    help="inductor: compiled kernels; aot_eager: slimfit's graphs run op by op "
+                         "(no C++ compile)")
+    ft.add_argument("--limit", type=int, default=None,
+                    help="use only N articles, spread over the classes (at least 2 per class)")
+    ft.add_argument("--seed", type=int, default=d.seed,
+                    help="data split, batch order, head init and the schedule's initial scores")
     ft.add_argument("--out", default=None,
                     help="run directory for config.json, metrics.json, the report and its PNGs "
                          "(default: runs/finetune-<date>-<time>)")
@@ -62,11 +74,13 @@ def _parser() -> argparse.ArgumentParser:
                     help="progress bar (default: when stderr is a terminal)")
     ft.add_argument("--json", default=None, help="also write metrics.json's content to this file")
 
-    ins = sub.add_parser("inspect", help="compile a bundled model, run one step, show what slimfit did")
+    ins = sub.add_parser("inspect", help="compile a bundled model, run one step, show what slimfit did",
+                         formatter_class=_Help)
     ins.add_argument("--model", default="bert-tiny", help=f"one of {sorted(zoo.MODELS)}")
-    ins.add_argument("--freeze-ratio", type=float, default=0.9)
-    ins.add_argument("--backend", choices=("inductor", "aot_eager"), default="aot_eager")
-    ins.add_argument("--seed", type=int, default=0)
+    ins.add_argument("--freeze-ratio", type=float, default=0.9, help="share of layers frozen (one seeded draw)")
+    ins.add_argument("--backend", choices=("inductor", "aot_eager"), default="aot_eager",
+                     help="the compile backend")
+    ins.add_argument("--seed", type=int, default=0, help="model init, batch and frozen draw")
     ins.add_argument("--out", default=None, help="write report.json/.md and PNG charts here")
     ins.add_argument("--graphs", action="store_true", help="print every graph stage")
     return parser
@@ -104,13 +118,10 @@ def finetune(args: argparse.Namespace) -> dict:
     settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in fields})
     if settings.out is None:
         settings = dataclasses.replace(settings, out=time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
-    try:  # bad settings and missing model/data fail before anything loads or trains
-        settings.check()
-        resolve_model_dir(settings.model)
-        resolve_data_dir(settings.data_dir)
-    except (TypeError, ValueError, FileNotFoundError, ImportError) as err:
+    try:  # bad settings, model or data fail with one line naming the flag, before training
+        results = run(settings)
+    except SettingsError as err:
         raise SystemExit(f"slimfit-fx finetune: {err}") from err
-    results = run(settings)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -66,15 +66,21 @@ def load_text_folders(tokenizer, root: Path, max_length: int = 128, test_share: 
     if len(classes) < 2:
         raise FileNotFoundError(f"{str(root)!r} needs at least two class folders holding .txt "
                                 f"files, found {list(classes)}")
+    if limit is not None and limit < 2 * len(classes):
+        raise ValueError(f"limit={limit} leaves fewer than 2 articles (one to train on, one to "
+                         f"test) for each of the {len(classes)} classes; use limit >= {2 * len(classes)}")
     rng = random.Random(seed)
-    per_class = None if limit is None else max(2, limit // len(classes))
+    per_class = None if limit is None else limit // len(classes)
     train, test = [], []
     for label, name in enumerate(classes):
         items = [(p.read_text(encoding="utf-8", errors="replace"), label)
                  for p in sorted((root / name).glob("*.txt"))]
         rng.shuffle(items)
         items = items[:per_class]
-        cut = max(1, int(round(len(items) * (1 - test_share))))
+        if len(items) < 2:
+            raise ValueError(f"class folder {name!r} in {str(root)!r} holds {len(items)} .txt file(s); "
+                             "each class needs at least 2 (one to train on, one to test)")
+        cut = min(len(items) - 1, max(1, int(round(len(items) * (1 - test_share)))))
         train += items[:cut]
         test += items[cut:]
     rng.shuffle(train)

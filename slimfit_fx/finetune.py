@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +28,21 @@ from .memory import eager_saved_bytes
 
 
 LR_SCHEDULES = ("linear", "constant")
+# FinetuneSettings mirrors `slimfit-fx finetune`'s flags; errors name the flag.
+FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "max_length": "--seq-len", "lr": "--lr",
+         "eager_lr": "--eager-lr", "lr_schedule": "--lr-schedule", "schedule": "--schedule",
+         "limit": "--limit", "freeze_ratio": "--freeze-ratio", "compression": "--compression",
+         "backend": "--backend", "seed": "--seed"}
+
+
+class SettingsError(ValueError):
+    """A setting, the model or the data does not fit the job; the message names the flag."""
+
+
+def _flags(message: str) -> str:
+    for field, flag in FLAGS.items():
+        message = re.sub(rf"(?<![\w.-])(SlimFitConfig\.)?{field}(?= must| is|=| \(| >=)", flag, message)
+    return message
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,17 @@ class FinetuneSettings:
             compression=self.compression, **(ils if self.schedule == "ils" else {"schedule": "manual"}))
 
     def check(self) -> None:
-        """Every setting the job can validate without loading anything."""
+        """Every setting the job can validate without loading anything; raises
+        SettingsError naming the flag."""
+        try:
+            self._check()
+        except (TypeError, ValueError) as err:
+            raise SettingsError(_flags(str(err))) from err
+
+    def _check(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise ValueError(f"limit must be an integer >= 1, got {self.limit!r}")
         for name in ("epochs", "batch_size", "max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -173,15 +199,22 @@ def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSet
 def run(settings: FinetuneSettings) -> dict[str, Any]:
     """Fine-tune with slimfit (and eager if `compare_eager`), print and write the results."""
     settings.check()
-    model_dir = resolve_model_dir(settings.model)
-    data_dir = resolve_data_dir(settings.data_dir)
-    data = load_text_folders(load_tokenizer(model_dir), data_dir, max_length=settings.max_length,
-                             seed=settings.seed, limit=settings.limit)
+    try:
+        model_dir = resolve_model_dir(settings.model)
+        data_dir = resolve_data_dir(settings.data_dir)
+        data = load_text_folders(load_tokenizer(model_dir), data_dir, max_length=settings.max_length,
+                                 seed=settings.seed, limit=settings.limit)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise SettingsError(_flags(str(err))) from err
     model, new_parameters = _with_head(model_dir, settings.seed, len(data.classes))
     new_layers = tuple(n for n in find_layers(model) if n in new_parameters)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and settings.max_length > positions:
+        raise SettingsError(f"--seq-len {settings.max_length} is longer than {settings.model}'s "
+                            f"{positions} positions (max_position_embeddings); use --seq-len <= {positions}")
     if len(data.train["labels"]) < settings.batch_size:
-        raise ValueError(f"only {len(data.train['labels'])} training articles, fewer than one batch "
-                         f"of {settings.batch_size}; lower batch_size or raise limit")
+        raise SettingsError(f"only {len(data.train['labels'])} training articles, fewer than one batch "
+                            f"of {settings.batch_size}; lower --batch-size or raise --limit")
     cm = slimfit_fx.compile(model, settings.slimfit_config(new_layers))
     if settings.schedule == "fixed":
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))

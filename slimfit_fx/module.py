@@ -6,6 +6,7 @@ attribute passthrough. Everything slimfit-specific hangs off `.slimfit`.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 import weakref
@@ -52,6 +53,12 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
             "slimfit_fx.compile got a module already wrapped by torch.compile; pass the "
             "original model instead (`model._orig_mod`): slimfit_fx runs torch.compile itself"
         )
+    nested = [name for name, m in model.named_modules() if name and type(m) is SlimFitModule]
+    if nested:
+        raise AlreadyCompiledError(
+            f"{type(model).__name__}.{nested[0]} is already a slimfit_fx module, so this model "
+            "cannot be captured as one graph. Fix: build the outer model around the original "
+            f"module (cm.slimfit.model) and compile only the outer one")
     _refuse_sharded_submodules(model)
     if model in _COMPILED:
         raise AlreadyCompiledError(
@@ -136,16 +143,39 @@ class SlimFit:
         return {"schedule": "ils", **self.schedule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        kind = state.get("schedule")
+        """Restore what `state_dict()` returned (into a model compiled with the same
+        schedule and freeze_ratio); a state that does not fit changes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"cm.slimfit.load_state_dict expects the dict cm.slimfit.state_dict() returned, "
+                f"got a {type(state).__name__}")
+        if "schedule" not in state:
+            weights = any(isinstance(v, torch.Tensor) for v in state.values())
+            raise ValueError(
+                "this is not a slimfit state (it has no 'schedule' key)"
+                + ("; it looks like model weights, which cm.load_state_dict loads" if weights else "")
+                + ". Pass the dict cm.slimfit.state_dict() returned")
+        kind = state["schedule"]
         if kind != self.config.schedule:
             raise ValueError(
                 f"this slimfit state was saved with schedule={kind!r} but the model was "
                 f"compiled with schedule={self.config.schedule!r}; compile with the same schedule"
             )
         if self.schedule is None:
+            if "frozen" not in state:
+                raise ValueError("this manual-schedule state lacks 'frozen'; pass the dict "
+                                 "cm.slimfit.state_dict() returned, unedited")
             self.set_frozen(state["frozen"])
         else:
             self.schedule.load_state_dict(dict(state))
+
+    def step(self) -> None:
+        """Advance the ILS schedule after an update made without a torch.optim
+        optimizer (a hand-written loop); optimizers' steps advance it on their own."""
+        if self.schedule is None:
+            raise RuntimeError("cm.slimfit.step() advances schedule='ils'; this model's frozen set "
+                               "is manual (set_frozen)")
+        self.schedule.manual_step()
 
     def plot_schedule(self, path: str | Path) -> Path:
         """Write a PNG heatmap of which layer trained at which step (schedule='ils')."""
@@ -247,13 +277,17 @@ class SlimFit:
         return self._state.graph_calls
 
     def _capture_backend(self):
-        state, model = self._state, self.model
+        # dynamo keeps every backend it was given for the life of the process
+        # (eval_frame.cached_backends), so this one holds its model weakly: a
+        # dead compiled model leaves a few bytes behind, not its engine and weights.
+        state, model = weakref.ref(self._state), weakref.ref(self.model)
 
         def capture_backend(gm, example_inputs):
             # Graph inputs are named by identity. Refresh the map at capture: FSDP2
             # (fully_shard) swaps other parameter objects in for each forward.
-            state.names_by_id.update(parameter_names_by_identity(model))
-            return state.capture_backend(gm, example_inputs)
+            live = state()
+            live.names_by_id.update(parameter_names_by_identity(model()))
+            return live.capture_backend(gm, example_inputs)
 
         return capture_backend
 
@@ -303,9 +337,7 @@ class SlimFitModule(nn.Module):
         slimfit = SlimFit(model, config)
         # Stored outside nn.Module's registries: neither a submodule nor state.
         object.__setattr__(self, "slimfit", slimfit)
-        object.__setattr__(
-            self, "_compiled", torch.compile(model, backend=slimfit._capture_backend(), fullgraph=True)
-        )
+        object.__setattr__(self, "_compiled", capture.compile_forward(model, slimfit._capture_backend()))
 
         # Trainers read the forward's signature to pick batch columns (HF Trainer
         # drops the ones it does not name): show the wrapped model's.
@@ -348,6 +380,16 @@ class SlimFitModule(nn.Module):
                 "slimfit_fx.compile; it holds the trained weights), e.g. "
                 "torch.onnx.export(cm.slimfit.model.eval(), args)."
             )
+        schedule = self.slimfit.schedule
+        if schedule is not None and torch.is_grad_enabled() and self._model.training:
+            if schedule.forwards_since_reference and schedule.moved_without_step():
+                raise SlimFitError(
+                    "the ILS schedule picks a new frozen set after every optimizer step, but "
+                    "trainable weights changed with no torch.optim optimizer step since the last "
+                    "forward (a hand-written update?), so the frozen set would never change. Fix: "
+                    "call cm.slimfit.step() after each update, or update with a torch.optim "
+                    "optimizer, or compile with schedule='manual' to keep a set of your own.")
+            schedule.forwards_since_reference += 1
         calls_before = self.slimfit._graph_calls()
         try:
             with capture.capture_settings():
@@ -370,6 +412,13 @@ class SlimFitModule(nn.Module):
                 "if many models were compiled in this process."
             )
         return outputs
+
+    def __deepcopy__(self, memo: dict) -> "SlimFitModule":
+        """A new compiled model: a deep copy of the wrapped model, compiled with the
+        same config, starting from this one's frozen set and schedule state."""
+        clone = compile(copy.deepcopy(self._model, memo), self.slimfit.config)
+        clone.slimfit.load_state_dict(self.slimfit.state_dict())
+        return clone
 
     # The wrapped model's names, not "_model."-prefixed ones.
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class InterLayerSchedule:
         self.layers = tuple(layers)
         self.parameters = parameters
         self.always_train = frozenset(always_train)
+        self.freeze_ratio = freeze_ratio
         self.num_frozen = min(int(freeze_ratio * len(self.layers)), len(self.layers) - len(self.always_train))
         self.reschedule_every = reschedule_every
         self.apply_frozen = apply_frozen
@@ -78,8 +79,14 @@ class InterLayerSchedule:
         self._snapshots: dict[int, torch.Tensor] = {}
         self._index = {name: i for i, name in enumerate(self.layers)}
         self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
+        # Samples of the trainable layers as the current set was applied, for
+        # `manual_step` and to notice weights moved with no optimizer step; dropped
+        # once an optimizer drives the schedule.
+        self._reference: dict[int, torch.Tensor] | None = None
+        self.forwards_since_reference = 0
         self.frozen = self._choose()
         self.apply_frozen(self.frozen)
+        self._take_reference()
 
     # -- selection ---------------------------------------------------------------
 
@@ -100,6 +107,7 @@ class InterLayerSchedule:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop frozen layers' gradients (so no optimizer moves them, even with
         momentum or weight decay) and snapshot the layers about to move."""
+        self._reference = None
         frozen_ids = {id(self.parameters[n]) for n in self.frozen}
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -116,12 +124,42 @@ class InterLayerSchedule:
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Score the layers that moved, then (every `reschedule_every` steps) pick
         the next frozen set."""
-        if self._snapshots:
-            indices = list(self._snapshots)
-            changes = torch.stack([relative_change(self._snapshots[i], score_sample(self.parameters[self.layers[i]]))
+        self._score(self._snapshots)
+        self._snapshots.clear()
+        self._advance()
+
+    def manual_step(self) -> None:
+        """After an update made without a torch.optim optimizer: score the
+        trainable layers against their weights when the current set was applied,
+        then advance as after an optimizer step."""
+        if self._reference is None:
+            raise RuntimeError(
+                "this schedule is driven by an optimizer's steps (its step hooks already "
+                "fired); cm.slimfit.step() is for updates made without a torch.optim optimizer")
+        self._score(self._reference)
+        self._advance()
+        self._take_reference()
+
+    def moved_without_step(self) -> bool:
+        """Whether a trainable layer's weights changed since the current set was
+        applied, with no step of either kind since."""
+        return self._reference is not None and any(
+            not torch.equal(ref, score_sample(self.parameters[self.layers[i]]))
+            for i, ref in self._reference.items())
+
+    def _take_reference(self) -> None:
+        self._reference = {self._index[n]: score_sample(self.parameters[n]).clone()
+                           for n in self.layers if n not in self.frozen}
+        self.forwards_since_reference = 0
+
+    def _score(self, before: dict[int, torch.Tensor]) -> None:
+        if before:
+            indices = list(before)
+            changes = torch.stack([relative_change(before[i], score_sample(self.parameters[self.layers[i]]))
                                    for i in indices]).cpu()
             self.scores[indices] = changes
-            self._snapshots.clear()
+
+    def _advance(self) -> None:
         self.step += 1
         self.history.append(self._mask(self.frozen))
         if self.step % self.reschedule_every == 0:
@@ -161,18 +199,54 @@ class InterLayerSchedule:
             "snapshot_bytes_peak": self.snapshot_bytes_peak,
         }
 
+    STATE_KEYS = ("layers", "step", "scores", "frozen", "generator", "history", "snapshot_bytes_peak")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Checks the whole state first; a state that does not fit changes nothing."""
+        missing = [k for k in self.STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(
+                f"this ILS state lacks {missing}: pass the dict cm.slimfit.state_dict() returned, "
+                "unedited")
         if list(state["layers"]) != list(self.layers):
             raise ValueError(
                 "this schedule state was saved for a different set of layers "
                 f"({len(state['layers'])} saved, {len(self.layers)} here); load it into the "
                 "same model architecture with the same parameters marked requires_grad"
             )
-        self.step = int(state["step"])
-        self.scores = state["scores"].clone().to(torch.float64)
-        self.generator.set_state(state["generator"])
-        trained = state["history"].T
-        self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in trained]
+        frozen = frozenset(state["frozen"])
+        if not frozen <= set(self.layers):
+            raise ValueError(f"this ILS state freezes {sorted(frozen - set(self.layers))[:3]}, which "
+                             "are not layers of this model; pass an unedited cm.slimfit.state_dict()")
+        if len(frozen) != self.num_frozen:
+            raise ValueError(
+                f"this schedule state froze {len(frozen)} of {len(self.layers)} layers, but this "
+                f"model was compiled to freeze {self.num_frozen} (freeze_ratio={self.freeze_ratio}); "
+                "compile with the freeze_ratio (and always_train) the saved run used")
+        if frozen & self.always_train:
+            raise ValueError(
+                f"this schedule state froze {sorted(frozen & self.always_train)}, which this model's "
+                "always_train keeps training; compile with the always_train the saved run used")
+        scores, history = state["scores"], state["history"]
+        if not (isinstance(scores, torch.Tensor) and scores.shape == (len(self.layers),)):
+            raise ValueError(f"this ILS state's scores are not one value per layer "
+                             f"({len(self.layers)}); pass an unedited cm.slimfit.state_dict()")
+        step = int(state["step"])
+        if not (isinstance(history, torch.Tensor) and history.shape == (len(self.layers), step)):
+            raise ValueError(f"this ILS state's history is not layers x steps ({len(self.layers)} x "
+                             f"{step}); pass an unedited cm.slimfit.state_dict()")
+        generator = torch.Generator()
+        try:
+            generator.set_state(state["generator"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError("this ILS state's generator is not a torch.Generator state; pass an "
+                             "unedited cm.slimfit.state_dict()") from err
+        self.step = step
+        self.scores = scores.clone().to(torch.float64)
+        self.generator = generator
+        self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in history.T]
         self.snapshot_bytes_peak = int(state["snapshot_bytes_peak"])
-        self.frozen = frozenset(state["frozen"])
+        self.frozen = frozen
         self.apply_frozen(self.frozen)
+        if self._reference is not None:
+            self._take_reference()

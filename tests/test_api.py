@@ -192,3 +192,47 @@ def test_pass_effects_are_logged_on_request_and_silent_by_default(caplog):
                for r in caplog.records)
     import logging
     assert logging.getLogger("slimfit_fx").getEffectiveLevel() > logging.INFO  # silent default
+
+
+# ---- copies, many models, memory -------------------------------------------------
+
+
+def test_deepcopy_is_an_independent_compiled_model():
+    """The copy runs its own weights (zeroing them changes its outputs, not the
+    original's), its backward fills its own .grad, and it starts from the
+    original's frozen set; copying after a training step works too."""
+    import copy
+
+    case = FACTORIES["mlp"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager")
+    optimizer = torch.optim.SGD(cm.parameters(), lr=0.1)
+    for _ in range(2):
+        cm(**case.batch).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        clone = copy.deepcopy(cm)
+        assert type(clone) is type(cm) and clone.slimfit.frozen == cm.slimfit.frozen
+        assert clone.slimfit.schedule.step == cm.slimfit.schedule.step
+        with torch.no_grad():
+            reference = cm(**case.batch).clone()
+            for p in clone.parameters():
+                p.zero_()
+            assert torch.equal(cm(**case.batch), reference)
+            assert not torch.equal(clone(**case.batch), reference)
+        clone(**case.batch).sum().backward()
+        assert all(p.grad is None for p in cm.parameters())
+        assert any(p.grad is not None for p in clone.parameters())
+
+
+def test_many_models_of_one_class_compile_in_one_process_and_are_freed():
+    """A sweep: each model has its own compiled frames, so the 9th (and 12th) model
+    of a class compiles, and a deleted model's engine and weights are freed."""
+    refs = []
+    for _ in range(12):
+        case = FACTORIES["mlp"]()
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager")
+        cm(**case.batch).sum().backward()
+        refs.append(weakref.ref(case.model))
+        del cm, case
+        gc.collect()
+    assert not [r for r in refs if r() is not None]

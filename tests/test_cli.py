@@ -55,9 +55,9 @@ def test_inspect_rejects_unknown_models():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--freeze-ratio", "1.5"], "freeze_ratio must be in"),
-    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
-    (["--eager-lr", "0"], "eager_lr must be > 0, got 0.0"),
+    (["--freeze-ratio", "1.5"], "--freeze-ratio must be in"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+    (["--eager-lr", "0"], "--eager-lr must be > 0, got 0.0"),
     (["--model", "bert-9000"], "unknown model 'bert-9000'"),
     (["--data-dir", "/nonexistent/news"], "data directory '/nonexistent/news' does not exist"),
 ])
@@ -68,7 +68,7 @@ def test_finetune_rejects_bad_input_before_training(tmp_path, flags, message):
 
 
 def test_unknown_lr_schedule_is_refused():
-    with pytest.raises(ValueError, match="lr_schedule must be one of .*got 'cosine'"):
+    with pytest.raises(ValueError, match="--lr-schedule must be one of .*got 'cosine'"):
         FinetuneSettings(lr_schedule="cosine").check()
 
 

@@ -363,3 +363,45 @@ def test_memory_stays_flat_over_1000_distinct_frozen_sets():
     assert len(seen) >= 990
     assert cm.slimfit.stats["compile_seconds"] == compiled
     assert rss[1000] - rss[100] <= 8.0, rss
+
+
+def _sgd_by_hand(cm, lr=0.1):
+    with torch.no_grad():
+        for p in cm.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)  # as torch.optim.SGD updates
+                p.grad = None
+
+
+def test_a_hand_written_update_loop_is_told_to_call_step():
+    """No torch.optim optimizer, so no step hook: the first forward after weights
+    moved says so instead of keeping the first set forever."""
+    case = models.mlp()
+    cm = ils(case)
+    case.loss(cm(**case.batch)).backward()
+    _sgd_by_hand(cm)
+    with pytest.raises(slimfit_fx.SlimFitError, match=r"no torch.optim optimizer step.*cm\.slimfit\.step\(\)"):
+        cm(**case.batch)
+
+
+def test_slimfit_step_drives_ils_from_a_hand_written_loop():
+    """cm.slimfit.step() after each update scores the trained layers by how far
+    they moved and picks the next set, as an optimizer step does."""
+    runs = []
+    for manual in (True, False):
+        case = models.mlp()
+        cm = ils(case)
+        optimizer = torch.optim.SGD(cm.parameters(), lr=0.1)
+        for _ in range(6):
+            case.loss(cm(**case.batch)).backward()
+            if manual:
+                _sgd_by_hand(cm)
+                cm.slimfit.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad()
+        runs.append((list(cm.slimfit.schedule.history), cm.slimfit.schedule.scores.clone()))
+        slimfit_fx.capture.reset_dynamo()
+    (manual_history, manual_scores), (optim_history, optim_scores) = runs
+    assert len(set(manual_history)) > 1 and manual_history == optim_history
+    torch.testing.assert_close(manual_scores, optim_scores)
