@@ -225,7 +225,10 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
           f"{len(data.test['labels'])}", flush=True)
     if cm.slimfit.config.always_train:
         print(f"always trains (not in the checkpoint): {', '.join(cm.slimfit.config.always_train)}")
+    print(f"compiling with {settings.backend} during the first step (once; every later frozen set "
+          "reuses it) ...", flush=True)
     metrics = train(cm, data, settings, "slimfit", lambda: len(cm.slimfit.frozen) / len(layers))
+    print(f"compiled in {cm.slimfit.stats['compile_seconds']:.1f} s", flush=True)
     opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
     stats = cm.slimfit.stats
     schedule = cm.slimfit.schedule
@@ -258,6 +261,10 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         results["eager"] = eager
         print(side_by_side(results))
     print(json.dumps({k: v for k, v in results.items() if k != "files"}, indent=2))
+    accuracy = f"test accuracy: {metrics['accuracy']:.2%} (slimfit"
+    if "eager" in results:
+        accuracy += f"), {results['eager']['accuracy']:.2%} (eager"
+    print(accuracy + f"), {metrics['test_articles']} test articles", flush=True)
     if out is not None:
         (out / "config.json").write_text(json.dumps(
             {"settings": asdict(settings), "slimfit_config": str(cm.slimfit.config),

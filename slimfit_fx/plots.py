@@ -81,7 +81,9 @@ def plot_saved_by_module(before: tuple[SavedTensor, ...], after: tuple[SavedTens
     ax.bar([x - 0.2 for x in xs], [drawn[g][0] for g in groups], width=0.4, label="before passes (computed)")
     ax.bar([x + 0.2 for x in xs], [drawn[g][1] for g in groups], width=0.4, label="slimfit (measured)")
     ax.set_xticks(list(xs), groups, rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("module (repeated blocks as one bar each; (other): no module recorded)")
     ax.set_ylabel("MiB saved for backward")
+    ax.set_title("bytes held from forward to backward, per module: before slimfit's passes and after")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -93,8 +95,13 @@ def plot_schedule(trained: "torch.Tensor", layers: tuple[str, ...], path: str | 
     """Heatmap, layers x optimizer steps: dark where the layer trained that step.
     `trained` is the schedule's bool (layers x steps) history."""
     plt = _pyplot()
+    from matplotlib.patches import Patch
+
     steps = trained.shape[1]
-    fig, ax = plt.subplots(figsize=(min(4 + steps / 20, 16), max(3, len(layers) / 8)))
+    # One row per layer, each row at least 0.09 in, so names stay legible from
+    # a handful of layers to a few hundred; the picture grows instead.
+    height = max(3.5, 1.5 + 0.09 * len(layers))
+    fig, ax = plt.subplots(figsize=(min(6 + steps / 20, 18), height))
     ax.imshow(trained.float().numpy(), aspect="auto", interpolation="nearest", cmap="Greys",
               vmin=0, vmax=1)
     counts = trained.sum(dim=1).tolist()
@@ -102,8 +109,10 @@ def plot_schedule(trained: "torch.Tensor", layers: tuple[str, ...], path: str | 
     ax.set_ylabel(f"layer ({len(layers)}, in named_parameters order)")
     ax.set_title(f"layers trained per step (trained steps per layer: min {min(counts, default=0)}, "
                  f"max {max(counts, default=0)})")
-    if len(layers) <= 40:
-        ax.set_yticks(range(len(layers)), [name[-40:] for name in layers], fontsize=6)
+    ax.set_yticks(range(len(layers)), [name[-48:] for name in layers], fontsize=6)
+    ax.legend(handles=[Patch(facecolor="black", label="trained"),
+                       Patch(facecolor="white", edgecolor="grey", label="frozen")],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -235,6 +235,8 @@ def _rename(tensor: SavedTensor, region: Region) -> SavedTensor:
     module = tensor.module
     if own and first and (module == first or module.startswith(first + ".")):
         module = own + module[len(first):]
+    elif own and not module:
+        module = own  # a block region's input (the hidden state it was handed), by its block
     return dataclasses.replace(tensor, module=module, name=f"{region.index}:{tensor.name}")
 
 

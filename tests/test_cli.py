@@ -35,6 +35,10 @@ def test_finetune_runs_and_writes_the_run_directory(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "slimfit_fx report" in captured.out
     assert "test accuracy" in captured.out and "eager" in captured.out  # the side-by-side table
+    plain = [line for line in captured.out.splitlines() if line.startswith("test accuracy: ")]
+    assert plain == [f"test accuracy: {slim['accuracy']:.2%} (slimfit), {eager['accuracy']:.2%} (eager), "
+                     f"{slim['test_articles']} test articles"], plain
+    assert "compiling with aot_eager during the first step" in captured.out
     assert "loss=" in captured.err and "frozen=" in captured.err  # the progress bar's postfix
 
 

@@ -87,6 +87,9 @@ def test_save_report_writes_pngs_drawn_from_the_report(tmp_path, monkeypatch):
     for group, (_, mib_after) in drawn["plot_saved_by_module"].items():
         assert mib_after == pytest.approx(after.get(group, 0) / 2**20)
     assert "bert.encoder.layer.1" in drawn["plot_saved_by_module"]
+    # a block's input (the hidden state handed to its region) counts for that block
+    hidden = [t for t in cm.slimfit.report().saved_tensors if len(t.shape) == 3]
+    assert hidden and all(t.module for t in hidden), [t.name for t in hidden if not t.module]
     assert saved["frozen"] == sorted(cm.slimfit.frozen)
 
 

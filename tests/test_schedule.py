@@ -405,3 +405,26 @@ def test_slimfit_step_drives_ils_from_a_hand_written_loop():
     (manual_history, manual_scores), (optim_history, optim_scores) = runs
     assert len(set(manual_history)) > 1 and manual_history == optim_history
     torch.testing.assert_close(manual_scores, optim_scores)
+
+
+@pytest.mark.parametrize("count", [20, 200])
+def test_schedule_plot_names_every_layer_from_20_to_200(tmp_path, monkeypatch, count):
+    """Every layer gets a named row of at least 0.09 in (9 px at 100 dpi), the
+    picture growing with the layer count, and a legend says which shade trained."""
+    import matplotlib.axes
+    import matplotlib.image
+
+    from slimfit_fx.plots import plot_schedule
+
+    seen = {}
+    for method in ("set_yticks", "legend"):
+        original = getattr(matplotlib.axes.Axes, method)
+        monkeypatch.setattr(matplotlib.axes.Axes, method,
+                            lambda self, *a, _o=original, _m=method, **k: seen.setdefault(_m, (a, k)) and _o(self, *a, **k))
+    layers = tuple(f"model.encoder.layer.{i // 8}.block.weight_{i % 8}" for i in range(count))
+    trained = torch.rand(count, 30, generator=torch.Generator().manual_seed(0)) < 0.1
+    pixels = matplotlib.image.imread(plot_schedule(trained, layers, tmp_path / "s.png"))
+    assert pixels.shape[0] >= 9 * count
+    ticks, labels = seen["set_yticks"][0]
+    assert len(ticks) == count and list(labels) == list(layers)
+    assert [h.get_label() for h in seen["legend"][1]["handles"]] == ["trained", "frozen"]
