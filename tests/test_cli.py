@@ -102,3 +102,17 @@ def test_new_layers_always_train_unless_told_otherwise():
     assert FinetuneSettings().slimfit_config(new).always_train == new
     assert FinetuneSettings(train_new_layers=False).slimfit_config(new).always_train == ()
     assert FinetuneSettings(schedule="fixed").slimfit_config(new).always_train == ()  # the draw keeps the head
+
+
+def test_help_gives_every_flag_a_text_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    assert "(default: 16)" in capsys.readouterr().out
+    parser = cli._parser()
+    finetune = parser._subparsers._group_actions[0].choices["finetune"]
+    helps = {a.option_strings[0]: finetune.formatter_class("slimfit-fx")._get_help_string(a) % vars(a)
+             for a in finetune._actions}
+    assert all(helps.values()), [flag for flag, text in helps.items() if not text]
+    for flag, default in (("--batch-size", "16"), ("--seq-len", "128"), ("--freeze-ratio", "0.9"),
+                          ("--epochs", "1"), ("--lr", "0.0001"), ("--seed", "0")):
+        assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
