@@ -202,6 +202,9 @@ def capture_settings():
     return torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False)
 
 
+_COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
 def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Callable[..., Any]:
     """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
     model alone.
@@ -215,9 +218,6 @@ def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Call
     """
     isolate = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
     return torch.compile(model, backend=backend, fullgraph=True, **isolate)
-
-
-_COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 def current_tracing_context() -> Any:

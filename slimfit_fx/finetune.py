@@ -228,9 +228,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     print(f"compiling with {settings.backend} during the first step (once; every later frozen set "
           "reuses it) ...", flush=True)
     metrics = train(cm, data, settings, "slimfit", lambda: len(cm.slimfit.frozen) / len(layers))
-    print(f"compiled in {cm.slimfit.stats['compile_seconds']:.1f} s", flush=True)
-    opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
     stats = cm.slimfit.stats
+    print(f"compiled in {stats['compile_seconds']:.1f} s", flush=True)
+    opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
     schedule = cm.slimfit.schedule
     metrics.update({
         "compile_seconds": stats["compile_seconds"],

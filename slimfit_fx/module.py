@@ -191,7 +191,8 @@ class SlimFit:
         per step; regions_compiled: distinct regions compiled (one compile serves
         every region with the same structure, for every frozen set);
         compile_seconds: every compile, including weight_grad_trace_seconds
-        (weight-gradient graphs, traced when a layer first trains)."""
+        (weight-gradient graphs traced after their region compiled, for a dtype
+        or autocast first seen later)."""
         state = self._state
         traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
         return {

@@ -122,9 +122,14 @@ class WeightTap:
     stash: list[tuple[str, int]]  # ("input", position) or ("output", position)
     use: fx.GraphModule
     producer: str = ""  # op that made the first stashed tensor ("gelu", ...)
-    # traced on first need, per (autocast, operand dtypes)
+    # per (autocast, operand dtypes): traced when the region compiles, or when
+    # another dtype or autocast first appears
     weight_grads: dict = field(default_factory=dict, repr=False)
-    trace_seconds: float = 0.0  # spent tracing them
+    trace_seconds: float = 0.0  # spent on the later ones
+
+    def operands(self, inputs: Sequence[Any], stashed: Sequence[Any]) -> list[Any]:
+        """The use's other operands, from the region's inputs and stashed outputs."""
+        return [inputs[i] if where == "input" else stashed[i] for where, i in self.stash]
 
 
 def _is_weight_only(node: fx.Node) -> bool:

@@ -83,8 +83,7 @@ class Region(torch.nn.Module):
         packed: dict[int, Any] = {}
         for slot in slots:
             if slot is not None:
-                operands = [args[i] if where == "input" else stashed[i] for where, i in slot.tap.stash]
-                state.stash(slot, operands, args, packed)
+                state.stash(slot, slot.tap.operands(args, stashed), args, packed)
         result = outputs[:compiled.num_outputs]
         return tuple(result) if compiled.returns_tuple else result[0]
 
@@ -350,12 +349,10 @@ class CapturedGraph:
         # Every layer's weight-gradient graph now, on the region's fake values and
         # the autocast it compiles under, so a layer that first trains later
         # compiles nothing (another dtype or autocast traces when first seen).
-        stashed = tapped.graph.output_node().args[0][num_outputs:]
+        stashed = [n.meta["example_value"] for n in tapped.graph.output_node().args[0][num_outputs:]]
         for tap in taps:
-            operands = [example[i] if where == "input" else stashed[i].meta["example_value"]
-                        for where, i in tap.stash]
-            weight_grad_graph(tap, example[tap.weight_input], operands,
-                              autocast_state(example[tap.weight_input].device))
+            weight = example[tap.weight_input]
+            weight_grad_graph(tap, weight, tap.operands(example, stashed), autocast_state(weight.device))
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
