@@ -138,14 +138,19 @@ class _Partitioner(CustomPartitionerFn):
         return (_partitioner_from_cache_key, (self.uuid(),))
 
 
+def inductor_decompositions() -> dict:
+    """The aten decompositions inductor traces with (what its graphs are made of)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()
+
+
 def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
     """Replace every call of an op in `kernels` (overload -> plain-torch function)
     by the functional aten graph of that function, traced on the node's fake
     values with inductor's decompositions (as AOTAutograd traces for inductor),
     so inductor sees and fuses the math instead of one opaque call."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    decompositions = select_decomp_table()
+    decompositions = inductor_decompositions()
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in kernels]:
         flat, spec = pytree.tree_flatten((node.args, node.kwargs))

@@ -8,78 +8,70 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .passes.compress.registry import KINDS, config_fields
+
 SCHEDULES = ("manual", "ils")
-COMPRESSION_KINDS = ("qkv", "softmax", "attention_out", "gelu_input", "gelu_output", "weight_input")
 SCALES = ("fixed", "row")
+# CompressionConfig's per-kind fields, from the kinds compress_saved knows:
+# "<name>_bits" (4, 8 or None) or "<name>_keep" (share kept, or None).
+KIND_FIELDS: dict[str, int | float | None] = config_fields()
+COMPRESSION_KINDS = tuple(f.removesuffix("_bits") for f in KIND_FIELDS if f.endswith("_bits"))
 
 
-@dataclass(frozen=True)
-class CompressionConfig:
-    """Bit width per kind of static activation (None keeps it in its own dtype),
-    and the share of a frozen LayerNorm's normalized output kept (pruning).
+def _check_compression(self) -> None:
+    for name in KIND_FIELDS:
+        value = getattr(self, name)
+        if value is None:
+            continue
+        if name.endswith("_bits") and (isinstance(value, bool) or value not in (4, 8)):
+            raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None, got {value!r}")
+        if name.endswith("_keep") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                       or not 0.0 < value <= 1.0):
+            raise ValueError(f"CompressionConfig.{name} must be None or in (0.0, 1.0], got {value!r}")
+    if self.scale not in SCALES:
+        raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
 
-    qkv: attention query/key/value; softmax: attention probabilities (saved by
-    attention written out as matmul-softmax-matmul); attention_out: the output of
-    a fused attention (scaled_dot_product_attention), which its backward reads
-    instead of the probabilities; gelu_input / gelu_output: the FFN activation's
-    input and output. layernorm_keep: for a
-    LayerNorm whose weight is frozen, backward keeps only this share of each row
-    of its normalized input (largest magnitudes, with their indices: int16 for
-    rows of up to 32768, else int32), in (0, 1]; None keeps it whole. scale:
-    "fixed" is the paper's power-of-two fixed point with no scale (Q3.4 for 8-bit
-    signed, steps of 1/256 for softmax, 0.5 for 4-bit GELU input); "row" stores a
-    per-row fp32 scale (finer, 4 more bytes per row).
 
-    attention_out is not in the paper, whose models saved the probabilities:
-    fused attention saves its output instead, a convex combination of V's rows,
-    so "paper" stores it like V (8-bit Q3.4: the same range and step).
+def _describe_fields() -> str:
+    lines = []
+    for name in KIND_FIELDS:
+        kinds = [k for k in KINDS if k.field == name]
+        lines.append(f"    {name} (paper: {kinds[0].paper}): " + " ".join(
+            f"{k.name}: {k.why}" for k in kinds))
+    return "\n".join(lines)
 
-    weight_input: what the weight gradients of trainable layers read, the input
-    of a trainable Linear/matmul (x in x^T @ grad_y) and the normalized input of
-    a trainable LayerNorm. The paper quantizes one of these, the FFN output
-    dense's input (gelu_output, which takes precedence); weight_input_bits
-    extends that to every trainable layer, always with a per-row scale (the
-    inputs of different layers have no common range for a fixed step). None in
-    "paper" and "row"; 8 in "extended". It changes the trainable layers' own
-    weight gradients, which the paper's formats (but for gelu_output) leave exact.
-    """
 
-    qkv_bits: int | None = 8
-    softmax_bits: int | None = 8
-    attention_out_bits: int | None = 8
-    gelu_input_bits: int | None = 4
-    gelu_output_bits: int | None = 8
-    weight_input_bits: int | None = None
-    scale: str = "fixed"
-    layernorm_keep: float | None = 0.1
+# Fields derived from the registry (passes/compress/registry.py): a new kind there
+# is a new field here, validated and documented like the others.
+CompressionConfig = dataclasses.make_dataclass(
+    "CompressionConfig",
+    [*((name, int | float | None, dataclasses.field(default=paper)) for name, paper in KIND_FIELDS.items()),
+     ("scale", str, dataclasses.field(default="fixed"))],
+    frozen=True,
 
-    def __post_init__(self) -> None:
-        for kind in COMPRESSION_KINDS:
-            bits = getattr(self, f"{kind}_bits")
-            if bits is not None and (isinstance(bits, bool) or bits not in (4, 8)):
-                raise ValueError(f"CompressionConfig.{kind}_bits must be 4, 8 or None, got {bits!r}")
-        if self.scale not in SCALES:
-            raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
-        keep = self.layernorm_keep
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, (int, float))
-                                 or not 0.0 < keep <= 1.0):
-            raise ValueError(f"CompressionConfig.layernorm_keep must be None or in (0.0, 1.0], got {keep!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.layernorm_keep is not None or any(
-            self.bits_for(kind) is not None for kind in COMPRESSION_KINDS)
-
-    def bits_for(self, kind: str) -> int | None:
-        return getattr(self, f"{kind}_bits")
+    namespace={
+        "__module__": __name__,
+        "__doc__": (
+            "How each kind of static activation is stored between forward and backward;\n"
+            "None keeps it in its own dtype. Defaults are the paper's formats.\n\n"
+            "scale: \"fixed\" is the paper's power-of-two fixed point with no scale (Q3.4 for\n"
+            "8-bit signed, steps of 1/256 for softmax, 0.5 for 4-bit GELU input); \"row\" stores\n"
+            "a per-row fp32 scale (finer, 4 more bytes per row). Kinds with no fixed format\n"
+            "(weight inputs) always use a per-row scale. A *_keep field prunes: backward keeps\n"
+            "that share of each row (largest magnitudes, with int16 indices for rows of up to\n"
+            "32768, else int32), in (0, 1].\n\n" + _describe_fields()),
+        "__post_init__": _check_compression,
+        "enabled": property(lambda self: any(getattr(self, name) is not None for name in KIND_FIELDS)),
+        "bits_for": lambda self, kind: getattr(self, f"{kind}_bits"),
+    },
+)
 
 
 COMPRESSION_PRESETS = {
     "paper": CompressionConfig(),
     "row": CompressionConfig(scale="row"),
     "extended": CompressionConfig(weight_input_bits=8),
-    "off": CompressionConfig(qkv_bits=None, softmax_bits=None, attention_out_bits=None,
-                             gelu_input_bits=None, gelu_output_bits=None, layernorm_keep=None),
+    "off": CompressionConfig(**dict.fromkeys(KIND_FIELDS)),
 }
 BACKENDS = ("inductor", "aot_eager")
 

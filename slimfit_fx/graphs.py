@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import capture
+from . import capture, torch_ir
 
 JOINT = "joint"
 FORWARD = "forward"
@@ -147,9 +147,8 @@ class VariantGraphs:
 
     def _module_of(self, node: fx.Node) -> str:
         if node.op == "placeholder":
-            # forward placeholders are primals_1..N in graph-input order
-            index = int(node.name.rsplit("_", 1)[-1]) - 1 if node.name.startswith("primals_") else -1
-            name = self.input_names[index] if 0 <= index < len(self.input_names) else None
+            index = torch_ir.forward_input_index(node.name)
+            name = self.input_names[index] if index is not None and index < len(self.input_names) else None
             return name or ""
         # Views and detaches made while tracing backward carry no module; the
         # storage they alias does.

@@ -14,7 +14,8 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .compress import _is_gelu_input, _is_softmax_output
+from ..torch_ir import TANGENT_PREFIX
+from .compress.patterns import _is_gelu_input, _is_softmax_output
 from .context import PassContext
 
 
@@ -39,7 +40,7 @@ def place_static_saves(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     GELU's input (its derivative) MUST_RECOMPUTE, so the forward saves the
     probabilities and the GELU input, which compress_saved stores 8/4-bit."""
     graph = gm.graph
-    tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith(TANGENT_PREFIX)]
     from_tangents = _closure(tangents, lambda n: n.users)
     outputs = [o for o in graph.output_node().args[0] if isinstance(o, fx.Node)]
     forward_outputs = [o for o in outputs if o not in from_tangents]

@@ -1,0 +1,305 @@
+"""Recognise saved activations by what the graph computes around them.
+
+Pure matchers over the partitioned graphs: each looks at a saved tensor's
+producers in the forward and its readers in the backward, and answers whether
+it is one kind of static activation (registry.py says how each kind is stored).
+They never change a graph.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import fx
+
+from ...torch_ir import (ATTENTION_BACKWARD, DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
+                         DECOMPOSED_SOFTMAX_LAST, LAYER_NORM_BACKWARD, LAYER_NORM_BACKWARD_INPUT,
+                         LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES)
+from .registry import KINDS
+
+aten = torch.ops.aten
+
+
+class Site(NamedTuple):
+    """A saved tensor as the matchers see it: `node` saves it in the forward,
+    `placeholder` receives it in the backward; `frozen` / `trainable` are the
+    forward placeholders' names of frozen and trainable layers' weights."""
+
+    node: fx.Node
+    placeholder: fx.Node | None = None
+    frozen: frozenset[str] = frozenset()
+    trainable: frozenset[str] = frozenset()
+
+    @property
+    def backward_users(self) -> list[fx.Node]:
+        return list(self.placeholder.users) if self.placeholder is not None else []
+
+
+def _reads_qkv(user: fx.Node, names: set[str]) -> bool:
+    """`user` is a fused attention backward reading one of `names` as q, k or v."""
+    return user.target in ATTENTION_BACKWARD \
+        and any(getattr(user.args[i], "name", None) in names for i in ATTENTION_BACKWARD[user.target].qkv)
+
+
+def _reads_out(user: fx.Node, names: set[str]) -> bool:
+    """`user` is a fused attention backward reading one of `names` as its `out`."""
+    return user.target in ATTENTION_BACKWARD \
+        and getattr(user.args[ATTENTION_BACKWARD[user.target].out], "name", None) in names
+
+
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+          aten.permute.default, aten.transpose.int, aten.t.default, aten.detach.default,
+          aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
+
+
+def _view_root(node: fx.Node) -> fx.Node:
+    """The node whose storage `node` views (itself if it is no view)."""
+    while node.op == "call_function" and node.target in _VIEWS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+# Ops whose output holds its input's values: views, copies and float casts. Mixed
+# precision puts casts between a saved tensor and what identifies it: under
+# autocast the matmul after an fp32 softmax reads a bf16 copy of the
+# probabilities, and inductor's GELU decomposition upcasts a bf16 input to fp32
+# before the erf (`_to_copy`, or `convert_element_type` once decomposed). Dropout
+# with p=0 is a clone.
+_SAME_VALUES = _VIEWS | {aten.clone.default, aten._to_copy.default,
+                         torch.ops.prims.convert_element_type.default}
+
+
+def _is_float(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _holds_same_values(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SAME_VALUES and _is_float(node) \
+        and isinstance(node.args[0], fx.Node)
+
+
+def _through_copies_down(node: fx.Node) -> list[fx.Node]:
+    """`node` and every node reached from it through _SAME_VALUES ops only."""
+    seen, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        seen.append(n)
+        stack += [u for u in n.users if _holds_same_values(u)]
+    return seen
+
+
+def _through_copies_up(node: fx.Node) -> fx.Node:
+    """The node whose values `node` holds, found up through _SAME_VALUES ops."""
+    while _holds_same_values(node):
+        node = node.args[0]
+    return node
+
+
+# The ops between a GELU's input and its erf/tanh in the decompositions below.
+_GELU_ARITHMETIC = {aten.mul.Tensor, aten.add.Tensor, aten.pow.Tensor_Scalar,
+                    aten._to_copy.default, torch.ops.prims.convert_element_type.default}
+
+
+def _reaches(node: fx.Node, targets: set, hops: int, through: set) -> bool:
+    """Whether a `targets` op is at most `hops` uses below `node`, through `through` ops."""
+    frontier = [node]
+    for _ in range(hops):
+        frontier = [u for n in frontier for u in n.users]
+        if any(u.target in targets for u in frontier):
+            return True
+        # Not through matmuls or indexing: a LayerNorm output feeding a
+        # Linear and then a tanh (BERT's pooler) is no GELU input.
+        frontier = [u for u in frontier if u.target in through]
+    return False
+
+
+def _is_gelu_input(node: fx.Node) -> bool:
+    # aten.gelu; its decomposition (inductor): x * 0.5 * (1 + erf(x * 0.7071...));
+    # or the tanh approximation (GPT-2's gelu_new): 0.5x(1 + tanh(c(x + 0.044715x^3)))
+    for n in _through_copies_down(node):
+        for user in n.users:
+            if user.target == aten.gelu.default:
+                return True
+            if user.target in (aten.mul.Tensor, aten.pow.Tensor_Scalar) and _reaches(
+                    user, {aten.erf.default, aten.tanh.default}, 5, _GELU_ARITHMETIC):
+                return True
+    return False
+
+
+def _is_gelu_output(node: fx.Node) -> bool:
+    # aten.gelu, or the last mul of the erf decomposition: (0.5x) * (1 + erf(...)).
+    # Not the tanh approximation's (GPT-2's gelu_new): on tiny GPT-2 its outputs sit
+    # near Q3.4's step of 1/16 and gradient cosine fell from 0.9996 to 0.990 with it
+    # stored so; "extended" stores it as a weight input, with a per-row scale.
+    root = _through_copies_up(node)
+    if root.target == aten.gelu.default:
+        return True
+    return root.target == aten.mul.Tensor and any(
+        isinstance(a, fx.Node) and a.target == aten.add.Tensor
+        and any(isinstance(b, fx.Node) and b.target == aten.erf.default for b in a.args)
+        for a in root.args)
+
+
+def _is_softmax_output(node: fx.Node) -> bool:
+    root = _through_copies_up(node)
+    if root.target in SOFTMAXES:
+        return True
+    if root.target == aten.where.self:  # _safe_softmax decomposed: where(row all masked, 0, softmax)
+        return any(isinstance(a, fx.Node) and _is_softmax_output(a) for a in root.args[1:])
+    return root.target == DECOMPOSED_SOFTMAX_LAST and isinstance(root.args[0], fx.Node) \
+        and root.args[0].target == DECOMPOSED_SOFTMAX_EXP
+
+
+def _dropout_of(node: fx.Node) -> fx.Node | None:
+    """The native_dropout call whose output (getitem 0) `node` holds, through copies."""
+    root = _through_copies_up(node)
+    if root.target is operator.getitem and root.args[1] == 0 and isinstance(root.args[0], fx.Node) \
+            and root.args[0].target == aten.native_dropout.default:
+        return root.args[0]
+    return None
+
+
+def _holds_probabilities(node: fx.Node) -> bool:
+    """Softmax output, or its dropout (attention dropout; decomposed, a product of
+    the probabilities with a mask and 1/(1-p)), through copies."""
+    dropout = _dropout_of(node)
+    if dropout is not None:
+        return _is_softmax_output(dropout.args[0])
+    root = _through_copies_up(node)
+    if root.target == aten.mul.Tensor:
+        return any(isinstance(a, fx.Node) and _is_float(a) and _holds_probabilities(a) for a in root.args)
+    return _is_softmax_output(node)
+
+
+_MATMULS = {aten.bmm.default, aten.mm.default}
+# Between Q @ K^T and its softmax: scaling, the additive mask, views and casts.
+_SCORE_ARITHMETIC = _SAME_VALUES | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor}
+
+
+def _is_attention_operand(node: fx.Node) -> bool:
+    """Q, K or V of attention written out as matmuls (eager attention, or fused
+    attention's math path): an operand of a matmul whose product reaches a softmax
+    (Q, K), or whose other operand holds the probabilities (V). Both operands of
+    such a matmul are activations: a matmul with a weight (a graph input) is a
+    layer, such as a classifier or LM head whose logits reach a log-softmax."""
+    for n in _through_copies_down(_through_copies_up(node)):
+        for user in n.users:
+            if user.target not in _MATMULS:
+                continue
+            others = [a for a in user.args if isinstance(a, fx.Node) and a is not n]
+            if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in (n, *others)):
+                continue
+            if any(_holds_probabilities(o) for o in others) \
+                    or _reaches(user, SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST}, 6, _SCORE_ARITHMETIC):
+                return True
+    return False
+
+
+
+def _is_rsqrt(node) -> bool:
+    return isinstance(node, fx.Node) and node.target == aten.rsqrt.default
+
+
+def _layernorm_xhat_weight(node: fx.Node) -> str | None:
+    """For x_hat = (x - mean) * rsqrt(var + eps) of a decomposed LayerNorm, the
+    name of the graph input its `mul` user scales it by (the LayerNorm's weight)."""
+    if node.target != aten.mul.Tensor or not any(_is_rsqrt(a) for a in node.args):
+        return None
+    centred = next(a for a in node.args if not _is_rsqrt(a))
+    if not (isinstance(centred, fx.Node) and centred.target == aten.sub.Tensor):
+        return None
+    for user in node.users:
+        if user.target == aten.mul.Tensor:
+            for a in user.args:
+                if a is not node and isinstance(a, fx.Node) and a.op == "placeholder":
+                    return a.name
+    return None
+
+
+def _layernorm_input_weight(placeholder: fx.Node) -> str | None:
+    """Backward reads this saved tensor only as the input of one
+    native_layer_norm_backward (undecomposed graphs: aot_eager): its weight's name."""
+    users = list(placeholder.users)
+    if len(users) == 1 and users[0].target == LAYER_NORM_BACKWARD \
+            and users[0].args[LAYER_NORM_BACKWARD_INPUT] is placeholder \
+            and isinstance(users[0].args[LAYER_NORM_BACKWARD_WEIGHT], fx.Node):
+        return users[0].args[LAYER_NORM_BACKWARD_WEIGHT].name
+    return None
+
+
+_WEIGHT_GRAD_MATMULS = {aten.mm.default, aten.bmm.default}
+
+
+def _returned_as_is(node: fx.Node) -> bool:
+    """`node`'s values reach nothing but the graph's output, through copies only."""
+    return all(u.op == "output" or _holds_same_values(u)
+               for n in _through_copies_down(node) for u in n.users)
+
+
+def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
+    """Backward reads this saved tensor (through copies) only as a matmul operand
+    whose product is returned as is, a weight gradient (x^T @ grad_y of a Linear),
+    and perhaps as the `out` a fused attention backward reads."""
+    copies = _through_copies_down(placeholder)
+    names = {n.name for n in copies}
+    readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
+    return bool(readers) and any(u.target in _WEIGHT_GRAD_MATMULS for u in readers) and all(
+        (u.target in _WEIGHT_GRAD_MATMULS and _returned_as_is(u))
+        or (_reads_out(u, names) and not _reads_qkv(u, names))
+        for u in readers)
+
+
+# ---- the matchers, one per kind in registry.KINDS --------------------------------
+
+def _frozen_layernorm(site: Site) -> bool:
+    return _layernorm_xhat_weight(site.node) in site.frozen
+
+
+def _frozen_layernorm_input(site: Site) -> bool:
+    return site.placeholder is not None and _layernorm_input_weight(site.placeholder) in site.frozen
+
+
+def _qkv(site: Site) -> bool:
+    users = site.backward_users
+    if users and all(_reads_qkv(u, {site.node.name}) for u in users):
+        return True
+    return _is_attention_operand(site.node) and not _holds_probabilities(site.node)
+
+
+def _attention_out(site: Site) -> bool:
+    users = site.backward_users
+    return bool(users) and all(_reads_out(u, {site.node.name}) for u in users)
+
+
+def _weight_input(site: Site) -> bool:
+    # A trainable LayerNorm's normalized input: its weight gradient reads it (and
+    # so does its input gradient, as for a frozen one); or what only weight
+    # gradients read.
+    return _layernorm_xhat_weight(site.node) in site.trainable or (
+        site.placeholder is not None and _read_for_weight_gradients(site.placeholder))
+
+
+def _trainable_layernorm_input(site: Site) -> bool:
+    return site.placeholder is not None and _layernorm_input_weight(site.placeholder) in site.trainable
+
+
+MATCHERS: dict[str, Callable[[Site], bool]] = {
+    "layernorm": _frozen_layernorm,
+    "layernorm_input": _frozen_layernorm_input,
+    "qkv": _qkv,
+    "attention_out": _attention_out,
+    "softmax": lambda site: _is_softmax_output(site.node),
+    "gelu_input": lambda site: _is_gelu_input(site.node),
+    "gelu_output": lambda site: _is_gelu_output(site.node),
+    "weight_input": _weight_input,
+    "weight_input_layernorm_input": _trainable_layernorm_input,
+}
+
+
+def classify_saved(site: Site) -> list[str]:
+    """Which kinds of saved activation `site` is, in registry.KINDS' precedence
+    order (a trainable FFN output dense's input is both gelu_output and weight_input)."""
+    return [kind.name for kind in KINDS if MATCHERS[kind.name](site)]

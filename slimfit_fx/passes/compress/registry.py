@@ -1,0 +1,142 @@
+"""The kinds of static activation compress_saved knows, one entry each: the
+CompressionConfig field that sets it, how it is stored, and why that keeps the
+gradient. A new kind is one entry here plus one matcher in patterns.py.
+
+CompressionConfig's fields and presets are derived from this table, so it
+imports nothing from the passes or the config.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from ... import ops
+
+# 4-bit signed, step 0.5: the nearest 4-bit format to Q3.4 for kinds whose
+# paper width is 8.
+_Q2_1_INT4 = ops.FixedPoint(4, 1, True)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of saved activation.
+
+    field: the CompressionConfig field that sets it, "<name>_bits" (4, 8 or None)
+        or "<name>_keep" (share of each row kept by top-k pruning, or None).
+        Several kinds may share a field.
+    paper: the field's value in the "paper" preset, which is its default.
+    fixed: under scale="fixed", the power-of-two format per width; a kind with
+        none is always stored with a per-row scale.
+    stored_as: "self" (the saved tensor), or "layernorm_x_hat" (the normalized
+        x_hat of the native_layer_norm reading it, rebuilt to its input in backward).
+    why: the numerics argument for the format.
+    """
+
+    name: str
+    field: str
+    paper: int | float | None
+    why: str
+    fixed: Mapping[int, ops.FixedPoint] = field(default_factory=dict)
+    stored_as: str = "self"
+
+
+# In precedence order: a saved tensor matching several kinds is stored as the
+# first one its config compresses.
+KINDS: tuple[Kind, ...] = (
+    Kind("layernorm", "layernorm_keep", 0.1,
+         "A frozen LayerNorm's input gradient reads x_hat only in the term "
+         "x_hat * mean(g * w * x_hat); the largest 10% of |x_hat| carry most of that "
+         "sum (the paper's pruning, as in DropIT)."),
+    Kind("layernorm_input", "layernorm_keep", 0.1,
+         "The same pruning where aten keeps the LayerNorm's input and statistics "
+         "(undecomposed graphs): x_hat is pruned, backward rebuilds the input from it.",
+         stored_as="layernorm_x_hat"),
+    Kind("qkv", "qkv_bits", 8,
+         "Attention matmul operands: the paper's int8 Q3.4 (range +-8, step 1/16).",
+         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+    Kind("attention_out", "attention_out_bits", 8,
+         "A fused attention's output, a convex combination of V's rows: V's format "
+         "covers its range at V's step.",
+         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+    Kind("softmax", "softmax_bits", 8,
+         "Probabilities lie in [0, 1]: uint8 in steps of 1/256 (the paper's).",
+         fixed={8: ops.SOFTMAX_UINT8, 4: ops.FixedPoint(4, 4, False)}),
+    Kind("gelu_input", "gelu_input_bits", 4,
+         "GELU's derivative varies only over about [-3, 3] and is flat outside: "
+         "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",
+         fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+    Kind("gelu_output", "gelu_output_bits", 8,
+         "The FFN output dense's input, read for its weight gradient when it "
+         "trains: the paper's int8 Q3.4.",
+         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+    Kind("weight_input", "weight_input_bits", None,
+         "What trainable layers' weight gradients read; inputs of different layers "
+         "share no range, so always a per-row scale."),
+    Kind("weight_input_layernorm_input", "weight_input_bits", None,
+         "A trainable LayerNorm's input (undecomposed graphs), stored as x_hat like "
+         "a weight input and rebuilt to its input in backward.",
+         stored_as="layernorm_x_hat"),
+)
+
+BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
+
+
+def config_fields() -> dict[str, int | float | None]:
+    """CompressionConfig's per-kind fields in table order, with their "paper" values."""
+    fields: dict[str, int | float | None] = {}
+    for kind in KINDS:
+        fields.setdefault(kind.field, kind.paper)
+    return fields
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one kind of saved tensor is stored: a quantize op and its mirror."""
+
+    quantize_op: object
+    quantize_args: tuple
+    dequantize_op: object
+    dequantize_args: tuple
+    text: str
+    stored_as: str = "self"
+
+    def describe(self) -> str:
+        return self.text
+
+
+def format_for(config, kind: str, val: torch.Tensor | None = None) -> Format | None:
+    """How `kind` is stored under `config` (a CompressionConfig), or None to keep
+    it whole; `val` (the saved tensor's fake value) sizes the prune indices:
+    int16 when its rows are static and short enough."""
+    entry = BY_NAME[kind]
+    setting = getattr(config, entry.field)
+    if setting is None:
+        return None
+    if entry.field.endswith("_keep"):
+        row = val.shape[-1] if val is not None and val.dim() else None
+        index_bits = ops.index_bits_for(row) if isinstance(row, int) else 32
+        return Format(torch.ops.slimfit.prune_topk.default, (float(setting), index_bits),
+                      torch.ops.slimfit.unprune_topk.default, (),
+                      f"top {setting:.0%} per row of x_hat, int{index_bits} indices", entry.stored_as)
+    bits = setting
+    if config.scale == "row" or bits not in entry.fixed:
+        return Format(torch.ops.slimfit.quantize_rowwise.default, (bits,),
+                      torch.ops.slimfit.dequantize_rowwise.default, (bits,), f"{bits}-bit, per-row scale",
+                      entry.stored_as)
+    fixed = entry.fixed[bits]
+    args = (fixed.bits, fixed.frac_bits, fixed.signed)
+    sign = "int" if fixed.signed else "uint"
+    return Format(torch.ops.slimfit.quantize_fixed.default, args,
+                  torch.ops.slimfit.dequantize_fixed.default, args,
+                  f"{sign}{bits} fixed point, step 2^-{fixed.frac_bits}", entry.stored_as)
+
+
+def first_format(config, kinds: list[str], val) -> tuple[str | None, Format | None]:
+    """The first of `kinds` that `config` stores compressed, with its format."""
+    for kind in kinds:
+        fmt = format_for(config, kind, val)
+        if fmt is not None:
+            return kind, fmt
+    return (kinds[0] if kinds else None), None

@@ -1,0 +1,86 @@
+"""The torch IR facts the passes match on (slimfit_fx/torch_ir.py) hold for the
+installed torch. A torch upgrade that renames an argument, an op or a naming
+convention fails here, by name, instead of making compression match nothing."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import slimfit_fx
+from slimfit_fx import capture, torch_ir
+from slimfit_fx.config import KIND_FIELDS, CompressionConfig
+from slimfit_fx.passes.compress import KINDS, MATCHERS
+
+aten = torch.ops.aten
+
+
+def test_every_fused_attention_backward_names_q_k_v_and_out():
+    present = [name for name in torch_ir.ATTENTION_BACKWARD_OPS if hasattr(aten, name)]
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in present
+    missing = [name for name in present if getattr(aten, name).default not in torch_ir.ATTENTION_BACKWARD]
+    assert not missing, f"no query/key/value/out argument any more in {missing}"
+    for op, args in torch_ir.ATTENTION_BACKWARD.items():
+        names = [a.name for a in op._schema.arguments]
+        assert [names[i] for i in (*args.qkv, args.out)] == ["query", "key", "value", "out"], op
+
+
+def test_layer_norm_and_dropout_positions_exist():
+    for fact in ("LAYER_NORM_BACKWARD_INPUT", "LAYER_NORM_BACKWARD_MEAN", "LAYER_NORM_BACKWARD_RSTD",
+                 "LAYER_NORM_BACKWARD_WEIGHT", "DROPOUT_P"):
+        assert getattr(torch_ir, fact) is not None, f"torch_ir.{fact}: argument renamed"
+    returns = [r.name for r in aten.native_layer_norm.default._schema.returns]
+    assert len(returns) == 3  # (output, mean, rstd)
+    assert len(aten.native_dropout.default._schema.returns) == 2  # (output, mask)
+
+
+def test_inductors_softmax_decomposition_is_the_one_matched():
+    graph = make_fx(lambda x: torch.softmax(x, -1),
+                    decomposition_table=capture.inductor_decompositions())(torch.randn(2, 3)).graph
+    targets = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert torch_ir.DECOMPOSED_SOFTMAX_FIRST in targets, targets
+    last = [n for n in graph.nodes if n.op == "call_function"][-1]
+    assert last.target == torch_ir.DECOMPOSED_SOFTMAX_LAST, targets
+    assert last.args[0].target == torch_ir.DECOMPOSED_SOFTMAX_EXP, targets
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return self.head(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 5, 8))
+
+
+def test_partitioned_graphs_use_the_names_and_ops_the_passes_expect():
+    """primals_N / tangents_N placeholders, and a fused attention backward that
+    reads the saved q, k, v: compression then packs them (counters > 0)."""
+    torch.manual_seed(0)
+    cm = slimfit_fx.compile(_Attention(), schedule="manual", backend="aot_eager", compression="paper")
+    cm.slimfit.set_frozen([])
+    cm(torch.randn(2, 5, 8)).sum().backward()
+    graphs = cm.slimfit.last_step.graphs
+    forward_inputs = [n.name for n in graphs["forward before passes"].graph.nodes if n.op == "placeholder"]
+    assert all(torch_ir.forward_input_index(name) == i for i, name in enumerate(forward_inputs)), forward_inputs
+    backward = graphs["backward before passes"].graph
+    assert any(n.name.startswith(torch_ir.TANGENT_PREFIX) for n in backward.nodes if n.op == "placeholder")
+    attention = [n for n in backward.nodes if n.target in torch_ir.ATTENTION_BACKWARD]
+    assert attention, sorted({str(n.target) for n in backward.nodes})
+    assert cm.slimfit.last_step.counters.get("compressed_qkv", 0) >= 1, cm.slimfit.last_step.counters
+
+
+def test_forward_input_index_reads_primals_names():
+    assert torch_ir.forward_input_index("primals_1") == 0
+    assert torch_ir.forward_input_index("primals_12") == 11
+    assert torch_ir.forward_input_index("tangents_1") is None
+    assert torch_ir.forward_input_index("primals_x") is None
+
+
+def test_every_kind_has_one_matcher_and_a_config_field():
+    assert set(MATCHERS) == {k.name for k in KINDS}
+    assert {k.field for k in KINDS} == set(KIND_FIELDS)
+    for k in KINDS:
+        assert getattr(CompressionConfig(), k.field) == k.paper, k.name
