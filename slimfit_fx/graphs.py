@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import capture, torch_ir
+from . import capture, regions, torch_ir
 
 JOINT = "joint"
 FORWARD = "forward"
@@ -156,7 +156,7 @@ class VariantGraphs:
         if not stack:
             return ""
         path = list(stack.values())[-1][0]
-        return path.split(".", 1)[1] if path.startswith("L['self']") and "." in path else ""
+        return regions.module_name(path)
 
 
 def _compressed_note(node: fx.Node) -> str:

@@ -40,16 +40,22 @@ def block_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(blocks)
 
 
+# How dynamo names the model in a module path: `self` of its forward, or the
+# first positional argument when a decorator wraps forward as wrapper(*args, **kwargs)
+# (transformers 5's Llama, Qwen2, Mistral: "L['args'][0].model.layers.0").
+_ROOT_MODULE = re.compile(r"^L\[(?:'self'|'args'\]\[0)\]\.?")
+
+
+def module_name(path: str) -> str:
+    """A dynamo module path (`L['self'].encoder._modules['layer']`) as a
+    `named_modules()` name (`encoder.layer`); "" for the model itself."""
+    return _ROOT_MODULE.sub("", re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path)))
+
+
 def module_path(node: fx.Node) -> list[str]:
     """The module paths (outermost first) that dynamo recorded for `node`, as
     `named_modules()` names."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = []
-    for path, _ in stack.values():
-        path = re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path))
-        path = re.sub(r"^L\['self'\]\.?", "", path)
-        paths.append(path)
-    return paths
+    return [module_name(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
 
 
 def block_of(node: fx.Node, blocks: set[str]) -> str | None:

@@ -83,6 +83,62 @@ def gpt2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.1
     return model, {"input_ids": ids, "labels": ids}
 
 
+def _decoder_lm(config_class, model_class, seed: int, batch: int, seq: int, dropout: float,
+                **sizes) -> tuple[nn.Module, Batch]:
+    """A tiny decoder LM of the Llama lineage (RMSNorm, SwiGLU, RoPE, grouped-query
+    attention: 4 query heads share 2 kv heads), causal LM loss. use_cache=False
+    as when fine-tuning: the KV cache would return K and V to the caller, so
+    they would stay resident in full precision."""
+    torch.manual_seed(seed)
+    config = config_class(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attention_dropout=dropout, use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        **sizes)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    model = model_class(config).train()
+    model.loss_type = "ForCausalLM"
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def llama_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.0,
+               attention: str = "sdpa") -> tuple[nn.Module, Batch]:
+    """attention="eager": HF's matmul-softmax-matmul attention instead of the fused one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _decoder_lm(LlamaConfig, LlamaForCausalLM, seed, batch, seq, dropout, attn_implementation=attention)
+
+
+def qwen2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.0) -> tuple[nn.Module, Batch]:
+    """Qwen2: Llama's block with biases on the Q/K/V projections."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _decoder_lm(Qwen2Config, Qwen2ForCausalLM, seed, batch, seq, dropout)
+
+
+def mistral_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.0) -> tuple[nn.Module, Batch]:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return _decoder_lm(MistralConfig, MistralForCausalLM, seed, batch, seq, dropout, head_dim=8)
+
+
+def llama_base(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.0) -> tuple[nn.Module, Batch]:
+    """A Llama-style LM at BERT-base sizes: hidden 768, 12 layers, 12 query heads
+    sharing 4 kv heads, SwiGLU 2048, vocabulary 32000, random init."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512,
+                         attention_dropout=dropout, use_cache=False)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    model = LlamaForCausalLM(config).train()
+    model.loss_type = "ForCausalLM"
+    return model, {"input_ids": ids, "labels": ids}
+
+
 def vit_base(seed: int = 0, batch: int = 8, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
     """ViT-B/16 at 224x224 (12 layers, hidden 768, 197 tokens), random init."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -124,6 +180,7 @@ def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) 
 MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
     "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "vit-base": vit_base,
     "gpt2-tiny": gpt2_tiny, "gpt2-small": gpt2_small, "minilm": minilm,
+    "llama-tiny": llama_tiny, "qwen2-tiny": qwen2_tiny, "mistral-tiny": mistral_tiny, "llama-base": llama_base,
 }
 
 

@@ -42,6 +42,22 @@ def gpt2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     return Case(*zoo.gpt2_tiny(seed=seed, batch=batch, seq=seq, dropout=0.0), hf_loss)
 
 
+def llama(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    return Case(*zoo.llama_tiny(seed=seed, batch=batch, seq=seq), hf_loss)
+
+
+def llama_eager_attention(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    return Case(*zoo.llama_tiny(seed=seed, batch=batch, seq=seq, attention="eager"), hf_loss)
+
+
+def qwen2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    return Case(*zoo.qwen2_tiny(seed=seed, batch=batch, seq=seq), hf_loss)
+
+
+def mistral(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    return Case(*zoo.mistral_tiny(seed=seed, batch=batch, seq=seq), hf_loss)
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +83,27 @@ class ConvNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 32), nn.Linear(16, 32), nn.Linear(32, 5)
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+class SiLUMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 def _classifier_case(model: nn.Module, seed: int, shape: tuple[int, ...]) -> Case:
     g = _seeded(seed)
     data = {"x": torch.randn(*shape, generator=g), "target": torch.randint(0, 5, (shape[0],), generator=g)}
@@ -84,6 +121,27 @@ def convnet(seed: int = 0, batch: int = 4) -> Case:
     return _classifier_case(ConvNet(), seed, (batch, 3, 8, 8))
 
 
+def swiglu(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(GatedMLP(nn.SiLU()), seed, (batch, 16))
+
+
+def geglu(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(GatedMLP(nn.GELU(approximate="tanh")), seed, (batch, 16))
+
+
+def silu_mlp(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(SiLUMLP(), seed, (batch, 16))
+
+
 FACTORIES: dict[str, Callable[..., Case]] = {
     "bert": bert, "vit": vit, "gpt2": gpt2, "mlp": mlp, "convnet": convnet,
+}
+# Models for the compression patterns of decoder LLMs and gated FFNs (test_compress_pass),
+# apart from FACTORIES, which the equivalence and autocast tables run whole.
+PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
+    "llama": llama, "llama_eager_attention": llama_eager_attention, "qwen2": qwen2, "mistral": mistral,
+    "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp,
 }

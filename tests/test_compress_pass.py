@@ -16,7 +16,7 @@ from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
 from slimfit_fx.numerics import gradient_fidelity
 
 from .harness import TOLERANCE, eager_step, packed_count, step
-from .models import FACTORIES, Case, hf_loss
+from .models import FACTORIES, PATTERN_FACTORIES, Case, hf_loss
 
 # Gradients with compression on vs eager (no compression), over all trainable
 # parameters flattened into one vector. Lossy by design, so not TOLERANCE: a
@@ -31,7 +31,7 @@ TRANSFORMERS = ["bert", "vit", "gpt2"]
 
 
 def compile_case(name: str, compression, backend: str = "aot_eager", frozen=None):
-    case = FACTORIES[name]()
+    case = {**FACTORIES, **PATTERN_FACTORIES}[name]()
     cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend, compression=compression)
     layers = cm.slimfit.layers
     cm.slimfit.set_frozen(frozen(layers) if frozen else [n for n in layers if n != layers[-1]])
@@ -398,3 +398,76 @@ def test_inductor_fuses_the_formats_instead_of_calling_them(backend, opaque):
     assert packed_count(cm.slimfit.last_step.counters, "qkv", "softmax") > 0
     called = {e.key for e in prof.key_averages() if e.key.startswith("slimfit::")}
     assert bool(called) == opaque, called
+
+
+def _half(layers):
+    return layers[: len(layers) // 2]
+
+
+# Llama-lineage blocks (RMSNorm, SwiGLU, RoPE, grouped-query attention), two blocks,
+# half the layers frozen, "paper": what each step packs, by kind. Per block: both
+# RMSNorm inputs pruned (inside a block every norm is frozen as far as its input
+# gradient goes), the RoPE'd Q int8, K and V int8 stored once per kv head (before
+# repeat_kv), both factors of the gate product int8 per-row, and the fused
+# attention's output (or, in eager attention, the probabilities uint8).
+LLAMA_FAMILY = {
+    ("llama", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+    ("qwen2", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+    ("mistral", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+    # two saved views of each block's probabilities, one uint8 copy (see below)
+    ("llama_eager_attention", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4,
+                                                 softmax=4),
+    ("llama", "inductor"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+}
+
+
+@pytest.mark.parametrize("name, backend", list(LLAMA_FAMILY))
+def test_llama_family_blocks_are_compressed(name, backend):
+    case, cm = compile_case(name, "paper", backend, frozen=_half)
+    loss, _, grads = step(cm, case)
+    ref_loss, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
+    counters = cm.slimfit.last_step.counters
+    for kind, count in LLAMA_FAMILY[name, backend].items():
+        assert counters.get(f"compressed_{kind}", 0) == count, (kind, counters)
+    packed = [t for t in cm.slimfit.last_step.graphs.saved_tensors() if "kv_grouped" in t.changed_by]
+    # 4 query heads share 2 kv heads: K and V are stored per kv head, (2, 2, 10, 8)
+    # int8, half of what the repeated (2, 4, 10, 8) would take
+    assert len(packed) == 2 and all(t.nbytes == 2 * 2 * 10 * 8 for t in packed), packed
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-4)
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
+
+
+# Plain-torch FFNs, nothing frozen, "paper": a gate product's two factors are
+# gate_operand (int8 per-row, whatever the activation); a SiLU that is no gate
+# keeps GELU's 4-bit input.
+# Inductor decomposes SiLU as x / (1 + exp(-x)).
+GATES = {("swiglu", "aot_eager"): dict(gate_operand=2), ("geglu", "aot_eager"): dict(gate_operand=2),
+         ("silu_mlp", "aot_eager"): dict(silu_input=1), ("swiglu", "inductor"): dict(gate_operand=2),
+         ("silu_mlp", "inductor"): dict(silu_input=1)}
+
+
+@pytest.mark.parametrize("name, backend", list(GATES))
+def test_gated_ffns_store_both_factors_and_a_plain_silu_its_input(name, backend):
+    case, cm = compile_case(name, "paper", backend, frozen=lambda layers: [])
+    _, _, grads = step(cm, case)
+    _, _, ref_grads = eager_step(case.model, case, frozenset())
+    counters = cm.slimfit.last_step.counters
+    for kind, count in GATES[name, backend].items():
+        assert counters.get(f"compressed_{kind}", 0) == count, (kind, counters)
+    assert not {k for k in counters if k.startswith("compressed_")} \
+        - {f"compressed_{k}" for k in GATES[name, backend]}, counters
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
+
+
+def test_two_views_of_the_probabilities_are_stored_once():
+    """Eager attention's backward reads the probabilities as themselves (softmax
+    backward) and as a view (the P @ V matmul's backward): one uint8 copy serves both."""
+    case, cm = compile_case("llama_eager_attention", "paper", frozen=_half)
+    step(cm, case)
+    graphs = cm.slimfit.last_step.graphs
+    probabilities = 2 * 4 * 10 * 10  # batch x heads x seq x seq (the mask has no heads)
+    before = [n for n in graphs.saved_nodes("forward before passes") if n.meta["val"].numel() == probabilities]
+    after = [n for n in graphs.saved_nodes("forward") if n.meta["val"].dtype == torch.uint8]
+    assert len(before) == 2 and len(after) == 1, (before, after)

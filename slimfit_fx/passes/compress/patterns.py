@@ -252,6 +252,138 @@ def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
         for u in readers)
 
 
+
+def _rmsnorm_weight(node: fx.Node) -> str | None:
+    """For the input x of an RMSNorm written out in ops, w * (x * rsqrt(mean(x^2) + eps))
+    (HF's Llama/Qwen2/Mistral/T5 norms; Gemma's scales by 1 + w): the name of the
+    graph input w. None when anything but the norm reads x in a way backward needs
+    (a residual add or a copy does not)."""
+    copies = _through_copies_down(node)
+    readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
+    normalized = [u for u in readers if u.target == aten.mul.Tensor and any(_is_rsqrt(a) for a in u.args)]
+    squares = [u for u in readers if u.target == aten.pow.Tensor_Scalar and u.args[1] == 2]
+    if len(normalized) != 1 or len(squares) != 1:
+        return None
+    rsqrt = next(a for a in normalized[0].args if _is_rsqrt(a))
+    mean = _through_copies_up(rsqrt.args[0])
+    if mean.target == aten.add.Tensor:  # + eps
+        mean = _through_copies_up(mean.args[0])
+    if mean.target != aten.mean.dim or _through_copies_up(mean.args[0]) is not squares[0]:
+        return None
+    if any(u not in normalized and u not in squares and u.op != "output" and u.target != aten.add.Tensor
+           for u in readers):
+        return None
+    for n in _through_copies_down(normalized[0]):
+        for user in n.users:
+            if user.target != aten.mul.Tensor:
+                continue
+            for a in user.args:
+                if not isinstance(a, fx.Node) or a is n:
+                    continue
+                root = _through_copies_up(a)
+                if root.target == aten.add.Tensor and not all(isinstance(b, fx.Node) for b in root.args):
+                    root = _through_copies_up(next(b for b in root.args if isinstance(b, fx.Node)))
+                if _view_root(root).op == "placeholder":
+                    return _view_root(root).name
+    return None
+
+
+# Pointwise work between a gated FFN's projections and its gate product: the
+# activation (SiLU, GELU and their decompositions) and casts.
+# exp: inductor's SiLU is x / (1 + exp(-x)).
+_NONLINEAR = {aten.silu.default, aten.gelu.default, aten.sigmoid.default, aten.erf.default,
+              aten.tanh.default, aten.relu.default, aten.exp.default}
+_ACTIVATION_ARITHMETIC = _GELU_ARITHMETIC | _SAME_VALUES | _NONLINEAR | {aten.sub.Tensor, aten.div.Tensor,
+                                                                       aten.neg.default}
+_LINEAR_OUTPUTS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
+
+
+def _pointwise_ancestors(node: fx.Node, hops: int = 8) -> set[fx.Node]:
+    """`node` and what it is computed from by _ACTIVATION_ARITHMETIC ops, up to
+    `hops` ops up; the nodes where the walk stops (matmuls, inputs) included."""
+    seen, frontier = {node}, [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier if n.op == "call_function" and n.target in _ACTIVATION_ARITHMETIC
+                    for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+    return seen
+
+
+def _gate_product_sides(mul: fx.Node) -> tuple[set[fx.Node], set[fx.Node]] | None:
+    """For act(x @ W_gate) * (x @ W_up), a SwiGLU/GeGLU gate product: the nodes
+    each factor is computed from (gate side, other side). Both factors are
+    projections of their own (no shared pointwise ancestry: a GELU's own
+    x * (1 + erf(x)) is no gate product), only the gate side has a nonlinearity,
+    and both are the product's shape (a dropout mask is no projection)."""
+    if mul.target != aten.mul.Tensor or len(mul.args) != 2 \
+            or not all(isinstance(a, fx.Node) and _is_float(a) for a in mul.args):
+        return None
+    a, b = mul.args
+    if a.meta["val"].shape != mul.meta["val"].shape or b.meta["val"].shape != mul.meta["val"].shape:
+        return None
+    up_a, up_b = _pointwise_ancestors(a), _pointwise_ancestors(b)
+    if up_a & up_b:
+        return None
+    for gate, other in ((up_a, up_b), (up_b, up_a)):
+        if any(n.target in _NONLINEAR for n in gate) and not any(n.target in _NONLINEAR for n in other) \
+                and any(n.target in _LINEAR_OUTPUTS for n in gate) \
+                and any(n.target in _LINEAR_OUTPUTS for n in other):
+            return gate, other
+    return None
+
+
+def _is_gate_operand(node: fx.Node) -> bool:
+    """`node` is one of the values a gate product is computed from: the gate's
+    projection or activation, or the other projection."""
+    frontier = [node]
+    for _ in range(8):
+        frontier = [u for n in frontier for u in n.users
+                    if u.op == "call_function" and u.target in _ACTIVATION_ARITHMETIC]
+        for user in frontier:
+            sides = _gate_product_sides(user)
+            if sides is not None and (node in sides[0] or node in sides[1]):
+                return True
+    return False
+
+
+def _is_silu_input(node: fx.Node) -> bool:
+    # aten.silu; x * sigmoid(x); or inductor's decomposition x / (1 + exp(-x))
+    for n in _through_copies_down(node):
+        for user in n.users:
+            if user.target == aten.silu.default:
+                return True
+            if user.target == aten.sigmoid.default and any(
+                    u.target == aten.mul.Tensor and n in u.args for u in user.users):
+                return True
+            if user.target == aten.neg.default and any(
+                    u.target == aten.div.Tensor and u.args[0] is n and _reaches(user, {aten.div.Tensor}, 3, {
+                        aten.exp.default, aten.add.Tensor}) for u in n.users):
+                return True
+    return False
+
+
+# The ops of HF's repeat_kv (x[:, :, None].expand(...).reshape(...)) and their copies.
+_REPEAT_OPS = _VIEWS | {aten.clone.default, aten.slice.Tensor}
+
+
+def _repeat_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """For grouped-query K or V repeated to every query head (repeat_kv), the
+    tensor before the repeat and the ops from it to `node` in graph order; None
+    when `node` is no expansion of a smaller tensor."""
+    chain, source = [], node
+    while source.op == "call_function" and source.target in _REPEAT_OPS \
+            and source.all_input_nodes == [source.args[0]]:
+        chain.append(source)
+        source = source.args[0]
+    if not any(n.target == aten.expand.default for n in chain):
+        return None
+    small, big = source.meta.get("val"), node.meta.get("val")
+    if not isinstance(small, torch.Tensor) or not all(isinstance(d, int) for d in (*small.shape, *big.shape)) \
+            or small.numel() >= big.numel():
+        return None
+    return source, chain[::-1]
+
+
 # ---- the matchers, one per kind in registry.KINDS --------------------------------
 
 def _frozen_layernorm(site: Site) -> bool:
@@ -274,6 +406,14 @@ def _attention_out(site: Site) -> bool:
     return bool(users) and all(_reads_out(u, {site.node.name}) for u in users)
 
 
+def _frozen_rmsnorm_input(site: Site) -> bool:
+    return _rmsnorm_weight(site.node) in site.frozen
+
+
+def _grouped_kv(site: Site) -> bool:
+    return _qkv(site) and _repeat_source(site.node) is not None
+
+
 def _weight_input(site: Site) -> bool:
     # A trainable LayerNorm's normalized input: its weight gradient reads it (and
     # so does its input gradient, as for a frozen one); or what only weight
@@ -289,10 +429,14 @@ def _trainable_layernorm_input(site: Site) -> bool:
 MATCHERS: dict[str, Callable[[Site], bool]] = {
     "layernorm": _frozen_layernorm,
     "layernorm_input": _frozen_layernorm_input,
+    "rmsnorm_input": _frozen_rmsnorm_input,
+    "kv_grouped": _grouped_kv,
     "qkv": _qkv,
     "attention_out": _attention_out,
     "softmax": lambda site: _is_softmax_output(site.node),
+    "gate_operand": lambda site: _is_gate_operand(site.node),
     "gelu_input": lambda site: _is_gelu_input(site.node),
+    "silu_input": lambda site: _is_silu_input(site.node),
     "gelu_output": lambda site: _is_gelu_output(site.node),
     "weight_input": _weight_input,
     "weight_input_layernorm_input": _trainable_layernorm_input,

@@ -53,6 +53,17 @@ KINDS: tuple[Kind, ...] = (
          "The same pruning where aten keeps the LayerNorm's input and statistics "
          "(undecomposed graphs): x_hat is pruned, backward rebuilds the input from it.",
          stored_as="layernorm_x_hat"),
+    Kind("rmsnorm_input", "layernorm_keep", 0.1,
+         "A frozen RMSNorm's input gradient is r * (g * w - x_hat * mean(g * w * x_hat)), "
+         "x_hat = x * r: x enters only in the second term, as x_hat does for LayerNorm. "
+         "x_hat is x times a positive per-row scalar, so the top 10% of |x| per row are "
+         "x_hat's top 10%: x is stored pruned and backward reads it as it is (the rsqrt "
+         "stays whole)."),
+    Kind("kv_grouped", "qkv_bits", 8,
+         "Grouped-query K or V, saved after repeat_kv copied each kv head to its query "
+         "heads: qkv's format, stored once per kv head (before the repeat, as every "
+         "fixed-point format is stored at the tensor it copies) and repeated again in backward.",
+         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("qkv", "qkv_bits", 8,
          "Attention matmul operands: the paper's int8 Q3.4 (range +-8, step 1/16).",
          fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
@@ -63,9 +74,21 @@ KINDS: tuple[Kind, ...] = (
     Kind("softmax", "softmax_bits", 8,
          "Probabilities lie in [0, 1]: uint8 in steps of 1/256 (the paper's).",
          fixed={8: ops.SOFTMAX_UINT8, 4: ops.FixedPoint(4, 4, False)}),
+    Kind("gate_operand", "gate_operand_bits", 8,
+         "Both factors of a SwiGLU/GeGLU gate product act(g) * u: backward reads act(g) as "
+         "a value (u's gradient is grad * act(g)) and u likewise, so the coarse 4-bit "
+         "input a plain activation gets is not enough. int8 like the paper's matmul "
+         "operands, with a per-row scale: projections in LLM FFNs share no range and "
+         "have outliers far past Q3.4's +-8."),
     Kind("gelu_input", "gelu_input_bits", 4,
          "GELU's derivative varies only over about [-3, 3] and is flat outside: "
          "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",
+         fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+    Kind("silu_input", "silu_input_bits", 4,
+         "SiLU's derivative s(x)(1 + x(1 - s(x))) changes over about [-5, 5] like GELU's "
+         "and stays within 0.1 of its limits 0 and 1 outside [-4, 3.5]: GELU's 4-bit "
+         "steps of 0.5 over [-4, 3.5]. Only where backward needs the derivative alone "
+         "(a gate product's SiLU input is a gate_operand).",
          fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
     Kind("gelu_output", "gelu_output_bits", 8,
          "The FFN output dense's input, read for its weight gradient when it "

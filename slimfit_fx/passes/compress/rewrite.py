@@ -11,6 +11,7 @@ what it skips, it counts with the reason.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -71,7 +72,10 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     trainable_primals = {p.name for p, name in named if name is not None and name not in ctx.frozen}
     saved_nodes = {n.name: n for n in outputs[num_forward_outputs:] if isinstance(n, fx.Node)}
     # How backward reads each saved tensor after the rewrite: its packed form, or as is.
-    packed_inputs: dict[str, tuple[list[fx.Node], Format]] = {}
+    packed_inputs: dict[str, Callable[[fx.Node], fx.Node]] = {}
+    # Backward inputs holding each packed forward node: a saved view or repeat of
+    # a tensor already packed is read from that packed form, not saved again.
+    packed_sources: dict[tuple[fx.Node, Format], list[fx.Node]] = {}
     kept: dict[str, fx.Node] = {}
     recomputed = []
     new_saved: list[object] = []
@@ -98,11 +102,21 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         first_use = min(placeholder.users, key=order.__getitem__)
         if fmt.stored_as == "layernorm_x_hat":
             packed = _pack(forward, _normalized(forward, saved), fmt)
-            _unpack(backward, placeholder, packed, fmt, first_use,
+            inputs = _backward_inputs(backward, placeholder, packed)
+            _unpack(backward, placeholder, inputs, fmt, first_use,
                     finish=lambda x_hat: _denormalized(backward, x_hat, first_use))
         else:
-            packed = _pack(forward, saved, fmt)
-            packed_inputs[saved.name] = (_unpack(backward, placeholder, packed, fmt, first_use), fmt)
+            source, chain = _copy_source(saved, fmt, user_outputs, resident)
+            if (source, fmt) in packed_sources:  # another view of a tensor already packed
+                packed, inputs = [], packed_sources[source, fmt]
+            else:
+                packed = _pack(forward, source, fmt)
+                inputs = packed_sources[source, fmt] = _backward_inputs(backward, placeholder, packed)
+            packed_inputs[saved.name] = read = _reader(backward.graph, inputs, fmt, source, chain)
+            unpacked = read(first_use)
+            unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
+            placeholder.replace_all_uses_with(unpacked)
+            backward.graph.erase_node(placeholder)
         new_saved += packed
         before = saved.meta["val"].numel() * saved.meta["val"].element_size()
         after = sum(ops.compressed_nbytes(p.meta["val"]) for p in packed)
@@ -152,7 +166,7 @@ def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
 
 
 def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, first_use: fx.Node,
-             kept: dict[str, fx.Node], packed: dict[str, tuple[list[fx.Node], Format]]) -> None:
+             kept: dict[str, fx.Node], packed: dict[str, Callable[[fx.Node], fx.Node]]) -> None:
     """Replace the saved `placeholder` by a rebuild from `plan.sources` as backward
     holds them (unpacked from their packed form, or kept): dropped attention
     probabilities as native_dropout_backward(P, mask, 1 / (1 - p)), then
@@ -162,8 +176,7 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, firs
         values = []
         for source in plan.sources:
             if source.name in packed:
-                inputs, fmt = packed[source.name]
-                values.append(_dequantize(graph, inputs, fmt, source.meta["val"]))
+                values.append(packed[source.name](first_use))
             elif source.name in kept:
                 values.append(kept[source.name])
             else:
@@ -183,6 +196,49 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, firs
                                                f"{', '.join(s.name for s in plan.sources)}"}
     placeholder.replace_all_uses_with(value)
     graph.erase_node(placeholder)
+
+
+# Ops that copy, view or repeat values: an elementwise format commutes with them.
+_COPY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+             aten.transpose.int, aten.t.default, aten.detach.default, aten.unsqueeze.default,
+             aten.squeeze.dim, aten.expand.default, aten.clone.default}
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return val.numel()
+
+
+def _copy_source(saved: fx.Node, fmt: Format, user_outputs: set[str],
+                 resident: set[str] | None) -> tuple[fx.Node, list[fx.Node]]:
+    """Where to pack `saved` from: under an elementwise format (fixed point), the
+    tensor it views, copies or repeats (no larger than it: a grouped-query K before
+    repeat_kv; the probabilities two attention-backward matmuls read as two views),
+    and the ops from there to `saved` in graph order; else (saved, [])."""
+    if fmt.quantize_op != torch.ops.slimfit.quantize_fixed.default:
+        return saved, []  # per-row scales and top-k depend on the layout
+    chain, source = [], saved
+    while source.op == "call_function" and source.target in _COPY_OPS \
+            and source.all_input_nodes == [source.args[0]] and _numel(source.args[0]) is not None \
+            and _numel(source.args[0]) <= _numel(source) \
+            and source.args[0].meta["val"].dtype == source.meta["val"].dtype:
+        chain.append(source)
+        source = source.args[0]
+    if not chain or _skip_reason(source, user_outputs, resident) is not None:
+        return saved, []
+    return source, chain[::-1]
+
+
+def _rerun(graph: fx.Graph, chain: list[fx.Node], env: dict[fx.Node, fx.Node], before: fx.Node) -> fx.Node:
+    """Forward ops `chain` rerun in backward before `before`, on the values `env`
+    maps their forward inputs to; the last op's new node."""
+    with graph.inserting_before(before):
+        for n in chain:
+            env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
+                           **fx.map_arg(n.kwargs, env.__getitem__))
+    return env[chain[-1]]
 
 
 def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, val: torch.Tensor) -> fx.Node:
@@ -220,21 +276,40 @@ def _denormalized(backward: fx.GraphModule, x_hat: fx.Node, first_use: fx.Node) 
         return _call(graph, aten.add.Tensor, scaled, mean)
 
 
-def _unpack(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node], fmt,
-            first_use: fx.Node, finish=None) -> list[fx.Node]:
+def _reader(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, source: fx.Node,
+            chain: list[fx.Node]) -> Callable[[fx.Node], fx.Node]:
+    """What emits, before a given backward node, a saved tensor's value from the
+    backward `inputs` holding its packed `source`: dequantize, then rerun `chain`."""
+    def read(before: fx.Node) -> fx.Node:
+        with graph.inserting_before(before):
+            value = _dequantize(graph, inputs, fmt, source.meta["val"])
+        return _rerun(graph, chain, {source: value}, before) if chain else value
+    return read
+
+
+def _backward_inputs(backward: fx.GraphModule, placeholder: fx.Node, packed: list[fx.Node]) -> list[fx.Node]:
+    """New backward placeholders for the forward's `packed` outputs, where
+    `placeholder` stands (the saved outputs and the placeholders keep one order)."""
     graph = backward.graph
-    val = placeholder.meta["val"]
     new_inputs = []
     with graph.inserting_before(placeholder):
         for i, p in enumerate(packed):
             node = graph.placeholder(f"{placeholder.name}_packed{i}")
             node.meta["val"] = p.meta["val"]
             new_inputs.append(node)
+    return new_inputs
+
+
+def _unpack(backward: fx.GraphModule, placeholder: fx.Node, inputs: list[fx.Node], fmt,
+            first_use: fx.Node, finish=None, val: torch.Tensor | None = None) -> None:
+    """Replace `placeholder` by `inputs` dequantized (to `val`'s shape and dtype, by
+    default the placeholder's) and passed through `finish`, right before `first_use`."""
+    graph = backward.graph
+    val = placeholder.meta["val"] if val is None else val
     with graph.inserting_before(first_use):
-        unpacked = _dequantize(graph, new_inputs, fmt, val)
+        unpacked = _dequantize(graph, inputs, fmt, val)
     unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
     if finish is not None:
         unpacked = finish(unpacked)
     placeholder.replace_all_uses_with(unpacked)
     graph.erase_node(placeholder)
-    return new_inputs
