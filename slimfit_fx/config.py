@@ -12,6 +12,7 @@ from .passes.compress.registry import KINDS, config_fields
 
 SCHEDULES = ("manual", "ils")
 SCALES = ("fixed", "row")
+NORM_GUARDS = ("blocks", "bypass", "none")
 # CompressionConfig's per-kind fields, from the kinds compress_saved knows:
 # "<name>_bits" (4, 8 or None) or "<name>_keep" (share kept, or None).
 KIND_FIELDS: dict[str, int | float | None] = config_fields()
@@ -30,6 +31,8 @@ def _check_compression(self) -> None:
             raise ValueError(f"CompressionConfig.{name} must be None or in (0.0, 1.0], got {value!r}")
     if self.scale not in SCALES:
         raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
+    if self.norm_guard not in NORM_GUARDS:
+        raise ValueError(f"CompressionConfig.norm_guard must be one of {NORM_GUARDS}, got {self.norm_guard!r}")
 
 
 def _describe_fields() -> str:
@@ -46,7 +49,8 @@ def _describe_fields() -> str:
 CompressionConfig = dataclasses.make_dataclass(
     "CompressionConfig",
     [*((name, int | float | None, dataclasses.field(default=paper)) for name, paper in KIND_FIELDS.items()),
-     ("scale", str, dataclasses.field(default="fixed"))],
+     ("scale", str, dataclasses.field(default="fixed")),
+     ("norm_guard", str, dataclasses.field(default="blocks"))],
     frozen=True,
 
     namespace={
@@ -59,7 +63,18 @@ CompressionConfig = dataclasses.make_dataclass(
             "a per-row fp32 scale (finer, 4 more bytes per row). Kinds with no fixed format\n"
             "(weight inputs) always use a per-row scale. A *_keep field prunes: backward keeps\n"
             "that share of each row (largest magnitudes, with int16 indices for rows of up to\n"
-            "32768, else int32), in (0, 1].\n\n" + _describe_fields()),
+            "32768, else int32), in (0, 1].\n\n"
+            "norm_guard: which frozen norms may be pruned. A pruned norm's input gradient is\n"
+            "approximate; where the whole gradient of everything before it passes through\n"
+            "that norm (a final norm right before the head or loss) nothing dilutes the\n"
+            "error (a CLIP-style tower with its final LayerNorm pruned: gradient cosine\n"
+            "0.68). \"blocks\" (default) prunes norms inside the repeated blocks only and\n"
+            "keeps the embedding and final norms whole; \"bypass\" also keeps whole every\n"
+            "norm whose input has no residual path around it (post-LN blocks such as BERT's,\n"
+            "where the block's whole gradient passes through the norm); \"none\" prunes\n"
+            "every frozen norm. Kept-whole norms are counted as\n"
+            "kept_whole_<kind>_outside_blocks / kept_whole_<kind>_no_bypass.\n\n"
+            + _describe_fields()),
         "__post_init__": _check_compression,
         "enabled": property(lambda self: any(getattr(self, name) is not None for name in KIND_FIELDS)),
         "bits_for": lambda self, kind: getattr(self, f"{kind}_bits"),

@@ -307,16 +307,9 @@ class CapturedGraph:
                 value = value.detach()
             example.append(value)
         input_names = (*names, *([None] * len(taps)))
-        compression = state.compression
-        if block is None and compression is not None and compression.layernorm_keep is not None:
-            # Norms outside the repeated blocks (an embedding norm, the final norm
-            # before a head) are kept whole: every LayerNorm's input gradient reads
-            # the pruned x_hat, and the final norm's lands straight in the loss's
-            # gradient to the whole network (tiny GPT-2 with ln_f pruned: cosine 0.983).
-            compression = dataclasses.replace(compression, layernorm_keep=None)
         ctx = PassContext(input_names=input_names,
                           frozen=frozenset(n for n, w in zip(names, is_weight) if w),
-                          compression=compression,
+                          compression=state.compression, in_block=block is not None,
                           stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
                           activation_inputs=activations)
         graphs = VariantGraphs(input_names)

@@ -121,6 +121,38 @@ def convnet(seed: int = 0, batch: int = 4) -> Case:
     return _classifier_case(ConvNet(), seed, (batch, 3, 8, 8))
 
 
+class PreNormBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.fc(self.norm(h))
+
+
+class FinalNormRegression(nn.Module):
+    """Pre-LN residual blocks, then a final LayerNorm whose output is regressed on
+    a target: the loss gradient lands on that norm and every earlier gradient
+    passes through it, the position where pruning it hurts most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(PreNormBlock() for _ in range(2))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return ((self.norm(x) - target) ** 2).mean()
+
+
+def final_norm_regression(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    g = _seeded(seed)
+    data = {"x": torch.randn(batch, 6, 32, generator=g), "target": 0.1 * torch.randn(batch, 6, 32, generator=g)}
+    return Case(FinalNormRegression().train(), data, lambda loss: loss)
+
+
 def swiglu(seed: int = 0, batch: int = 4) -> Case:
     torch.manual_seed(seed)
     return _classifier_case(GatedMLP(nn.SiLU()), seed, (batch, 16))
@@ -143,5 +175,5 @@ FACTORIES: dict[str, Callable[..., Case]] = {
 # apart from FACTORIES, which the equivalence and autocast tables run whole.
 PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "llama": llama, "llama_eager_attention": llama_eager_attention, "qwen2": qwen2, "mistral": mistral,
-    "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp,
+    "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "final_norm_regression": final_norm_regression,
 }

@@ -30,3 +30,6 @@ class PassContext:
     # Input positions that carry activations from an earlier region (not resident
     # like parameters and model inputs, so worth packing); None: every input is resident.
     activation_inputs: frozenset[int] | None = None
+    # Whether the graph is one of the model's repeated blocks (False: the regions
+    # between them, such as the embedding or the final norm and head).
+    in_block: bool = True

@@ -384,6 +384,18 @@ def _repeat_source(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return source, chain[::-1]
 
 
+
+def norm_has_bypass(site: Site) -> bool:
+    """Whether the input of the norm `site` belongs to (its saved input, or a
+    decomposed LayerNorm's x_hat) also feeds an add outside the norm: a residual
+    path around it (pre-LN blocks), so the gradient of what comes before does not
+    pass through the norm alone."""
+    x = site.node
+    if _layernorm_xhat_weight(x) is not None:  # x_hat = (x - mean) * rstd
+        x = next(a for a in x.args if not _is_rsqrt(a)).args[0]
+    return any(u.target == aten.add.Tensor for n in _through_copies_down(x) for u in n.users)
+
+
 # ---- the matchers, one per kind in registry.KINDS --------------------------------
 
 def _frozen_layernorm(site: Site) -> bool:

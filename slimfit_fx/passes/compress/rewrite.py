@@ -19,9 +19,9 @@ from torch import fx
 from ... import ops
 from ...torch_ir import DROPOUT_P, LAYER_NORM_BACKWARD_MEAN, LAYER_NORM_BACKWARD_RSTD
 from ..context import PassContext
-from .patterns import Site, _view_root, classify_saved
+from .patterns import Site, _view_root, classify_saved, norm_has_bypass
 from .recompute import Rebuild, rebuild_plan
-from .registry import Format, first_format
+from .registry import BY_NAME, Format, first_format
 
 aten = torch.ops.aten
 
@@ -31,6 +31,22 @@ def _fake(fn, *args, **kwargs):
     mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
     with mode:
         return fn(*vals, **fx.map_arg(kwargs, lambda a: a.meta["val"]))
+
+
+def _guard_norms(kinds: list[str], site: Site, config, ctx: PassContext) -> list[str]:
+    """`kinds` less the norm prunings config.norm_guard keeps whole here, each
+    counted as kept_whole_<kind>_<why> (see CompressionConfig.norm_guard)."""
+    pruned = [k for k in kinds if BY_NAME[k].field.endswith("_keep")]
+    if not pruned or config.norm_guard == "none" or getattr(config, BY_NAME[pruned[0]].field) is None:
+        return kinds
+    if not ctx.in_block:
+        why = "outside_blocks"
+    elif config.norm_guard == "bypass" and not norm_has_bypass(site):
+        why = "no_bypass"
+    else:
+        return kinds
+    ctx.counters[f"kept_whole_{pruned[0]}_{why}"] += 1
+    return [k for k in kinds if k not in pruned]
 
 
 def _skip_reason(node: fx.Node, user_outputs: set[str], resident: set[str] | None = None) -> str | None:
@@ -89,8 +105,8 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
                 and placeholder.users and _skip_reason(saved, user_outputs, resident) is None:
             recomputed.append((saved, placeholder, plan))  # no longer saved
             continue
-        kinds = classify_saved(Site(saved, placeholder, frozenset(frozen_primals),
-                                    frozenset(trainable_primals)))
+        site = Site(saved, placeholder, frozenset(frozen_primals), frozenset(trainable_primals))
+        kinds = _guard_norms(classify_saved(site), site, config, ctx)
         kind, fmt = first_format(config, kinds, saved.meta.get("val"))
         reason = _skip_reason(saved, user_outputs, resident) if fmt else None
         if fmt is None or reason is not None or not placeholder.users:
