@@ -1,6 +1,6 @@
 """Every contender on the same model in the same run: bytes held for backward, RSS, step time.
 
-    python benchmarks/contenders.py [--models bert-base-128 bert-base-384 vit-b16 gpt2-small]
+    python benchmarks/contenders.py [--models bert-base-128 bert-base-384 vit-b16 gpt2-small llama-base-128]
                                     [--steps 10] [--warmup 2] [--ratio 0.9]
 
 Contenders: eager full fine-tune; eager with the encoder (every transformer
@@ -42,6 +42,7 @@ MODELS: dict[str, tuple[str, dict]] = {
     "bert-base-384": ("bert-base", dict(batch=4, seq=384)),
     "vit-b16": ("vit-base", dict(batch=8)),
     "gpt2-small": ("gpt2-small", dict(batch=4, seq=128)),
+    "llama-base-128": ("llama-base", dict(batch=8, seq=128)),  # RMSNorm, SwiGLU, RoPE, grouped-query K/V
     "bert-tiny": ("bert-tiny", dict(batch=2, seq=12)),  # a smoke run, not in the default list
 }
 # The encoder: every numbered transformer block (bert.encoder.layer.3.,

@@ -14,7 +14,8 @@ SCHEDULES = ("manual", "ils")
 SCALES = ("fixed", "row")
 NORM_GUARDS = ("blocks", "bypass", "none")
 # CompressionConfig's per-kind fields, from the kinds compress_saved knows:
-# "<name>_bits" (4, 8 or None) or "<name>_keep" (share kept, or None).
+# "<name>_bits" (4, 8 or None), "<name>_keep" (share kept, or None) or
+# "<name>_mask" (True, False or None).
 KIND_FIELDS: dict[str, int | float | None] = config_fields()
 COMPRESSION_KINDS = tuple(f.removesuffix("_bits") for f in KIND_FIELDS if f.endswith("_bits"))
 
@@ -26,6 +27,8 @@ def _check_compression(self) -> None:
             continue
         if name.endswith("_bits") and (isinstance(value, bool) or value not in (4, 8)):
             raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None, got {value!r}")
+        if name.endswith("_mask") and not isinstance(value, bool):
+            raise ValueError(f"CompressionConfig.{name} must be True, False or None, got {value!r}")
         if name.endswith("_keep") and (isinstance(value, bool) or not isinstance(value, (int, float))
                                        or not 0.0 < value <= 1.0):
             raise ValueError(f"CompressionConfig.{name} must be None or in (0.0, 1.0], got {value!r}")
@@ -76,7 +79,7 @@ CompressionConfig = dataclasses.make_dataclass(
             "kept_whole_<kind>_outside_blocks / kept_whole_<kind>_no_bypass.\n\n"
             + _describe_fields()),
         "__post_init__": _check_compression,
-        "enabled": property(lambda self: any(getattr(self, name) is not None for name in KIND_FIELDS)),
+        "enabled": property(lambda self: any(getattr(self, name) not in (None, False) for name in KIND_FIELDS)),
         "bits_for": lambda self, kind: getattr(self, f"{kind}_bits"),
     },
 )

@@ -30,6 +30,8 @@ __all__ = [
     "dequantize_rowwise",
     "prune_topk",
     "unprune_topk",
+    "positive_mask",
+    "from_positive_mask",
     "pack_nibbles",
     "unpack_nibbles",
     "kept_per_row",
@@ -302,6 +304,19 @@ def unprune_topk(
     return out.reshape(shape)
 
 
+def positive_mask(x: Tensor) -> Tensor:
+    """x > 0 as bool: all a ReLU's backward reads of its output (its gradient
+    passes where the output is positive), a quarter of fp32's bytes."""
+    _check_float_dtype("x.dtype", x.dtype)
+    return x > 0
+
+
+def from_positive_mask(mask: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """Inverse of positive_mask as a ReLU's backward sees it: 1 where x > 0, else 0."""
+    _check_float_dtype("dtype", dtype)
+    return mask.reshape(shape).to(dtype)
+
+
 def compressed_nbytes(tensors: Tensor | Sequence[Tensor]):
     """Bytes held by what a quantize_*/prune_* returned (real or fake tensors;
     a SymInt expression for symbolic sizes). Compare with x.numel() * x.element_size()."""
@@ -369,9 +384,19 @@ def _fake_unprune_topk(values, indices, shape, dtype):
     return values.new_empty(shape, dtype=dtype)
 
 
+def _fake_positive_mask(x):
+    return x.new_empty(x.shape, dtype=torch.bool)
+
+
+def _fake_from_positive_mask(mask, shape, dtype):
+    return mask.new_empty(shape, dtype=dtype)
+
+
 _register(quantize_fixed, _fake_quantize_fixed)
 _register(dequantize_fixed, _fake_dequantize_fixed)
 _register(quantize_rowwise, _fake_quantize_rowwise)
 _register(dequantize_rowwise, _fake_dequantize_rowwise)
 _register(prune_topk, _fake_prune_topk)
 _register(unprune_topk, _fake_unprune_topk)
+_register(positive_mask, _fake_positive_mask)
+_register(from_positive_mask, _fake_from_positive_mask)

@@ -177,9 +177,31 @@ def _use_module(weight: fx.Node, chain: list[fx.Node], use: fx.Node,
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
+# Activation functions as dynamo records them (torch.nn.functional.silu, ...).
+_ACTIVATIONS = {"silu", "gelu", "relu", "sigmoid", "tanh"}
+
+
 def _producer(node: fx.Node) -> str:
-    target = node.target
-    return getattr(target, "__name__", str(target)) if node.op != "placeholder" else "input"
+    """The op that made a stashed tensor; "gate_product" for act(gate) * up, the
+    input of a gated FFN's down projection (SwiGLU, GeGLU); "gelu" for quick-GELU,
+    x * sigmoid(1.702 x) (CLIP), whose factors share x."""
+    if node.op == "placeholder":
+        return "input"
+    name = getattr(node.target, "__name__", str(node.target))
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    activations = [a for a in args if a.op != "placeholder" and getattr(a.target, "__name__", "") in _ACTIVATIONS]
+    if name == "mul" and len(args) == 2 and activations:
+        other = next(a for a in args if a is not activations[0])
+        return "gelu" if other in _inputs_within(activations[0], 3) else "gate_product"
+    return name
+
+
+def _inputs_within(node: fx.Node, hops: int) -> set[fx.Node]:
+    seen, frontier = set(), [node]
+    for _ in range(hops):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        seen.update(frontier)
+    return seen
 
 
 def tap_weight_grads(region: fx.GraphModule, weight_inputs: Sequence[bool]) -> tuple[fx.GraphModule, list[WeightTap], int]:

@@ -169,6 +169,10 @@ def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap):
                 lambda x: (torch.ops.slimfit.quantize_fixed(x, *args),),
                 lambda codes, shape, dtype: torch.ops.slimfit.dequantize_fixed(codes[0], *args, list(shape), dtype))
         kind, bits = "gelu_output", config.gelu_output_bits
+    elif tap.producer == "gate_product" and config.gate_operand_bits is not None:
+        # a gated FFN's down projection input: its gelu_output, stored like the
+        # gate's factors (int8, per-row scale)
+        kind, bits = "gate_product", config.gate_operand_bits
     elif config.weight_input_bits is not None:
         kind, bits = "weight_input", config.weight_input_bits
     else:

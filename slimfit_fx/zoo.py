@@ -123,6 +123,19 @@ def mistral_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 
     return _decoder_lm(MistralConfig, MistralForCausalLM, seed, batch, seq, dropout, head_dim=8)
 
 
+def opt_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.0) -> tuple[nn.Module, Batch]:
+    """OPT: a pre-LN decoder with a ReLU FFN."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=2,
+                       word_embed_proj_dim=32, max_position_embeddings=64, dropout=dropout,
+                       attention_dropout=dropout, use_cache=False)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g)
+    return OPTForCausalLM(config).train(), {"input_ids": ids, "labels": ids}
+
+
 def llama_base(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.0) -> tuple[nn.Module, Batch]:
     """A Llama-style LM at BERT-base sizes: hidden 768, 12 layers, 12 query heads
     sharing 4 kv heads, SwiGLU 2048, vocabulary 32000, random init."""
@@ -180,7 +193,7 @@ def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) 
 MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
     "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "vit-base": vit_base,
     "gpt2-tiny": gpt2_tiny, "gpt2-small": gpt2_small, "minilm": minilm,
-    "llama-tiny": llama_tiny, "qwen2-tiny": qwen2_tiny, "mistral-tiny": mistral_tiny, "llama-base": llama_base,
+    "opt-tiny": opt_tiny, "llama-tiny": llama_tiny, "qwen2-tiny": qwen2_tiny, "mistral-tiny": mistral_tiny, "llama-base": llama_base,
 }
 
 

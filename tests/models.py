@@ -50,6 +50,10 @@ def llama_eager_attention(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     return Case(*zoo.llama_tiny(seed=seed, batch=batch, seq=seq, attention="eager"), hf_loss)
 
 
+def opt(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    return Case(*zoo.opt_tiny(seed=seed, batch=batch, seq=seq), hf_loss)
+
+
 def qwen2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     return Case(*zoo.qwen2_tiny(seed=seed, batch=batch, seq=seq), hf_loss)
 
@@ -95,10 +99,15 @@ class GatedMLP(nn.Module):
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 
-class SiLUMLP(nn.Module):
-    def __init__(self) -> None:
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)  # CLIP's activation
+
+
+class ActivationMLP(nn.Module):
+    def __init__(self, act: nn.Module) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 32), nn.SiLU(), nn.Linear(32, 5))
+        self.net = nn.Sequential(nn.Linear(16, 32), act, nn.Linear(32, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -165,7 +174,12 @@ def geglu(seed: int = 0, batch: int = 4) -> Case:
 
 def silu_mlp(seed: int = 0, batch: int = 4) -> Case:
     torch.manual_seed(seed)
-    return _classifier_case(SiLUMLP(), seed, (batch, 16))
+    return _classifier_case(ActivationMLP(nn.SiLU()), seed, (batch, 16))
+
+
+def quick_gelu_mlp(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(ActivationMLP(QuickGELU()), seed, (batch, 16))
 
 
 FACTORIES: dict[str, Callable[..., Case]] = {
@@ -175,5 +189,6 @@ FACTORIES: dict[str, Callable[..., Case]] = {
 # apart from FACTORIES, which the equivalence and autocast tables run whole.
 PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "llama": llama, "llama_eager_attention": llama_eager_attention, "qwen2": qwen2, "mistral": mistral,
-    "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "final_norm_regression": final_norm_regression,
+    "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "opt": opt, "quick_gelu_mlp": quick_gelu_mlp,
+    "final_norm_regression": final_norm_regression,
 }

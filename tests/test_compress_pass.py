@@ -409,15 +409,18 @@ def _half(layers):
 # RMSNorm inputs pruned (inside a block every norm is frozen as far as its input
 # gradient goes), the RoPE'd Q int8, K and V int8 stored once per kv head (before
 # repeat_kv), both factors of the gate product int8 per-row, and the fused
-# attention's output (or, in eager attention, the probabilities uint8).
+# attention's output (or, in eager attention, the probabilities uint8). The one
+# trainable down projection (block 1's) stashes its input, the gate product, int8
+# per-row for its weight gradient (gate_product, as the paper stores the FFN output
+# dense's input).
+_BLOCKS = dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, gate_product=1)
 LLAMA_FAMILY = {
-    ("llama", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
-    ("qwen2", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
-    ("mistral", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+    ("llama", "aot_eager"): dict(_BLOCKS, attention_out=2),
+    ("qwen2", "aot_eager"): dict(_BLOCKS, attention_out=2),
+    ("mistral", "aot_eager"): dict(_BLOCKS, attention_out=2),
     # two saved views of each block's probabilities, one uint8 copy (see below)
-    ("llama_eager_attention", "aot_eager"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4,
-                                                 softmax=4),
-    ("llama", "inductor"): dict(rmsnorm_input=4, qkv=2, kv_grouped=4, gate_operand=4, attention_out=2),
+    ("llama_eager_attention", "aot_eager"): dict(_BLOCKS, softmax=4),
+    ("llama", "inductor"): dict(_BLOCKS, attention_out=2),
 }
 
 
@@ -442,13 +445,18 @@ def test_llama_family_blocks_are_compressed(name, backend):
 # gate_operand (int8 per-row, whatever the activation); a SiLU that is no gate
 # keeps GELU's 4-bit input.
 # Inductor decomposes SiLU as x / (1 + exp(-x)).
-GATES = {("swiglu", "aot_eager"): dict(gate_operand=2), ("geglu", "aot_eager"): dict(gate_operand=2),
-         ("silu_mlp", "aot_eager"): dict(silu_input=1), ("swiglu", "inductor"): dict(gate_operand=2),
-         ("silu_mlp", "inductor"): dict(silu_input=1)}
+# The trainable down projection stashes the gate product int8 per-row (gate_product).
+# Each OPT block's ReLU output travels as its bool mask under aot_eager (inductor
+# saves that bool itself). Quick-GELU's input is a GELU input (4-bit) and the
+# sigmoid saved next to it is rebuilt from it in backward (aot_eager).
+GATES = {("swiglu", "aot_eager"): dict(gate_operand=2, gate_product=1),
+         ("geglu", "aot_eager"): dict(gate_operand=2, gate_product=1),
+         ("silu_mlp", "aot_eager"): dict(silu_input=1), ("swiglu", "inductor"): dict(gate_operand=2, gate_product=1),
+         ("silu_mlp", "inductor"): dict(silu_input=1), ("quick_gelu_mlp", "aot_eager"): dict(gelu_input=1)}
 
 
 @pytest.mark.parametrize("name, backend", list(GATES))
-def test_gated_ffns_store_both_factors_and_a_plain_silu_its_input(name, backend):
+def test_ffn_activations_are_stored_by_what_backward_reads(name, backend):
     case, cm = compile_case(name, "paper", backend, frozen=lambda layers: [])
     _, _, grads = step(cm, case)
     _, _, ref_grads = eager_step(case.model, case, frozenset())
@@ -457,6 +465,8 @@ def test_gated_ffns_store_both_factors_and_a_plain_silu_its_input(name, backend)
         assert counters.get(f"compressed_{kind}", 0) == count, (kind, counters)
     assert not {k for k in counters if k.startswith("compressed_")} \
         - {f"compressed_{k}" for k in GATES[name, backend]}, counters
+    if name == "quick_gelu_mlp":
+        assert counters["recomputed_gelu_sigmoid"] == 1, counters
     cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)
 
@@ -512,3 +522,17 @@ def test_bypass_guard_keeps_post_ln_norms_whole():
 def test_bad_norm_guard_is_refused():
     with pytest.raises(ValueError, match="norm_guard must be one of"):
         CompressionConfig(norm_guard="final")
+
+
+def test_relu_outputs_travel_as_exact_masks():
+    """OPT's ReLU FFN: backward reads each ReLU output only through
+    threshold_backward, so a bool mask stands in for it and gradients stay exact
+    (every other kind off)."""
+    relu_only = dataclasses.replace(COMPRESSION_PRESETS["off"], relu_output_mask=True)
+    case, cm = compile_case("opt", relu_only, frozen=_half)
+    from .harness import assert_matches_eager
+
+    assert_matches_eager(cm, case, cm.slimfit.frozen)
+    counters = cm.slimfit.last_step.counters
+    assert counters["compressed_relu_output"] == 2, counters  # one per block
+    assert counters["bytes_after_compression"] * 4 == counters["bytes_before_compression"], counters

@@ -118,13 +118,14 @@ def _reaches(node: fx.Node, targets: set, hops: int, through: set) -> bool:
 
 def _is_gelu_input(node: fx.Node) -> bool:
     # aten.gelu; its decomposition (inductor): x * 0.5 * (1 + erf(x * 0.7071...));
-    # or the tanh approximation (GPT-2's gelu_new): 0.5x(1 + tanh(c(x + 0.044715x^3)))
+    # the tanh approximation (GPT-2's gelu_new): 0.5x(1 + tanh(c(x + 0.044715x^3)));
+    # or quick-GELU (CLIP): x * sigmoid(1.702x)
     for n in _through_copies_down(node):
         for user in n.users:
             if user.target == aten.gelu.default:
                 return True
             if user.target in (aten.mul.Tensor, aten.pow.Tensor_Scalar) and _reaches(
-                    user, {aten.erf.default, aten.tanh.default}, 5, _GELU_ARITHMETIC):
+                    user, {aten.erf.default, aten.tanh.default, aten.sigmoid.default}, 5, _GELU_ARITHMETIC):
                 return True
     return False
 
@@ -253,39 +254,40 @@ def _read_for_weight_gradients(placeholder: fx.Node) -> bool:
 
 
 
-def _rmsnorm_weight(node: fx.Node) -> str | None:
+def _rmsnorm_weights(node: fx.Node) -> frozenset[str]:
     """For the input x of an RMSNorm written out in ops, w * (x * rsqrt(mean(x^2) + eps))
-    (HF's Llama/Qwen2/Mistral/T5 norms; Gemma's scales by 1 + w): the name of the
-    graph input w. None when anything but the norm reads x in a way backward needs
-    (a residual add or a copy does not)."""
+    (HF's Llama/Qwen2/Mistral/T5 norms; Gemma's scales by 1 + w): the names of the
+    graph inputs the scale is made of, w among them. Empty when `node` is no such
+    input, or anything but the norm reads x in a way backward needs (a residual
+    add or a copy does not)."""
     copies = _through_copies_down(node)
     readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
     normalized = [u for u in readers if u.target == aten.mul.Tensor and any(_is_rsqrt(a) for a in u.args)]
     squares = [u for u in readers if u.target == aten.pow.Tensor_Scalar and u.args[1] == 2]
     if len(normalized) != 1 or len(squares) != 1:
-        return None
+        return frozenset()
     rsqrt = next(a for a in normalized[0].args if _is_rsqrt(a))
     mean = _through_copies_up(rsqrt.args[0])
     if mean.target == aten.add.Tensor:  # + eps
         mean = _through_copies_up(mean.args[0])
     if mean.target != aten.mean.dim or _through_copies_up(mean.args[0]) is not squares[0]:
-        return None
+        return frozenset()
     if any(u not in normalized and u not in squares and u.op != "output" and u.target != aten.add.Tensor
            for u in readers):
-        return None
+        return frozenset()
     for n in _through_copies_down(normalized[0]):
         for user in n.users:
             if user.target != aten.mul.Tensor:
                 continue
             for a in user.args:
-                if not isinstance(a, fx.Node) or a is n:
-                    continue
-                root = _through_copies_up(a)
-                if root.target == aten.add.Tensor and not all(isinstance(b, fx.Node) for b in root.args):
-                    root = _through_copies_up(next(b for b in root.args if isinstance(b, fx.Node)))
-                if _view_root(root).op == "placeholder":
-                    return _view_root(root).name
-    return None
+                if isinstance(a, fx.Node) and a is not n:
+                    # the weight, through casts and adds (Gemma's 1 + w, and the
+                    # probe a region adds to that use's output)
+                    scale = _pointwise_ancestors(a, hops=4, through=_SAME_VALUES | {aten.add.Tensor})
+                    weights = frozenset(p.name for p in scale if p.op == "placeholder")
+                    if weights:
+                        return weights
+    return frozenset()
 
 
 # Pointwise work between a gated FFN's projections and its gate product: the
@@ -298,12 +300,14 @@ _ACTIVATION_ARITHMETIC = _GELU_ARITHMETIC | _SAME_VALUES | _NONLINEAR | {aten.su
 _LINEAR_OUTPUTS = {aten.mm.default, aten.addmm.default, aten.bmm.default}
 
 
-def _pointwise_ancestors(node: fx.Node, hops: int = 8) -> set[fx.Node]:
-    """`node` and what it is computed from by _ACTIVATION_ARITHMETIC ops, up to
-    `hops` ops up; the nodes where the walk stops (matmuls, inputs) included."""
+def _pointwise_ancestors(node: fx.Node, hops: int = 8, through: set | None = None) -> set[fx.Node]:
+    """`node` and what it is computed from by `through` ops (default
+    _ACTIVATION_ARITHMETIC), up to `hops` ops up; the nodes where the walk stops
+    (matmuls, inputs) included."""
+    through = _ACTIVATION_ARITHMETIC if through is None else through
     seen, frontier = {node}, [node]
     for _ in range(hops):
-        frontier = [a for n in frontier if n.op == "call_function" and n.target in _ACTIVATION_ARITHMETIC
+        frontier = [a for n in frontier if n.op == "call_function" and n.target in through
                     for a in n.all_input_nodes if a not in seen]
         seen.update(frontier)
     return seen
@@ -418,8 +422,16 @@ def _attention_out(site: Site) -> bool:
     return bool(users) and all(_reads_out(u, {site.node.name}) for u in users)
 
 
+def _relu_sign_only(site: Site) -> bool:
+    # threshold_backward(grad, out, 0): a ReLU's backward reads its output only as
+    # out > 0 (inductor's partitioner already saves that bool itself)
+    users = site.backward_users
+    return bool(users) and all(u.target == aten.threshold_backward.default and u.args[1] is site.placeholder
+                               and u.args[0] is not site.placeholder and u.args[2] == 0 for u in users)
+
+
 def _frozen_rmsnorm_input(site: Site) -> bool:
-    return _rmsnorm_weight(site.node) in site.frozen
+    return bool(_rmsnorm_weights(site.node) & site.frozen)
 
 
 def _grouped_kv(site: Site) -> bool:
@@ -447,6 +459,7 @@ MATCHERS: dict[str, Callable[[Site], bool]] = {
     "attention_out": _attention_out,
     "softmax": lambda site: _is_softmax_output(site.node),
     "gate_operand": lambda site: _is_gate_operand(site.node),
+    "relu_output": _relu_sign_only,
     "gelu_input": lambda site: _is_gelu_input(site.node),
     "silu_input": lambda site: _is_silu_input(site.node),
     "gelu_output": lambda site: _is_gelu_output(site.node),

@@ -42,15 +42,21 @@ def _pointwise_from_saved(node: fx.Node, saved: dict[str, fx.Node], ops: set,
     return inputs, sorted(chain, key=order.__getitem__)
 
 
-def _gelu_tanh_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
-    """For t = tanh(c * (x + 0.044715 x^3)) of a tanh-approximation GELU written out
-    in aten ops (GPT-2's gelu_new; aot_eager saves t for tanh's backward), the
-    GELU input x, itself among `saved`, and the ops from x to t in graph order:
-    backward can rebuild t from x instead of keeping it."""
-    if _through_copies_up(node).target != aten.tanh.default:
+# The nonlinearity inside a GELU approximation written out in ops, by rebuild kind.
+_GELU_INNER = {aten.tanh.default: "gelu_tanh", aten.sigmoid.default: "gelu_sigmoid"}
+
+
+def _gelu_inner_recompute(node: fx.Node, saved: dict[str, fx.Node]) -> tuple[fx.Node, list[fx.Node]] | None:
+    """For t = tanh(c * (x + 0.044715 x^3)) of a tanh-approximation GELU (GPT-2's
+    gelu_new) or t = sigmoid(1.702 x) of quick-GELU (CLIP), written out in aten ops
+    (aot_eager saves t for its backward): the GELU input x, itself among `saved`,
+    and the ops from x to t in graph order: backward can rebuild t from x instead
+    of keeping it."""
+    inner = _through_copies_up(node).target
+    if inner not in _GELU_INNER:
         return None
     # the decompositions have 6 ops and a copy or two
-    found = _pointwise_from_saved(node, saved, _GELU_ARITHMETIC | _SAME_VALUES | {aten.tanh.default})
+    found = _pointwise_from_saved(node, saved, _GELU_ARITHMETIC | _SAME_VALUES | {inner})
     if found is None or len(found[0]) != 1:
         return None
     (x,), chain = found
@@ -105,10 +111,10 @@ class Rebuild(NamedTuple):
 
 def rebuild_plan(saved: fx.Node, saved_nodes: dict[str, fx.Node]) -> Rebuild | None:
     """How backward can rebuild `saved` instead of keeping it, or None."""
-    tanh = _gelu_tanh_recompute(saved, saved_nodes)
-    if tanh is not None:
-        x, chain = tanh
-        return Rebuild("gelu_tanh", [x], chain)
+    inner = _gelu_inner_recompute(saved, saved_nodes)
+    if inner is not None:
+        x, chain = inner
+        return Rebuild(_GELU_INNER[_through_copies_up(saved).target], [x], chain)
     decomposed = _decomposed_dropout_recompute(saved, saved_nodes)
     if decomposed is not None:
         return Rebuild("attention_dropout", *decomposed)

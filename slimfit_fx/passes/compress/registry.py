@@ -23,8 +23,9 @@ _Q2_1_INT4 = ops.FixedPoint(4, 1, True)
 class Kind:
     """One kind of saved activation.
 
-    field: the CompressionConfig field that sets it, "<name>_bits" (4, 8 or None)
-        or "<name>_keep" (share of each row kept by top-k pruning, or None).
+    field: the CompressionConfig field that sets it, "<name>_bits" (4, 8 or None),
+        "<name>_keep" (share of each row kept by top-k pruning, or None) or
+        "<name>_mask" (True stores only where the tensor is positive; False or None).
         Several kinds may share a field.
     paper: the field's value in the "paper" preset, which is its default.
     fixed: under scale="fixed", the power-of-two format per width; a kind with
@@ -80,6 +81,9 @@ KINDS: tuple[Kind, ...] = (
          "input a plain activation gets is not enough. int8 like the paper's matmul "
          "operands, with a per-row scale: projections in LLM FFNs share no range and "
          "have outliers far past Q3.4's +-8."),
+    Kind("relu_output", "relu_output_mask", True,
+         "A ReLU's backward reads its saved output only as out > 0: stored as that "
+         "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets)."),
     Kind("gelu_input", "gelu_input_bits", 4,
          "GELU's derivative varies only over about [-3, 3] and is flat outside: "
          "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",
@@ -137,6 +141,9 @@ def format_for(config, kind: str, val: torch.Tensor | None = None) -> Format | N
     setting = getattr(config, entry.field)
     if setting is None:
         return None
+    if entry.field.endswith("_mask"):
+        return Format(torch.ops.slimfit.positive_mask.default, (), torch.ops.slimfit.from_positive_mask.default,
+                      (), "bool mask x > 0 (exact)", entry.stored_as) if setting else None
     if entry.field.endswith("_keep"):
         row = val.shape[-1] if val is not None and val.dim() else None
         index_bits = ops.index_bits_for(row) if isinstance(row, int) else 32
