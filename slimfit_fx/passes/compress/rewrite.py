@@ -19,7 +19,7 @@ from torch import fx
 from ... import ops
 from ...torch_ir import DROPOUT_P, LAYER_NORM_BACKWARD_MEAN, LAYER_NORM_BACKWARD_RSTD
 from ..context import PassContext
-from .patterns import Site, _view_root, classify_saved, norm_has_bypass
+from .patterns import Site, _through_copies_up, _view_root, classify_saved, norm_has_bypass
 from .recompute import Rebuild, rebuild_plan
 from .registry import BY_NAME, Format, first_format
 
@@ -31,6 +31,13 @@ def _fake(fn, *args, **kwargs):
     mode = next(v.fake_mode for v in vals if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"))
     with mode:
         return fn(*vals, **fx.map_arg(kwargs, lambda a: a.meta["val"]))
+
+
+def _op_name(node: fx.Node) -> str:
+    root = _through_copies_up(node)
+    if root.op != "call_function":
+        return "input"
+    return getattr(root.target, "__name__", str(root.target)).split(".")[0]
 
 
 def _guard_norms(kinds: list[str], site: Site, config, ctx: PassContext) -> list[str]:
@@ -112,6 +119,10 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         if fmt is None or reason is not None or not placeholder.users:
             if fmt is not None and reason is not None:
                 ctx.counters[f"skipped_{kind}_{reason}"] += 1
+            elif not kinds and placeholder.users and _skip_reason(saved, user_outputs, resident) is None:
+                # an activation no pattern knows: say what made it, so a tensor
+                # left whole is never silent (the report lists these counters)
+                ctx.counters[f"skipped_unmatched_{_op_name(saved)}"] += 1
             new_saved.append(saved)
             kept[saved.name] = placeholder
             continue
