@@ -112,11 +112,15 @@ def measure(contender: Contender, factory: Callable, ratio: float, steps: int, w
         for _ in range(warmup + steps):
             start = time.perf_counter()
             before = rss()
-            output, held = run_counting_saved_bytes(lambda: module(**batch).loss, resident=resident)
-            rise = rss() - before
             if isinstance(module, slimfit_fx.SlimFitModule):
-                # slimfit counts its own variant with the same hook; an outer hook sees nothing
+                # slimfit counts its own variant with the same hook; an outer hook sees
+                # nothing, and would see the fake tensors of a graph traced on first use
+                output = module(**batch).loss
+                rise = rss() - before
                 held = module.slimfit.saved_bytes
+            else:
+                output, held = run_counting_saved_bytes(lambda: module(**batch).loss, resident=resident)
+                rise = rss() - before
             output.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
