@@ -329,6 +329,21 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -
     return schedule
 
 
+def _every_break(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """All of the forward's graph breaks and any known workaround, for the capture error."""
+    try:
+        breaks = capture.list_graph_breaks(model, args, kwargs)
+    except Exception as err:  # the first break, already in the message, still stands
+        return f" (Listing every graph break failed too: {type(err).__name__}: {err}.)"
+    if not breaks:
+        return " "
+    text = f" All {len(breaks)} graph breaks in this forward:\n" + "\n".join(f"  {i}. {b}" for i, b in
+                                                                           enumerate(breaks, 1))
+    for advice in capture.known_workarounds(breaks):
+        text += f"\nKnown workaround: {advice}."
+    return text + "\n"
+
+
 class SlimFitModule(nn.Module):
     """Trains like the wrapped model; see `slimfit_fx.compile`."""
 
@@ -400,9 +415,10 @@ class SlimFitModule(nn.Module):
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "
                 "graph, which slimfit_fx needs to control every parameter's gradient. "
-                f"{capture.describe_capture_error(err)} Fix: remove that graph break from the "
-                "forward (data-dependent Python control flow on tensor values, logging or "
-                "printing, .item(), calls dynamo does not support), or move it outside forward."
+                f"{capture.describe_capture_error(err)}{_every_break(self._model, args, kwargs)}"
+                "Fix: remove the graph breaks from the forward (data-dependent Python control "
+                "flow on tensor values, logging or printing, .item(), calls dynamo does not "
+                "support), or move them outside forward."
             ) from err
         if self.slimfit._graph_calls() == calls_before:
             raise CaptureError(
