@@ -192,16 +192,21 @@ class SlimFit:
         every region with the same structure, for every frozen set);
         compile_seconds: every compile, including weight_grad_trace_seconds
         (weight-gradient graphs traced after their region compiled, for a dtype
-        or autocast first seen later)."""
+        or autocast first seen later); wall_seconds: from the first training
+        forward to the end of the latest (the last step's backward excluded);
+        compile_share: compile_seconds / wall_seconds, the one compile-share figure
+        (report, metrics.json)."""
         state = self._state
         traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
+        wall, compile_seconds = state.wall_seconds(), state.compile_seconds + traces
         return {
             "graphs_captured": len(state.graphs),
             "regions": sum(c.instances for c in state.compiled.values()),
             "regions_compiled": len(state.compiled),
-            "compile_seconds": state.compile_seconds + traces,
+            "compile_seconds": compile_seconds,
             "weight_grad_trace_seconds": traces,
-            "wall_seconds": state.wall_seconds(),
+            "wall_seconds": wall,
+            "compile_share": compile_seconds / wall if wall else 0.0,
         }
 
     @property

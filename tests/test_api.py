@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import inspect
+import time
 import weakref
 
 import pytest
@@ -79,6 +80,10 @@ def test_stats_count_regions_and_compile_time():
     assert 1 <= stats["regions_compiled"] <= stats["regions"]
     text = str(cm.slimfit.report())
     assert "1 frozen" in text and "regions" in text
+    # One compile share: compile over the training wall time, which stops when training does.
+    assert 0 < stats["compile_share"] == stats["compile_seconds"] / stats["wall_seconds"] <= 1
+    time.sleep(0.2)
+    assert cm.slimfit.stats["wall_seconds"] == stats["wall_seconds"]
 
 
 def test_removed_per_set_fields_say_why():
