@@ -352,7 +352,7 @@ def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(na
 def test_rebuilt_dropped_probabilities_match_eager_when_the_softmax_is_kept_whole():
     # attention_out stays on so the pass runs; the math path has no fused `out` to pack
     rebuild_only = CompressionConfig(qkv_bits=None, softmax_bits=None, gelu_input_bits=None,
-                                     gelu_output_bits=None, layernorm_keep=None)
+                                     gelu_output_bits=None, layernorm_keep=None, pack_masks=False)
     cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run("bert", rebuild_only)
     counters = cm.slimfit.last_step.counters
     assert counters["recomputed_attention_dropout"] == 2 and "tensors_compressed" not in counters, counters
@@ -398,3 +398,32 @@ def test_inductor_fuses_the_formats_instead_of_calling_them(backend, opaque):
     assert packed_count(cm.slimfit.last_step.counters, "qkv", "softmax") > 0
     called = {e.key for e in prof.key_averages() if e.key.startswith("slimfit::")}
     assert bool(called) == opaque, called
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_dropout_masks_are_bit_packed_and_change_no_gradient(name, backend):
+    """Every boolean mask saved for backward travels eight to a byte, and the
+    gradients are bit-identical to the same run with masks kept as bytes."""
+    masks_only = dict(qkv_bits=None, softmax_bits=None, attention_out_bits=None, gelu_input_bits=None,
+                      gelu_output_bits=None, layernorm_keep=None)
+    runs = {}
+    for pack in (False, True):
+        case = Case(*DROPOUT_MODELS[name](seed=0, dropout=0.1), hf_loss)
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend,
+                                compression=CompressionConfig(**masks_only, pack_masks=pack))
+        cm.slimfit.set_frozen(cm.slimfit.layers[: len(cm.slimfit.layers) // 2])
+        runs[pack] = (cm, _seeded(step, cm, case))
+        slimfit_fx.capture.reset_dynamo()
+    (kept, (_, _, kept_grads)), (packed, (_, _, packed_grads)) = runs[False], runs[True]
+    counters = packed.slimfit.last_step.counters
+    saved_masks = [n for n in kept.slimfit.last_step.saved_nodes("forward")
+                   if n.meta["val"].dtype == torch.bool and n.meta["val"].numel() > 1]
+    assert counters["compressed_mask"] >= len(saved_masks) > 0, counters
+    assert not any(n.meta["val"].dtype == torch.bool and n.meta["val"].numel() > 1
+                   for n in packed.slimfit.last_step.saved_nodes("forward"))
+    assert counters["bytes_after_compression"] * 8 <= counters["bytes_before_compression"] + 8 * counters["compressed_mask"]
+    assert packed.slimfit.saved_bytes < kept.slimfit.saved_bytes
+    for param, grad in kept_grads.items():
+        assert (grad is None) == (packed_grads[param] is None), param
+        assert grad is None or torch.equal(grad, packed_grads[param]), param

@@ -2,8 +2,8 @@
 
 Runs after partitioning on the (forward, backward) pair: a saved tensor is
 recognised by what produces or consumes it (attention Q/K/V and output, softmax output,
-GELU input and output, a frozen LayerNorm's normalized input, and what only a
-trainable layer's weight gradient reads), replaced in the
+GELU input and output, a frozen LayerNorm's normalized input, what only a
+trainable layer's weight gradient reads, and boolean dropout masks), replaced in the
 forward's saved outputs by its quantized or pruned form, and unpacked in the
 backward right before its first use.
 The tanh output of a tanh-approximation GELU, saved next to its input, is not
@@ -340,6 +340,9 @@ def classify_saved(node: fx.Node, backward_users: list[fx.Node],
                    trainable_primals: set[str] = frozenset()) -> list[str]:
     """Which kinds of saved activation a forward node is, most specific first
     (a trainable FFN output dense's input is both gelu_output and weight_input)."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor) and val.dtype == torch.bool:
+        return ["mask"]  # a dropout mask: stored bit-packed, whatever reads it
     kinds = []
     weight = _layernorm_xhat_weight(node)
     ln_input_weight = _layernorm_input_weight(placeholder) if placeholder is not None else None
@@ -387,6 +390,9 @@ class Format:
 def format_for(config: CompressionConfig, kind: str, val: torch.Tensor | None = None) -> Format | None:
     """How `kind` is stored under `config`; `val` (the saved tensor's fake value)
     sizes the prune indices: int16 when its rows are static and short enough."""
+    if kind == "mask":
+        return Format(torch.ops.slimfit.pack_bits.default, (), torch.ops.slimfit.unpack_bits.default, (),
+                      "1 bit per element") if config.pack_masks else None
     if kind == "weight_input_layernorm_input":
         kind = "weight_input"
     if kind in ("layernorm", "layernorm_input"):
@@ -446,7 +452,7 @@ def _skip_reason(node: fx.Node, user_outputs: set[str], resident: set[str] | Non
         return "primal"
     if _view_root(node).name in user_outputs:
         return "also_returned"
-    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+    if not isinstance(val, torch.Tensor) or not (val.dtype.is_floating_point or val.dtype == torch.bool):
         return "not_float"
     if not all(isinstance(d, int) for d in val.shape):
         return "dynamic_shape"
