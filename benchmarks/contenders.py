@@ -1,195 +1,279 @@
-"""Every contender on the same model in the same run: bytes held for backward, RSS, step time.
+"""Total memory a fine-tuning step costs on CPU, per contender, and where slimfit's peak goes.
 
-    python benchmarks/contenders.py [--models bert-base-128 bert-base-384 vit-b16 gpt2-small llama-base-128]
-                                    [--steps 10] [--warmup 2] [--ratio 0.9]
+    python benchmarks/contenders.py [--cases NAME ...] [--contenders NAME ...]
+                                    [--steps 2] [--warmup 2]
 
-Contenders: eager full fine-tune; eager with the encoder (every transformer
-block) frozen; eager with slimfit's frozen set; torch.compile default; torch.compile
-with activation_memory_budget 0.5 and 0.1; slimfit freeze-only; slimfit freeze +
-"paper" compression; slimfit freeze + "extended" compression ("paper" plus the
-trainable layers' inputs 8-bit); slimfit freeze + "paper" compression + memory
-budget 0.1. Random-init models of real shapes, AdamW, dropout 0 (so compiled and
-eager compute the same function). Per contender: bytes autograd saves for backward (saved-tensor hooks,
-parameters and inputs excluded), RSS rise from before forward to before backward
-(needs MALLOC_MMAP_THRESHOLD_=65536, set by re-running itself), median step time
-of `--steps` after `--warmup`, and compile seconds (first step minus the median).
-A contender that fails is listed with its error. Writes its section of docs/benchmarks.md.
+Cases: BERT-base at the paper's GLUE shape (bs 32, seq 128) and a larger one
+(bs 32, seq 384); random init, dropout 0.1 (as users train), fp32. Every
+contender runs in its own process, so no peak mixes with another's, and every
+parameter has optimizer state before the first step (as after every layer has
+trained once), so all sides pay the same optimizer: AdamW, or torchao's 8-bit
+AdamW in the rows that say so (`pip install -e '.[bench]'`), which are compared
+with eager on that optimizer too. Total peak: the process's
+highest resident set size over the timed steps (the kernel's VmHWM, reset
+through /proc/self/clear_refs, so nothing samples and nothing competes with
+the step) minus the resident size before the model was built. The breakdown
+splits it by phase: resident before a step (weights, optimizer state, the
+rest: compiled code and Python objects), the forward's rise (what it keeps for
+backward: saved activations, with the bytes autograd packs beside it) and its
+transients, the backward's peak (gradients plus transients) and the
+optimizer's temporaries. "saved for backward" is bytes held from forward to
+backward (saved-tensor hooks; slimfit's own count), not what the process pays.
+Step times are medians of the timed steps. Writes one section per case to docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import torch
 from doc import write_section
 
-import slimfit_fx
-from slimfit_fx import capture, zoo
-from slimfit_fx.finetune import seeded_frozen_set
-from slimfit_fx.layers import find_layers
-from slimfit_fx.memory import eager_frozen, run_counting_saved_bytes
-
-MODELS: dict[str, tuple[str, dict]] = {
-    "bert-base-128": ("bert-base", dict(batch=8, seq=128)),
-    "bert-base-384": ("bert-base", dict(batch=4, seq=384)),
-    "vit-b16": ("vit-base", dict(batch=8)),
-    "gpt2-small": ("gpt2-small", dict(batch=4, seq=128)),
-    "llama-base-128": ("llama-base", dict(batch=8, seq=128)),  # RMSNorm, SwiGLU, RoPE, grouped-query K/V
-    "bert-tiny": ("bert-tiny", dict(batch=2, seq=12)),  # a smoke run, not in the default list
+MIB = 2**20
+CASES: dict[str, tuple[str, dict]] = {
+    "bert-base bs32 seq128": ("bert-base", dict(batch=32, seq=128)),
+    "bert-base bs32 seq384": ("bert-base", dict(batch=32, seq=384)),
+    "llama-base bs8 seq128": ("llama-base", dict(batch=8, seq=128)),  # RMSNorm, SwiGLU, RoPE, GQA; on request
+    "bert-tiny bs2 seq12": ("bert-tiny", {}),  # the tests' smoke case, not in the default list
 }
-# The encoder: every numbered transformer block (bert.encoder.layer.3.,
-# vit.layers.3., transformer.h.3.), whatever a model's version calls the list.
-ENCODER_BLOCK = re.compile(r"\.\d+\.")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+DEFAULT_CASES = list(CASES)[:2]
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "eager", "torch.compile" or "slimfit"
+    frozen: bool = False  # a fixed seeded 90% set (eager: requires_grad=False; slimfit: schedule="manual")
+    options: dict = field(default_factory=dict)  # slimfit_fx.compile overrides
+    memory_budget: float | None = None  # torch.compile's activation_memory_budget
+    optimizer: str = "adamw"  # "adamw" or "adamw8bit" (torchao)
+
+
+CONTENDERS = {c.name: c for c in (
+    Contender("eager, full fine-tune", "eager"),
+    Contender("eager, slimfit's frozen set", "eager", frozen=True),
+    Contender("torch.compile", "torch.compile"),
+    Contender("torch.compile, memory budget 0.1", "torch.compile", memory_budget=0.1),
+    Contender("slimfit default (ILS every step)", "slimfit"),
+    Contender("slimfit, fixed set, compression off", "slimfit", frozen=True, options=dict(compression="off")),
+    Contender("slimfit, fixed set, paper", "slimfit", frozen=True),
+    Contender("slimfit, fixed set, extended", "slimfit", frozen=True, options=dict(compression="extended")),
+    Contender("slimfit, fixed set, paper + memory budget 0.1", "slimfit", frozen=True,
+              options=dict(memory_budget=0.1)),
+    Contender("eager, full fine-tune, 8-bit AdamW", "eager", optimizer="adamw8bit"),
+    Contender("slimfit default, 8-bit AdamW", "slimfit", optimizer="adamw8bit"),
+)}
+RATIO = 0.9
+STATUS = Path("/proc/self/status")
 
 
 def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+    return int(re.search(r"VmRSS:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
 
 
-@dataclass
-class Contender:
-    name: str
-    module: Callable  # (model, slimfit's frozen set) -> the module to call
-    eager_frozen: Callable = lambda model, frozen: ()  # names at requires_grad=False
-    memory_budget: float | None = None  # torch.compile's activation_memory_budget
-    compiled: bool = True
+def reset_peak() -> None:
+    """Set the kernel's high-water mark (VmHWM) to the current resident size."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
-def _slimfit(compression, budget=None):
-    def build(model, frozen):
-        cm = slimfit_fx.compile(model, schedule="manual", backend="inductor", compression=compression,
-                                memory_budget=budget)
-        cm.slimfit.set_frozen(frozen)
-        return cm
-    return build
+def peak() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
 
 
-def _encoder(model, frozen):
-    names = [n for n, _ in model.named_parameters() if ENCODER_BLOCK.search(n)]
-    if not names:
-        raise ValueError(f"no numbered transformer block in {type(model).__name__}'s parameter names")
-    return names
+def _state_bytes(optimizer) -> int:
+    """Bytes of optimizer state, counting a tensor subclass (8-bit states) by its parts."""
+    import torch
+
+    def nbytes(t: torch.Tensor) -> int:
+        if type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
+            return t.untyped_storage().nbytes()
+        names, _ = t.__tensor_flatten__()
+        return sum(nbytes(getattr(t, n)) for n in names)
+
+    return sum(nbytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
 
 
-def _plain(model, frozen):
-    return model
+def run_one(case: str, name: str, steps: int, warmup: int) -> dict:
+    """One contender on one case, in this process: the numbers of its rows."""
+    import torch
 
+    import slimfit_fx
+    from slimfit_fx import capture, zoo
+    from slimfit_fx.finetune import seeded_frozen_set
+    from slimfit_fx.layers import find_layers
+    from slimfit_fx.memory import eager_frozen, run_counting_saved_bytes
 
-CONTENDERS = [
-    Contender("eager, full fine-tune", _plain, compiled=False),
-    Contender("eager, encoder frozen", _plain, eager_frozen=_encoder, compiled=False),
-    Contender("eager, slimfit's frozen set", _plain, eager_frozen=lambda m, f: f, compiled=False),
-    Contender("torch.compile", lambda model, frozen: torch.compile(model)),
-    Contender("torch.compile, memory budget 0.5", lambda model, frozen: torch.compile(model), memory_budget=0.5),
-    Contender("torch.compile, memory budget 0.1", lambda model, frozen: torch.compile(model), memory_budget=0.1),
-    Contender("slimfit, freeze only", _slimfit("off")),
-    Contender("slimfit, freeze + paper compression", _slimfit("paper")),
-    Contender("slimfit, freeze + extended compression", _slimfit("extended")),
-    Contender("slimfit, freeze + compression + budget 0.1", _slimfit("paper", 0.1)),
-]
+    contender = CONTENDERS[name]
+    if contender.optimizer == "adamw8bit":
+        try:  # imported before the baseline: code, not memory a step costs
+            from torchao.optim import AdamW8bit
+        except ImportError as err:
+            raise SystemExit(f"not run: torchao is not installed ({err}); pip install -e '.[bench]'") from err
+    zoo_name, kwargs = CASES[case]
+    zoo.build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
+    baseline = rss()
+    model, batch = zoo.build(zoo_name, seed=0, **kwargs)
+    weights = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    frozen = seeded_frozen_set(find_layers(model), RATIO, seed=0) if contender.frozen else []
+    optimizer = (AdamW8bit if contender.optimizer == "adamw8bit" else torch.optim.AdamW)(
+        model.parameters(), lr=1e-5)
+    for p in model.parameters():  # state for every parameter, before any schedule watches steps
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
+    budget = capture.memory_budget(contender.memory_budget) if contender.memory_budget else None
+    if contender.kind == "eager":
+        module = model
+    elif contender.kind == "torch.compile":
+        module = torch.compile(model)
+    else:
+        options = dict(contender.options)
+        if contender.frozen:
+            options["schedule"] = "manual"
+        module = slimfit_fx.compile(model, **options)
+        if contender.frozen:
+            module.slimfit.set_frozen(frozen)
+    is_slimfit = isinstance(module, slimfit_fx.SlimFitModule)
+    resident_inputs = (*model.parameters(), *model.buffers(), *batch.values())
 
-def measure(contender: Contender, factory: Callable, ratio: float, steps: int, warmup: int) -> dict:
-    capture.reset_dynamo()
-    model, batch = factory()
-    frozen = seeded_frozen_set(find_layers(model), ratio, seed=0)
-    module = contender.module(model, frozen)
-    resident = (*model.parameters(), *model.buffers(), *batch.values())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    budget = capture.memory_budget(contender.memory_budget) if contender.memory_budget else nullcontext()
-    times, saved, rises = [], [], []
-    with eager_frozen(model, contender.eager_frozen(model, frozen)), budget:
-        for _ in range(warmup + steps):
+    rows, seconds = [], []
+    with eager_frozen(model, frozen if contender.kind == "eager" else ()), budget or nullcontext():
+        for i in range(warmup + steps):
+            resident = rss()
             start = time.perf_counter()
-            before = rss()
-            if isinstance(module, slimfit_fx.SlimFitModule):
-                # slimfit counts its own variant with the same hook; an outer hook sees
-                # nothing, and would see the fake tensors of a graph traced on first use
-                output = module(**batch).loss
-                rise = rss() - before
-                held = module.slimfit.saved_bytes
+            reset_peak()
+            if is_slimfit:  # it counts its own saved bytes; an outer hook would see fake tensors while it compiles
+                output, saved = module(**batch).loss, None
             else:
-                output, held = run_counting_saved_bytes(lambda: module(**batch).loss, resident=resident)
-                rise = rss() - before
+                output, saved = run_counting_saved_bytes(lambda: module(**batch).loss, resident=resident_inputs)
+            forward_peak, after_forward = peak(), rss()
+            reset_peak()
             output.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-            saved.append(held)
-            rises.append(rise)
-    median = statistics.median(times[warmup:])
-    return {
-        "saved": statistics.median(saved[warmup:]),
-        "rss": statistics.median(rises[warmup:]),
-        "step": median,
-        "compile": times[0] - median if contender.compiled else None,
-    }
+            del output
+            backward_peak, after_backward = peak(), rss()
+            grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None)
+            reset_peak()
+            optimizer.step()
+            optimizer_peak = peak()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - start)
+            rows.append(dict(resident=resident, forward_peak=forward_peak, after_forward=after_forward,
+                             backward_peak=backward_peak, after_backward=after_backward,
+                             optimizer_peak=optimizer_peak, grads=grads,
+                             saved=module.slimfit.saved_bytes if is_slimfit else saved))
+    timed = rows[warmup:]
+    worst = max(timed, key=lambda r: max(r["forward_peak"], r["backward_peak"], r["optimizer_peak"]))
+    median = statistics.median(seconds[warmup:])
+    result = {k: v - baseline if k not in ("grads", "saved") else v for k, v in worst.items()}
+    result.update(
+        total_peak=max(worst["forward_peak"], worst["backward_peak"], worst["optimizer_peak"]) - baseline,
+        weights=weights, optimizer_state=_state_bytes(optimizer), step_s=median,
+        saved_median=statistics.median(r["saved"] for r in timed),
+        compile_s=(module.slimfit.stats["compile_seconds"] if is_slimfit
+                   else None if contender.kind == "eager" else seconds[0] - median),
+    )
+    return result
 
 
-def table(model_name: str, rows: dict[str, dict | str]) -> str:
-    base = rows.get("eager, full fine-tune")
-    lines = [f"### {model_name}", "",
-             "| contender | saved MiB | vs eager | RSS rise MiB | median step s | compile s |",
-             "|---|---:|---:|---:|---:|---:|"]
+def _mib(value) -> str:
+    return "-" if value is None else f"{value / MIB:,.0f}"
+
+
+def _ratio(base, row: dict) -> str:
+    return f"{base['total_peak'] / row['total_peak']:.2f}x" if isinstance(base, dict) else "-"
+
+
+def table(case: str, rows: dict[str, dict | str]) -> str:
+    """Total peak per contender, against eager with AdamW and against eager with
+    the contender's own optimizer (the fair ratio for the 8-bit AdamW rows)."""
+    eager = {c.optimizer: rows.get(c.name) for c in CONTENDERS.values() if c.kind == "eager" and not c.frozen}
+    lines = [f"### {case}", "",
+             "| contender | total peak MiB | vs eager (AdamW) | vs eager, same optimizer | resident before a "
+             "step MiB | step above it MiB | saved for backward MiB | median step s | compile s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         if isinstance(r, str):
-            lines.append(f"| {name} | failed: {r} | | | | |")
+            lines.append(f"| {name} | {r} |" + " |" * 7)
             continue
-        ratio = f"{base['saved'] / r['saved']:.2f}x" if isinstance(base, dict) and r["saved"] else "-"
-        comp = "-" if r["compile"] is None else f"{r['compile']:.1f}"
-        lines.append(f"| {name} | {r['saved'] / 2**20:.1f} | {ratio} | {r['rss'] / 2**20:.1f} | "
-                     f"{r['step']:.3f} | {comp} |")
+        compile_s = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        lines.append(f"| {name} | {_mib(r['total_peak'])} | {_ratio(eager['adamw'], r)} | "
+                     f"{_ratio(eager[CONTENDERS[name].optimizer], r)} | {_mib(r['resident'])} | "
+                     f"{_mib(r['total_peak'] - r['resident'])} | {r['saved_median'] / MIB:,.1f} | "
+                     f"{r['step_s']:.2f} | {compile_s} |")
     return "\n".join(lines)
 
 
+def breakdown(rows: dict[str, dict | str]) -> str:
+    """Where each contender's peak goes, phase by phase (MiB above the resident size before the model)."""
+    lines = ["| contender | weights | optimizer state | rest of resident | forward keeps | forward transients "
+             "| backward peak above resident | grads | optimizer temporaries | total peak |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        if isinstance(r, str):
+            continue
+        lines.append(" | ".join([
+            f"| {name}", _mib(r["weights"]), _mib(r["optimizer_state"]),
+            _mib(r["resident"] - r["weights"] - r["optimizer_state"]),
+            _mib(r["after_forward"] - r["resident"]), _mib(r["forward_peak"] - r["after_forward"]),
+            _mib(r["backward_peak"] - r["resident"]), _mib(r["grads"]),
+            _mib(r["optimizer_peak"] - r["after_backward"]), _mib(r["total_peak"])]) + " |")
+    return "\n".join(lines)
+
+
+def _failure(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return "failed: " + (lines[-1][:160].replace("|", "/") if lines else "no output")
+
+
 def main() -> None:
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # RSS then follows live tensors
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed tensors leave the RSS at once
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TORCHINDUCTOR_FX_GRAPH_CACHE="0",
-                   TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+                   TORCHINDUCTOR_AUTOGRAD_CACHE="0")  # every compile time is a cold one
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=list(MODELS)[:4], choices=list(MODELS))
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--ratio", type=float, default=0.9)
-    parser.add_argument("--only", nargs="*", default=None, help="contender names to run (default all)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--steps", type=int, default=2, help="timed steps (the worst one's peak is reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (compiles happen here)")
+    parser.add_argument("--no-doc", action="store_true", help="print the tables; leave docs/benchmarks.md")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for key in args.models:
-        zoo_name, kwargs = MODELS[key]
-        factory = lambda: zoo.build(zoo_name, seed=0, dropout=0.0, **kwargs)
+    if args.child:
+        print(json.dumps(run_one(*args.child, steps=args.steps, warmup=args.warmup)))
+        return
+    for case in args.cases:
         rows: dict[str, dict | str] = {}
-        for contender in CONTENDERS:
-            if args.only and contender.name not in args.only:
-                continue
-            try:
-                rows[contender.name] = measure(contender, factory, args.ratio, args.steps, args.warmup)
-            except Exception as err:  # the table says which contender failed and why
-                traceback.print_exc()
-                rows[contender.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-            print(contender.name, rows[contender.name], flush=True)
-        shape = ", ".join(f"{k} {v}" for k, v in kwargs.items())
-        section = table(f"{key} ({shape})", rows)
-        print(section, flush=True)
-        body = (f"Random init, dropout 0, AdamW; slimfit freezes {args.ratio:.0%} of the layers (one seeded "
-                "draw, the head trains) with the inductor backend; \"eager, slimfit's frozen set\" is eager "
-                "with those same layers at requires_grad=False. Saved MiB: bytes autograd holds from "
-                "forward to backward (saved-tensor hooks; parameters and inputs excluded). RSS rise: "
-                "resident memory after the forward minus before it (MALLOC_MMAP_THRESHOLD_=65536). "
-                f"Step: median of {args.steps} after {args.warmup} warm-up steps (forward, backward, AdamW). "
-                "Compile: first step minus the median (caches off).\n\n" + section)
-        # One section per model, written as soon as it is measured: a run cut short
-        # keeps what it finished, and running one model leaves the others' tables.
-        write_section(f"contenders-{key}", f"Every contender: {key}", body)
+        for name in args.contenders:
+            done = subprocess.run([sys.executable, __file__, "--child", case, name, "--steps", str(args.steps),
+                                   "--warmup", str(args.warmup)], capture_output=True, text=True)
+            if done.returncode == 0:
+                rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            else:
+                sys.stderr.write(done.stderr[-4000:])
+                rows[name] = _failure(done.stderr)
+            print(f"{case} | {name}: {rows[name]}", flush=True)
+        print(table(case, rows), flush=True)
+        if not args.no_doc:  # one section per case, written as soon as it is measured
+            write_section(f"contenders-{case.replace(' ', '-')}", f"Total memory per contender: {case}",
+                          section(case, rows, args.steps, args.warmup))
+
+
+def section(case: str, rows: dict[str, dict | str], steps: int, warmup: int) -> str:
+    """The docs section of one case: how it was measured, the table, the breakdown."""
+    how = __doc__.split("\n\n", 2)[2].strip()
+    return (f"{how}\n\nslimfit freezes {RATIO:.0%} of the layers; the fixed-set rows use one seeded draw (the "
+            f"head trains), the default rows re-rank after every optimizer step. Warm-up {warmup} steps, "
+            f"{steps} timed; each row is its timed step with the highest peak.\n\n{table(case, rows)}"
+            f"\n\nWhere the peak goes (MiB):\n\n{breakdown(rows)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    return "python " + shlex.join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
 def write_section(name: str, title: str, body: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,6 +54,53 @@ def describe_capture_error(err: BaseException) -> str:
         text += f" Dynamo's {hint[0].lower()}{hint[1:]}"
     return text
 
+
+# Breaks in library code a user cannot edit, with what the user can do instead.
+KNOWN_BREAKS: tuple[tuple[str, str], ...] = (
+    ("transformers/utils/output_capturing.py",
+     "transformers installs its output-capturing hooks under a thread lock on a model's first "
+     "forward; run one forward of the plain model (under torch.no_grad()) before "
+     "slimfit_fx.compile, so the hooks exist and the lock is never taken while dynamo traces"),
+)
+
+
+def list_graph_breaks(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    """Every place dynamo breaks `model`'s forward on these inputs, as "reason (file:line)".
+
+    torch._dynamo.explain would say the same but resets every compiled model in
+    the process, so this compiles a throwaway copy of the forward with a backend
+    that runs the captured pieces eagerly and reads dynamo's break log. The
+    model's buffers and the RNG come back as they were (the forward runs once
+    more, under no_grad).
+    """
+    from torch._dynamo import output_graph
+
+    start = len(output_graph.graph_break_reasons)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    isolate = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), capture_settings(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pieces run eagerly; their warnings are not the user's
+            torch.compile(model, backend=lambda gm, _: gm.forward, **isolate)(*args, **kwargs)
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    breaks: list[str] = []
+    for reason in output_graph.graph_break_reasons[start:]:
+        text = " ".join(reason.reason.strip().splitlines()[0].split())
+        if reason.user_stack:
+            frame = reason.user_stack[-1]
+            text += f" ({frame.filename}:{frame.lineno})"
+        if text not in breaks:
+            breaks.append(text)
+    del output_graph.graph_break_reasons[start:]
+    return breaks
+
+
+def known_workarounds(breaks: Sequence[str]) -> list[str]:
+    return [advice for where, advice in KNOWN_BREAKS if any(where in b for b in breaks)]
 
 JointPass = Callable[[fx.GraphModule], fx.GraphModule]
 # Called right after partitioning with (forward graph, backward graph, number of

@@ -15,7 +15,7 @@ SCALES = ("fixed", "row")
 NORM_GUARDS = ("blocks", "bypass", "none")
 # CompressionConfig's per-kind fields, from the kinds compress_saved knows:
 # "<name>_bits" (4, 8 or None), "<name>_keep" (share kept, or None) or
-# "<name>_mask" (True, False or None).
+# "<name>_mask" / "<name>_packed" (True, False or None).
 KIND_FIELDS: dict[str, int | float | None] = config_fields()
 COMPRESSION_KINDS = tuple(f.removesuffix("_bits") for f in KIND_FIELDS if f.endswith("_bits"))
 
@@ -27,7 +27,7 @@ def _check_compression(self) -> None:
             continue
         if name.endswith("_bits") and (isinstance(value, bool) or value not in (4, 8)):
             raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None, got {value!r}")
-        if name.endswith("_mask") and not isinstance(value, bool):
+        if name.endswith(("_mask", "_packed")) and not isinstance(value, bool):
             raise ValueError(f"CompressionConfig.{name} must be True, False or None, got {value!r}")
         if name.endswith("_keep") and (isinstance(value, bool) or not isinstance(value, (int, float))
                                        or not 0.0 < value <= 1.0):

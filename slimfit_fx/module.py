@@ -192,16 +192,21 @@ class SlimFit:
         every region with the same structure, for every frozen set);
         compile_seconds: every compile, including weight_grad_trace_seconds
         (weight-gradient graphs traced after their region compiled, for a dtype
-        or autocast first seen later)."""
+        or autocast first seen later); wall_seconds: from the first training
+        forward to the end of the latest (the last step's backward excluded);
+        compile_share: compile_seconds / wall_seconds, the one compile-share figure
+        (report, metrics.json)."""
         state = self._state
         traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
+        wall, compile_seconds = state.wall_seconds(), state.compile_seconds + traces
         return {
             "graphs_captured": len(state.graphs),
             "regions": sum(c.instances for c in state.compiled.values()),
             "regions_compiled": len(state.compiled),
-            "compile_seconds": state.compile_seconds + traces,
+            "compile_seconds": compile_seconds,
             "weight_grad_trace_seconds": traces,
-            "wall_seconds": state.wall_seconds(),
+            "wall_seconds": wall,
+            "compile_share": compile_seconds / wall if wall else 0.0,
         }
 
     @property
@@ -329,6 +334,21 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -
     return schedule
 
 
+def _every_break(model: nn.Module, args: tuple, kwargs: dict) -> str:
+    """All of the forward's graph breaks and any known workaround, for the capture error."""
+    try:
+        breaks = capture.list_graph_breaks(model, args, kwargs)
+    except Exception as err:  # the first break, already in the message, still stands
+        return f" (Listing every graph break failed too: {type(err).__name__}: {err}.)"
+    if not breaks:
+        return " "
+    text = f" All {len(breaks)} graph breaks in this forward:\n" + "\n".join(f"  {i}. {b}" for i, b in
+                                                                           enumerate(breaks, 1))
+    for advice in capture.known_workarounds(breaks):
+        text += f"\nKnown workaround: {advice}."
+    return text + "\n"
+
+
 class SlimFitModule(nn.Module):
     """Trains like the wrapped model; see `slimfit_fx.compile`."""
 
@@ -400,9 +420,10 @@ class SlimFitModule(nn.Module):
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "
                 "graph, which slimfit_fx needs to control every parameter's gradient. "
-                f"{capture.describe_capture_error(err)} Fix: remove that graph break from the "
-                "forward (data-dependent Python control flow on tensor values, logging or "
-                "printing, .item(), calls dynamo does not support), or move it outside forward."
+                f"{capture.describe_capture_error(err)}{_every_break(self._model, args, kwargs)}"
+                "Fix: remove the graph breaks from the forward (data-dependent Python control "
+                "flow on tensor values, logging or printing, .item(), calls dynamo does not "
+                "support), or move them outside forward."
             ) from err
         if self.slimfit._graph_calls() == calls_before:
             raise CaptureError(

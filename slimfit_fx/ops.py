@@ -133,6 +133,40 @@ def _check_codes(q: Tensor, bits: int, shape: Sequence[int]) -> None:
         )
 
 
+
+# ---- boolean masks ------------------------------------------------------------
+# A dropout mask is one bit of information per element stored in a byte: eight
+# to a byte is lossless, so backward multiplies by exactly the mask forward drew.
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """A bool tensor, flattened, eight elements to a uint8 (element 8i + j is bit j
+    of byte i); a count that is not a multiple of 8 is padded with False."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_bits packs bool masks; got dtype {mask.dtype}")
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat((flat, flat.new_zeros(pad)))
+    # Shifts of column slices, not a weights tensor: the kernel is traced into the
+    # graph for inductor, where a constant tensor would be a dangling attribute.
+    columns = flat.view(-1, 8)
+    packed = columns[:, 0]
+    for j in range(1, 8):
+        packed = packed | (columns[:, j] << j)
+    return packed
+
+
+def unpack_bits(packed: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """Inverse of pack_bits: the bool mask of `shape` (`dtype` must be torch.bool)."""
+    if dtype != torch.bool:
+        raise ValueError(f"unpack_bits rebuilds bool masks; got dtype {dtype}")
+    numel = math.prod(shape)
+    if packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"packed has {packed.numel()} bytes; a mask of shape {list(shape)} needs {(numel + 7) // 8}")
+    flat = packed.reshape(-1)
+    bits = torch.stack([(flat >> j) & 1 for j in range(8)], dim=-1) != 0
+    return bits.reshape(-1)[:numel].reshape(shape)
+
 # ---- fixed point ------------------------------------------------------------
 
 
@@ -392,6 +426,16 @@ def _fake_from_positive_mask(mask, shape, dtype):
     return mask.new_empty(shape, dtype=dtype)
 
 
+def _fake_pack_bits(mask):
+    return mask.new_empty(((mask.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+def _fake_unpack_bits(packed, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+_register(pack_bits, _fake_pack_bits)
+_register(unpack_bits, _fake_unpack_bits)
 _register(quantize_fixed, _fake_quantize_fixed)
 _register(dequantize_fixed, _fake_dequantize_fixed)
 _register(quantize_rowwise, _fake_quantize_rowwise)

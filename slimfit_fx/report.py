@@ -116,7 +116,7 @@ class Report:
 def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float]) -> list[tuple[str, str]]:
     counts = list(schedule["trained_steps"].values())
     wall = stats.get("wall_seconds") or 0.0
-    share = f"{stats['compile_seconds'] / wall:.1%} of {wall:.1f} s" if wall else "no training yet"
+    share = f"{stats['compile_share']:.1%} of {wall:.1f} s training" if wall else "no training yet"
     return [
         ("schedule", f"ils, {schedule['steps']} optimizer steps, rescheduled every "
                      f"{schedule['reschedule_every']}"),

@@ -118,8 +118,7 @@ class InterLayerSchedule:
                     p.grad = None
                 elif p.grad is not None:
                     self._snapshots[index] = score_sample(p).clone()
-        held = sum(t.numel() * t.element_size() for t in self._snapshots.values())
-        self.snapshot_bytes_peak = max(self.snapshot_bytes_peak, held)
+        self._count_held(self._snapshots)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Score the layers that moved, then (every `reschedule_every` steps) pick
@@ -151,6 +150,13 @@ class InterLayerSchedule:
         self._reference = {self._index[n]: score_sample(self.parameters[n]).clone()
                            for n in self.layers if n not in self.frozen}
         self.forwards_since_reference = 0
+        self._count_held(self._reference)
+
+    def _count_held(self, samples: dict[int, torch.Tensor]) -> None:
+        """Score bookkeeping: the snapshots before an optimizer step, or the
+        reference samples a hand-written loop (or the first step) is scored against."""
+        held = sum(t.numel() * t.element_size() for t in samples.values())
+        self.snapshot_bytes_peak = max(self.snapshot_bytes_peak, held)
 
     def _score(self, before: dict[int, torch.Tensor]) -> None:
         if before:

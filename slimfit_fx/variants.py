@@ -106,6 +106,7 @@ class EngineState:
     last_training_graph: "CapturedGraph | None" = None
     last_step: "StepRecord | None" = None
     first_training_call: float | None = None
+    last_training_call_end: float | None = None
     # filled during one training forward
     record: list[tuple[int, bool]] = field(default_factory=list)
     calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
@@ -121,8 +122,10 @@ class EngineState:
         return self._zeros[key]
 
     def wall_seconds(self) -> float:
-        start = self.first_training_call
-        return 0.0 if start is None else time.perf_counter() - start
+        """Training wall time: from the first training forward (compiling included)
+        to the end of the latest one, so it stops growing when training stops."""
+        start, end = self.first_training_call, self.last_training_call_end
+        return 0.0 if start is None or end is None else end - start
 
     def stash(self, slot: TapSlot, operands: list[Any], args: tuple, packed: dict[int, Any]) -> None:
         """Keep a trainable use's operands for its weight gradient, stored as the
@@ -377,6 +380,7 @@ class CapturedGraph:
                                          stash_counters=dict(state.stash_counters))
         finally:
             state.record, state.calls, state.stash_bytes = [], [], {}
+            state.last_training_call_end = time.perf_counter()
         return outputs
 
 

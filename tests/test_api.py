@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import inspect
+import time
 import weakref
 
 import pytest
@@ -78,6 +80,10 @@ def test_stats_count_regions_and_compile_time():
     assert 1 <= stats["regions_compiled"] <= stats["regions"]
     text = str(cm.slimfit.report())
     assert "1 frozen" in text and "regions" in text
+    # One compile share: compile over the training wall time, which stops when training does.
+    assert 0 < stats["compile_share"] == stats["compile_seconds"] / stats["wall_seconds"] <= 1
+    time.sleep(0.2)
+    assert cm.slimfit.stats["wall_seconds"] == stats["wall_seconds"]
 
 
 def test_removed_per_set_fields_say_why():
@@ -180,6 +186,45 @@ def test_uncapturable_model_says_what_broke():
     cm = slimfit_fx.compile(DataDependent(), schedule="manual", backend="aot_eager")
     with pytest.raises(CaptureError, match=r"DataDependent.forward.*Dynamo said:.*test_api.py"):
         cm(torch.randn(2, 4))
+
+
+class ManyBreaks(nn.Module):
+    """Three graph breaks in one forward, and a buffer the forward updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.norm = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.norm(self.lin(x))
+        scale = y.abs().max().item()  # break 1: a Python number from a tensor
+        if y.sum() > 0:  # break 2: a branch on a tensor value
+            y = y * 2
+        print("step")  # break 3: printing
+        return y / scale + torch.rand_like(y)
+
+
+def test_uncapturable_model_lists_every_break_and_changes_nothing():
+    model = ManyBreaks()
+    model.norm.running_mean.fill_(0.5)
+    cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager")
+    x = torch.randn(2, 4)
+    rng = torch.get_rng_state()
+    with pytest.raises(CaptureError) as caught:
+        cm(x)
+    message = str(caught.value)
+    assert "All 3 graph breaks" in message, message
+    lines = [line for line in message.splitlines() if line.strip()[:2] in ("1.", "2.", "3.")]
+    assert len(lines) == 3 and all("test_api.py:" in line for line in lines), message
+    source = inspect.getsource(ManyBreaks.forward).splitlines()
+    first = inspect.getsourcelines(ManyBreaks.forward)[1]
+    broke_at = sorted(int(line.rsplit(":", 1)[1].rstrip(")")) - first for line in lines)
+    assert ["item()" in source[broke_at[0]], "if y.sum()" in source[broke_at[1]],
+            "print(" in source[broke_at[2]]] == [True] * 3, message
+    # The listing ran the forward again: buffers and the RNG stream are as they were.
+    assert torch.equal(model.norm.running_mean, torch.full((4,), 0.5))
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_pass_effects_are_logged_on_request_and_silent_by_default(caplog):

@@ -1,5 +1,7 @@
-"""benchmarks/gpu.py runs before a GPU ever does: its --smoke mode is the same code
-(one process per contender, the table) on CPU at tiny sizes."""
+"""The benchmark scripts run before anyone relies on their tables: benchmarks/gpu.py
+in its --smoke mode (the same code on CPU at tiny sizes, before a GPU ever runs it)
+and benchmarks/contenders.py on a tiny BERT (one process per contender, total
+peak and its breakdown)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 
 GPU = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+CONTENDERS = GPU.with_name("contenders.py")
 
 
 def _smoke(tmp_path, *extra):
@@ -39,3 +42,20 @@ def test_gpu_benchmark_smoke(tmp_path):
 def test_gpu_benchmark_smoke_every_case_and_contender(tmp_path):
     rows = _rows(_smoke(tmp_path))
     assert len(rows) == 8 and all(not r[1].strip().startswith(("failed", "not run")) for r in rows), rows
+
+
+def test_contenders_total_peak_and_breakdown_on_a_tiny_bert():
+    names = ["eager, full fine-tune", "slimfit default (ILS every step)"]
+    done = subprocess.run([sys.executable, str(CONTENDERS), "--cases", "bert-tiny bs2 seq12", "--no-doc",
+                           "--contenders", *names, "--steps", "1", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tables = done.stdout.split("Where the peak goes")
+    totals, parts = _rows(tables[0]), _rows(tables[1])
+    assert [r[0].strip() for r in totals] == names == [r[0].strip() for r in parts], done.stdout
+    for total, part in zip(totals, parts):
+        numbers = [float(x.replace(",", "")) for x in part[1:]]
+        weights, state, rest, keeps, transients, backward, grads, temporaries, peak = numbers
+        assert peak == float(total[1].replace(",", "")) > 0, done.stdout
+        assert weights + state + rest <= peak + 1, done.stdout  # MiB cells round
+    assert totals[1][7].strip() != "-" and totals[0][7].strip() == "-", done.stdout  # compile s

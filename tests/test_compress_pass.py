@@ -12,7 +12,7 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import zoo
-from slimfit_fx.config import COMPRESSION_PRESETS, CompressionConfig
+from slimfit_fx.config import COMPRESSION_PRESETS, KIND_FIELDS, CompressionConfig
 from slimfit_fx.numerics import gradient_fidelity
 
 from .harness import TOLERANCE, eager_step, packed_count, step
@@ -288,7 +288,7 @@ def test_gpt2_tanh_gelu_is_rebuilt_from_its_input_instead_of_saved(frozen):
 def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
     # softmax stays on so the pass runs; these graphs use fused attention, so it packs nothing
     rebuild_only = CompressionConfig(qkv_bits=None, attention_out_bits=None, gelu_input_bits=None,
-                                     gelu_output_bits=None, layernorm_keep=None)
+                                     gelu_output_bits=None, layernorm_keep=None, mask_packed=False)
     from .harness import assert_matches_eager
 
     case, cm = compile_case("gpt2", rebuild_only)
@@ -352,7 +352,7 @@ def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(na
 def test_rebuilt_dropped_probabilities_match_eager_when_the_softmax_is_kept_whole():
     # attention_out stays on so the pass runs; the math path has no fused `out` to pack
     rebuild_only = CompressionConfig(qkv_bits=None, softmax_bits=None, gelu_input_bits=None,
-                                     gelu_output_bits=None, layernorm_keep=None)
+                                     gelu_output_bits=None, layernorm_keep=None, mask_packed=False)
     cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run("bert", rebuild_only)
     counters = cm.slimfit.last_step.counters
     assert counters["recomputed_attention_dropout"] == 2 and "tensors_compressed" not in counters, counters
@@ -540,3 +540,30 @@ def test_relu_outputs_travel_as_exact_masks():
     counters = cm.slimfit.last_step.counters
     assert counters["compressed_relu_output"] == 2, counters  # one per block
     assert counters["bytes_after_compression"] * 4 == counters["bytes_before_compression"], counters
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_dropout_masks_are_bit_packed_and_change_no_gradient(name, backend):
+    """Every boolean mask saved for backward travels eight to a byte, and the
+    gradients are bit-identical to the same run with masks kept as bytes."""
+    masks_only = dict.fromkeys(KIND_FIELDS)
+    runs = {}
+    for pack in (False, True):
+        case = Case(*DROPOUT_MODELS[name](seed=0, dropout=0.1), hf_loss)
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend=backend,
+                                compression=CompressionConfig(**{**masks_only, "mask_packed": pack}))
+        cm.slimfit.set_frozen(cm.slimfit.layers[: len(cm.slimfit.layers) // 2])
+        runs[pack] = (cm, _seeded(step, cm, case))
+        slimfit_fx.capture.reset_dynamo()
+    (kept, (_, _, kept_grads)), (packed, (_, _, packed_grads)) = runs[False], runs[True]
+    counters = packed.slimfit.last_step.counters
+    saved_masks = [n for n in kept.slimfit.last_step.saved_nodes("forward")
+                   if n.meta["val"].dtype == torch.bool and n.meta["val"].numel() > 1]
+    assert counters["compressed_mask"] >= len(saved_masks) > 0, counters
+    assert not any(n.meta["val"].dtype == torch.bool and n.meta["val"].numel() > 1
+                   for n in packed.slimfit.last_step.saved_nodes("forward"))
+    assert counters["bytes_after_compression"] * 8 <= counters["bytes_before_compression"] + 8 * counters["compressed_mask"]
+    assert packed.slimfit.saved_bytes < kept.slimfit.saved_bytes
+    for param, grad in kept_grads.items():
+        assert (grad is None) == (packed_grads[param] is None), param
+        assert grad is None or torch.equal(grad, packed_grads[param]), param

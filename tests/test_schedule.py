@@ -8,7 +8,7 @@ import torch
 
 import slimfit_fx
 from slimfit_fx.report import Report
-from slimfit_fx.schedule import relative_change
+from slimfit_fx.schedule import relative_change, score_sample
 
 from . import models
 
@@ -290,7 +290,7 @@ def test_schedule_heatmap_and_report(tmp_path):
 
 
 def test_score_bookkeeping_is_a_bounded_sample_of_the_trained_layers():
-    from slimfit_fx.schedule import SCORE_SAMPLE, score_sample
+    from slimfit_fx.schedule import SCORE_SAMPLE
 
     big = torch.randn(1000, 300)
     sample = score_sample(big)
@@ -400,11 +400,16 @@ def test_slimfit_step_drives_ils_from_a_hand_written_loop():
             else:
                 optimizer.step()
                 optimizer.zero_grad()
-        runs.append((list(cm.slimfit.schedule.history), cm.slimfit.schedule.scores.clone()))
+        schedule = cm.slimfit.schedule
+        sample_bytes = sum(score_sample(p).nbytes for n, p in cm.named_parameters()
+                           if n in cm.slimfit.layers and n not in cm.slimfit.frozen)
+        runs.append((list(schedule.history), schedule.scores.clone(), schedule.snapshot_bytes_peak, sample_bytes))
         slimfit_fx.capture.reset_dynamo()
-    (manual_history, manual_scores), (optim_history, optim_scores) = runs
+    (manual_history, manual_scores, manual_peak, held), (optim_history, optim_scores, _, _) = runs
     assert len(set(manual_history)) > 1 and manual_history == optim_history
     torch.testing.assert_close(manual_scores, optim_scores)
+    # The reference samples a hand loop is scored against count as score bookkeeping.
+    assert manual_peak >= held > 0
 
 
 @pytest.mark.parametrize("count", [20, 200])

@@ -450,7 +450,13 @@ def _trainable_layernorm_input(site: Site) -> bool:
     return site.placeholder is not None and _layernorm_input_weight(site.placeholder) in site.trainable
 
 
+def _is_bool_mask(site: Site) -> bool:
+    val = site.node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.dtype == torch.bool
+
+
 MATCHERS: dict[str, Callable[[Site], bool]] = {
+    "mask": _is_bool_mask,
     "layernorm": _frozen_layernorm,
     "layernorm_input": _frozen_layernorm_input,
     "rmsnorm_input": _frozen_rmsnorm_input,

@@ -25,7 +25,8 @@ class Kind:
 
     field: the CompressionConfig field that sets it, "<name>_bits" (4, 8 or None),
         "<name>_keep" (share of each row kept by top-k pruning, or None) or
-        "<name>_mask" (True stores only where the tensor is positive; False or None).
+        "<name>_mask" (True stores only where the tensor is positive; False or None) or
+        "<name>_packed" (True stores a bool tensor eight elements to a byte; False or None).
         Several kinds may share a field.
     paper: the field's value in the "paper" preset, which is its default.
     fixed: under scale="fixed", the power-of-two format per width; a kind with
@@ -46,6 +47,10 @@ class Kind:
 # In precedence order: a saved tensor matching several kinds is stored as the
 # first one its config compresses.
 KINDS: tuple[Kind, ...] = (
+    Kind("mask", "mask_packed", True,
+         "A boolean mask saved for backward (dropout's; a ReLU's sign where inductor saves "
+         "it) holds one bit per element in a byte: eight to a byte is lossless, so backward "
+         "multiplies by exactly the mask forward drew. Not in the paper."),
     Kind("layernorm", "layernorm_keep", 0.1,
          "A frozen LayerNorm's input gradient reads x_hat only in the term "
          "x_hat * mean(g * w * x_hat); the largest 10% of |x_hat| carry most of that "
@@ -141,6 +146,9 @@ def format_for(config, kind: str, val: torch.Tensor | None = None) -> Format | N
     setting = getattr(config, entry.field)
     if setting is None:
         return None
+    if entry.field.endswith("_packed"):
+        return Format(torch.ops.slimfit.pack_bits.default, (), torch.ops.slimfit.unpack_bits.default, (),
+                      "1 bit per element (exact)", entry.stored_as) if setting else None
     if entry.field.endswith("_mask"):
         return Format(torch.ops.slimfit.positive_mask.default, (), torch.ops.slimfit.from_positive_mask.default,
                       (), "bool mask x > 0 (exact)", entry.stored_as) if setting else None

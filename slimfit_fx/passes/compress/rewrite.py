@@ -67,7 +67,7 @@ def _skip_reason(node: fx.Node, user_outputs: set[str], resident: set[str] | Non
         return "primal"
     if _view_root(node).name in user_outputs:
         return "also_returned"
-    if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+    if not isinstance(val, torch.Tensor) or not (val.dtype.is_floating_point or val.dtype == torch.bool):
         return "not_float"
     if not all(isinstance(d, int) for d in val.shape):
         return "dynamic_shape"
