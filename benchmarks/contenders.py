@@ -28,7 +28,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doc import write_section
+from processes import run_child
 
 MIB = 2**20
 CASES: dict[str, tuple[str, dict]] = {
@@ -229,11 +229,6 @@ def breakdown(rows: dict[str, dict | str]) -> str:
     return "\n".join(lines)
 
 
-def _failure(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    return "failed: " + (lines[-1][:160].replace("|", "/") if lines else "no output")
-
-
 def main() -> None:
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed tensors leave the RSS at once
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TORCHINDUCTOR_FX_GRAPH_CACHE="0",
@@ -253,13 +248,8 @@ def main() -> None:
     for case in args.cases:
         rows: dict[str, dict | str] = {}
         for name in args.contenders:
-            done = subprocess.run([sys.executable, __file__, "--child", case, name, "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup)], capture_output=True, text=True)
-            if done.returncode == 0:
-                rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            else:
-                sys.stderr.write(done.stderr[-4000:])
-                rows[name] = _failure(done.stderr)
+            rows[name] = run_child([sys.executable, __file__, "--child", case, name, "--steps", str(args.steps),
+                                    "--warmup", str(args.warmup)])
             print(f"{case} | {name}: {rows[name]}", flush=True)
         print(table(case, rows), flush=True)
         if not args.no_doc:  # one section per case, written as soon as it is measured

@@ -27,11 +27,12 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+from processes import run_child
 
 CASES: dict[str, tuple[str, dict]] = {
     "bert-base bs32 seq128": ("bert-base", dict(batch=32, seq=128)),
@@ -144,14 +145,6 @@ def table(case: str, rows: dict[str, dict | str], smoke: bool) -> str:
     return "\n".join(lines)
 
 
-def _failure(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else "no output"
-    if "OutOfMemoryError" in last or "out of memory" in last.lower():
-        return "out of memory"
-    return "failed: " + last[:160].replace("|", "/")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on CPU (what the tests run)")
@@ -192,16 +185,7 @@ def main() -> None:
                 continue
             command = [sys.executable, __file__, "--child", case, contender,
                        "--steps", str(steps), "--warmup", str(warmup), *(["--smoke"] if args.smoke else [])]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=left)
-            except subprocess.TimeoutExpired:
-                rows[contender] = "stopped: time budget spent"
-                continue
-            if done.returncode == 0:
-                rows[contender] = json.loads(done.stdout.strip().splitlines()[-1])
-            else:
-                sys.stderr.write(done.stderr[-4000:])
-                rows[contender] = _failure(done.stderr)
+            rows[contender] = run_child(command, timeout=left)
             print(f"{case} | {contender}: {rows[contender]}", flush=True)
         sections.append(table(case, rows, args.smoke))
         print(sections[-1], flush=True)
