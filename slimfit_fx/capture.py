@@ -11,7 +11,6 @@ import copy
 import inspect
 import types
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,20 +283,18 @@ def _isolated_compile(model: torch.nn.Module, **options: Any) -> Callable[..., A
                              f.__closure__)
     own.__kwdefaults__, own.__qualname__ = f.__kwdefaults__, f.__qualname__
     own.__dict__.update(f.__dict__)
-    model_ref = weakref.ref(model)  # the compiled callable must not keep the model alive
     missing = object()
 
     def run(*args: Any, **kwargs: Any) -> Any:
-        live = model_ref()
-        previous = live.__dict__.get("forward", missing)
-        live.__dict__["forward"] = types.MethodType(own, live)
+        previous = model.__dict__.get("forward", missing)
+        model.__dict__["forward"] = types.MethodType(own, model)
         try:
             return compiled(*args, **kwargs)
         finally:
             if previous is missing:
-                live.__dict__.pop("forward", None)
+                model.__dict__.pop("forward", None)
             else:
-                live.__dict__["forward"] = previous
+                model.__dict__["forward"] = previous
 
     return run
 
