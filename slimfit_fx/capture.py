@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,12 +78,11 @@ def list_graph_breaks(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[
 
     start = len(output_graph.graph_break_reasons)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    isolate = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), capture_settings(), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the pieces run eagerly; their warnings are not the user's
-            torch.compile(model, backend=lambda gm, _: gm.forward, **isolate)(*args, **kwargs)
+            _isolated_compile(model, backend=lambda gm, _: gm.forward)(*args, **kwargs)
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
@@ -258,19 +258,56 @@ def capture_settings():
 _COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
-def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
-    model alone.
+def _isolated_compile(model: torch.nn.Module, **options: Any) -> Callable[..., Any]:
+    """torch.compile(model, **options) whose dynamo cache entries count against
+    recompile_limit for this model alone.
 
     Dynamo keeps compiled frames on the code object it compiled (the model
-    class's forward, shared by every instance), and each slimfit model brings
-    its own backend: without isolate_recompiles (torch >= 2.13) every model adds
-    an entry guarded on its backend, so the 9th model of a class in a process
-    hits recompile_limit. torch versions without the option keep that limit
-    (raise torch._dynamo.config.recompile_limit for long sweeps there).
+    class's forward, shared by every instance), and each compile here brings its
+    own backend, so every model adds an entry guarded on its backend and the 9th
+    model of a class in a process would hit recompile_limit. torch >= 2.13 has
+    torch.compile(isolate_recompiles=True) for this. Where torch lacks it (2.11),
+    the model's forward is copied with a code object of its own, and the copy is
+    the model's `forward` while the compiled model runs (only then): dynamo's
+    cache for it lives on that code object, holds this model's entries only, and
+    goes with the compiled callable. Hooks still run eagerly around the forward
+    (FSDP2's root hooks need that), and the forward is traced as before (`self`).
+    A forward that is not a plain function bound to the model is compiled as is
+    (shared entries, recompile_limit across models of the class).
     """
-    isolate = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
-    return torch.compile(model, backend=backend, fullgraph=True, **isolate)
+    if _COMPILE_ISOLATES:
+        return torch.compile(model, isolate_recompiles=True, **options)
+    compiled = torch.compile(model, **options)
+    bound = model.forward
+    if not (isinstance(bound, types.MethodType) and bound.__self__ is model
+            and isinstance(bound.__func__, types.FunctionType)):
+        return compiled
+    f = bound.__func__
+    # a new code object (equal to the old one), so a new dynamo cache
+    own = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__,
+                             f.__closure__)
+    own.__kwdefaults__, own.__qualname__ = f.__kwdefaults__, f.__qualname__
+    own.__dict__.update(f.__dict__)
+    missing = object()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        previous = model.__dict__.get("forward", missing)
+        model.__dict__["forward"] = types.MethodType(own, model)
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            if previous is missing:
+                model.__dict__.pop("forward", None)
+            else:
+                model.__dict__["forward"] = previous
+
+    return run
+
+
+def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Callable[..., Any]:
+    """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
+    model alone (see _isolated_compile)."""
+    return _isolated_compile(model, backend=backend, fullgraph=True)
 
 
 def current_tracing_context() -> Any:
