@@ -251,7 +251,7 @@ def main() -> None:
             rows[name] = run_child([sys.executable, __file__, "--child", case, name, "--steps", str(args.steps),
                                     "--warmup", str(args.warmup)])
             print(f"{case} | {name}: {rows[name]}", flush=True)
-        print(table(case, rows), flush=True)
+        print(table(case, rows) + "\n\nWhere the peak goes (MiB):\n\n" + breakdown(rows), flush=True)
         if not args.no_doc:  # one section per case, written as soon as it is measured
             write_section(f"contenders-{case.replace(' ', '-')}", f"Total memory per contender: {case}",
                           section(case, rows, args.steps, args.warmup))

@@ -92,7 +92,9 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     # being bf16. GPT-2 returns k and v to the user, so only q is packed there.
     assert counters.get("compressed_qkv") == (2 if name == "gpt2" else 6), counters
     assert counters.get("compressed_gelu_input") == 2, counters
-    assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"]
+    # skipped_unmatched_<op> counts activations no pattern knows, whatever their dtype
+    assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"
+                and not k.startswith("skipped_unmatched_")], counters
 
     packed = [n for n in variant.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
     assert len(packed) >= counters["tensors_compressed"]
@@ -136,7 +138,9 @@ def test_extended_compression_packs_trainable_inputs_under_autocast(name):
     variant = cm.slimfit.last_step
     counters = variant.counters
     assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
-    assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"]
+    # skipped_unmatched_<op> counts activations no pattern knows, whatever their dtype
+    assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"
+                and not k.startswith("skipped_unmatched_")], counters
     for node in variant.graph_nodes("backward"):
         if node.target == torch.ops.slimfit.dequantize_rowwise.default:
             assert node.meta["val"].dtype == node.args[-1] in (torch.bfloat16, torch.float32)
@@ -185,7 +189,7 @@ def test_inductor_packs_bf16_gelu_inputs_and_nothing_else():
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
     counters = cm.slimfit.last_step.counters
     assert counters.get("compressed_qkv") == 6 and counters.get("compressed_gelu_input") == 2, counters
-    assert not [k for k in counters if k.startswith("skipped_")], counters
+    assert not [k for k in counters if k.startswith("skipped_") and not k.startswith("skipped_unmatched_")], counters
     # inductor computes bf16 elementwise math in fp32 and rounds once per kernel,
     # so even the forward differs from eager by bf16 rounding (2^-8 relative)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
