@@ -29,6 +29,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from . import ops
+from .memory import buffers_restored
 
 if not hasattr(functorch_config, "joint_custom_pass"):
     raise ImportError(
@@ -77,16 +78,10 @@ def list_graph_breaks(model: torch.nn.Module, args: Sequence[Any], kwargs: dict[
     from torch._dynamo import output_graph
 
     start = len(output_graph.graph_break_reasons)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), capture_settings(), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the pieces run eagerly; their warnings are not the user's
-            _isolated_compile(model, backend=lambda gm, _: gm.forward)(*args, **kwargs)
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+    with buffers_restored(model), torch.random.fork_rng(devices=[]), torch.no_grad(), capture_settings(), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pieces run eagerly; their warnings are not the user's
+        _isolated_compile(model, backend=lambda gm, _: gm.forward)(*args, **kwargs)
     breaks: list[str] = []
     for reason in output_graph.graph_break_reasons[start:]:
         text = " ".join(reason.reason.strip().splitlines()[0].split())

@@ -61,17 +61,23 @@ def eager_saved_bytes(model: torch.nn.Module, *args: Any,
     """Bytes one eager forward of `model` saves for backward, with the parameters
     named in `frozen` set to requires_grad=False for the call. The model comes back
     as it was: requires_grad flags and buffers (e.g. BatchNorm statistics) restored."""
+    with buffers_restored(model), eager_frozen(model, frozen), torch.enable_grad():
+        _, saved = run_counting_saved_bytes(
+            model, *args, resident=(*model.parameters(), *model.buffers(), *kwargs.values()), **kwargs)
+    return saved
+
+
+@contextlib.contextmanager
+def buffers_restored(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` whose buffers (e.g. BatchNorm statistics) are put back as they were
+    on exit, for a forward run only to measure or inspect it."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        with eager_frozen(model, frozen), torch.enable_grad():
-            _, saved = run_counting_saved_bytes(
-                model, *args, resident=(*model.parameters(), *model.buffers(), *kwargs.values()),
-                **kwargs)
+        yield model
     finally:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-    return saved
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
