@@ -81,6 +81,15 @@ def gemma():
     return GemmaForCausalLM(config), {"input_ids": _ids(), "labels": _ids()}
 
 
+def nemotron():
+    from transformers import NemotronConfig, NemotronForCausalLM
+
+    # ReLU^2 FFN (hidden_act "relu2"), LayerNorm with 1 + w, grouped-query attention
+    config = NemotronConfig(vocab_size=64, num_key_value_heads=1, max_position_embeddings=64, use_cache=False,
+                            **SMALL)
+    return NemotronForCausalLM(config), {"input_ids": _ids(), "labels": _ids()}
+
+
 def t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -119,24 +128,36 @@ def resnet():
 FAMILIES = {
     "bert": bert, "distilbert": distilbert, "vit": vit, "swin": swin, "clip-vision": clip_vision,
     "gpt2": gpt2, "opt": zoo.opt_tiny, "llama": zoo.llama_tiny, "qwen2": zoo.qwen2_tiny, "mistral": zoo.mistral_tiny,
-    "gemma": gemma, "t5": t5, "bart": bart, "whisper": whisper, "resnet": resnet,
+    "gemma": gemma, "nemotron": nemotron, "t5": t5, "bart": bart, "whisper": whisper, "resnet": resnet,
 }
 
 
-NOTES = """What "paper" leaves whole, by counter: `kept_whole_*_outside_blocks`: norms
+NOTES = """"freeze only" is slimfit with compression off: what a region saves and
+what it stashes for the trainable layers' weight gradients, each storage counted
+once, as eager counts. Below 1.00x where backward reads a tensor for its shape
+only (a frozen conv's input, max pooling's input: zeros stand in, see
+`drop_shape_only_saves`) or the regions save less than eager's autograd; above
+where regions hand RoPE tables or masks to each other.
+
+"of which trainable inputs": what the trainable half's weight gradients read,
+stashed at run time. "paper" keeps them whole, as the paper does, but for the
+FFN output dense's input (int8) and a gated FFN's down projection input;
+"extended" packs them all (int8, per-row scale). They alone weigh 0.2-0.5x of
+eager at half the layers frozen, so "paper" cannot reach 0.5x where they weigh
+more than about 0.35x: everything the frozen half and the static activations
+hold would have to fit in the rest.
+
+What "paper" leaves whole, by counter: `kept_whole_*_outside_blocks`: norms
 outside the repeated blocks (norm_guard); `skipped_unmatched_<op>`: activations no
 pattern knows, by the op that made them: `getitem` (LayerNorm mean/rstd, fused
-attention's logsumexp: one float per row), `rsqrt` (RMSNorm's per-row scale),
-`where` (additive attention masks), `_log_softmax` (the loss over the vocabulary),
-`add` (a post-LN block's or a residual's sum read by a whole-kept norm), `input`
-(activations handed between regions: RoPE tables, masks); `skipped_*_also_returned`:
-tensors also handed to the next region or the user. Not in these counters: the
-inputs the trainable half's weight gradients read (stashed at run time; "paper"
-keeps them whole but for the FFN output dense's input, "extended" packs them all),
-which is why "paper" stays above 0.5x at half the layers frozen on most families.
-At these tiny sizes per-row statistics and masks weigh far more than at real ones.
-ResNet: no pattern for BatchNorm's saved input yet, and its ReLU outputs are the
-tensors handed between regions, so nothing is packed there.
+attention's logsumexp, BatchNorm's statistics, pooling indices: per row or per
+channel), `rsqrt` (RMSNorm's per-row scale), `where` (additive attention masks),
+`_log_softmax` (the loss over the vocabulary), `add` (a post-LN block's or a
+residual's sum read by a whole-kept norm), `cat` (partially rotated Q/K),
+`input` (activations handed between regions: RoPE tables, masks);
+`skipped_*_also_returned`: tensors also handed to the next region or the user.
+At these tiny sizes per-row statistics, masks and the vocabulary's log-softmax
+weigh far more than at real ones.
 """
 
 
@@ -170,6 +191,7 @@ def measure(name: str, backend: str) -> dict:
         grads = grads_of(cm, batch)
         row[compression] = (cm.slimfit.saved_bytes, compare(grads, reference))
         if compression == "paper":
+            row["stash"] = cm.slimfit.last_step.stash_bytes
             counters = cm.slimfit.last_step.counters
             row["packed"] = {k.removeprefix("compressed_"): v for k, v in counters.items()
                              if k.startswith("compressed_")}
@@ -186,9 +208,9 @@ def main() -> None:
     names = [n for n in args.only.split(",") if n] or list(FAMILIES)
     lines = [f"Tiny random-init configs, first half of the layers frozen, one step, backend {args.backend}; "
              f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "",
-             "| family | layers | eager saved KiB | freeze only | paper | extended | cosine paper "
-             "| cosine extended | packed by \"paper\" | left whole by \"paper\" |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| family | layers | eager saved KiB | freeze only | paper | of which trainable inputs | extended "
+             "| cosine paper | cosine extended | packed by \"paper\" | left whole by \"paper\" |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name in names:
         try:
             r = measure(name, args.backend)
@@ -200,7 +222,8 @@ def main() -> None:
         packed = ", ".join(f"{k} {v}" for k, v in sorted(r["packed"].items())) or "-"
         left = ", ".join(f"{k} {v}" for k, v in sorted(r["left"].items())) or "-"
         lines.append(f"| {name} | {r['layers']} | {r['eager'] / 1024:.1f} | {ratio['off']:.2f}x | "
-                     f"{ratio['paper']:.2f}x | {ratio['extended']:.2f}x | {r['paper'][1]:.5f} | "
+                     f"{ratio['paper']:.2f}x | {r['stash'] / r['eager']:.2f}x | {ratio['extended']:.2f}x | "
+                     f"{r['paper'][1]:.5f} | "
                      f"{r['extended'][1]:.5f} | {packed} | {left} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)

@@ -16,16 +16,18 @@ import torch
 
 def run_counting_saved_bytes(
     fn: Callable[..., Any], *args: Any, resident: tuple[torch.Tensor, ...] = (),
-    record: list[tuple[int, bool]] | None = None, **kwargs: Any
+    record: list[tuple[int, bool]] | None = None, held: dict[int, int] | None = None, **kwargs: Any
 ) -> tuple[Any, int]:
     """Run `fn(*args, **kwargs)`; return its result and the bytes saved for backward.
 
     Counts each distinct storage autograd packs once, except storages of tensor
     `args` and `resident` (parameters, model inputs): those are held anyway.
-    `record`, if given, receives (storage bytes, is resident) per packed tensor.
+    `record`, if given, receives (storage bytes, is resident) per packed tensor;
+    `held`, if given, receives {storage data_ptr: bytes} of what was counted, so
+    a caller holding more tensors can count the union without counting one twice.
     """
     skip = {x.untyped_storage().data_ptr() for x in (*args, *resident) if isinstance(x, torch.Tensor)}
-    held: dict[int, int] = {}
+    held = {} if held is None else held
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()

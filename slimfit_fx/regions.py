@@ -24,6 +24,13 @@ _WEIGHT_ONLY_METHODS = {"t", "to", "view", "reshape", "transpose", "permute", "u
                         "expand", "__getitem__"}
 _WEIGHT_ONLY_FUNCTIONS = {torch.t, torch.transpose, torch.reshape, torch.permute, torch.flatten,
                           torch.unsqueeze, torch.squeeze, operator.getitem}
+# Arithmetic that is weight-only when its other operands are numbers: a norm that
+# scales by 1 + w (Gemma, Nemotron) uses w where it meets the activations, so its
+# weight gradient is formed outside the region like any other norm's.
+_SCALAR_ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__",
+                              "__mul__", "__rmul__", "__truediv__"}
+_SCALAR_ARITHMETIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+                                torch.sub, torch.mul, torch.div}
 
 
 def block_prefixes(model: nn.Module) -> tuple[str, ...]:
@@ -139,9 +146,11 @@ class WeightTap:
 
 
 def _is_weight_only(node: fx.Node) -> bool:
+    """An op on the weight alone (views, casts, arithmetic with numbers); callers
+    check it reads no other tensor."""
     if node.op == "call_method":
-        return node.target in _WEIGHT_ONLY_METHODS
-    return node.op == "call_function" and node.target in _WEIGHT_ONLY_FUNCTIONS
+        return node.target in _WEIGHT_ONLY_METHODS | _SCALAR_ARITHMETIC_METHODS
+    return node.op == "call_function" and node.target in _WEIGHT_ONLY_FUNCTIONS | _SCALAR_ARITHMETIC_FUNCTIONS
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:

@@ -67,6 +67,22 @@ LAYER_NORM_BACKWARD_RSTD = argument_position(LAYER_NORM_BACKWARD, "rstd")
 LAYER_NORM_BACKWARD_WEIGHT = argument_position(LAYER_NORM_BACKWARD, "weight")
 # native_layer_norm returns (output, mean, rstd)
 LAYER_NORM_MEAN_OUTPUT, LAYER_NORM_RSTD_OUTPUT = 1, 2
+# convolution_backward(grad_output, input, weight, ..., output_mask): with
+# output_mask[1] False (no weight gradient) it reads `input` for its shape only
+CONVOLUTION_BACKWARD = aten.convolution_backward.default
+CONVOLUTION_BACKWARD_GRAD = argument_position(CONVOLUTION_BACKWARD, "grad_output")
+CONVOLUTION_BACKWARD_INPUT = argument_position(CONVOLUTION_BACKWARD, "input")
+CONVOLUTION_BACKWARD_WEIGHT = argument_position(CONVOLUTION_BACKWARD, "weight")
+CONVOLUTION_BACKWARD_MASK = argument_position(CONVOLUTION_BACKWARD, "output_mask")
+# max_pool2d_with_indices_backward(grad_output, self, ..., indices) reads `self`
+# for its shape only: the indices say where each gradient goes
+MAX_POOL2D_BACKWARD = aten.max_pool2d_with_indices_backward.default
+MAX_POOL2D_BACKWARD_SELF = argument_position(MAX_POOL2D_BACKWARD, "self")
+# native_batch_norm_backward(grad_out, input, weight, running_mean, running_var,
+# save_mean, save_invstd, train, eps, output_mask)
+BATCH_NORM_BACKWARD = aten.native_batch_norm_backward.default
+BATCH_NORM_BACKWARD_INPUT = argument_position(BATCH_NORM_BACKWARD, "input")
+BATCH_NORM_BACKWARD_WEIGHT = argument_position(BATCH_NORM_BACKWARD, "weight")
 # native_dropout(input, p, train) returns (output, mask)
 DROPOUT_P = argument_position(aten.native_dropout.default, "p")
 DROPOUT_MASK_OUTPUT = 1

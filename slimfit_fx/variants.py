@@ -132,11 +132,13 @@ class EngineState:
         compression config says (the FFN output dense's input, GELU output, in
         the paper's int8; every trainable layer's input per-row under weight_input)."""
         kind, fmt = _stash_format(self.compression, slot.tap)
-        resident = {id(a) for a in args if isinstance(a, torch.nn.Parameter)}
+        # parameters are held anyway: by storage, since an operand may be another
+        # view of one (a detached weight)
+        resident = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.nn.Parameter)}
         kept = []
         for operand in operands:
             if fmt is not None and isinstance(operand, torch.Tensor) and operand.is_floating_point() \
-                    and operand.dim() >= 2 and id(operand) not in resident:
+                    and operand.dim() >= 2 and operand.untyped_storage().data_ptr() not in resident:
                 if id(operand) not in packed:
                     packed[id(operand)] = (fmt[0](operand), operand.shape, operand.dtype)
                     self.stash_counters[f"compressed_{kind}"] += 1
@@ -145,7 +147,7 @@ class EngineState:
                 kept.append(operand)
         for item in kept:
             for t in (item[0] if isinstance(item, tuple) else (item,)):
-                if isinstance(t, torch.Tensor) and id(t) not in resident:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in resident:
                     storage = t.untyped_storage()
                     self.stash_bytes[storage.data_ptr()] = storage.nbytes()
         slot.operands = kept
@@ -373,10 +375,15 @@ class CapturedGraph:
         state.record, state.calls, state.stash_bytes, state.stash_counters = [], [], {}, Counter()
         frozen = state.frozen
         try:
-            outputs, saved = run_counting_saved_bytes(self.fn, *args, record=state.record)
+            held: dict[int, int] = {}
+            outputs, _ = run_counting_saved_bytes(self.fn, *args, record=state.record, held=held)
             state.last_training_graph = self
-            state.last_step = StepRecord(frozen=frozen, saved_bytes=saved + sum(state.stash_bytes.values()),
-                                         stash_bytes=sum(state.stash_bytes.values()), calls=state.calls,
+            # a stashed operand may be a tensor a region also saved, or one of this
+            # call's inputs (held anyway, as run_counting_saved_bytes counts them): each storage once
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            stash_only = {ptr: n for ptr, n in state.stash_bytes.items() if ptr not in held and ptr not in inputs}
+            state.last_step = StepRecord(frozen=frozen, saved_bytes=sum(held.values()) + sum(stash_only.values()),
+                                         stash_bytes=sum(stash_only.values()), calls=state.calls,
                                          stash_counters=dict(state.stash_counters))
         finally:
             state.record, state.calls, state.stash_bytes = [], [], {}

@@ -87,6 +87,21 @@ class ConvNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class ConvPoolNet(nn.Module):
+    """A ResNet stem and block in miniature: conv, BatchNorm, ReLU, max pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        )
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
 
@@ -102,6 +117,18 @@ class GatedMLP(nn.Module):
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)  # CLIP's activation
+
+
+class LayerNorm1P(nn.LayerNorm):
+    """Nemotron's LayerNorm: scales by 1 + weight (weight initialised at zero)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.square(nn.functional.relu(x))  # transformers' "relu2"
 
 
 class ActivationMLP(nn.Module):
@@ -128,6 +155,11 @@ def mlp(seed: int = 0, batch: int = 4) -> Case:
 def convnet(seed: int = 0, batch: int = 4) -> Case:
     torch.manual_seed(seed)
     return _classifier_case(ConvNet(), seed, (batch, 3, 8, 8))
+
+
+def convpool(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(ConvPoolNet(), seed, (batch, 3, 16, 16))
 
 
 class PreNormBlock(nn.Module):
@@ -182,6 +214,17 @@ def quick_gelu_mlp(seed: int = 0, batch: int = 4) -> Case:
     return _classifier_case(ActivationMLP(QuickGELU()), seed, (batch, 16))
 
 
+def relu2_mlp(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(ActivationMLP(ReLUSquared()), seed, (batch, 16))
+
+
+def layernorm1p_mlp(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    model = ActivationMLP(nn.Sequential(LayerNorm1P(32), nn.GELU()))
+    return _classifier_case(model, seed, (batch, 16))
+
+
 FACTORIES: dict[str, Callable[..., Case]] = {
     "bert": bert, "vit": vit, "gpt2": gpt2, "mlp": mlp, "convnet": convnet,
 }
@@ -190,5 +233,6 @@ FACTORIES: dict[str, Callable[..., Case]] = {
 PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "llama": llama, "llama_eager_attention": llama_eager_attention, "qwen2": qwen2, "mistral": mistral,
     "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "opt": opt, "quick_gelu_mlp": quick_gelu_mlp,
-    "final_norm_regression": final_norm_regression,
+    "final_norm_regression": final_norm_regression, "convpool": convpool,
+    "relu2_mlp": relu2_mlp, "layernorm1p_mlp": layernorm1p_mlp,
 }

@@ -34,6 +34,20 @@ def test_layer_norm_and_dropout_positions_exist():
     assert len(aten.native_dropout.default._schema.returns) == 2  # (output, mask)
 
 
+def test_conv_pool_and_batch_norm_backward_positions_exist():
+    for fact in ("CONVOLUTION_BACKWARD_GRAD", "CONVOLUTION_BACKWARD_INPUT", "CONVOLUTION_BACKWARD_WEIGHT",
+                 "CONVOLUTION_BACKWARD_MASK", "MAX_POOL2D_BACKWARD_SELF", "BATCH_NORM_BACKWARD_INPUT",
+                 "BATCH_NORM_BACKWARD_WEIGHT"):
+        assert getattr(torch_ir, fact) is not None, f"torch_ir.{fact}: argument renamed"
+    # inductor's BatchNorm: var_mean over every dim but the channels, (var, mean)
+    graph = make_fx(lambda x: nn.functional.batch_norm(x, None, None, training=True),
+                    decomposition_table=capture.inductor_decompositions())(torch.randn(2, 3, 4, 4)).graph
+    stats = [n for n in graph.nodes if n.target == aten.var_mean.correction]
+    assert stats and sorted(stats[0].args[1]) == [0, 2, 3], [str(n.target) for n in graph.nodes]
+    means = [u for u in stats[0].users if u.args[1] == 1]
+    assert any(v.target == aten.sub.Tensor for m in means for v in m.users), "x - mean no longer there"
+
+
 def test_inductors_softmax_decomposition_is_the_one_matched():
     graph = make_fx(lambda x: torch.softmax(x, -1),
                     decomposition_table=capture.inductor_decompositions())(torch.randn(2, 3)).graph

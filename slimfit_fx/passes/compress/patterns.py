@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
-from ...torch_ir import (ATTENTION_BACKWARD, DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
+from ...torch_ir import (ATTENTION_BACKWARD, BATCH_NORM_BACKWARD, BATCH_NORM_BACKWARD_INPUT,
+                         DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
                          DECOMPOSED_SOFTMAX_LAST, LAYER_NORM_BACKWARD, LAYER_NORM_BACKWARD_INPUT,
                          LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES)
 from .registry import KINDS
@@ -51,7 +52,7 @@ def _reads_out(user: fx.Node, names: set[str]) -> bool:
 
 _VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
           aten.permute.default, aten.transpose.int, aten.t.default, aten.detach.default,
-          aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default}
+          aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.expand.default}
 
 
 def _view_root(node: fx.Node) -> fx.Node:
@@ -204,31 +205,42 @@ def _is_rsqrt(node) -> bool:
     return isinstance(node, fx.Node) and node.target == aten.rsqrt.default
 
 
-def _layernorm_xhat_weight(node: fx.Node) -> str | None:
+def _weight_names(node, forward: fx.Graph | None = None) -> frozenset[str]:
+    """The graph inputs a norm's weight argument is made of: itself, or w plus
+    constants and the tap's probe through casts (Nemotron's and Gemma's norms
+    scale by 1 + w). A backward input is looked up as the forward node saved
+    under its name (`forward`: the forward graph)."""
+    if not isinstance(node, fx.Node):
+        return frozenset()
+    if node.op == "placeholder" and forward is not None and node.graph is not forward:
+        node = next((n for n in forward.nodes if n.name == node.name), None)
+        if node is None:
+            return frozenset()
+    scale = _pointwise_ancestors(node, hops=4, through=_SAME_VALUES | {aten.add.Tensor})
+    return frozenset(p.name for p in scale if p.op == "placeholder")
+
+
+def _layernorm_xhat_weight(node: fx.Node) -> frozenset[str]:
     """For x_hat = (x - mean) * rsqrt(var + eps) of a decomposed LayerNorm, the
-    name of the graph input its `mul` user scales it by (the LayerNorm's weight)."""
+    names of the graph inputs its `mul` user scales it by (the LayerNorm's weight)."""
     if node.target != aten.mul.Tensor or not any(_is_rsqrt(a) for a in node.args):
-        return None
+        return frozenset()
     centred = next(a for a in node.args if not _is_rsqrt(a))
     if not (isinstance(centred, fx.Node) and centred.target == aten.sub.Tensor):
-        return None
-    for user in node.users:
-        if user.target == aten.mul.Tensor:
-            for a in user.args:
-                if a is not node and isinstance(a, fx.Node) and a.op == "placeholder":
-                    return a.name
-    return None
+        return frozenset()
+    return frozenset().union(*(_weight_names(a) for user in node.users if user.target == aten.mul.Tensor
+                               for a in user.args if a is not node))
 
 
-def _layernorm_input_weight(placeholder: fx.Node) -> str | None:
+def _layernorm_input_weight(placeholder: fx.Node, forward: fx.Graph) -> frozenset[str]:
     """Backward reads this saved tensor only as the input of one
-    native_layer_norm_backward (undecomposed graphs: aot_eager): its weight's name."""
+    native_layer_norm_backward (undecomposed graphs: aot_eager): the names its
+    weight is made of."""
     users = list(placeholder.users)
     if len(users) == 1 and users[0].target == LAYER_NORM_BACKWARD \
-            and users[0].args[LAYER_NORM_BACKWARD_INPUT] is placeholder \
-            and isinstance(users[0].args[LAYER_NORM_BACKWARD_WEIGHT], fx.Node):
-        return users[0].args[LAYER_NORM_BACKWARD_WEIGHT].name
-    return None
+            and users[0].args[LAYER_NORM_BACKWARD_INPUT] is placeholder:
+        return _weight_names(users[0].args[LAYER_NORM_BACKWARD_WEIGHT], forward)
+    return frozenset()
 
 
 _WEIGHT_GRAD_MATMULS = {aten.mm.default, aten.bmm.default}
@@ -395,7 +407,7 @@ def norm_has_bypass(site: Site) -> bool:
     path around it (pre-LN blocks), so the gradient of what comes before does not
     pass through the norm alone."""
     x = site.node
-    if _layernorm_xhat_weight(x) is not None:  # x_hat = (x - mean) * rstd
+    if _layernorm_xhat_weight(x):  # x_hat = (x - mean) * rstd
         x = next(a for a in x.args if not _is_rsqrt(a)).args[0]
     return any(u.target == aten.add.Tensor for n in _through_copies_down(x) for u in n.users)
 
@@ -403,11 +415,12 @@ def norm_has_bypass(site: Site) -> bool:
 # ---- the matchers, one per kind in registry.KINDS --------------------------------
 
 def _frozen_layernorm(site: Site) -> bool:
-    return _layernorm_xhat_weight(site.node) in site.frozen
+    return bool(_layernorm_xhat_weight(site.node) & site.frozen)
 
 
 def _frozen_layernorm_input(site: Site) -> bool:
-    return site.placeholder is not None and _layernorm_input_weight(site.placeholder) in site.frozen
+    return site.placeholder is not None \
+        and bool(_layernorm_input_weight(site.placeholder, site.node.graph) & site.frozen)
 
 
 def _qkv(site: Site) -> bool:
@@ -424,10 +437,13 @@ def _attention_out(site: Site) -> bool:
 
 def _relu_sign_only(site: Site) -> bool:
     # threshold_backward(grad, out, 0): a ReLU's backward reads its output only as
-    # out > 0 (inductor's partitioner already saves that bool itself)
-    users = site.backward_users
-    return bool(users) and all(u.target == aten.threshold_backward.default and u.args[1] is site.placeholder
-                               and u.args[0] is not site.placeholder and u.args[2] == 0 for u in users)
+    # out > 0 (inductor's partitioner already saves that bool itself), through copies
+    if site.placeholder is None:
+        return False
+    copies = _through_copies_down(site.placeholder)
+    readers = [u for n in copies for u in n.users if not _holds_same_values(u)]
+    return bool(readers) and all(u.target == aten.threshold_backward.default and u.args[1] in copies
+                                 and u.args[0] not in copies and u.args[2] == 0 for u in readers)
 
 
 def _frozen_rmsnorm_input(site: Site) -> bool:
@@ -442,12 +458,50 @@ def _weight_input(site: Site) -> bool:
     # A trainable LayerNorm's normalized input: its weight gradient reads it (and
     # so does its input gradient, as for a frozen one); or what only weight
     # gradients read.
-    return _layernorm_xhat_weight(site.node) in site.trainable or (
+    return bool(_layernorm_xhat_weight(site.node) & site.trainable) or (
         site.placeholder is not None and _read_for_weight_gradients(site.placeholder))
 
 
 def _trainable_layernorm_input(site: Site) -> bool:
-    return site.placeholder is not None and _layernorm_input_weight(site.placeholder) in site.trainable
+    return site.placeholder is not None \
+        and bool(_layernorm_input_weight(site.placeholder, site.node.graph) & site.trainable)
+
+
+def _batchnorm_input(site: Site) -> bool:
+    # undecomposed (aot_eager): read only as native_batch_norm_backward's input
+    users = site.backward_users
+    if users and all(u.target == BATCH_NORM_BACKWARD and u.args[BATCH_NORM_BACKWARD_INPUT] is site.placeholder
+                     and u.args[0] is not site.placeholder for u in users):
+        return True
+    # decomposed (inductor): x - mean, the mean from var_mean over every dim but
+    # channels; or x itself where backward recomputes x - mean and reads nothing else
+    node = site.node
+    if node.target == aten.sub.Tensor and all(isinstance(a, fx.Node) for a in node.args):
+        x, mean = node.args
+        mean = _view_root(mean)
+        stats = mean.args[0] if mean.target is operator.getitem and mean.args[1] == 1 else None
+        return isinstance(stats, fx.Node) and _is_batch_statistics(stats, x)
+    readers = [u for n in _through_copies_down(site.placeholder) for u in n.users] if site.placeholder else []
+    return bool(readers) and all(u.target == aten.sub.Tensor and u.args[0] is site.placeholder for u in readers) \
+        and any(_is_batch_statistics(u, node) for n in _through_copies_down(node) for u in n.users)
+
+
+def _is_batch_statistics(stats: fx.Node, x: fx.Node) -> bool:
+    """`stats` is var_mean of `x` over every dim but the channels (dim 1): a BatchNorm's."""
+    val = x.meta.get("val")
+    return stats.target == aten.var_mean.correction and _view_root(stats.args[0]) is _view_root(x) \
+        and isinstance(val, torch.Tensor) and val.dim() >= 3 and sorted(stats.args[1]) == [0, *range(2, val.dim())]
+
+
+def _is_relu_squared(site: Site) -> bool:
+    """relu(x) that the forward squares (x ** 2, x * x), saved as it is, or its
+    input x where backward recomputes the relu (inductor's partitioner)."""
+    root = _through_copies_up(site.node)
+    relus = [root] if root.target == aten.relu.default else \
+        [u for n in _through_copies_down(site.node) for u in n.users if u.target == aten.relu.default]
+    return any((u.target == aten.pow.Tensor_Scalar and u.args[1] == 2)
+               or (u.target == aten.mul.Tensor and u.args[0] is n and u.args[1] is n)
+               for relu in relus for n in _through_copies_down(relu) for u in n.users)
 
 
 def _is_bool_mask(site: Site) -> bool:
@@ -465,6 +519,8 @@ MATCHERS: dict[str, Callable[[Site], bool]] = {
     "attention_out": _attention_out,
     "softmax": lambda site: _is_softmax_output(site.node),
     "gate_operand": lambda site: _is_gate_operand(site.node),
+    "batchnorm_input": _batchnorm_input,
+    "relu_squared": _is_relu_squared,
     "relu_output": _relu_sign_only,
     "gelu_input": lambda site: _is_gelu_input(site.node),
     "silu_input": lambda site: _is_silu_input(site.node),

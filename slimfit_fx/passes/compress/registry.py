@@ -34,6 +34,10 @@ class Kind:
     stored_as: "self" (the saved tensor), or "layernorm_x_hat" (the normalized
         x_hat of the native_layer_norm reading it, rebuilt to its input in backward).
     why: the numerics argument for the format.
+    when_returned: packed even where the forward also returns the tensor (handed
+        to the next region): a format this small adds little if something
+        downstream keeps the tensor, and frees it if nothing does. Other kinds are
+        left whole there (skipped_<kind>_also_returned).
     """
 
     name: str
@@ -42,6 +46,7 @@ class Kind:
     why: str
     fixed: Mapping[int, ops.FixedPoint] = field(default_factory=dict)
     stored_as: str = "self"
+    when_returned: bool = False
 
 
 # In precedence order: a saved tensor matching several kinds is stored as the
@@ -86,9 +91,25 @@ KINDS: tuple[Kind, ...] = (
          "input a plain activation gets is not enough. int8 like the paper's matmul "
          "operands, with a per-row scale: projections in LLM FFNs share no range and "
          "have outliers far past Q3.4's +-8."),
+    Kind("batchnorm_input", "batchnorm_input_bits", 8,
+         "What a BatchNorm's input gradient reads besides its statistics: its input "
+         "(undecomposed graphs) or the input less the batch mean (inductor's "
+         "decomposition). dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) with "
+         "x_hat rebuilt from it and the exact saved mean and invstd: int8 with a per-row "
+         "scale (a conv output has no fixed range) moves x_hat by at most half a step of "
+         "its row's largest value / 127. Not in the paper (it fine-tunes no conv nets); "
+         "needed whether or not the norm trains, so it is static."),
+    Kind("relu_squared", "relu_squared_bits", 8,
+         "A ReLU whose output is squared (ReLU^2 FFNs: Primer, Nemotron): backward reads "
+         "relu(x) as a value (d relu(x)^2 = 2 relu(x)) and as a sign. int8 with a per-row "
+         "scale keeps zero exact and positives positive but for those under half a step, "
+         "whose gradient 2 relu(x) g is that small too. Not in the paper.",
+         when_returned=False),
     Kind("relu_output", "relu_output_mask", True,
          "A ReLU's backward reads its saved output only as out > 0: stored as that "
-         "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets)."),
+         "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets). Packed "
+         "also where the output is handed to the next region (a conv net's blocks), "
+         "which keeps it only if its layer trains.", when_returned=True),
     Kind("gelu_input", "gelu_input_bits", 4,
          "GELU's derivative varies only over about [-3, 3] and is flat outside: "
          "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",

@@ -116,6 +116,8 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         kinds = _guard_norms(classify_saved(site), site, config, ctx)
         kind, fmt = first_format(config, kinds, saved.meta.get("val"))
         reason = _skip_reason(saved, user_outputs, resident) if fmt else None
+        if reason == "also_returned" and BY_NAME[kind].when_returned:
+            reason = None
         if fmt is None or reason is not None or not placeholder.users:
             if fmt is not None and reason is not None:
                 ctx.counters[f"skipped_{kind}_{reason}"] += 1
