@@ -99,7 +99,9 @@ def main() -> None:
     print(text)
     DOC.write_text("# Compressed static activations\n\nCommand: `python benchmarks/compression.py"
                    + (f" --backend {args.backend}" if args.backend != "aot_eager" else "")
-                   + "`\n\n" + text + "\n")
+                   + "`\n\nBytes saved from forward to backward, not the memory a step costs: "
+                   "`docs/benchmarks.md` (`benchmarks/contenders.py`) has total peak per contender.\n\n"
+                   + text + "\n")
 
 
 if __name__ == "__main__":
