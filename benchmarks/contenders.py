@@ -4,7 +4,9 @@
                                     [--steps 2] [--warmup 2]
 
 Cases: BERT-base at the paper's GLUE shape (bs 32, seq 128) and a larger one
-(bs 32, seq 384); random init, dropout 0.1 (as users train), fp32. Every
+(bs 32, seq 384); on request a Llama-style LM (`llama-base bs8 seq128`: RMSNorm,
+SwiGLU, RoPE, 12 query heads sharing 4 kv heads, hidden 768, 12 layers,
+vocabulary 32000); random init, dropout 0.1 (as users train), fp32. Every
 contender runs in its own process, so no peak mixes with another's, and every
 parameter has optimizer state before the first step (as after every layer has
 trained once), so all sides pay the same optimizer: AdamW, or torchao's 8-bit
