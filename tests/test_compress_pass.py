@@ -635,3 +635,23 @@ def test_a_norm_scaled_by_one_plus_its_weight_takes_its_gradient_from_its_whole_
     assert packed_count(counters, "layernorm", "layernorm_input") == 1, counters
     name = "net.1.0.weight"
     torch.testing.assert_close(grads[name], ref_grads[name], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_the_log_softmax_over_a_vocabulary_is_rerun_in_backward_not_saved(backend):
+    """A language model's loss head (vocabulary 64, twice the hidden size): the
+    forward saves the head's input and backward reruns the head's matmul and
+    log-softmax, so no vocabulary-wide tensor is saved; gradients match eager
+    exactly, with compression off."""
+    case, cm = compile_case("llama", "off", backend, frozen=_half)
+    from .harness import assert_matches_eager
+
+    assert_matches_eager(cm, case, cm.slimfit.frozen)
+    assert cm.slimfit.last_step.counters["placed_loss_head_recomputes"] == 1, cm.slimfit.last_step.counters
+    vocab = case.model.config.vocab_size
+    # activations only: the head's weight (transposed) and its tap's probe are inputs
+    wide = [n.name for n in cm.slimfit.last_step.saved_nodes("forward")
+            if n.meta["val"].dtype.is_floating_point and tuple(n.meta["val"].shape[-1:]) == (vocab,)
+            and _view_root(n).op != "placeholder"]
+    assert not wide, wide
+    assert cm.slimfit.saved_bytes < eager_saved_bytes(case.model, **case.batch, frozen=cm.slimfit.frozen)

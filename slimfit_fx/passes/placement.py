@@ -7,6 +7,13 @@ min-cut breaks the tie arbitrarily: inside a region it would save a GELU's
 derivative (computed in forward) instead of its input, and attention scores
 instead of the probabilities. Neither is a format the paper stores, so
 compress_saved would leave them fp32.
+
+It also tags a loss head's logits over a vocabulary (a matmul at least twice as
+wide as its input, whose output reaches a log-softmax) MUST_RECOMPUTE, so the
+forward saves the head's input instead of the log-softmax over the vocabulary
+(the largest tensor a language model saves: 125 MiB fp32 for 32000 words at
+bs 8, seq 128) and backward reruns the head's matmul. Exact: the same ops on the
+same values; it costs that matmul again.
 """
 from __future__ import annotations
 
@@ -35,6 +42,50 @@ def _is_pointwise(node: fx.Node) -> bool:
         and torch.Tag.pointwise in node.target.tags
 
 
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# How far below the head's matmul its log-softmax may sit: views, the tap's probe
+# add, a cast to fp32, and HF's reshape for the loss.
+_HEAD_HOPS = 8
+
+
+def _numel(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return val.numel()
+
+
+def _is_log_softmax(node: fx.Node) -> bool:
+    """aten._log_softmax, or its decomposition's log(sum(exp(x - amax)))."""
+    if node.target == torch.ops.aten._log_softmax.default:
+        return True
+    if node.target != torch.ops.aten.log.default or not isinstance(node.args[0], fx.Node):
+        return False
+    total = node.args[0]
+    return total.target == torch.ops.aten.sum.dim_IntList and isinstance(total.args[0], fx.Node) \
+        and total.args[0].target == torch.ops.aten.exp.default
+
+
+def _vocabulary_logits(node: fx.Node, forward: set[fx.Node]) -> list[fx.Node]:
+    """If `node` is a loss head's matmul over a vocabulary, it and every forward node
+    below it holding as many elements (the logits, their views and casts, the
+    log-softmax); else []."""
+    if node.target not in _MATMULS:
+        return []
+    size, operand = _numel(node), node.args[-2] if node.target == torch.ops.aten.addmm.default else node.args[0]
+    if size is None or not isinstance(operand, fx.Node) or (_numel(operand) or size) * 2 > size:
+        return []
+    below, wide, frontier, widest = [node], [node], [node], [node]
+    for _ in range(_HEAD_HOPS):
+        frontier = [u for n in frontier for u in n.users if u in forward and u.op == "call_function"]
+        widest = [u for n in widest for u in n.users if u in forward and u.op == "call_function"
+                  and _numel(u) == size]
+        below += frontier
+        wide += widest
+    reaches = any(_is_log_softmax(n) for n in below)
+    return list(dict.fromkeys(wide)) if reaches else []
+
+
 def place_static_saves(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Tag softmax outputs MUST_SAVE, and the backward-only pointwise work on a
     GELU's input (its derivative) MUST_RECOMPUTE, so the forward saves the
@@ -47,6 +98,13 @@ def place_static_saves(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     forward = _closure(forward_outputs, lambda n: n.all_input_nodes)
     for node in graph.nodes:
         if node.op != "call_function" or node not in forward:
+            continue
+        logits = _vocabulary_logits(node, forward)
+        if logits:
+            for each in logits:
+                each.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+                each.meta.setdefault("slimfit", {})["place_static_saves"] = "recompute the loss head"
+            ctx.counters["placed_loss_head_recomputes"] += 1
             continue
         if _is_softmax_output(node) and node.target != torch.ops.aten.where.self:
             node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
