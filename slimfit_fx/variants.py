@@ -147,8 +147,8 @@ class EngineState:
                 kept.append(operand)
         for item in kept:
             for t in (item[0] if isinstance(item, tuple) else (item,)):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in resident:
-                    storage = t.untyped_storage()
+                storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+                if storage is not None and storage.data_ptr() not in resident:
                     self.stash_bytes[storage.data_ptr()] = storage.nbytes()
         slot.operands = kept
         if fmt is not None:

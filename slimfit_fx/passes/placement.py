@@ -22,7 +22,7 @@ from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
 from ..torch_ir import TANGENT_PREFIX
-from .compress.patterns import _is_gelu_input, _is_softmax_output
+from .compress.patterns import _LINEAR_OUTPUTS, _is_gelu_input, _is_softmax_output, _numel
 from .context import PassContext
 
 
@@ -42,17 +42,9 @@ def _is_pointwise(node: fx.Node) -> bool:
         and torch.Tag.pointwise in node.target.tags
 
 
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 # How far below the head's matmul its log-softmax may sit: views, the tap's probe
 # add, a cast to fp32, and HF's reshape for the loss.
 _HEAD_HOPS = 8
-
-
-def _numel(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return val.numel()
 
 
 def _is_log_softmax(node: fx.Node) -> bool:
@@ -70,7 +62,7 @@ def _vocabulary_logits(node: fx.Node, forward: set[fx.Node]) -> list[fx.Node]:
     """If `node` is a loss head's matmul over a vocabulary, it and every forward node
     below it holding as many elements (the logits, their views and casts, the
     log-softmax); else []."""
-    if node.target not in _MATMULS:
+    if node.target not in _LINEAR_OUTPUTS:
         return []
     size, operand = _numel(node), node.args[-2] if node.target == torch.ops.aten.addmm.default else node.args[0]
     if size is None or not isinstance(operand, fx.Node) or (_numel(operand) or size) * 2 > size:

@@ -47,7 +47,8 @@ def drop_shape_only_saves(graphs: tuple[fx.GraphModule, fx.GraphModule], num_for
     out_node = forward.graph.output_node()
     outputs = list(out_node.args[0])
     placeholders = {n.name: n for n in backward.graph.nodes if n.op == "placeholder"}
-    order = {n: i for i, n in enumerate(backward.graph.nodes)}
+    graph = backward.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
     kept = []
     for saved in outputs[num_forward_outputs:]:
         placeholder = placeholders.get(getattr(saved, "name", None))
@@ -59,7 +60,6 @@ def drop_shape_only_saves(graphs: tuple[fx.GraphModule, fx.GraphModule], num_for
         readers = {u: _reads_shape_only(u, placeholder) for u in placeholder.users}
         readers = {u: what for u, what in readers.items() if what is not None}
         if readers:
-            graph = backward.graph
             with graph.inserting_before(min(readers, key=order.__getitem__)):
                 # full, not zeros: inductor lowers full and rejects a graph holding aten.zeros
                 zero = graph.call_function(aten.full.default, ([], 0.0), {"dtype": val.dtype, "device": val.device})

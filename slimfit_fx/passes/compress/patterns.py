@@ -77,6 +77,14 @@ def _is_float(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
+def _numel(node: fx.Node) -> int | None:
+    """Elements of `node`'s value, or None for a non-tensor or a dynamic shape."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+        return None
+    return val.numel()
+
+
 def _holds_same_values(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _SAME_VALUES and _is_float(node) \
         and isinstance(node.args[0], fx.Node)
@@ -481,7 +489,7 @@ def _batchnorm_input(site: Site) -> bool:
         mean = _view_root(mean)
         stats = mean.args[0] if mean.target is operator.getitem and mean.args[1] == 1 else None
         return isinstance(stats, fx.Node) and _is_batch_statistics(stats, x)
-    readers = [u for n in _through_copies_down(site.placeholder) for u in n.users] if site.placeholder else []
+    readers = site.backward_users
     return bool(readers) and all(u.target == aten.sub.Tensor and u.args[0] is site.placeholder for u in readers) \
         and any(_is_batch_statistics(u, node) for n in _through_copies_down(node) for u in n.users)
 

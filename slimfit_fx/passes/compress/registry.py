@@ -103,8 +103,7 @@ KINDS: tuple[Kind, ...] = (
          "A ReLU whose output is squared (ReLU^2 FFNs: Primer, Nemotron): backward reads "
          "relu(x) as a value (d relu(x)^2 = 2 relu(x)) and as a sign. int8 with a per-row "
          "scale keeps zero exact and positives positive but for those under half a step, "
-         "whose gradient 2 relu(x) g is that small too. Not in the paper.",
-         when_returned=False),
+         "whose gradient 2 relu(x) g is that small too. Not in the paper."),
     Kind("relu_output", "relu_output_mask", True,
          "A ReLU's backward reads its saved output only as out > 0: stored as that "
          "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets). Packed "

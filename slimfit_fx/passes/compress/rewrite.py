@@ -19,7 +19,7 @@ from torch import fx
 from ... import ops
 from ...torch_ir import DROPOUT_P, LAYER_NORM_BACKWARD_MEAN, LAYER_NORM_BACKWARD_RSTD
 from ..context import PassContext
-from .patterns import Site, _through_copies_up, _view_root, classify_saved, norm_has_bypass
+from .patterns import Site, _numel, _through_copies_up, _view_root, classify_saved, norm_has_bypass
 from .recompute import Rebuild, rebuild_plan
 from .registry import BY_NAME, Format, first_format
 
@@ -231,13 +231,6 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, firs
 _COPY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
              aten.transpose.int, aten.t.default, aten.detach.default, aten.unsqueeze.default,
              aten.squeeze.dim, aten.expand.default, aten.clone.default}
-
-
-def _numel(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return val.numel()
 
 
 def _copy_source(saved: fx.Node, fmt: Format, user_outputs: set[str],
