@@ -43,6 +43,23 @@ CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.UserError,
 )
 
+# Dynamo raises this when a fullgraph forward needs more recompiles than
+# torch._dynamo.config.recompile_limit allows.
+RECOMPILE_LIMIT_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.FailOnRecompileLimitHit,)
+
+
+def recompile_limit() -> int:
+    return int(torch._dynamo.config.recompile_limit)
+
+
+def last_recompile_reasons(count: int = 3) -> list[str]:
+    """The latest guard failures dynamo recorded (why it recompiled), newest last."""
+    from torch._dynamo.utils import guard_failures
+
+    reasons = [" ".join(str(r).split()) for failures in guard_failures.values() for r in failures]
+    return reasons[-count:]
+
+
 def describe_capture_error(err: BaseException) -> str:
     """Dynamo's one-line reason, its hint, and the user code line where capture broke."""
     lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
@@ -247,7 +264,7 @@ def capture_settings():
     regions size their weight-gradient probes from the captured shapes, and
     compression skips dynamic shapes anyway.
     """
-    return torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False)
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 _COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -387,6 +404,136 @@ def compile_variant(
                 keep_inference_input_mutations=True,
             )(graph_copy, list(example_inputs))
     raise ValueError(f"unknown backend {backend!r}")
+
+
+class ShapeBinding:
+    """Concrete shapes, at run time, for shapes a region was compiled with.
+
+    A region compiled with dynamic shapes knows the sizes of what it makes (a
+    tapped use's output, so its probe) only as expressions in dynamo's size
+    symbols (`s0*s1`). Each symbol is also a size of one of the region's inputs
+    (or a SymInt input itself); this reads the symbols' values off the real
+    inputs and evaluates the expressions, once per distinct set of values.
+    """
+
+    def __init__(self, example_inputs: Sequence[Any], shapes: Sequence[Sequence[Any]]) -> None:
+        self.sources: dict[Any, tuple[int, int | None]] = {}  # symbol -> (input, dim or None)
+        for i, value in enumerate(example_inputs):
+            sizes = [(None, value)] if isinstance(value, torch.SymInt) else \
+                list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else []
+            for dim, size in sizes:
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    self.sources.setdefault(size.node.expr, (i, dim))
+        self.shapes = [tuple(_size_expr(d) for d in shape) for shape in shapes]
+        self.static = all(isinstance(d, int) for shape in self.shapes for d in shape)
+        unbound = {str(sym) for shape in self.shapes for d in shape if not isinstance(d, int)
+                   for sym in d.free_symbols if sym not in self.sources}
+        if unbound:
+            raise NotImplementedError(
+                f"a tapped layer use's output size depends on {sorted(unbound)}, which no input of "
+                "its region carries as a size")
+        self._cache: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+
+    def __call__(self, args: Sequence[Any]) -> list[tuple[int, ...]]:
+        if self.static:
+            return self.shapes
+        values = tuple(int(args[i]) if dim is None else args[i].shape[dim] for i, dim in self.sources.values())
+        shapes = self._cache.get(values)
+        if shapes is None:
+            bound = dict(zip(self.sources, values))
+            shapes = [tuple(d if isinstance(d, int) else int(d.xreplace(bound)) for d in shape)
+                      for shape in self.shapes]
+            self._cache[values] = shapes
+        return shapes
+
+
+def _size_expr(size: Any) -> Any:
+    """An int, or the sympy expression of a symbolic size."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(size)
+
+
+def size_producers(nodes: Sequence[fx.Node]) -> dict[Any, tuple[fx.Node, int | None]]:
+    """Where each of dynamo's size symbols can be read in a graph: a SymInt input
+    (dim None) or a dimension of a tensor input, among `nodes`."""
+    found: dict[Any, tuple[fx.Node, int | None]] = {}
+    for node in nodes:
+        val = node.meta.get("val", node.meta.get("example_value"))
+        sizes = [(None, val)] if isinstance(val, torch.SymInt) else \
+            list(enumerate(val.shape)) if isinstance(val, torch.Tensor) else []
+        for dim, size in sizes:
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                if dim is None or size.node.expr not in found:  # a SymInt input reads cheapest
+                    found[size.node.expr] = (node, dim)
+    return found
+
+
+def can_materialize(sizes: Sequence[Any], producers: dict[Any, tuple[fx.Node, int | None]]) -> bool:
+    """Whether `materialize_sizes` can build every one of `sizes` from `producers`."""
+    for size in sizes:
+        expr = _size_expr(size)
+        if not isinstance(expr, int) and (not expr.free_symbols <= producers.keys() or
+                                          not all(isinstance(a, (int,)) or a.is_Integer or a.is_Symbol
+                                                  or a.is_Add or a.is_Mul for a in _subexprs(expr))):
+            return False
+    return True
+
+
+def _subexprs(expr: Any) -> list[Any]:
+    return [expr, *(e for a in expr.args for e in _subexprs(a))]
+
+
+def materialize_sizes(graph: fx.Graph, sizes: Sequence[Any],
+                      producers: dict[Any, tuple[fx.Node, int | None]]) -> list[Any]:
+    """`sizes` as arguments for a node of `graph`: ints as they are, a symbolic
+    size as nodes (inserted at the graph's insertion point) that compute it at
+    run time from `producers` (`aten.sym_size.int` of a tensor input, or a SymInt
+    input, then + and *). Check with `can_materialize` first."""
+    import operator
+
+    made: dict[Any, fx.Node] = {}
+
+    def build(expr: Any) -> Any:
+        if expr.is_Integer:
+            return int(expr)
+        if expr in made:
+            return made[expr]
+        if expr.is_Symbol:
+            node, dim = producers[expr]
+            value = node.meta.get("val", node.meta.get("example_value"))
+            if dim is None:
+                return node
+            out = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+            out.meta["val"] = value.shape[dim]
+        else:
+            op = operator.add if expr.is_Add else operator.mul
+            args = [build(a) for a in expr.args]
+            out = args[0]
+            for arg in args[1:]:
+                left = out.meta["val"] if isinstance(out, fx.Node) else out
+                right = arg.meta["val"] if isinstance(arg, fx.Node) else arg
+                out = graph.call_function(op, (out, arg))
+                out.meta["val"] = op(left, right)
+        made[expr] = out
+        return out
+
+    return [size if isinstance(expr := _size_expr(size), int) else build(expr) for size in sizes]
+
+
+def is_symbolic(value: Any) -> bool:
+    """Whether a (fake) tensor has a symbolic size, or a value is a SymInt."""
+    if isinstance(value, torch.SymInt):
+        return True
+    return isinstance(value, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in value.shape)
+
+
+def fake_mode_of(values: Sequence[Any]) -> Any:
+    """The fake mode of dynamo's fake example values (None for real tensors)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(list(values))
 
 
 def size_hint(value: Any) -> int | None:

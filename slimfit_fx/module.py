@@ -415,6 +415,19 @@ class SlimFitModule(nn.Module):
         try:
             with capture.capture_settings():
                 outputs = self._compiled(*args, **kwargs)
+        except capture.RECOMPILE_LIMIT_ERRORS as err:
+            reasons = "; ".join(capture.last_recompile_reasons()) or "not recorded"
+            raise CaptureError(
+                f"torch.compile recompiled {type(self._model).__name__}.forward "
+                f"{capture.recompile_limit()} times (torch._dynamo.config.recompile_limit) and "
+                f"stopped. Dynamo's latest reasons: {reasons}. Batches of any sequence length or "
+                "batch size compile at most a few times (the changed sizes become dynamic); "
+                "recompiles past that come from something else that changes between calls: a "
+                "new input dtype or device, an input that is sometimes None, a Python value "
+                "(a flag or a number) passed to forward, or many compiled models of one class. "
+                "Fix: keep what the reason names the same between calls, or raise "
+                "torch._dynamo.config.recompile_limit."
+            ) from err
         except capture.CAPTURE_ERRORS as err:
             _refuse_sharded_submodules(self._model)  # the clearer message, if that is why
             raise CaptureError(

@@ -94,7 +94,8 @@ def split_regions(gm: fx.GraphModule, blocks: Sequence[str]) -> fx.GraphModule:
 
 def _meta_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(value.shape), tuple(value.stride()), str(value.dtype),
+        # str: a symbolic size (dynamic shapes) is keyed by its expression (s0*s1)
+        return ("tensor", tuple(map(str, value.shape)), tuple(map(str, value.stride())), str(value.dtype),
                 str(value.device), value.requires_grad)
     return ("value", repr(value))
 

@@ -39,6 +39,7 @@ class CompiledRegion:
     name: str  # the first region's block (or "region N") that built it
     fn: Callable[..., Any]
     taps: list[regions.WeightTap]
+    probe_shapes: capture.ShapeBinding  # each tap's probe shape, for the sizes of a call's inputs
     num_outputs: int  # the region's own outputs; the stashed operands follow
     returns_tuple: bool
     compile_seconds: float
@@ -66,7 +67,7 @@ class Region(torch.nn.Module):
         call_args = list(args)
         slots: list[TapSlot | None] = []
         probes = []
-        for tap in compiled.taps:
+        for tap, shape in zip(compiled.taps, compiled.probe_shapes(args)):
             weight = args[tap.weight_input]
             call_args[tap.weight_input] = weight.detach()
             trains = self.input_names[tap.weight_input] not in frozen and weight.requires_grad
@@ -74,8 +75,8 @@ class Region(torch.nn.Module):
             slots.append(slot)
             # A frozen use's probe needs no autograd node: the region's backward
             # still hands out its gradient, and autograd drops it.
-            probes.append(TapGrad.apply(weight, slot, tap.probe_shape, tap.probe_dtype) if trains
-                          else state.zeros(weight.device, tap.probe_dtype).expand(tap.probe_shape))
+            probes.append(TapGrad.apply(weight, slot, shape, tap.probe_dtype) if trains
+                          else state.zeros(weight.device, tap.probe_dtype).expand(shape))
         start = len(state.record)
         outputs = compiled.fn(*call_args, *probes)
         state.calls.append((self, state.record[start:]))
@@ -352,15 +353,18 @@ class CapturedGraph:
         # the autocast it compiles under, so a layer that first trains later
         # compiles nothing (another dtype or autocast traces when first seen).
         stashed = [n.meta["example_value"] for n in tapped.graph.output_node().args[0][num_outputs:]]
-        for tap in taps:
+        probes = example[len(is_weight):]
+        for tap, probe in zip(taps, probes):
             weight = example[tap.weight_input]
-            weight_grad_graph(tap, weight, tap.operands(example, stashed), autocast_state(weight.device))
+            weight_grad_graph(tap, weight, tap.operands(example, stashed), probe,
+                              autocast_state(weight.device))
+        probe_shapes = capture.ShapeBinding(example[:len(is_weight)], [p.shape for p in probes])
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
                  state.backend, seconds, len(taps),
                  ", ".join(f"{k}={v}" for k, v in sorted(ctx.counters.items())))
-        return CompiledRegion(name=name, fn=fn, taps=taps, num_outputs=num_outputs,
+        return CompiledRegion(name=name, fn=fn, taps=taps, probe_shapes=probe_shapes, num_outputs=num_outputs,
                               returns_tuple=returns_tuple, compile_seconds=seconds,
                               counters=dict(ctx.counters), graphs=graphs)
 

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from . import capture
 from .regions import WeightTap
 
 
@@ -24,12 +25,14 @@ def autocast_state(device: torch.device) -> tuple[str, torch.dtype] | None:
 
 
 def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any],
-                      grad_shape: tuple[int, ...], grad_dtype: torch.dtype,
-                      autocast: tuple[str, torch.dtype] | None) -> fx.GraphModule:
+                      grad: torch.Tensor, autocast: tuple[str, torch.dtype] | None) -> fx.GraphModule:
     """The aten graph of d(use(weight, *operands))/d(weight) given the output's
     gradient, with the forward work the gradient does not read removed (a
     Linear's weight gradient needs its input, not its output). Under autocast
-    the use's casts are traced too, so the gradient comes back in the weight's dtype."""
+    the use's casts are traced too, so the gradient comes back in the weight's dtype.
+    `grad` is an example of the output's gradient (real or fake); fake values with
+    symbolic sizes (a region compiled with dynamic shapes) trace a graph that
+    serves every size, read off its inputs at run time."""
 
     def weight_grad(weight: torch.Tensor, *rest: Any) -> torch.Tensor:
         *operands, grad = rest
@@ -40,9 +43,10 @@ def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[
             out = use(w, *operands)
         return torch.autograd.grad(out, w, grad)[0]
 
-    grad = torch.empty(grad_shape, dtype=grad_dtype, device=weight.device)
+    inputs = [weight.detach(), *operands, grad.detach()]
+    mode = "symbolic" if any(capture.is_symbolic(x) for x in inputs) else "fake"
     with torch.no_grad():
-        gm = make_fx(weight_grad, tracing_mode="fake")(weight.detach(), *operands, grad)
+        gm = make_fx(weight_grad, tracing_mode=mode)(*inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -52,14 +56,25 @@ def _key(autocast: tuple[str, torch.dtype] | None, operands: list[Any]) -> tuple
     return autocast, tuple(getattr(o, "dtype", None) for o in operands)
 
 
-def weight_grad_graph(tap: WeightTap, weight: torch.Tensor, operands: list[Any],
+def _shapes(operands: list[Any], grad: torch.Tensor) -> tuple:
+    return tuple(tuple(o.shape) if isinstance(o, torch.Tensor) else None for o in (*operands, grad))
+
+
+def weight_grad_graph(tap: WeightTap, weight: torch.Tensor, operands: list[Any], grad: torch.Tensor,
                       autocast: tuple[str, torch.dtype] | None) -> fx.GraphModule:
     """The tap's weight-gradient graph for these operand dtypes and autocast,
-    traced once (real or fake tensors) and kept on the tap."""
+    traced once and kept on the tap. Traced on the region's fake values when it
+    compiles (for every size, if they are symbolic); a dtype or autocast first
+    seen at run time is traced on the real tensors, for their shapes only."""
     key = _key(autocast, operands)
+    fake = capture.fake_mode_of([weight, *operands, grad]) is not None
+    if not fake:
+        traced = tap.weight_grads.get(key)
+        if traced is not None:
+            return traced
+        key = (*key, _shapes(operands, grad))
     if key not in tap.weight_grads:
-        tap.weight_grads[key] = trace_weight_grad(tap.use, weight, operands, tap.probe_shape,
-                                                  tap.probe_dtype, autocast)
+        tap.weight_grads[key] = trace_weight_grad(tap.use, weight, operands, grad, autocast)
     return tap.weight_grads[key]
 
 
@@ -88,7 +103,7 @@ class TapSlot:
         traced = self.tap.weight_grads.get(_key(self.autocast, operands))
         if traced is None:  # a dtype or autocast the region was not compiled with
             start = time.perf_counter()
-            traced = weight_grad_graph(self.tap, self.weight, operands, self.autocast)
+            traced = weight_grad_graph(self.tap, self.weight, operands, grad, self.autocast)
             self.tap.trace_seconds += time.perf_counter() - start
         return traced(self.weight, *operands, grad)
 

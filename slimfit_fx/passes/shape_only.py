@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .. import capture
 from ..torch_ir import (CONVOLUTION_BACKWARD, CONVOLUTION_BACKWARD_GRAD, CONVOLUTION_BACKWARD_INPUT,
                         CONVOLUTION_BACKWARD_MASK, CONVOLUTION_BACKWARD_WEIGHT, MAX_POOL2D_BACKWARD,
                         MAX_POOL2D_BACKWARD_SELF)
@@ -50,11 +51,16 @@ def drop_shape_only_saves(graphs: tuple[fx.GraphModule, fx.GraphModule], num_for
     graph = backward.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     kept = []
+    saved_names = {n.name for n in outputs[num_forward_outputs:] if isinstance(n, fx.Node)}
+    # dynamic shapes: sizes read from backward's SymInt inputs and gradients, never
+    # from a saved tensor (this pass may drop it)
+    producers = capture.size_producers([p for name, p in placeholders.items() if name not in saved_names
+                                        or isinstance(p.meta.get("val"), torch.SymInt)])
     for saved in outputs[num_forward_outputs:]:
         placeholder = placeholders.get(getattr(saved, "name", None))
         val = None if placeholder is None else placeholder.meta.get("val")
         if placeholder is None or not isinstance(val, torch.Tensor) or not hasattr(val, "fake_mode") \
-                or not all(isinstance(d, int) for d in val.shape):
+                or not capture.can_materialize(val.shape, producers):
             kept.append(saved)
             continue
         readers = {u: _reads_shape_only(u, placeholder) for u in placeholder.users}
@@ -63,7 +69,8 @@ def drop_shape_only_saves(graphs: tuple[fx.GraphModule, fx.GraphModule], num_for
             with graph.inserting_before(min(readers, key=order.__getitem__)):
                 # full, not zeros: inductor lowers full and rejects a graph holding aten.zeros
                 zero = graph.call_function(aten.full.default, ([], 0.0), {"dtype": val.dtype, "device": val.device})
-                shaped = graph.call_function(aten.expand.default, (zero, list(val.shape)))
+                shape = capture.materialize_sizes(graph, val.shape, producers)
+                shaped = graph.call_function(aten.expand.default, (zero, shape))
             with val.fake_mode:
                 zero.meta["val"] = torch.full([], 0.0, dtype=val.dtype, device=val.device)
                 shaped.meta["val"] = zero.meta["val"].expand(val.shape)
@@ -75,7 +82,7 @@ def drop_shape_only_saves(graphs: tuple[fx.GraphModule, fx.GraphModule], num_for
             continue
         graph.erase_node(placeholder)
         ctx.counters[f"dropped_shape_only_{'_'.join(sorted(set(readers.values())))}"] += 1
-        ctx.counters["bytes_dropped_shape_only"] += val.numel() * val.element_size()
+        ctx.counters["bytes_dropped_shape_only"] += capture.size_hint(val.numel()) * val.element_size()
     out_node.args = (tuple(outputs[:num_forward_outputs] + kept),)
     for gm in (forward, backward):
         gm.graph.lint()

@@ -7,6 +7,7 @@ They never change a graph.
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import NamedTuple
@@ -14,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
+from ... import capture
 from ...torch_ir import (ATTENTION_BACKWARD, BATCH_NORM_BACKWARD, BATCH_NORM_BACKWARD_INPUT,
                          DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
                          DECOMPOSED_SOFTMAX_LAST, LAYER_NORM_BACKWARD, LAYER_NORM_BACKWARD_INPUT,
@@ -78,11 +80,14 @@ def _is_float(node: fx.Node) -> bool:
 
 
 def _numel(node: fx.Node) -> int | None:
-    """Elements of `node`'s value, or None for a non-tensor or a dynamic shape."""
+    """Elements of `node`'s value (for a dynamic shape, at the sizes it was traced
+    with: patterns compare sizes to tell what a tensor is, and must add no guard
+    on them), or None for a non-tensor."""
     val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
+    if not isinstance(val, torch.Tensor):
         return None
-    return val.numel()
+    sizes = [capture.size_hint(d) for d in val.shape]
+    return None if None in sizes else math.prod(sizes)
 
 
 def _holds_same_values(node: fx.Node) -> bool:

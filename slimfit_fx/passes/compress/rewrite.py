@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import fx
 
-from ... import ops
+from ... import capture, ops
 from ...torch_ir import DROPOUT_P, LAYER_NORM_BACKWARD_MEAN, LAYER_NORM_BACKWARD_RSTD
 from ..context import PassContext
 from .patterns import Site, _numel, _through_copies_up, _view_root, classify_saved, norm_has_bypass
@@ -69,8 +70,6 @@ def _skip_reason(node: fx.Node, user_outputs: set[str], resident: set[str] | Non
         return "also_returned"
     if not isinstance(val, torch.Tensor) or not (val.dtype.is_floating_point or val.dtype == torch.bool):
         return "not_float"
-    if not all(isinstance(d, int) for d in val.shape):
-        return "dynamic_shape"
     return None
 
 
@@ -94,6 +93,12 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     frozen_primals = {p.name for p, name in named if name in ctx.frozen}
     trainable_primals = {p.name for p, name in named if name is not None and name not in ctx.frozen}
     saved_nodes = {n.name: n for n in outputs[num_forward_outputs:] if isinstance(n, fx.Node)}
+    # Where backward can read dynamo's size symbols (dynamic shapes): never from a
+    # saved tensor, which this pass may replace, but from its SymInt inputs and
+    # incoming gradients.
+    producers = capture.size_producers([
+        p for name, p in placeholders.items()
+        if name not in saved_nodes or isinstance(p.meta.get("val"), torch.SymInt)])
     # How backward reads each saved tensor after the rewrite: its packed form, or as is.
     packed_inputs: dict[str, Callable[[fx.Node], fx.Node]] = {}
     # Backward inputs holding each packed forward node: a saved view or repeat of
@@ -116,6 +121,8 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         kinds = _guard_norms(classify_saved(site), site, config, ctx)
         kind, fmt = first_format(config, kinds, saved.meta.get("val"))
         reason = _skip_reason(saved, user_outputs, resident) if fmt else None
+        if reason is None and fmt is not None and not capture.can_materialize(saved.meta["val"].shape, producers):
+            reason = "dynamic_shape"
         if reason == "also_returned" and BY_NAME[kind].when_returned:
             reason = None
         if fmt is None or reason is not None or not placeholder.users:
@@ -132,7 +139,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
         if fmt.stored_as == "layernorm_x_hat":
             packed = _pack(forward, _normalized(forward, saved), fmt)
             inputs = _backward_inputs(backward, placeholder, packed)
-            _unpack(backward, placeholder, inputs, fmt, first_use,
+            _unpack(backward, placeholder, inputs, fmt, first_use, producers,
                     finish=lambda x_hat: _denormalized(backward, x_hat, first_use))
         else:
             source, chain = _copy_source(saved, fmt, user_outputs, resident)
@@ -141,14 +148,15 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
             else:
                 packed = _pack(forward, source, fmt)
                 inputs = packed_sources[source, fmt] = _backward_inputs(backward, placeholder, packed)
-            packed_inputs[saved.name] = read = _reader(backward.graph, inputs, fmt, source, chain)
+            packed_inputs[saved.name] = read = _reader(backward.graph, inputs, fmt, source, chain, producers)
             unpacked = read(first_use)
             unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
             placeholder.replace_all_uses_with(unpacked)
             backward.graph.erase_node(placeholder)
         new_saved += packed
-        before = saved.meta["val"].numel() * saved.meta["val"].element_size()
-        after = sum(ops.compressed_nbytes(p.meta["val"]) for p in packed)
+        # counted at the sizes traced (a dynamic shape's counters stay numbers)
+        before = _numel(saved) * saved.meta["val"].element_size()
+        after = sum(capture.size_hint(ops.compressed_nbytes(p.meta["val"])) for p in packed)
         tag = {"kind": kind, "format": fmt.describe(), "from": saved.name,
                "bytes_before": before, "bytes_after": after}
         for p in packed:
@@ -160,9 +168,9 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     for saved, placeholder, plan in recomputed:
         # the placeholder's users are the backward's own nodes, all in `order`
         _rebuild(backward, placeholder, plan, min(placeholder.users, key=order.__getitem__),
-                 kept, packed_inputs)
+                 kept, packed_inputs, producers)
         ctx.counters[f"recomputed_{plan.kind}"] += 1
-        ctx.counters["bytes_recomputed"] += saved.meta["val"].numel() * saved.meta["val"].element_size()
+        ctx.counters["bytes_recomputed"] += _numel(saved) * saved.meta["val"].element_size()
     out_node.args = (tuple(outputs[:num_forward_outputs] + new_saved),)
     for gm in (forward, backward):
         gm.graph.lint()
@@ -195,7 +203,8 @@ def _call(graph: fx.Graph, target, *args, **kwargs) -> fx.Node:
 
 
 def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, first_use: fx.Node,
-             kept: dict[str, fx.Node], packed: dict[str, Callable[[fx.Node], fx.Node]]) -> None:
+             kept: dict[str, fx.Node], packed: dict[str, Callable[[fx.Node], fx.Node]],
+             producers: dict) -> None:
     """Replace the saved `placeholder` by a rebuild from `plan.sources` as backward
     holds them (unpacked from their packed form, or kept): dropped attention
     probabilities as native_dropout_backward(P, mask, 1 / (1 - p)), then
@@ -218,8 +227,8 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, firs
         else:  # the chain reads the sources themselves
             env = dict(zip(plan.sources, values))
         for n in plan.chain:
-            env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
-                           **fx.map_arg(n.kwargs, env.__getitem__))
+            read = _in_backward(graph, env, producers)
+            env[n] = _call(graph, n.target, *fx.map_arg(n.args, read), **fx.map_arg(n.kwargs, read))
     value = env[plan.chain[-1]] if plan.chain else next(iter(env.values()))
     value.meta["slimfit"] = {"compress_saved": f"rebuild {placeholder.name} from "
                                                f"{', '.join(s.name for s in plan.sources)}"}
@@ -253,19 +262,39 @@ def _copy_source(saved: fx.Node, fmt: Format, user_outputs: set[str],
     return source, chain[::-1]
 
 
-def _rerun(graph: fx.Graph, chain: list[fx.Node], env: dict[fx.Node, fx.Node], before: fx.Node) -> fx.Node:
+def _in_backward(graph: fx.Graph, env: dict[fx.Node, fx.Node], producers: dict) -> Callable[[fx.Node], Any]:
+    """How a forward op rerun in backward reads its arguments: forward values
+    from `env`; a symbolic size (a view's shape, dynamic shapes) rebuilt from
+    backward's own inputs."""
+    def read(node: fx.Node) -> Any:
+        if node in env:
+            return env[node]
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt) and capture.can_materialize([val], producers):
+            return capture.materialize_sizes(graph, [val], producers)[0]
+        raise KeyError(f"compress_saved: {node.name} is not available in backward")
+    return read
+
+
+def _rerun(graph: fx.Graph, chain: list[fx.Node], env: dict[fx.Node, fx.Node], before: fx.Node,
+           producers: dict) -> fx.Node:
     """Forward ops `chain` rerun in backward before `before`, on the values `env`
     maps their forward inputs to; the last op's new node."""
     with graph.inserting_before(before):
         for n in chain:
-            env[n] = _call(graph, n.target, *fx.map_arg(n.args, env.__getitem__),
-                           **fx.map_arg(n.kwargs, env.__getitem__))
+            read = _in_backward(graph, env, producers)
+            env[n] = _call(graph, n.target, *fx.map_arg(n.args, read), **fx.map_arg(n.kwargs, read))
     return env[chain[-1]]
 
 
-def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, val: torch.Tensor) -> fx.Node:
-    """A dequantize call rebuilding a tensor shaped and typed like `val` from its packed parts."""
-    return _call(graph, fmt.dequantize_op, *inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, val: torch.Tensor,
+                producers: dict) -> fx.Node:
+    """A dequantize call rebuilding a tensor shaped and typed like `val` from its
+    packed parts (symbolic sizes computed from backward's inputs)."""
+    shape = capture.materialize_sizes(graph, val.shape, producers)
+    node = graph.call_function(fmt.dequantize_op, (*inputs, *fmt.dequantize_args, shape, val.dtype))
+    node.meta["val"] = _fake(fmt.dequantize_op, *inputs, *fmt.dequantize_args, list(val.shape), val.dtype)
+    return node
 
 
 def _normalized(forward: fx.GraphModule, saved: fx.Node) -> fx.Node:
@@ -299,13 +328,13 @@ def _denormalized(backward: fx.GraphModule, x_hat: fx.Node, first_use: fx.Node) 
 
 
 def _reader(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, source: fx.Node,
-            chain: list[fx.Node]) -> Callable[[fx.Node], fx.Node]:
+            chain: list[fx.Node], producers: dict) -> Callable[[fx.Node], fx.Node]:
     """What emits, before a given backward node, a saved tensor's value from the
     backward `inputs` holding its packed `source`: dequantize, then rerun `chain`."""
     def read(before: fx.Node) -> fx.Node:
         with graph.inserting_before(before):
-            value = _dequantize(graph, inputs, fmt, source.meta["val"])
-        return _rerun(graph, chain, {source: value}, before) if chain else value
+            value = _dequantize(graph, inputs, fmt, source.meta["val"], producers)
+        return _rerun(graph, chain, {source: value}, before, producers) if chain else value
     return read
 
 
@@ -323,13 +352,13 @@ def _backward_inputs(backward: fx.GraphModule, placeholder: fx.Node, packed: lis
 
 
 def _unpack(backward: fx.GraphModule, placeholder: fx.Node, inputs: list[fx.Node], fmt,
-            first_use: fx.Node, finish=None, val: torch.Tensor | None = None) -> None:
+            first_use: fx.Node, producers: dict, finish=None, val: torch.Tensor | None = None) -> None:
     """Replace `placeholder` by `inputs` dequantized (to `val`'s shape and dtype, by
     default the placeholder's) and passed through `finish`, right before `first_use`."""
     graph = backward.graph
     val = placeholder.meta["val"] if val is None else val
     with graph.inserting_before(first_use):
-        unpacked = _dequantize(graph, inputs, fmt, val)
+        unpacked = _dequantize(graph, inputs, fmt, val, producers)
     unpacked.meta["slimfit"] = {"compress_saved": f"unpack {placeholder.name} ({fmt.describe()})"}
     if finish is not None:
         unpacked = finish(unpacked)
