@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -256,6 +257,8 @@ def _partitioner_from_cache_key(uuid: Any) -> None:
 def capture_settings():
     """Dynamo settings for every slimfit capture (a context manager).
 
+    HF's `logger.warning_once` calls in forward are ignored (see
+    _ignored_logging_functions).
     Python floats stay constants: a float dynamo made symbolic (e.g. attention
     scaling, when a second model of the same class is compiled in the process)
     makes AOTAutograd ask dynamo to restart tracing, which it can only do
@@ -264,7 +267,24 @@ def capture_settings():
     regions size their weight-gradient probes from the captured shapes, and
     compression skips dynamic shapes anyway.
     """
-    return torch._dynamo.config.patch(specialize_float=True)
+    return torch._dynamo.config.patch(specialize_float=True,
+                                      ignore_logging_functions=_ignored_logging_functions())
+
+
+def _ignored_logging_functions() -> set[Callable[..., Any]]:
+    """Dynamo's ignore_logging_functions plus transformers' `logger.warning_once`.
+
+    HF models warn from inside forward (with gradient checkpointing on: "use_cache=True
+    is incompatible with gradient checkpointing. Setting use_cache=False", and
+    transformers then does so); a warning is a graph break to dynamo. Ignored, the
+    forward captures as one graph and the warning is not printed."""
+    import logging
+
+    functions = set(torch._dynamo.config.ignore_logging_functions)
+    warning_once = getattr(logging.Logger, "warning_once", None)  # set by transformers
+    if warning_once is not None:
+        functions.add(warning_once)
+    return functions
 
 
 _COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -320,6 +340,59 @@ def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Call
     """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
     model alone (see _isolated_compile)."""
     return _isolated_compile(model, backend=backend, fullgraph=True)
+
+
+def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
+    """Inline each activation-checkpointed call in a dynamo graph, its nodes
+    tagged for recompute as AOTAutograd tags them; returns how many.
+
+    Dynamo captures `torch.utils.checkpoint` (reentrant or not, HF's
+    gradient_checkpointing_enable) as one `tag_activation_checkpoint` call of a
+    body graph; AOTAutograd inlines that body with every node tagged
+    PREFER_RECOMPUTE (one `ac_graph_id` per call), so the partitioner saves the
+    body's inputs and reruns the rest in backward. Inlined here first, the
+    regions see the layers inside (each layer's weight gradient is tapped out as
+    everywhere else) and the tags reach the joint graph as they would have.
+    A selective policy (`context_fn`) is applied by the op at trace time, which
+    inlining would skip: refused."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    hop = torch.ops.higher_order.tag_activation_checkpoint
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop]
+    for graph_id, call in enumerate(calls):
+        if call.kwargs.get("context_fn") is not None:
+            raise NotImplementedError(
+                "selective activation checkpointing (torch.utils.checkpoint with a context_fn) "
+                "is not supported inside a slimfit_fx model; checkpoint without a context_fn "
+                "(HF gradient_checkpointing_enable(), or checkpoint(fn, *args, use_reentrant=False))")
+        body = getattr(gm, call.args[0].target)
+        env = dict(zip((n for n in body.graph.nodes if n.op == "placeholder"), call.args[1:]))
+        with gm.graph.inserting_before(call):
+            for node in body.graph.nodes:
+                if node.op == "placeholder":
+                    continue
+                if node.op == "output":
+                    result = fx.map_arg(node.args[0], env.__getitem__)
+                    continue
+                if node.op == "get_attr":
+                    raise NotImplementedError("a checkpointed body that reads module attributes")
+                copy = gm.graph.node_copy(node, env.__getitem__)
+                copy.meta = dict(node.meta)
+                copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                copy.meta["ac_graph_id"] = graph_id
+                env[node] = copy
+        for user in list(call.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(result[user.args[1]])
+                gm.graph.erase_node(user)
+            else:
+                user.replace_input_with(call, result)
+        gm.graph.erase_node(call)
+    if calls:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return len(calls)
 
 
 def current_tracing_context() -> Any:

@@ -279,6 +279,7 @@ class CapturedGraph:
 
     def _build_regions(self, gm: fx.GraphModule) -> fx.GraphModule:
         state = self.state
+        self.checkpoints = capture.inline_activation_checkpoints(gm)
         split = regions.split_regions(gm, state.blocks)
         top_inputs = {n: i for i, n in enumerate(n for n in split.graph.nodes if n.op == "placeholder")}
         for index, node in enumerate(n for n in split.graph.nodes if n.op == "call_module"):

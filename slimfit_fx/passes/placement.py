@@ -91,6 +91,8 @@ def place_static_saves(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in graph.nodes:
         if node.op != "call_function" or node not in forward:
             continue
+        if "ac_graph_id" in node.meta:
+            continue  # inside the user's activation checkpoint: recomputed, as they asked
         logits = _vocabulary_logits(node, forward)
         if logits:
             for each in logits:
