@@ -101,11 +101,11 @@ BACKENDS = ("inductor", "aot_eager")
 class SlimFitConfig:
     """How slimfit_fx compiles and freezes a model.
 
-    freeze_ratio: share of the layers that can train (see
-        `cm.slimfit.report()`) that "ils" freezes, in [0.0, 1.0]; 0.0 freezes
-        nothing. None (the default) is 0.9 under "ils". schedule="manual"
-        takes none: `set_frozen` picks the set, so a ratio given with it is
-        refused rather than ignored.
+    freeze_ratio: share of the layers that can train (those an optimizer that
+        stepped holds; see `cm.slimfit.not_scheduled`) that "ils" freezes, in
+        [0.0, 1.0]; 0.0 freezes nothing. None (the default) is 0.9 under
+        "ils". schedule="manual" takes none: `set_frozen` picks the set, so a
+        ratio given with it is refused rather than ignored.
     schedule: who picks the frozen set; "ils" (the default) is the
         training-dynamics scheduler (inter-layer scheduling), "manual" means
         `cm.slimfit.set_frozen` (nothing frozen until it is called).
