@@ -25,8 +25,11 @@ def _check_compression(self) -> None:
         value = getattr(self, name)
         if value is None:
             continue
-        if name.endswith("_bits") and (isinstance(value, bool) or value not in (4, 8)):
-            raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None, got {value!r}")
+        # 8.0 == 8, but a float width would reach the packing ops and fail at the first forward
+        if name.endswith("_bits") and (isinstance(value, bool) or not isinstance(value, int)
+                                       or value not in (4, 8)):
+            raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None (an int), got {value!r} "
+                             f"of type {type(value).__name__}")
         if name.endswith(("_mask", "_packed")) and not isinstance(value, bool):
             raise ValueError(f"CompressionConfig.{name} must be True, False or None, got {value!r}")
         if name.endswith("_keep") and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -98,11 +101,14 @@ BACKENDS = ("inductor", "aot_eager")
 class SlimFitConfig:
     """How slimfit_fx compiles and freezes a model.
 
-    freeze_ratio: share of layers the scheduler freezes, in [0.0, 1.0]
-        (0.0 freezes nothing).
+    freeze_ratio: share of the layers that can train (those an optimizer that
+        stepped holds; see `cm.slimfit.not_scheduled`) that "ils" freezes, in
+        [0.0, 1.0]; 0.0 freezes nothing. None (the default) is 0.9 under
+        "ils". schedule="manual" takes none: `set_frozen` picks the set, so a
+        ratio given with it is refused rather than ignored.
     schedule: who picks the frozen set; "ils" (the default) is the
         training-dynamics scheduler (inter-layer scheduling), "manual" means
-        `cm.slimfit.set_frozen`. To freeze nothing: freeze_ratio=0.0.
+        `cm.slimfit.set_frozen` (nothing frozen until it is called).
     backend: compiler for every variant, "inductor" or "aot_eager" (no codegen).
     reschedule_every: "ils" picks a new frozen set every this many optimizer
         steps; 1 (the default) is the paper's per-step scheduling. A new frozen
@@ -124,7 +130,7 @@ class SlimFitConfig:
         what the default () does.
     """
 
-    freeze_ratio: float = 0.9
+    freeze_ratio: float | None = None
     schedule: str = "ils"
     backend: str = "inductor"
     reschedule_every: int = 1
@@ -133,19 +139,35 @@ class SlimFitConfig:
     memory_budget: float | None = None
     always_train: tuple[str, ...] = ()
 
+    def __new__(cls, *args: object, **fields: object) -> "SlimFitConfig":
+        # Before dataclass's __init__, whose "unexpected keyword argument" names no fix.
+        _refuse_unknown(fields)
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
-        ratio = self.freeze_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise TypeError(
-                f"SlimFitConfig.freeze_ratio must be a float in [0.0, 1.0], got {ratio!r} "
-                f"of type {type(ratio).__name__}"
-            )
-        if not 0.0 <= ratio <= 1.0:
-            raise ValueError(f"SlimFitConfig.freeze_ratio must be in [0.0, 1.0], got {ratio!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"SlimFitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
             )
+        ratio = self.freeze_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+            raise TypeError(
+                f"SlimFitConfig.freeze_ratio must be a float in [0.0, 1.0], got {ratio!r} "
+                f"of type {type(ratio).__name__}"
+            )
+        if ratio is not None and not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"SlimFitConfig.freeze_ratio must be in [0.0, 1.0], got {ratio!r}")
+        if ratio is not None and self.schedule == "manual":
+            raise ValueError(
+                f"SlimFitConfig.freeze_ratio={ratio!r} has no effect with schedule='manual', where "
+                "cm.slimfit.set_frozen(names) picks the frozen set (nothing is frozen until it is "
+                "called). Fix: drop freeze_ratio (or pass freeze_ratio=None), or use schedule='ils' to have the scheduler "
+                "freeze that share of the layers")
+        # Not a field: whether freeze_ratio was left to its default, so replace() can
+        # switch such a config to schedule='manual'.
+        object.__setattr__(self, "_ratio_defaulted", ratio is None)
+        if ratio is None and self.schedule == "ils":
+            object.__setattr__(self, "freeze_ratio", DEFAULT_FREEZE_RATIO)
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"SlimFitConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
@@ -180,28 +202,31 @@ class SlimFitConfig:
         return c if isinstance(c, CompressionConfig) else COMPRESSION_PRESETS[c]
 
     def replace(self, **overrides) -> "SlimFitConfig":
-        """A copy with `overrides` applied; unknown field names raise TypeError."""
-        fields = {f.name for f in dataclasses.fields(self)}
-        _refuse_removed(overrides)
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise TypeError(
-                f"unknown SlimFitConfig field(s) {unknown}; the fields are {sorted(fields)}"
-            )
+        """A copy with `overrides` applied; unknown field names raise TypeError.
+        A freeze_ratio left to its default stays a default (so
+        `SlimFitConfig().replace(schedule="manual")` holds)."""
+        _refuse_unknown(overrides)
+        if self._ratio_defaulted and "freeze_ratio" not in overrides:
+            overrides = {**overrides, "freeze_ratio": None}
         return dataclasses.replace(self, **overrides)
 
 
+DEFAULT_FREEZE_RATIO = 0.9
 # Fields of the per-frozen-set compiler, gone since one compile serves every set.
 _REMOVED = {"max_variants", "new_set_every", "compile_budget"}
 
 
-def _refuse_removed(fields) -> None:
+def _refuse_unknown(fields) -> None:
     removed = sorted(_REMOVED & set(fields))
     if removed:
         raise TypeError(
             f"SlimFitConfig no longer has {removed}: slimfit_fx compiles each distinct region "
             "once and every frozen set runs on that code, so there is no per-set compile to "
             "bound; drop the argument (the schedule re-ranks layers after every optimizer step)")
+    known = {f.name for f in dataclasses.fields(SlimFitConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise TypeError(f"unknown SlimFitConfig field(s) {unknown}; the fields are {sorted(known)}")
 
 
 def _check_int(field: str, value: object, least: int, none_ok: bool = False) -> None:

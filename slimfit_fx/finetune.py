@@ -76,10 +76,13 @@ class FinetuneSettings:
         """The compile config; raises ValueError/TypeError naming a bad field.
         `new_layers` (layers the checkpoint did not hold) always train under "ils"
         if `train_new_layers`."""
-        ils = dict(schedule="ils", always_train=new_layers if self.train_new_layers else ())
+        # "fixed" draws its set from freeze_ratio itself (seeded_frozen_set) and sets it
+        # by hand, so the compile takes no ratio
+        ils = dict(schedule="ils", freeze_ratio=self.freeze_ratio,
+                   always_train=new_layers if self.train_new_layers else ())
         return slimfit_fx.SlimFitConfig(
-            backend=self.backend, freeze_ratio=self.freeze_ratio, seed=self.seed,
-            compression=self.compression, **(ils if self.schedule == "ils" else {"schedule": "manual"}))
+            backend=self.backend, seed=self.seed, compression=self.compression,
+            **(ils if self.schedule == "ils" else {"schedule": "manual"}))
 
     def check(self) -> None:
         """Every setting the job can validate without loading anything; raises

@@ -24,11 +24,12 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm2d"))
 
 
-def find_layers(model: nn.Module) -> tuple[str, ...]:
+def find_layers(model: nn.Module, requires_grad: bool = True) -> tuple[str, ...]:
     """Names of the layers of `model`, in `named_parameters()` order.
 
     Tied parameters count once, under the first name `named_parameters()` gives.
-    Parameters with requires_grad=False are the user's own freezing and are left out.
+    Parameters with requires_grad=False are the user's own freezing and are left
+    out; `requires_grad=False` lists those instead.
     """
     norm_weights = {
         id(module.weight)
@@ -38,7 +39,7 @@ def find_layers(model: nn.Module) -> tuple[str, ...]:
     return tuple(
         name
         for name, param in model.named_parameters()
-        if param.requires_grad and (param.dim() >= 2 or id(param) in norm_weights)
+        if param.requires_grad == requires_grad and (param.dim() >= 2 or id(param) in norm_weights)
     )
 
 

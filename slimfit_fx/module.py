@@ -30,6 +30,9 @@ from .regions import block_prefixes
 from .variants import EngineState
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# Why a layer is not scheduled (SlimFit.not_scheduled, the report).
+FROZEN_BEFORE_COMPILE = "requires_grad=False before compile"
+NOT_IN_AN_OPTIMIZER = "in no optimizer that stepped, so kept frozen"
 
 
 def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: Any) -> "SlimFitModule":
@@ -71,6 +74,14 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
     if overrides:
         config = config.replace(**overrides)
+    on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:
+        raise ValueError(
+            f"{type(model).__name__} has {len(on_meta)} parameter(s)/buffer(s) on the meta device "
+            f"({on_meta[0]!r} first): they have shapes but no values, so there is nothing to train "
+            "or capture. Fix: materialize the weights before compiling, e.g. "
+            "model.to_empty(device='cpu') then model.load_state_dict(weights), or load the model "
+            "with real weights (without device='meta' or init_empty_weights)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(
             f"{type(model).__name__} has no parameter with requires_grad=True, so there is "
@@ -106,6 +117,7 @@ class SlimFit:
         self.model = model
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
+        self._frozen_before_compile = find_layers(model, requires_grad=False)
         self._aliases = parameter_aliases(model)
         self._state = EngineState(
             backend=config.backend,
@@ -124,6 +136,27 @@ class SlimFit:
     def frozen(self) -> frozenset[str]:
         """The frozen set the next forward uses."""
         return self._state.frozen
+
+    @frozen.setter
+    def frozen(self, names: Iterable[str]) -> None:
+        fix = ("compile with schedule='manual' and call cm.slimfit.set_frozen(names) to pick it "
+               "yourself (or pass always_train=(...) to keep some layers training under 'ils')"
+               if self.schedule is not None else "call cm.slimfit.set_frozen(names)")
+        raise AttributeError(
+            "cm.slimfit.frozen is read-only: it is the frozen set the next forward uses"
+            + (", which the ILS schedule picks after every optimizer step" if self.schedule else "")
+            + f". To set it, {fix}")
+
+    @property
+    def not_scheduled(self) -> dict[str, str]:
+        """Layers slimfit never trains, each with why: set requires_grad=False
+        before compile (not in `layers`), or, under schedule='ils', held by no
+        optimizer that stepped (kept frozen from the first optimizer step on, and
+        left out of the layers `freeze_ratio` counts)."""
+        why = dict.fromkeys(self._frozen_before_compile, FROZEN_BEFORE_COMPILE)
+        if self.schedule is not None:
+            why.update((n, NOT_IN_AN_OPTIMIZER) for n in self.layers if n in self.schedule.not_held)
+        return why
 
     def set_frozen(self, names: Iterable[str]) -> None:
         """Freeze exactly `names` (layer names, see `layers`) from the next forward on."""
@@ -171,7 +204,9 @@ class SlimFit:
 
     def step(self) -> None:
         """Advance the ILS schedule after an update made without a torch.optim
-        optimizer (a hand-written loop); optimizers' steps advance it on their own."""
+        optimizer (a hand-written loop); optimizers' steps advance it on their own.
+        Idempotent per update: a call with no weight change since the previous
+        one does nothing."""
         if self.schedule is None:
             raise RuntimeError("cm.slimfit.step() advances schedule='ils'; this model's frozen set "
                                "is manual (set_frozen)")
@@ -199,7 +234,7 @@ class SlimFit:
         state = self._state
         traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
         wall, compile_seconds = state.wall_seconds(), state.compile_seconds + traces
-        return {
+        return Stats({
             "graphs_captured": len(state.graphs),
             "regions": sum(c.instances for c in state.compiled.values()),
             "regions_compiled": len(state.compiled),
@@ -207,7 +242,7 @@ class SlimFit:
             "weight_grad_trace_seconds": traces,
             "wall_seconds": wall,
             "compile_share": compile_seconds / wall if wall else 0.0,
-        }
+        })
 
     @property
     def saved_bytes(self) -> int | None:
@@ -296,6 +331,26 @@ class SlimFit:
             return live.capture_backend(gm, example_inputs)
 
         return capture_backend
+
+
+# Stats of the former per-frozen-set compiler: the one that replaced each, or None.
+_REMOVED_STATS = {"variants_compiled": "regions_compiled", "variants_live": None, "cache_hits": None,
+                  "cache_misses": None, "evictions": None}
+
+
+class Stats(dict):
+    """`cm.slimfit.stats`: a plain dict whose missing-key error names the keys it has."""
+
+    def __missing__(self, key: object) -> float:
+        if key in _REMOVED_STATS and _REMOVED_STATS[key]:
+            why = (f"it is now {_REMOVED_STATS[key]!r} (one compile per distinct region serves "
+                   "every frozen set)")
+        elif key in _REMOVED_STATS:
+            why = ("it counted the former per-frozen-set compile cache, which is gone: one compile "
+                   "per distinct region serves every frozen set")
+        else:
+            why = "no such stat"
+        raise KeyError(f"cm.slimfit.stats has no {key!r}: {why}. The stats are {sorted(self)}")
 
 
 def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> InterLayerSchedule:
@@ -403,14 +458,7 @@ class SlimFitModule(nn.Module):
             )
         schedule = self.slimfit.schedule
         if schedule is not None and torch.is_grad_enabled() and self._model.training:
-            if schedule.forwards_since_reference and schedule.moved_without_step():
-                raise SlimFitError(
-                    "the ILS schedule picks a new frozen set after every optimizer step, but "
-                    "trainable weights changed with no torch.optim optimizer step since the last "
-                    "forward (a hand-written update?), so the frozen set would never change. Fix: "
-                    "call cm.slimfit.step() after each update, or update with a torch.optim "
-                    "optimizer, or compile with schedule='manual' to keep a set of your own.")
-            schedule.forwards_since_reference += 1
+            schedule.note_training_forward()
         calls_before = self.slimfit._graph_calls()
         try:
             with capture.capture_settings():
@@ -460,7 +508,10 @@ class SlimFitModule(nn.Module):
         return self._model.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        return self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+        result = self._model.load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.slimfit.schedule is not None:
+            self.slimfit.schedule.weights_loaded()  # loading weights is not an update
+        return result
 
     def named_parameters(self, prefix: str = "", recurse: bool = True,
                          remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:

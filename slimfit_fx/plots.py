@@ -83,7 +83,8 @@ def plot_saved_by_module(before: tuple[SavedTensor, ...], after: tuple[SavedTens
     ax.set_xticks(list(xs), groups, rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("module (repeated blocks as one bar each; (other): no module recorded)")
     ax.set_ylabel("MiB saved for backward")
-    ax.set_title("bytes held from forward to backward, per module: before slimfit's passes and after")
+    # two lines: as one it is wider than the narrowest figure (6 in) and was cut off
+    ax.set_title("bytes held from forward to backward, per module:\nbefore slimfit's passes and after")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -107,7 +108,7 @@ def plot_schedule(trained: "torch.Tensor", layers: tuple[str, ...], path: str | 
     counts = trained.sum(dim=1).tolist()
     ax.set_xlabel(f"optimizer step ({steps} steps)")
     ax.set_ylabel(f"layer ({len(layers)}, in named_parameters order)")
-    ax.set_title(f"layers trained per step (trained steps per layer: min {min(counts, default=0)}, "
+    ax.set_title(f"layers trained per step\n(trained steps per layer: min {min(counts, default=0)}, "
                  f"max {max(counts, default=0)})")
     ax.set_yticks(range(len(layers)), [name[-48:] for name in layers], fontsize=6)
     ax.legend(handles=[Patch(facecolor="black", label="trained"),

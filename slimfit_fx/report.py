@@ -30,17 +30,22 @@ class Report:
     saved_tensors: tuple[SavedTensor, ...] = ()
     saved_tensors_before: tuple[SavedTensor, ...] = ()  # with no slimfit pass, from the graph
     schedule: dict[str, Any] | None = None  # schedule="ils": steps, trained steps per layer, ...
+    # layers slimfit never trains, and why (SlimFit.not_scheduled)
+    not_scheduled: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __str__(self) -> str:
         saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
             f"{self.saved_bytes:,} B ({self.saved_bytes / 2**20:.2f} MiB)"
         )
         s = self.stats
+        kept = set(self.not_scheduled) & set(self.layers)  # frozen, but not by the schedule
+        scheduled_frozen = len(set(self.frozen) - kept)
         rows = [
             ("model", self.model),
             ("backend", self.backend),
-            ("layers", f"{len(self.layers)} ({len(self.frozen)} frozen, "
-                       f"{len(self.layers) - len(self.frozen)} trainable)"),
+            ("layers", f"{len(self.layers)} ({scheduled_frozen} frozen, "
+                       f"{len(self.layers) - len(kept) - scheduled_frozen} trainable"
+                       + (f", {len(kept)} not scheduled" if kept else "") + ")"),
             ("saved for backward", saved),
             ("dynamo graphs", f"{s['graphs_captured']}"),
             ("regions", f"{s['regions']} per step, {s['regions_compiled']} compiled "
@@ -54,7 +59,9 @@ class Report:
                          f"{distinct_bytes(before):,} B in {len(before)} tensors; "
                          f"{len(dropped)} of them no longer saved"))
         if self.schedule is not None:
-            rows += _schedule_rows(self.schedule, s)
+            rows += _schedule_rows(self.schedule, s, kept)
+        if self.not_scheduled:
+            rows.append(("not scheduled", _describe_not_scheduled(self.not_scheduled)))
         rows += [(f"pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
@@ -69,6 +76,7 @@ class Report:
     @classmethod
     def from_json(cls, text: str) -> "Report":
         data: dict[str, Any] = json.loads(text)
+        data.setdefault("not_scheduled", {})  # reports written before it existed
         data["layers"] = tuple(data["layers"])
         data["frozen"] = tuple(data["frozen"])
         for key in ("saved_tensors", "saved_tensors_before"):
@@ -113,15 +121,29 @@ class Report:
         return "\n".join(lines)
 
 
-def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float]) -> list[tuple[str, str]]:
-    counts = list(schedule["trained_steps"].values())
+def _describe_not_scheduled(not_scheduled: dict[str, str], most: int = 3) -> str:
+    """'2 in no optimizer ... (a, b); 3 requires_grad=False ... (c, d, e, +1 more)'."""
+    by_reason: dict[str, list[str]] = {}
+    for name, why in not_scheduled.items():
+        by_reason.setdefault(why, []).append(name)
+    parts = []
+    for why, names in by_reason.items():
+        shown = ", ".join(names[:most]) + (f", +{len(names) - most} more" if len(names) > most else "")
+        parts.append(f"{len(names)} {why} ({shown})")
+    return "; ".join(parts)
+
+
+def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float],
+                   not_scheduled: set[str]) -> list[tuple[str, str]]:
+    counts = [c for n, c in schedule["trained_steps"].items() if n not in not_scheduled]
     wall = stats.get("wall_seconds") or 0.0
     share = f"{stats['compile_share']:.1%} of {wall:.1f} s training" if wall else "no training yet"
     return [
         ("schedule", f"ils, {schedule['steps']} optimizer steps, rescheduled every "
                      f"{schedule['reschedule_every']}"),
         ("distinct frozen sets", f"{schedule['distinct_sets']}"),
-        ("trained steps per layer", f"min {min(counts, default=0)}, max {max(counts, default=0)}"),
+        ("trained steps per layer", f"min {min(counts, default=0)}, max {max(counts, default=0)}"
+                                    + (" (scheduled layers)" if not_scheduled else "")),
         ("score bookkeeping peak", f"{schedule['snapshot_bytes_peak']:,} B"),
         ("compile share", share),
     ]
@@ -153,4 +175,5 @@ def build_report(slimfit: "SlimFit") -> Report:
         saved_tensors=() if variant is None else tuple(variant.saved_tensors()),
         saved_tensors_before=() if variant is None else tuple(variant.saved_tensors_before_passes()),
         schedule=_schedule_summary(slimfit),
+        not_scheduled=slimfit.not_scheduled,
     )

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .errors import SlimFitError
+
 # Initial scores are uniform in [0, INITIAL_SCORE): far above any real relative
 # change, so every layer trains once before measured scores compete (as the
 # authors' code does with rand * 1e10).
@@ -52,11 +54,18 @@ class InterLayerSchedule:
     """Scores and the frozen set each step.
 
     `apply_frozen(frozen)` is called whenever the set changes; `parameters` maps
-    each layer name to its parameter. The schedule advances on optimizer steps
-    (`before_step` / `after_step`), never on forward or backward calls, so
-    gradient accumulation over micro-batches sees one frozen set and one score
-    update per optimizer step. Layers in `always_train` are never frozen; the
-    frozen set is drawn from the rest and keeps its size where they leave room.
+    each layer name to its parameter. The schedule advances once per update,
+    never on forward or backward calls: an update is the optimizer steps between
+    two training forwards (several optimizers, one per parameter group set,
+    make one update), so gradient accumulation over micro-batches sees one
+    frozen set and one score update per optimizer step. Layers in
+    `always_train` are never frozen; the frozen set is drawn from the rest and
+    keeps its size where they leave room.
+
+    Until the first optimizer step every layer is scheduled. From then on only
+    the layers some optimizer that stepped holds are (`held`): a layer in no
+    optimizer never moves, so its score would stay at its initial value and
+    keep it training for good; it is frozen instead, outside `freeze_ratio`.
     """
 
     def __init__(self, layers: Sequence[str], parameters: dict[str, torch.nn.Parameter],
@@ -67,7 +76,6 @@ class InterLayerSchedule:
         self.parameters = parameters
         self.always_train = frozenset(always_train)
         self.freeze_ratio = freeze_ratio
-        self.num_frozen = min(int(freeze_ratio * len(self.layers)), len(self.layers) - len(self.always_train))
         self.reschedule_every = reschedule_every
         self.apply_frozen = apply_frozen
         self.generator = torch.Generator().manual_seed(seed)
@@ -76,28 +84,57 @@ class InterLayerSchedule:
         self.step = 0
         self.history: list[int] = []  # frozen set of each step as a bitmask over layers
         self.snapshot_bytes_peak = 0
+        # Layers held by an optimizer that stepped; None before the first step.
+        self.held: frozenset[str] | None = None
         self._snapshots: dict[int, torch.Tensor] = {}
         self._index = {name: i for i, name in enumerate(self.layers)}
         self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
-        # Samples of the trainable layers as the current set was applied, for
-        # `manual_step` and to notice weights moved with no optimizer step; dropped
-        # once an optimizer drives the schedule.
+        # The optimizers (by id) that stepped since the last advance, until the next
+        # training forward; and the frozen set that forward's gradients came from.
+        self._round: set[int] | None = None
+        self._ran_with: frozenset[str] = frozenset()
+        # Samples of the trainable layers at a step's first training forward, for
+        # `manual_step` and to notice weights moved with no step; unused once an
+        # optimizer drives the schedule.
+        self.driven_by_optimizer = False
         self._reference: dict[int, torch.Tensor] | None = None
         self.forwards_since_reference = 0
         self.frozen = self._choose()
         self.apply_frozen(self.frozen)
-        self._take_reference()
 
     # -- selection ---------------------------------------------------------------
 
-    def _lowest(self) -> frozenset[str]:
-        order = [i for i in torch.argsort(self.scores, stable=True).tolist()
-                 if self.layers[i] not in self.always_train]
-        return frozenset(self.layers[i] for i in order[: self.num_frozen])
+    @property
+    def scheduled(self) -> tuple[str, ...]:
+        """The layers the schedule picks from: all of them before the first
+        optimizer step, then the ones an optimizer that stepped holds."""
+        return self.layers if self.held is None else tuple(n for n in self.layers if n in self.held)
+
+    @property
+    def not_held(self) -> frozenset[str]:
+        """Layers no optimizer that stepped holds: kept frozen, never scheduled."""
+        return frozenset() if self.held is None else frozenset(self.layers) - self.held
+
+    @property
+    def num_frozen(self) -> int:
+        """How many scheduled layers are frozen: `freeze_ratio` of the layers that can train."""
+        return self._num_frozen(self.scheduled)
+
+    def _num_frozen(self, scheduled: Sequence[str]) -> int:
+        return min(int(self.freeze_ratio * len(scheduled)),
+                   len(scheduled) - len(self.always_train.intersection(scheduled)))
 
     def _choose(self) -> frozenset[str]:
-        """The `num_frozen` lowest-scoring layers (ties: the earlier layer)."""
-        return self._lowest()
+        """The `num_frozen` lowest-scoring scheduled layers (ties: the earlier
+        layer), and every layer no optimizer holds."""
+        candidates = set(self.scheduled) - self.always_train
+        order = [i for i in torch.argsort(self.scores, stable=True).tolist() if self.layers[i] in candidates]
+        return frozenset(self.layers[i] for i in order[: self.num_frozen]) | self.not_held
+
+    def _set(self, frozen: frozenset[str]) -> None:
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.apply_frozen(frozen)
 
     # -- optimizer hooks -----------------------------------------------------------
 
@@ -105,51 +142,91 @@ class InterLayerSchedule:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop frozen layers' gradients (so no optimizer moves them, even with
-        momentum or weight decay) and snapshot the layers about to move."""
+        """Note the layers `optimizer` holds, drop the gradients of layers frozen
+        when they were computed (so no optimizer moves them, even with momentum
+        or weight decay) and snapshot the layers about to move."""
+        self.driven_by_optimizer = True
         self._reference = None
-        frozen_ids = {id(self.parameters[n]) for n in self.frozen}
+        if self._round is not None and id(optimizer) in self._round:
+            self._round = None  # stepped again with no forward between: a new update
+        computed_under = self.frozen if self._round is None else self._ran_with
+        held = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
                 index = self._param_ids.get(id(p))
                 if index is None:
                     continue
-                if id(p) in frozen_ids:
+                held.add(self.layers[index])
+                if self.layers[index] in computed_under:
                     p.grad = None
                 elif p.grad is not None:
                     self._snapshots[index] = score_sample(p).clone()
+        self.held = frozenset(held) if self.held is None else self.held | held
         self._count_held(self._snapshots)
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Score the layers that moved, then (every `reschedule_every` steps) pick
-        the next frozen set."""
+        """Score the layers that moved; the update's first optimizer step
+        advances the schedule, a later one (another optimizer before the next
+        forward) adds its layers' scores to the same choice."""
         self._score(self._snapshots)
         self._snapshots.clear()
-        self._advance()
+        if self._round is None:
+            self._round = {id(optimizer)}
+            self._ran_with = self.frozen
+            self._advance()
+            return
+        self._round.add(id(optimizer))
+        self.history[-1] = self._mask(self._ran_with | self.not_held)
+        self._reschedule()
+
+    def note_training_forward(self) -> None:
+        """Called before each training forward: it ends the current update, and
+        in a loop with no optimizer it checks that `manual_step` follows each update."""
+        self._round = None
+        for name in self.not_held:
+            # a gradient from before the first step, when the layer was still scheduled
+            self.parameters[name].grad = None
+        if self.driven_by_optimizer:
+            return
+        if self.forwards_since_reference and self._moved_since_reference():
+            raise SlimFitError(
+                "the ILS schedule picks a new frozen set after every optimizer step, but "
+                "trainable weights changed with no torch.optim optimizer step since the last "
+                "forward (a hand-written update?), so the frozen set would never change. Fix: "
+                "call cm.slimfit.step() after each update, or update with a torch.optim "
+                "optimizer, or compile with schedule='manual' to keep a set of your own.")
+        if self.forwards_since_reference == 0:
+            self._take_reference()
+        self.forwards_since_reference += 1
+
+    def weights_loaded(self) -> None:
+        """The model's weights were replaced (load_state_dict): not an update, so the
+        next training forward samples them afresh."""
+        self._reference = None
+        self.forwards_since_reference = 0
 
     def manual_step(self) -> None:
         """After an update made without a torch.optim optimizer: score the
-        trainable layers against their weights when the current set was applied,
-        then advance as after an optimizer step."""
-        if self._reference is None:
+        trainable layers against their weights at the update's first forward,
+        then advance as after an optimizer step. Idempotent: with no weight
+        change since that forward (a second call for one update) it does nothing."""
+        if self.driven_by_optimizer:
             raise RuntimeError(
                 "this schedule is driven by an optimizer's steps (its step hooks already "
                 "fired); cm.slimfit.step() is for updates made without a torch.optim optimizer")
+        if self._reference is None or not self._moved_since_reference():
+            return  # scoring now would give the layers that just trained 0 and freeze them
         self._score(self._reference)
+        self.weights_loaded()
         self._advance()
-        self._take_reference()
 
-    def moved_without_step(self) -> bool:
-        """Whether a trainable layer's weights changed since the current set was
-        applied, with no step of either kind since."""
-        return self._reference is not None and any(
-            not torch.equal(ref, score_sample(self.parameters[self.layers[i]]))
-            for i, ref in self._reference.items())
+    def _moved_since_reference(self) -> bool:
+        return any(not torch.equal(ref, score_sample(self.parameters[self.layers[i]]))
+                   for i, ref in self._reference.items())
 
     def _take_reference(self) -> None:
         self._reference = {self._index[n]: score_sample(self.parameters[n]).clone()
                            for n in self.layers if n not in self.frozen}
-        self.forwards_since_reference = 0
         self._count_held(self._reference)
 
     def _count_held(self, samples: dict[int, torch.Tensor]) -> None:
@@ -167,12 +244,14 @@ class InterLayerSchedule:
 
     def _advance(self) -> None:
         self.step += 1
-        self.history.append(self._mask(self.frozen))
-        if self.step % self.reschedule_every == 0:
-            chosen = self._choose()
-            if chosen != self.frozen:
-                self.frozen = chosen
-                self.apply_frozen(chosen)
+        self.history.append(self._mask(self.frozen | self.not_held))
+        self._reschedule()
+
+    def _reschedule(self) -> None:
+        # Off the reschedule_every beat too when a layer no optimizer holds would
+        # still train: the held set was just learned (or grew).
+        if self.step % self.reschedule_every == 0 or not self.not_held <= self.frozen:
+            self._set(self._choose())
 
     def _mask(self, frozen: Iterable[str]) -> int:
         return sum(1 << self._index[n] for n in frozen)
@@ -203,8 +282,10 @@ class InterLayerSchedule:
             "generator": self.generator.get_state(),
             "history": self.history_matrix(),
             "snapshot_bytes_peak": self.snapshot_bytes_peak,
+            "held": None if self.held is None else sorted(self.held),
         }
 
+    # "held" is optional: states saved before it existed learn it at the next step.
     STATE_KEYS = ("layers", "step", "scores", "frozen", "generator", "history", "snapshot_bytes_peak")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,12 +305,23 @@ class InterLayerSchedule:
         if not frozen <= set(self.layers):
             raise ValueError(f"this ILS state freezes {sorted(frozen - set(self.layers))[:3]}, which "
                              "are not layers of this model; pass an unedited cm.slimfit.state_dict()")
-        if len(frozen) != self.num_frozen:
+        held = state.get("held")
+        if held is not None and not (isinstance(held, (list, tuple)) and set(held) <= set(self.layers)):
+            raise ValueError("this ILS state's held layers are not layers of this model; pass an "
+                             "unedited cm.slimfit.state_dict()")
+        held = None if held is None else frozenset(held)
+        not_held = frozenset() if held is None else frozenset(self.layers) - held
+        scheduled = [n for n in self.layers if n not in not_held]
+        if not not_held <= frozen:
+            raise ValueError("this ILS state trains layers it records as in no optimizer; pass an "
+                             "unedited cm.slimfit.state_dict()")
+        if len(frozen - not_held) != self._num_frozen(scheduled):
             raise ValueError(
-                f"this schedule state froze {len(frozen)} of {len(self.layers)} layers, but this "
-                f"model was compiled to freeze {self.num_frozen} (freeze_ratio={self.freeze_ratio}); "
+                f"this schedule state froze {len(frozen - not_held)} of {len(scheduled)} layers, but "
+                f"this model was compiled to freeze {self._num_frozen(scheduled)} "
+                f"(freeze_ratio={self.freeze_ratio}); "
                 "compile with the freeze_ratio (and always_train) the saved run used")
-        if frozen & self.always_train:
+        if (frozen - not_held) & self.always_train:
             raise ValueError(
                 f"this schedule state froze {sorted(frozen & self.always_train)}, which this model's "
                 "always_train keeps training; compile with the always_train the saved run used")
@@ -252,7 +344,8 @@ class InterLayerSchedule:
         self.generator = generator
         self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in history.T]
         self.snapshot_bytes_peak = int(state["snapshot_bytes_peak"])
+        self.held = held
+        self._round = None
+        self.weights_loaded()
         self.frozen = frozen
         self.apply_frozen(self.frozen)
-        if self._reference is not None:
-            self._take_reference()

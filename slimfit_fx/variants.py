@@ -239,14 +239,17 @@ class StepRecord:
 
 
 def _rename(tensor: SavedTensor, region: Region) -> SavedTensor:
-    """A shared region's tensors carry the module names of the block that built it."""
+    """A shared region's tensors carry the module names of the block that built it,
+    and node and storage names of their region call: every call of a shared region
+    holds storages of its own, so `distinct_bytes` must count each call's."""
     first, own = region.compiled.name, region.block
     module = tensor.module
     if own and first and (module == first or module.startswith(first + ".")):
         module = own + module[len(first):]
     elif own and not module:
         module = own  # a block region's input (the hidden state it was handed), by its block
-    return dataclasses.replace(tensor, module=module, name=f"{region.index}:{tensor.name}")
+    storage = f"{region.index}:{tensor.storage}" if tensor.storage else ""
+    return dataclasses.replace(tensor, module=module, name=f"{region.index}:{tensor.name}", storage=storage)
 
 
 class CapturedGraph:

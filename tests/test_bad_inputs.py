@@ -59,6 +59,11 @@ def _ils_state(**changes) -> dict:
     return state
 
 
+def _on_meta() -> nn.Module:
+    with torch.device("meta"):
+        return MLP()
+
+
 def _without(state: dict, key: str) -> dict:
     return {k: v for k, v in state.items() if k != key}
 
@@ -89,6 +94,22 @@ API = [
         "max_variants"),
     Bad("always_train names no layer", NOTHING,
         lambda _: slimfit_fx.compile(MLP(), always_train=("net.9.weight",)), KeyError, "net.9.weight"),
+    Bad("a model on the meta device", NOTHING, lambda _: slimfit_fx.compile(_on_meta()), ValueError,
+        r"on the meta device \('net\.0\.weight' first\).*model\.to_empty\(device='cpu'\) then "
+        r"model\.load_state_dict"),
+    Bad("freeze_ratio with schedule='manual'", NOTHING,
+        lambda _: slimfit_fx.compile(MLP(), schedule="manual", freeze_ratio=0.5), ValueError,
+        r"freeze_ratio=0\.5 has no effect with schedule='manual'.*Fix: drop freeze_ratio"),
+    Bad("assign frozen (manual)", _manual, lambda cm: setattr(cm.slimfit, "frozen", frozenset()),
+        AttributeError, r"cm\.slimfit\.frozen is read-only.*call cm\.slimfit\.set_frozen\(names\)"),
+    Bad("assign frozen (ils)", _ils, lambda cm: setattr(cm.slimfit, "frozen", frozenset()), AttributeError,
+        r"read-only.*the ILS schedule picks.*compile with schedule='manual' and call cm\.slimfit\.set_frozen"),
+    Bad("a removed stat", _ils, lambda cm: cm.slimfit.stats["variants_compiled"], KeyError,
+        r"no 'variants_compiled': it is now 'regions_compiled'.*The stats are \[.*'graphs_captured'"),
+    Bad("a per-set cache stat", _ils, lambda cm: cm.slimfit.stats["cache_hits"], KeyError,
+        r"no 'cache_hits': it counted the former per-frozen-set compile cache.*'regions_compiled'"),
+    Bad("an unknown stat", _ils, lambda cm: cm.slimfit.stats["saved"], KeyError,
+        r"no 'saved': no such stat\. The stats are \[.*'compile_seconds'"),
 ]
 CONFIG = [
     Bad(f"{field}={value!r}", NOTHING, lambda _, f=field, v=value: SlimFitConfig(**{f: v}), error,
@@ -101,6 +122,20 @@ CONFIG = [
         ("seed", -1, ValueError), ("compression", "zip", ValueError),
         ("always_train", "net.0.weight", TypeError),
     ]
+] + [
+    Bad("SlimFitConfig(max_variants=4)", NOTHING, lambda _: SlimFitConfig(max_variants=4), TypeError,
+        r"no longer has \['max_variants'\].*drop the argument"),
+    Bad("SlimFitConfig(freez_ratio=...)", NOTHING, lambda _: SlimFitConfig(freez_ratio=0.5), TypeError,
+        r"unknown SlimFitConfig field\(s\) \['freez_ratio'\]; the fields are \[.*'freeze_ratio'"),
+    Bad("manual with freeze_ratio=0.0", NOTHING,
+        lambda _: SlimFitConfig(schedule="manual", freeze_ratio=0.0), ValueError,
+        r"SlimFitConfig\.freeze_ratio=0\.0 has no effect with schedule='manual'.*schedule='ils'"),
+    Bad("a manual config keeping an explicit ratio", NOTHING,
+        lambda _: SlimFitConfig(freeze_ratio=0.5).replace(schedule="manual"), ValueError,
+        r"freeze_ratio=0\.5 has no effect with schedule='manual'"),
+    Bad("CompressionConfig(weight_input_bits=8.0)", NOTHING,
+        lambda _: slimfit_fx.CompressionConfig(weight_input_bits=8.0), ValueError,
+        r"CompressionConfig\.weight_input_bits must be 4, 8 or None \(an int\), got 8\.0 of type float"),
 ]
 FROZEN_SETS = [
     Bad("set_frozen: unknown name", _manual, lambda cm: cm.slimfit.set_frozen(["net.9.weight"]),

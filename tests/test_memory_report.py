@@ -118,3 +118,54 @@ def test_memory_budget_never_adds_bytes_and_keeps_the_numerics():
     # stashed outside), so a budget finds little cheap to recompute; it must
     # never add bytes or change the numerics.
     assert saved[0.1] <= saved[None]
+
+
+def test_before_passes_counts_every_call_of_a_repeated_block():
+    """The encoder blocks share one compiled region, but each call holds its own
+    tensors: the report's before-passes figure is at least the block calls times
+    one block's bytes."""
+    import re
+
+    from slimfit_fx.graphs import distinct_bytes
+
+    cm, _, _ = _trained(freeze_encoder=False)
+    report = cm.slimfit.report()
+    before = [t for t in report.saved_tensors_before if not t.resident]
+    block_calls = [region.block for region, _ in cm.slimfit.last_step.calls if region.block]
+    assert len(block_calls) >= 2 and len(set(block_calls)) == len(block_calls)
+    one_block = distinct_bytes([t for t in before if group_of(t.module) == block_calls[0]])
+    assert one_block > 0
+    printed = int(re.search(r"before passes \(computed\)\s+([\d,]+) B", str(report)).group(1).replace(",", ""))
+    assert printed == distinct_bytes(before) >= len(block_calls) * one_block
+
+
+def test_charts_keep_every_label_inside_the_picture(tmp_path, monkeypatch):
+    """No title, label or tick label of the PNGs runs past the figure's edge."""
+    import matplotlib.figure
+    import matplotlib.text
+
+    outside = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        width, height = fig.bbox.width, fig.bbox.height
+        for text in fig.findobj(matplotlib.text.Text):
+            if text.get_visible() and text.get_text().strip():
+                box = text.get_window_extent(renderer)
+                if box.x0 < -1 or box.y0 < -1 or box.x1 > width + 1 or box.y1 > height + 1:
+                    outside.append((path.name, text.get_text()))
+        return original(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    case = FACTORIES["bert"]()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", freeze_ratio=0.5)
+    opt = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    for _ in range(2):
+        step(cm, case)
+        opt.step()
+    step(cm, case)
+    paths = cm.slimfit.save_report(tmp_path, optimizer=opt, **case.batch)
+    assert {"memory.png", "saved_by_module.png", "schedule.png"} <= set(paths)
+    assert not outside, outside

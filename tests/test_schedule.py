@@ -433,3 +433,172 @@ def test_schedule_plot_names_every_layer_from_20_to_200(tmp_path, monkeypatch, c
     ticks, labels = seen["set_yticks"][0]
     assert len(ticks) == count and list(labels) == list(layers)
     assert [h.get_label() for h in seen["legend"][1]["handles"]] == ["trained", "frozen"]
+
+
+def test_slimfit_step_is_idempotent_per_update():
+    """A second cm.slimfit.step() for one update changes nothing: scoring again
+    would give the layers that just trained 0 and freeze them."""
+    runs = []
+    for calls in (1, 2):
+        case = models.mlp()
+        cm = ils(case, freeze_ratio=0.5)
+        schedule = cm.slimfit.schedule
+        for _ in range(5):
+            case.loss(cm(**case.batch)).backward()
+            _sgd_by_hand(cm)
+            cm.slimfit.step()
+            after_first = (schedule.step, cm.slimfit.frozen, schedule.scores.clone())
+            for _ in range(calls - 1):
+                cm.slimfit.step()
+            assert (schedule.step, cm.slimfit.frozen) == after_first[:2]
+            assert torch.equal(schedule.scores, after_first[2])
+        runs.append((list(schedule.history), schedule.scores.clone()))
+        slimfit_fx.capture.reset_dynamo()
+    assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) > 1
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def _embeddings_left_out(cm) -> torch.optim.Optimizer:
+    return torch.optim.SGD([p for n, p in cm.named_parameters() if not n.startswith("bert.embeddings.")],
+                           lr=1e-2)
+
+
+def test_layers_in_no_optimizer_are_not_scheduled():
+    """An optimizer without the embeddings: they never move, so their initial
+    scores would keep them training for good and hold the training slots.
+    They are frozen from the first step on, outside freeze_ratio, and the
+    report names them; every layer the optimizer holds trains."""
+    case = models.bert()
+    cm = ils(case, freeze_ratio=0.9)
+    layers = cm.slimfit.layers
+    left_out = [n for n in layers if n.startswith("bert.embeddings.")]
+    held = [n for n in layers if n not in left_out]
+    assert len(left_out) == 4 and len(held) == 18
+    assert len(cm.slimfit.frozen) == int(0.9 * len(layers))  # before any step: drawn over all layers
+    optimizer = _embeddings_left_out(cm)
+    sizes = []
+    train(cm, case, optimizer, 20, on_step=lambda: sizes.append(len(cm.slimfit.frozen - set(left_out))))
+    schedule = cm.slimfit.schedule
+    counts = dict(zip(layers, schedule.trained_counts()))
+    assert all(counts[n] >= 1 for n in held), counts
+    assert all(counts[n] == 0 for n in left_out), counts
+    assert set(sizes) == {int(0.9 * len(held))} == {schedule.num_frozen}
+    assert set(left_out) <= cm.slimfit.frozen
+    params = dict(cm.named_parameters())
+    assert all(params[n].grad is None for n in left_out)  # no gradient kept for them
+    assert cm.slimfit.not_scheduled == dict.fromkeys(left_out, "in no optimizer that stepped, so kept frozen")
+    report = cm.slimfit.report()
+    assert report.not_scheduled == cm.slimfit.not_scheduled
+    text = str(report)
+    assert "4 not scheduled" in text and "4 in no optimizer that stepped" in text and left_out[0] in text
+    assert Report.from_json(report.to_json()) == report
+
+
+def test_layers_frozen_by_the_user_are_reported_and_stay_out():
+    case = models.bert()
+    embeddings = [n for n, p in case.model.named_parameters() if n.startswith("bert.embeddings.")]
+    for name, p in case.model.named_parameters():
+        if name in embeddings:
+            p.requires_grad_(False)
+    cm = ils(case, freeze_ratio=0.5)
+    assert not set(embeddings) & set(cm.slimfit.layers)
+    train(cm, case, torch.optim.SGD(cm.parameters(), lr=1e-2), 2)
+    layer_weights = [n for n in embeddings if not n.endswith(".bias")]
+    assert cm.slimfit.not_scheduled == dict.fromkeys(layer_weights, "requires_grad=False before compile")
+    assert cm.slimfit.schedule.num_frozen == int(0.5 * len(cm.slimfit.layers))
+    assert "requires_grad=False before compile" in str(cm.slimfit.report())
+
+
+def test_several_optimizers_make_one_update():
+    """One optimizer for the head and one for the body: the schedule advances
+    once per update, as with a single optimizer holding both (SGD: the same
+    weights, so the same scores and sets)."""
+    runs = []
+    for split in (False, True):
+        case = models.bert()
+        cm = ils(case)
+        params = dict(cm.named_parameters())
+        head = [p for n, p in params.items() if n.startswith(("classifier.", "bert.pooler."))]
+        body = [p for n, p in params.items() if not n.startswith(("classifier.", "bert.pooler."))]
+        optimizers = [torch.optim.SGD(head, lr=1e-2), torch.optim.SGD(body, lr=1e-2)] if split else \
+            [torch.optim.SGD(params.values(), lr=1e-2)]
+        for _ in range(6):
+            case.loss(cm(**case.batch)).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+        schedule = cm.slimfit.schedule
+        runs.append((schedule.step, list(schedule.history), schedule.scores.clone(), cm.slimfit.frozen, cm))
+        slimfit_fx.capture.reset_dynamo()
+    (one_step, one_history, one_scores, one_frozen, _), (step, history, scores, frozen, cm) = runs
+    assert step == one_step == 6
+    assert history == one_history and frozen == one_frozen
+    torch.testing.assert_close(scores, one_scores)
+    assert cm.slimfit.not_scheduled == {}  # every layer is in one of the two
+
+
+def test_the_held_layers_survive_a_checkpoint():
+    case = models.bert()
+    cm = ils(case, freeze_ratio=0.9)
+    train(cm, case, _embeddings_left_out(cm), 3)
+    buffer = _checkpoint(cm.slimfit)
+    resumed = ils(models.bert(), freeze_ratio=0.9)
+    resumed.slimfit.load_state_dict(torch.load(buffer, weights_only=True)[0])
+    assert resumed.slimfit.not_scheduled == cm.slimfit.not_scheduled
+    assert resumed.slimfit.frozen == cm.slimfit.frozen
+    assert resumed.slimfit.schedule.num_frozen == cm.slimfit.schedule.num_frozen == int(0.9 * 18)
+
+
+def test_loading_weights_before_the_first_step_is_not_an_update():
+    """cm.load_state_dict, then two micro-batches, then the optimizer step: the
+    weights changed between compile and the second forward, but by loading,
+    not by a hand-written update."""
+    case = models.mlp()
+    cm = ils(case)
+    weights = {k: v + 0.5 for k, v in models.mlp(seed=1).model.state_dict().items()}
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    case.loss(cm(**case.batch)).backward()
+    cm.load_state_dict(weights)  # between micro-batches of the first step, too
+    train(cm, case, optimizer, 2, micro_batches=2)
+    assert cm.slimfit.schedule.step == 2
+
+
+def test_a_step_the_grad_scaler_skips_does_not_advance_the_schedule():
+    """GradScaler skips optimizer.step() when a gradient is inf or nan, so no
+    step hook fires: no score, no new set, nothing moved."""
+    case = models.mlp()
+    cm = ils(case, freeze_ratio=0.5)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu")
+    params = dict(cm.named_parameters())
+
+    def scaled_step(poison: bool) -> None:
+        scaler.scale(case.loss(cm(**case.batch))).backward()
+        if poison:
+            trained = next(n for n in cm.slimfit.layers if n not in cm.slimfit.frozen)
+            params[trained].grad.view(-1)[0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+
+    scaled_step(poison=False)
+    schedule = cm.slimfit.schedule
+    before = (schedule.step, cm.slimfit.frozen, schedule.scores.clone(), list(schedule.history))
+    weights = {n: p.detach().clone() for n, p in params.items()}
+    scaled_step(poison=True)
+    assert (schedule.step, cm.slimfit.frozen, list(schedule.history)) == (before[0], before[1], before[3])
+    assert torch.equal(schedule.scores, before[2])
+    assert all(torch.equal(p, weights[n]) for n, p in params.items())
+    assert scaler.get_scale() < 65536.0  # the scaler did see the inf and backed off
+    scaled_step(poison=False)
+    assert schedule.step == before[0] + 1
+
+
+def test_freeze_ratio_defaults_under_ils_and_manual_takes_none():
+    assert slimfit_fx.SlimFitConfig().freeze_ratio == 0.9
+    assert slimfit_fx.SlimFitConfig(schedule="manual").freeze_ratio is None
+    # a defaulted ratio stays a default, so a config switches to manual and back
+    manual = slimfit_fx.SlimFitConfig(backend="aot_eager").replace(schedule="manual")
+    assert manual.freeze_ratio is None and manual.replace(schedule="ils").freeze_ratio == 0.9
+    cm = slimfit_fx.compile(models.mlp().model, slimfit_fx.SlimFitConfig(backend="aot_eager"), schedule="manual")
+    assert cm.slimfit.config.freeze_ratio is None and cm.slimfit.frozen == frozenset()
