@@ -57,6 +57,7 @@ class Contender:
     options: dict = field(default_factory=dict)  # slimfit_fx.compile overrides
     memory_budget: float | None = None  # torch.compile's activation_memory_budget
     optimizer: str = "adamw"  # "adamw" or "adamw8bit" (torchao)
+    checkpointing: bool = False  # HF gradient_checkpointing_enable() (non-reentrant) before compiling
 
 
 CONTENDERS = {c.name: c for c in (
@@ -72,7 +73,12 @@ CONTENDERS = {c.name: c for c in (
               options=dict(memory_budget=0.1)),
     Contender("eager, full fine-tune, 8-bit AdamW", "eager", optimizer="adamw8bit"),
     Contender("slimfit default, 8-bit AdamW", "slimfit", optimizer="adamw8bit"),
+    Contender("eager, full fine-tune, gradient checkpointing", "eager", checkpointing=True),
+    Contender("slimfit default, gradient checkpointing", "slimfit", checkpointing=True),
 )}
+# Rows measured on request (--contenders): checkpointing trades a forward's
+# recompute for memory, a different bargain from the default rows'.
+ON_REQUEST = ("eager, full fine-tune, gradient checkpointing", "slimfit default, gradient checkpointing")
 RATIO = 0.9
 STATUS = Path("/proc/self/status")
 
@@ -124,6 +130,8 @@ def run_one(case: str, name: str, steps: int, warmup: int) -> dict:
     baseline = rss()
     model, batch = zoo.build(zoo_name, seed=0, **kwargs)
     weights = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    if contender.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     frozen = seeded_frozen_set(find_layers(model), RATIO, seed=0) if contender.frozen else []
     optimizer = (AdamW8bit if contender.optimizer == "adamw8bit" else torch.optim.AdamW)(
         model.parameters(), lr=1e-5)
@@ -238,7 +246,10 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--contenders", nargs="+", choices=list(CONTENDERS),
+                        default=[c for c in CONTENDERS if c not in ON_REQUEST])
+    parser.add_argument("--section", help="docs/benchmarks.md section to write (default: one per case, "
+                                          "contenders-<case>); name another to keep a subset's table apart")
     parser.add_argument("--steps", type=int, default=2, help="timed steps (the worst one's peak is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (compiles happen here)")
     parser.add_argument("--no-doc", action="store_true", help="print the tables; leave docs/benchmarks.md")
@@ -255,7 +266,8 @@ def main() -> None:
             print(f"{case} | {name}: {rows[name]}", flush=True)
         print(table(case, rows) + "\n\nWhere the peak goes (MiB):\n\n" + breakdown(rows), flush=True)
         if not args.no_doc:  # one section per case, written as soon as it is measured
-            write_section(f"contenders-{case.replace(' ', '-')}", f"Total memory per contender: {case}",
+            name = args.section or f"contenders-{case.replace(' ', '-')}"
+            write_section(name, f"Total memory per contender: {case}" + (f" ({args.section})" if args.section else ""),
                           section(case, rows, args.steps, args.warmup))
 
 

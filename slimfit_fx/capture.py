@@ -30,6 +30,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from . import ops
+from .errors import SlimFitError
 from .memory import buffers_restored
 
 if not hasattr(functorch_config, "joint_custom_pass"):
@@ -43,6 +44,9 @@ CAPTURE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.Unsupported,
     torch._dynamo.exc.UserError,
 )
+
+# Dynamo wraps what a backend raises in this; `inner_exception` is the original.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.BackendCompilerFailed,)
 
 # Dynamo raises this when a fullgraph forward needs more recompiles than
 # torch._dynamo.config.recompile_limit allows.
@@ -257,15 +261,15 @@ def _partitioner_from_cache_key(uuid: Any) -> None:
 def capture_settings():
     """Dynamo settings for every slimfit capture (a context manager).
 
-    HF's `logger.warning_once` calls in forward are ignored (see
-    _ignored_logging_functions).
     Python floats stay constants: a float dynamo made symbolic (e.g. attention
     scaling, when a second model of the same class is compiled in the process)
     makes AOTAutograd ask dynamo to restart tracing, which it can only do
-    inside dynamo's own compile, not when slimfit builds a later variant.
-    Shapes stay static too (a new shape is a new capture, not a symbolic one):
-    regions size their weight-gradient probes from the captured shapes, and
-    compression skips dynamic shapes anyway.
+    inside dynamo's own compile, not when slimfit compiles a region later.
+    Sizes follow dynamo's default (automatic dynamic shapes): the first shape
+    compiles static, and a size that changes makes one more compile with that
+    size symbolic, which serves every later value (ShapeBinding reads the
+    symbols off a region's inputs at run time). HF's `logger.warning_once`
+    calls in forward are ignored (see _ignored_logging_functions).
     """
     return torch._dynamo.config.patch(specialize_float=True,
                                       ignore_logging_functions=_ignored_logging_functions())
@@ -360,12 +364,13 @@ def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
     hop = torch.ops.higher_order.tag_activation_checkpoint
     calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is hop]
     for graph_id, call in enumerate(calls):
-        if call.kwargs.get("context_fn") is not None:
-            raise NotImplementedError(
+        body = getattr(gm, call.args[0].target)
+        # dynamo keeps a checkpoint's context_fn on its body graph
+        if call.kwargs.get("context_fn") is not None or "_checkpoint_context_fn" in body.meta:
+            raise SlimFitError(
                 "selective activation checkpointing (torch.utils.checkpoint with a context_fn) "
                 "is not supported inside a slimfit_fx model; checkpoint without a context_fn "
                 "(HF gradient_checkpointing_enable(), or checkpoint(fn, *args, use_reentrant=False))")
-        body = getattr(gm, call.args[0].target)
         env = dict(zip((n for n in body.graph.nodes if n.op == "placeholder"), call.args[1:]))
         with gm.graph.inserting_before(call):
             for node in body.graph.nodes:

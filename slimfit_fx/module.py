@@ -463,6 +463,11 @@ class SlimFitModule(nn.Module):
         try:
             with capture.capture_settings():
                 outputs = self._compiled(*args, **kwargs)
+        except capture.BACKEND_ERRORS as err:
+            inner = getattr(err, "inner_exception", None)
+            if isinstance(inner, SlimFitError):  # slimfit's own message, not dynamo's wrapping
+                raise inner from None
+            raise
         except capture.RECOMPILE_LIMIT_ERRORS as err:
             reasons = "; ".join(capture.last_recompile_reasons()) or "not recorded"
             raise CaptureError(

@@ -109,3 +109,39 @@ def test_accelerate_prepares_the_compiled_model(tmp_path):
     accelerator.save_model(model, str(tmp_path))
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(before)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_trainer_with_per_batch_padding_and_the_bundled_tokenizer(tmp_path, backend):
+    """HF Trainer given a tokenizer pads each batch to its own longest row
+    (DataCollatorWithPadding): every batch a new length, trained under compile(model)'s
+    defaults (inductor is the default backend; aot_eager runs the same engine faster)."""
+    from slimfit_fx.data import BUNDLED_MODEL, load_tokenizer, resolve_data_dir, resolve_model_dir
+
+    tokenizer = load_tokenizer(resolve_model_dir(BUNDLED_MODEL))
+    root = resolve_data_dir(None)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())[:3]
+    texts = [(p.read_text(encoding="utf-8", errors="replace"), label)
+             for label, name in enumerate(classes) for p in sorted((root / name).glob("*.txt"))[:8]]
+    # articles cut to different word counts, so batches differ in length
+    rows = [dict(tokenizer(" ".join(text.split()[: 6 + 7 * (i % 9)]), truncation=True, max_length=96),
+                 labels=label) for i, (text, label) in enumerate(texts)]
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=48, num_labels=len(classes),
+                                     problem_type="single_label_classification")
+    cm = slimfit_fx.compile(transformers.BertForSequenceClassification(config),
+                            **({} if backend == "inductor" else {"backend": backend}))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
+    collator = transformers.DataCollatorWithPadding(tokenizer)
+    lengths = {len(collator(rows[i:i + 4])["input_ids"][0]) for i in range(0, len(rows), 4)}
+    assert len(lengths) >= 4, lengths  # the batches really differ
+    trainer = transformers.Trainer(model=cm, args=args, train_dataset=rows, data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 12
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    stats = cm.slimfit.stats
+    assert stats["graphs_captured"] <= 3, stats  # static, then sizes dynamic (a size of 1 once more)
+    assert cm.slimfit.schedule.distinct_sets() > 1
