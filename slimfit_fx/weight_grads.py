@@ -36,13 +36,19 @@ def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[
     running statistics a training-mode batch_norm updates) is cloned first, so
     forming the weight gradient changes no state."""
     grad = torch.empty(grad_shape, dtype=grad_dtype, device=weight.device)
-    return _trace(use, weight, operands, grad, autocast, cloned=_written_operands(use, weight, operands))
+    return _trace(use, weight, operands, grad, autocast, cloned=_written_operands(use, weight, operands, autocast))
 
 
-def _written_operands(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any]) -> frozenset[int]:
+def _autocast(autocast: tuple[str, torch.dtype] | None, device: torch.device):
+    return torch.autocast(autocast[0] if autocast else device.type, dtype=autocast[1] if autocast else None,
+                          enabled=autocast is not None)
+
+
+def _written_operands(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any],
+                      autocast: tuple[str, torch.dtype] | None) -> frozenset[int]:
     """Positions of the operands `use` writes to, from a trace of its forward in
     which every write is declared."""
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(autocast, weight.device):
         gm = make_fx(use, tracing_mode="fake", decomposition_table=torch_ir.hidden_write_decompositions())(
             weight.detach(), *operands)
     return frozenset(i - 1 for i in torch_ir.mutated_inputs(gm) if i >= 1)  # 0: the weight
@@ -54,9 +60,7 @@ def _trace(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any], grad:
         *operands, grad = rest
         operands = [o.clone() if i in cloned else o for i, o in enumerate(operands)]
         w = weight.detach().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(autocast[0] if autocast else weight.device.type,
-                                                 dtype=autocast[1] if autocast else None,
-                                                 enabled=autocast is not None):
+        with torch.enable_grad(), _autocast(autocast, weight.device):
             out = use(w, *operands)
         return torch.autograd.grad(out, w, grad)[0]
 
