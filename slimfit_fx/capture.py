@@ -458,8 +458,11 @@ def compile_variant(
         enable_autograd_cache=False,
         # Compile the backward now, so a variant's build cost is paid (and timed) once.
         force_non_lazy_backward_lowering=True,
+        # A donated-buffer backward refuses retain_graph=True (a second backward
+        # through one graph); eager allows it, so slimfit's regions must too.
+        donated_buffer=False,
     )
-    # Only the last two are optimizations a torch version may lack; without the
+    # Only the last three are optimizations a torch version may lack; without the
     # joint pass hook the variant would silently keep every weight gradient.
     patches = {k: v for k, v in patches.items()
                if k == "joint_custom_pass" or hasattr(functorch_config, k)}
@@ -475,13 +478,33 @@ def compile_variant(
             from torch._inductor.compile_fx import compile_fx
 
             with inductor_config.patch(custom_partitioner_fn=partitioner):
-                return compile_fx(graph_copy, list(example_inputs))
-        if backend == "aot_eager":
-            return aot_autograd(
+                compiled = compile_fx(graph_copy, list(example_inputs))
+        elif backend == "aot_eager":
+            compiled = aot_autograd(
                 fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
                 keep_inference_input_mutations=True,
             )(graph_copy, list(example_inputs))
-    raise ValueError(f"unknown backend {backend!r}")
+        else:
+            raise ValueError(f"unknown backend {backend!r}")
+    _declare_no_donated_buffers(tracing_context)
+    return compiled
+
+
+def _declare_no_donated_buffers(tracing_context: Any) -> None:
+    """AOTAutograd's backward refuses retain_graph=True unless its metadata lists no
+    donated buffers, and a graph compiled with donated_buffer=False leaves that list
+    unset (None), which the check reads as "some" while the global setting is on.
+    The graph just compiled (its metadata is the tracing context's) donated none."""
+    metadata = getattr(tracing_context, "fw_metadata", None)
+    if metadata is not None and getattr(metadata, "bw_donated_idxs", []) is None:
+        metadata.bw_donated_idxs = []
+
+
+def graph_is_retained() -> bool:
+    """Inside a backward: whether autograd keeps the graph for another backward
+    (retain_graph=True), so what a node reads must outlive this pass. True
+    outside a backward."""
+    return torch._C._autograd._get_current_graph_task_keep_graph()
 
 
 class ShapeBinding:

@@ -131,7 +131,6 @@ class WeightTap:
     """
 
     weight_input: int  # region input position of the weight
-    probe_shape: tuple[int, ...]
     probe_dtype: torch.dtype
     stash: list[tuple[str, int]]  # ("input", position) or ("output", position)
     use: fx.GraphModule
@@ -226,10 +225,12 @@ def tap_weight_grads(region: fx.GraphModule, weight_inputs: Sequence[bool]) -> t
     output = graph.output_node()
     taps, stashed = [], []
     last_input = placeholders[-1]
-    for weight, is_weight in zip(placeholders, weight_inputs):
-        if not is_weight:
-            continue
-        for chain, use in _uses(weight):
+    # Every use is found before any is rewritten: a use that reads two layer
+    # weights (DeiT's two learned tokens in one cat) stashes the other one's view,
+    # and that stash is no use of the other weight.
+    uses = [(weight, _uses(weight)) for weight, is_weight in zip(placeholders, weight_inputs) if is_weight]
+    for weight, found in uses:
+        for chain, use in found:
             value = use.meta.get("example_value")
             if not isinstance(value, torch.Tensor):
                 raise NotImplementedError(f"{use.format_node()} returns no single tensor")
@@ -255,7 +256,7 @@ def tap_weight_grads(region: fx.GraphModule, weight_inputs: Sequence[bool]) -> t
                     stash.append(("output", len(stashed)))
                     stashed.append(detached)
             taps.append(WeightTap(
-                weight_input=position[weight], probe_shape=tuple(value.shape), probe_dtype=value.dtype,
+                weight_input=position[weight], probe_dtype=value.dtype,
                 stash=stash, use=_use_module(weight, chain, use, operands),
                 producer=_producer(operands[0]) if operands else ""))
     result = output.args[0]  # read after the taps rewired the region's outputs

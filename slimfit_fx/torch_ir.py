@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import fx
 
 aten = torch.ops.aten
 
@@ -99,3 +100,55 @@ def forward_input_index(name: str) -> int | None:
         return None
     digits = name[len(FORWARD_INPUT_PREFIX):]
     return int(digits) - 1 if digits.isdigit() else None
+
+
+def _written_arguments(node: fx.Node) -> list[object]:
+    """The values `node` passes to arguments its op's schema marks as written (`Tensor(a!)`)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return []
+    written = []
+    for i, argument in enumerate(node.target._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            written.append(node.args[i] if i < len(node.args) else node.kwargs.get(argument.name))
+    return written
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    """The tensor `node` is a view of (through view ops, whose schema returns an
+    alias of their first argument without writing it), or `node` itself."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+        schema = node.target._schema
+        first = schema.arguments[0].alias_info if schema.arguments else None
+        returned = schema.returns[0].alias_info if len(schema.returns) == 1 else None
+        if first is None or first.is_write or returned is None or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+# Ops whose schema hides a write: batch_norm in training mode updates the
+# running statistics it is handed, yet native_batch_norm declares no `Tensor(a!)`.
+# Their decompositions (traced with `hidden_write_decompositions()`) end in a
+# declared `copy_` into those inputs.
+HIDDEN_WRITE_OPS = tuple(getattr(aten, name).default for name in
+                         ("native_batch_norm", "cudnn_batch_norm", "miopen_batch_norm") if hasattr(aten, name))
+
+
+def hidden_write_decompositions() -> dict:
+    """A make_fx decomposition table that turns HIDDEN_WRITE_OPS into ops that declare their writes."""
+    from torch._decomp import get_decompositions
+
+    return get_decompositions(list(HIDDEN_WRITE_OPS))
+
+
+def mutated_inputs(gm: fx.GraphModule) -> set[int]:
+    """Positions of `gm`'s inputs that an aten op in it declares it writes to,
+    directly or through a view (an in-place op's first argument; the running
+    statistics of a batch_norm traced with `hidden_write_decompositions()`)."""
+    position = {n: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    found = set()
+    for node in gm.graph.nodes:
+        for value in _written_arguments(node):
+            if isinstance(value, fx.Node) and _view_base(value) in position:
+                found.add(position[_view_base(value)])
+    return found

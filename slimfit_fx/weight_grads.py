@@ -14,7 +14,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import capture
+from . import capture, torch_ir
 from .regions import WeightTap
 
 
@@ -32,21 +32,46 @@ def trace_weight_grad(use: fx.GraphModule, weight: torch.Tensor, operands: list[
     the use's casts are traced too, so the gradient comes back in the weight's dtype.
     `grad` is an example of the output's gradient (real or fake); fake values with
     symbolic sizes (a region compiled with dynamic shapes) trace a graph that
-    serves every size, read off its inputs at run time."""
+    serves every size, read off its inputs at run time.
 
+    The region's forward already ran the use: an operand the use writes to (the
+    running statistics a training-mode batch_norm updates) is cloned first, so
+    forming the weight gradient changes no state."""
+    return _trace(use, weight, operands, grad, autocast, cloned=_written_operands(use, weight, operands, autocast))
+
+
+def _tracing_mode(values: list[Any]) -> str:
+    return "symbolic" if any(capture.is_symbolic(x) for x in values) else "fake"
+
+
+def _autocast(autocast: tuple[str, torch.dtype] | None, device: torch.device):
+    return torch.autocast(autocast[0] if autocast else device.type, dtype=autocast[1] if autocast else None,
+                          enabled=autocast is not None)
+
+
+def _written_operands(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any],
+                      autocast: tuple[str, torch.dtype] | None) -> frozenset[int]:
+    """Positions of the operands `use` writes to, from a trace of its forward in
+    which every write is declared."""
+    with torch.no_grad(), _autocast(autocast, weight.device):
+        gm = make_fx(use, tracing_mode=_tracing_mode(operands),
+                     decomposition_table=torch_ir.hidden_write_decompositions())(weight.detach(), *operands)
+    return frozenset(i - 1 for i in torch_ir.mutated_inputs(gm) if i >= 1)  # 0: the weight
+
+
+def _trace(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any], grad: torch.Tensor,
+           autocast: tuple[str, torch.dtype] | None, cloned: frozenset[int]) -> fx.GraphModule:
     def weight_grad(weight: torch.Tensor, *rest: Any) -> torch.Tensor:
         *operands, grad = rest
+        operands = [o.clone() if i in cloned else o for i, o in enumerate(operands)]
         w = weight.detach().requires_grad_(True)
-        with torch.enable_grad(), torch.autocast(autocast[0] if autocast else weight.device.type,
-                                                 dtype=autocast[1] if autocast else None,
-                                                 enabled=autocast is not None):
+        with torch.enable_grad(), _autocast(autocast, weight.device):
             out = use(w, *operands)
         return torch.autograd.grad(out, w, grad)[0]
 
     inputs = [weight.detach(), *operands, grad.detach()]
-    mode = "symbolic" if any(capture.is_symbolic(x) for x in inputs) else "fake"
     with torch.no_grad():
-        gm = make_fx(weight_grad, tracing_mode=mode)(*inputs)
+        gm = make_fx(weight_grad, tracing_mode=_tracing_mode(inputs))(*inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
@@ -94,10 +119,11 @@ class TapSlot:
         if self.operands is None:
             raise RuntimeError(
                 "slimfit_fx: a layer's weight gradient was asked for before its region's "
-                "forward stashed the layer's input, or a second time (backward through the "
-                "same graph twice needs retain_graph, which slimfit_fx does not support)")
+                "forward stashed the layer's input, or after a backward through the same "
+                "graph freed it (pass retain_graph=True to every backward but the last)")
         operands = self.unpack(self.operands) if self.unpack is not None else self.operands
-        self.operands = None
+        if not capture.graph_is_retained():  # as autograd frees a node's saved tensors
+            self.operands = None
         # traced for contiguous gradients (its views assume them); a copy only if not
         grad = grad.contiguous()
         traced = self.tap.weight_grads.get(_key(self.autocast, operands))
@@ -123,5 +149,7 @@ class TapGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):
-        slot, ctx.slot = ctx.slot, None
+        slot = ctx.slot
+        if not capture.graph_is_retained():
+            ctx.slot = None
         return (None if slot is None else slot.weight_grad(grad)), None, None, None

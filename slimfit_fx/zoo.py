@@ -68,6 +68,26 @@ def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Mo
     return ViTForImageClassification(config).train(), data
 
 
+def deit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    """DeiT: ViT with a second learned token (distillation) concatenated next to
+    the class token, and two heads averaged."""
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(seed)
+    config = DeiTConfig(
+        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=48, num_labels=4,
+        problem_type="single_label_classification",
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
+        "labels": torch.randint(0, 4, (batch,), generator=g),
+    }
+    return DeiTForImageClassification(config).train(), data
+
+
 def gpt2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -192,6 +212,7 @@ def minilm(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.1) 
 
 MODELS: dict[str, Callable[..., tuple[nn.Module, Batch]]] = {
     "bert-tiny": bert_tiny, "bert-base": bert_base, "vit-tiny": vit_tiny, "vit-base": vit_base,
+    "deit-tiny": deit_tiny,
     "gpt2-tiny": gpt2_tiny, "gpt2-small": gpt2_small, "minilm": minilm,
     "opt-tiny": opt_tiny, "llama-tiny": llama_tiny, "qwen2-tiny": qwen2_tiny, "mistral-tiny": mistral_tiny, "llama-base": llama_base,
 }

@@ -38,6 +38,10 @@ def vit(seed: int = 0, batch: int = 2) -> Case:
     return Case(*zoo.vit_tiny(seed=seed, batch=batch, dropout=0.0), hf_loss)
 
 
+def deit(seed: int = 0, batch: int = 2) -> Case:
+    return Case(*zoo.deit_tiny(seed=seed, batch=batch, dropout=0.0), hf_loss)
+
+
 def gpt2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     return Case(*zoo.gpt2_tiny(seed=seed, batch=batch, seq=seq, dropout=0.0), hf_loss)
 
@@ -102,6 +106,23 @@ class ConvPoolNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+class RunningStatsNet(nn.Module):
+    """Norms that update running statistics in a training forward: BatchNorm, and
+    InstanceNorm with track_running_stats (which averages them over the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
 
@@ -140,6 +161,27 @@ class ActivationMLP(nn.Module):
         return self.net(x)
 
 
+class LearnedTokens(nn.Module):
+    """A ViT stem in miniature with DeiT's two learned tokens: each is expanded over
+    the batch and concatenated with the patch activations, and a learned position
+    embedding is added. Both tokens meet in one cat, as do the activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(12, 16)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.dist_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.position = nn.Parameter(torch.randn(1, 8, 16))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x)
+        batch = tokens.shape[0]
+        tokens = torch.cat((self.cls_token.expand(batch, -1, -1), self.dist_token.expand(batch, -1, -1),
+                            torch.relu(tokens)), dim=1) + self.position
+        return self.head(tokens[:, 0] + tokens[:, 1] + tokens[:, 2:].mean(dim=1))
+
+
 def _classifier_case(model: nn.Module, seed: int, shape: tuple[int, ...]) -> Case:
     g = _seeded(seed)
     data = {"x": torch.randn(*shape, generator=g), "target": torch.randint(0, 5, (shape[0],), generator=g)}
@@ -160,6 +202,16 @@ def convnet(seed: int = 0, batch: int = 4) -> Case:
 def convpool(seed: int = 0, batch: int = 4) -> Case:
     torch.manual_seed(seed)
     return _classifier_case(ConvPoolNet(), seed, (batch, 3, 16, 16))
+
+
+def running_stats(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(RunningStatsNet(), seed, (batch, 3, 8, 8))
+
+
+def learned_tokens(seed: int = 0, batch: int = 4) -> Case:
+    torch.manual_seed(seed)
+    return _classifier_case(LearnedTokens(), seed, (batch, 6, 12))
 
 
 class PreNormBlock(nn.Module):

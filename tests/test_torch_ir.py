@@ -98,3 +98,27 @@ def test_every_kind_has_one_matcher_and_a_config_field():
     assert {k.field for k in KINDS} == set(KIND_FIELDS)
     for k in KINDS:
         assert getattr(CompressionConfig(), k.field) == k.paper, k.name
+
+
+def test_writes_to_inputs_are_found_even_where_a_schema_hides_them():
+    """native_batch_norm updates running statistics its schema does not declare
+    written; under hidden_write_decompositions() they show as written inputs, as
+    does an in-place op through a view. Eval mode writes nothing."""
+    def batch_norm(x, running_mean, running_var, weight, training):
+        return nn.functional.batch_norm(x, running_mean, running_var, weight, None, training)
+
+    def add_in_place(x, w):
+        x.view(-1).add_(1)
+        return x * w
+
+    args = (torch.randn(2, 3, 4, 4), torch.zeros(3), torch.ones(3), torch.ones(3))
+
+    def trace(f, *a):
+        return make_fx(f, tracing_mode="fake", decomposition_table=torch_ir.hidden_write_decompositions())(*a)
+
+    assert torch_ir.mutated_inputs(trace(lambda *a: batch_norm(*a, True), *args)) == {1, 2}
+    assert torch_ir.mutated_inputs(trace(lambda *a: batch_norm(*a, False), *args)) == set()
+    assert torch_ir.mutated_inputs(trace(add_in_place, torch.randn(2, 3), torch.randn(3))) == {0}
+    assert not any(a.alias_info and a.alias_info.is_write
+                   for a in aten.native_batch_norm.default._schema.arguments), \
+        "native_batch_norm now declares its writes: HIDDEN_WRITE_OPS may drop it"
