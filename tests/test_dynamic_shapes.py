@@ -118,13 +118,12 @@ def test_eval_with_changing_lengths_matches_eager():
     assert cm.slimfit.stats["graphs_captured"] <= MAX_GRAPHS
 
 
-def test_recompile_limit_is_a_capture_error_that_names_the_cause(monkeypatch):
+def test_recompile_limit_is_a_capture_error_that_names_the_cause():
     import torch._dynamo
 
     case = bert()
     cm = slimfit_fx.compile(case.model, backend="aot_eager", compression="off")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    cm(**bert_batch(2, 12)).loss.backward()
-    with pytest.raises(CaptureError, match=r"recompiled BertForSequenceClassification.forward 1 times .*"
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(CaptureError, match=r"recompiled BertForSequenceClassification.forward 1 times .*"
                                            r"(?s:.*)Fix: .*recompile_limit"):
+        cm(**bert_batch(2, 12)).loss.backward()
         cm(**bert_batch(2, 15))
