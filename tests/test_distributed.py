@@ -1,7 +1,9 @@
 """ILS under DistributedDataParallel: 2 CPU processes (gloo), each with its own data.
 
 Scores depend only on weights, which DDP keeps identical, so every rank must
-pick the same frozen set every step without any extra communication.
+pick the same frozen set every step without any extra communication. Each step
+accumulates two micro-batches, the first under `no_sync()` (gradients reduced
+once, with the second), as DDP users accumulate.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
     try:
         case = models.bert(seed=0)
         data = models.bert(seed=100 + rank).batch  # each rank sees different data
+        first = models.bert(seed=200 + rank, batch=3, seq=9).batch  # another shape too
         cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule="ils",
                                 freeze_ratio=0.8)
         # The one line DDP needs: frozen layers get no gradient in a step.
@@ -44,6 +47,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
         record = {"frozen": [], "loss": []}
         for _ in range(STEPS):
+            with ddp.no_sync():
+                ddp(**first).loss.backward()
             loss = ddp(**data).loss
             loss.backward()
             optimizer.step()
