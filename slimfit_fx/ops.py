@@ -103,9 +103,7 @@ GELU_INT4 = FixedPoint(bits=4, frac_bits=1, signed=True)  # GELU input: [-4, 3.5
 def pack_nibbles(nibbles: Tensor) -> Tensor:
     """Pack uint8 values in [0, 15], flattened, two per byte: element 2i in the low
     nibble of byte i, 2i+1 in the high one. An odd count gets a zero pad nibble."""
-    flat = nibbles.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat((flat, flat.new_zeros(1)))
+    flat = _padded(nibbles.reshape(-1), 2)
     pairs = flat.view(-1, 2)
     return pairs[:, 0] | (pairs[:, 1] << 4)
 
@@ -114,6 +112,18 @@ def unpack_nibbles(packed: Tensor, numel: int) -> Tensor:
     """The first `numel` nibbles of `packed`, as a flat uint8 tensor (inverse of pack_nibbles)."""
     packed = packed.reshape(-1)
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(-1)[:numel]
+
+
+def _padded(flat: Tensor, multiple: int) -> Tensor:
+    """`flat` with zeros appended up to a multiple of `multiple` elements.
+
+    A symbolic count (the kernel traced for inductor under dynamic shapes) is
+    padded with no Python branch on it: a branch would bake in the traced size's
+    remainder, and a count with another remainder would pack one byte short."""
+    pad = -flat.numel() % multiple
+    if isinstance(pad, torch.SymInt):
+        return torch.cat((flat, flat.new_zeros(pad)))
+    return torch.cat((flat, flat.new_zeros(pad))) if pad else flat
 
 
 def _packed_numel(numel):
@@ -143,10 +153,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     of byte i); a count that is not a multiple of 8 is padded with False."""
     if mask.dtype != torch.bool:
         raise ValueError(f"pack_bits packs bool masks; got dtype {mask.dtype}")
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat((flat, flat.new_zeros(pad)))
+    flat = _padded(mask.reshape(-1).to(torch.uint8), 8)
     # Shifts of column slices, not a weights tensor: the kernel is traced into the
     # graph for inductor, where a constant tensor would be a dangling attribute.
     columns = flat.view(-1, 8)

@@ -481,3 +481,17 @@ def test_inlined_for_inductor_matches_the_op(op, args):
     for fn in (inlined, torch.compile(inlined, backend="inductor", fullgraph=True)):
         got = fn(*args)
         assert_all_equal(got if isinstance(got, (tuple, list)) else (got,), want)
+
+
+@pytest.mark.parametrize("pack, multiple", [(ops.pack_bits, 8), (ops.pack_nibbles, 2)])
+def test_kernels_traced_for_symbolic_sizes_pad_every_count(pack, multiple):
+    """Inductor gets the kernels traced for symbolic sizes (dynamic shapes); the
+    pad to a whole byte must follow the count at run time, not the count traced."""
+    def sample(n):
+        g = torch.Generator().manual_seed(n)
+        return torch.rand(n, generator=g) > 0.5 if pack is ops.pack_bits else \
+            torch.randint(0, 16, (n,), generator=g, dtype=torch.uint8)
+
+    traced = make_fx(pack, tracing_mode="symbolic")(sample(4 * multiple))  # a count needing no pad
+    for n in (4 * multiple + 1, 5 * multiple - 1, 6 * multiple):
+        assert torch.equal(traced(sample(n)), pack(sample(n))), n
