@@ -12,6 +12,7 @@ import inspect
 import operator
 import types
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -190,9 +191,10 @@ class _Partitioner(CustomPartitionerFn):
         return forward, backward
 
     def uuid(self) -> Any:
-        # Inductor's FX graph cache keys on the partitioned graphs themselves; this
-        # only has to change when this partitioner's code does.
-        return get_hash_for_files((__file__,))
+        # Inductor's FX graph cache keys on the graphs before this partitioner runs:
+        # the key changes with any of slimfit's code that shapes what it returns
+        # (the passes, the ops' kernels it inlines), not with this file alone.
+        return get_hash_for_files(tuple(str(p) for p in sorted(Path(__file__).parent.rglob("*.py"))))
 
     def __deepcopy__(self, memo: dict) -> "_Partitioner":
         return self  # stateless apart from the callback; config snapshots deep-copy it
@@ -214,11 +216,17 @@ def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
     """Replace every call of an op in `kernels` (overload -> plain-torch function)
     by the functional aten graph of that function, traced on the node's fake
     values with inductor's decompositions (as AOTAutograd traces for inductor),
-    so inductor sees and fuses the math instead of one opaque call."""
+    so inductor sees and fuses the math instead of one opaque call.
+
+    A call on symbolic sizes (dynamic shapes) stays an opaque call: its kernel
+    traced for sizes it does not know would bake in what it branches on (a pad
+    to a whole byte), while the op's own kernel runs on the real sizes."""
     decompositions = inductor_decompositions()
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in kernels]:
         flat, spec = pytree.tree_flatten((node.args, node.kwargs))
+        if any(isinstance(a, fx.Node) and is_symbolic(a.meta.get("val")) for a in flat):
+            continue
         where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
 
         def kernel(*tensors: Any, fn: Callable = kernels[node.target], flat: list = flat,

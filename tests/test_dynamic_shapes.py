@@ -127,3 +127,21 @@ def test_recompile_limit_is_a_capture_error_that_names_the_cause():
                                            r"(?s:.*)Fix: .*recompile_limit"):
         cm(**bert_batch(2, 12)).loss.backward()
         cm(**bert_batch(2, 15))
+
+
+def test_default_compile_with_dropout_trains_batches_of_odd_sizes():
+    """compile(model)'s defaults (inductor, ILS, the paper's formats) with dropout
+    on: bit-packed dropout masks of every count, not only whole bytes."""
+    from slimfit_fx import zoo
+
+    model, _ = zoo.bert_tiny(dropout=0.1)
+    cm = slimfit_fx.compile(model)
+    optimizer = torch.optim.AdamW(cm.parameters())
+    for batch, seq in [(2, 12), (3, 17), (5, 13), (7, 9)]:  # odd counts of mask bits
+        loss = cm(**bert_batch(batch, seq)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert torch.isfinite(loss)
+    assert cm.slimfit.last_step.counters.get("compressed_mask")
+    assert cm.slimfit.stats["graphs_captured"] == 2
