@@ -50,11 +50,10 @@ def bert_base(seed: int = 0, batch: int = 8, seq: int = 128, dropout: float = 0.
     return BertForSequenceClassification(config).train(), data
 
 
-def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
-    from transformers import ViTConfig, ViTForImageClassification
-
+def _tiny_vision(config_class, model_class, seed: int, batch: int, dropout: float) -> tuple[nn.Module, Batch]:
+    """A 2-layer, hidden-32 ViT-family classifier on 16x16 images, and a batch."""
     torch.manual_seed(seed)
-    config = ViTConfig(
+    config = config_class(
         image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
         num_attention_heads=2, intermediate_size=48, num_labels=4,
         problem_type="single_label_classification",
@@ -65,7 +64,13 @@ def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Mo
         "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
         "labels": torch.randint(0, 4, (batch,), generator=g),
     }
-    return ViTForImageClassification(config).train(), data
+    return model_class(config).train(), data
+
+
+def vit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return _tiny_vision(ViTConfig, ViTForImageClassification, seed, batch, dropout)
 
 
 def deit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
@@ -73,19 +78,7 @@ def deit_tiny(seed: int = 0, batch: int = 2, dropout: float = 0.1) -> tuple[nn.M
     the class token, and two heads averaged."""
     from transformers import DeiTConfig, DeiTForImageClassification
 
-    torch.manual_seed(seed)
-    config = DeiTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=48, num_labels=4,
-        problem_type="single_label_classification",
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
-    )
-    g = torch.Generator().manual_seed(seed)
-    data = {
-        "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
-        "labels": torch.randint(0, 4, (batch,), generator=g),
-    }
-    return DeiTForImageClassification(config).train(), data
+    return _tiny_vision(DeiTConfig, DeiTForImageClassification, seed, batch, dropout)
 
 
 def gpt2_tiny(seed: int = 0, batch: int = 2, seq: int = 10, dropout: float = 0.1) -> tuple[nn.Module, Batch]:
