@@ -528,11 +528,8 @@ class ShapeBinding:
     def __init__(self, example_inputs: Sequence[Any], shapes: Sequence[Sequence[Any]]) -> None:
         self.sources: dict[Any, tuple[int, int | None]] = {}  # symbol -> (input, dim or None)
         for i, value in enumerate(example_inputs):
-            sizes = [(None, value)] if isinstance(value, torch.SymInt) else \
-                list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else []
-            for dim, size in sizes:
-                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                    self.sources.setdefault(size.node.expr, (i, dim))
+            for dim, symbol in _size_symbols(value):
+                self.sources.setdefault(symbol, (i, dim))
         self.shapes = [tuple(_size_expr(d) for d in shape) for shape in shapes]
         self.static = all(isinstance(d, int) for shape in self.shapes for d in shape)
         unbound = {str(sym) for shape in self.shapes for d in shape if not isinstance(d, int)
@@ -564,18 +561,23 @@ def _size_expr(size: Any) -> Any:
     return int(size)
 
 
+def _size_symbols(value: Any) -> list[tuple[int | None, Any]]:
+    """(dim, symbol) for each size of `value` that is a bare dynamo size symbol:
+    dim None for a SymInt itself, else a tensor dimension."""
+    sizes = [(None, value)] if isinstance(value, torch.SymInt) else \
+        list(enumerate(value.shape)) if isinstance(value, torch.Tensor) else []
+    return [(dim, size.node.expr) for dim, size in sizes
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol]
+
+
 def size_producers(nodes: Sequence[fx.Node]) -> dict[Any, tuple[fx.Node, int | None]]:
     """Where each of dynamo's size symbols can be read in a graph: a SymInt input
     (dim None) or a dimension of a tensor input, among `nodes`."""
     found: dict[Any, tuple[fx.Node, int | None]] = {}
     for node in nodes:
-        val = node.meta.get("val", node.meta.get("example_value"))
-        sizes = [(None, val)] if isinstance(val, torch.SymInt) else \
-            list(enumerate(val.shape)) if isinstance(val, torch.Tensor) else []
-        for dim, size in sizes:
-            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                if dim is None or size.node.expr not in found:  # a SymInt input reads cheapest
-                    found[size.node.expr] = (node, dim)
+        for dim, symbol in _size_symbols(node.meta.get("val", node.meta.get("example_value"))):
+            if dim is None or symbol not in found:  # a SymInt input reads cheapest
+                found[symbol] = (node, dim)
     return found
 
 
@@ -584,8 +586,8 @@ def can_materialize(sizes: Sequence[Any], producers: dict[Any, tuple[fx.Node, in
     for size in sizes:
         expr = _size_expr(size)
         if not isinstance(expr, int) and (not expr.free_symbols <= producers.keys() or
-                                          not all(isinstance(a, (int,)) or a.is_Integer or a.is_Symbol
-                                                  or a.is_Add or a.is_Mul for a in _subexprs(expr))):
+                                          not all(a.is_Integer or a.is_Symbol or a.is_Add or a.is_Mul
+                                                  for a in _subexprs(expr))):
             return False
     return True
 
@@ -600,8 +602,6 @@ def materialize_sizes(graph: fx.Graph, sizes: Sequence[Any],
     size as nodes (inserted at the graph's insertion point) that compute it at
     run time from `producers` (`aten.sym_size.int` of a tensor input, or a SymInt
     input, then + and *). Check with `can_materialize` first."""
-    import operator
-
     made: dict[Any, fx.Node] = {}
 
     def build(expr: Any) -> Any:

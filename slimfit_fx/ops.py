@@ -121,9 +121,7 @@ def _padded(flat: Tensor, multiple: int) -> Tensor:
     padded with no Python branch on it: a branch would bake in the traced size's
     remainder, and a count with another remainder would pack one byte short."""
     pad = -flat.numel() % multiple
-    if isinstance(pad, torch.SymInt):
-        return torch.cat((flat, flat.new_zeros(pad)))
-    return torch.cat((flat, flat.new_zeros(pad))) if pad else flat
+    return torch.cat((flat, flat.new_zeros(pad))) if isinstance(pad, torch.SymInt) or pad else flat
 
 
 def _packed_numel(numel):
