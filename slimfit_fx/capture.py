@@ -218,15 +218,15 @@ def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
     values with inductor's decompositions (as AOTAutograd traces for inductor),
     so inductor sees and fuses the math instead of one opaque call.
 
-    A call on symbolic sizes (dynamic shapes) stays an opaque call: its kernel
-    traced for sizes it does not know would bake in what it branches on (a pad
-    to a whole byte), while the op's own kernel runs on the real sizes."""
+    A call on symbolic sizes (dynamic shapes) is traced symbolically in the
+    graph's own shape environment, so the sizes it computes (a pad to a whole
+    byte, a kept count) stay expressions of the graph's size symbols, read off
+    its inputs with `sym_size`, never the traced example's values."""
     decompositions = inductor_decompositions()
     graph = gm.graph
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in kernels]:
         flat, spec = pytree.tree_flatten((node.args, node.kwargs))
-        if any(isinstance(a, fx.Node) and is_symbolic(a.meta.get("val")) for a in flat):
-            continue
+        symbolic = any(isinstance(a, fx.Node) and is_symbolic(a.meta.get("val")) for a in flat)
         where = [i for i, a in enumerate(flat) if isinstance(a, fx.Node)]
 
         def kernel(*tensors: Any, fn: Callable = kernels[node.target], flat: list = flat,
@@ -238,7 +238,8 @@ def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
             return fn(*args, **kwargs)
 
         traced = make_fx(torch.func.functionalize(kernel, remove="mutations_and_views"),
-                         decomposition_table=decompositions, tracing_mode="fake")(
+                         decomposition_table=decompositions,
+                         tracing_mode="symbolic" if symbolic else "fake")(
             *(flat[i].meta["val"] for i in where))
         placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
         with graph.inserting_before(node):

@@ -118,10 +118,16 @@ def _padded(flat: Tensor, multiple: int) -> Tensor:
     """`flat` with zeros appended up to a multiple of `multiple` elements.
 
     A symbolic count (the kernel traced for inductor under dynamic shapes) is
-    padded with no Python branch on it: a branch would bake in the traced size's
-    remainder, and a count with another remainder would pack one byte short."""
-    pad = -flat.numel() % multiple
-    return torch.cat((flat, flat.new_zeros(pad))) if isinstance(pad, torch.SymInt) or pad else flat
+    padded by one gather over the padded length, with no tensor of the pad's
+    own size: a branch on the pad, or a size-`pad` tensor (its contiguity is
+    checked against 0 and 1), would guard on the count's remainder, so the
+    graph would be recompiled for each remainder or pack one byte short."""
+    numel = flat.numel()
+    pad = -numel % multiple
+    if isinstance(pad, torch.SymInt):
+        where = torch.arange(numel + pad, device=flat.device)
+        return torch.where(where < numel, flat[where.clamp(max=numel - 1)], 0)
+    return torch.cat((flat, flat.new_zeros(pad))) if pad else flat
 
 
 def _packed_numel(numel):
