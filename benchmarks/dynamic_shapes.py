@@ -1,6 +1,6 @@
 """Batches of changing shape, as a collator that pads per batch makes them.
 
-    python benchmarks/dynamic_shapes.py [--steps 1000] [--padded-steps 250] [--backend inductor]
+    python benchmarks/dynamic_shapes.py [--steps 1000] [--padded-steps 250] [--backend inductor] [--shapes-only]
 
 A small BERT (hidden 128, 2 layers, 512 positions, random init, dropout 0.1)
 trains `--steps` AdamW steps on batches whose size is drawn from 1..32 and
@@ -16,9 +16,10 @@ seeded draw for every row of the table:
 Rows: eager full fine-tune and slimfit's default `compile(model)` (ILS after
 every step, 90% frozen, "paper" compression). Columns: dynamo graphs and
 regions compiled, compile seconds, total wall seconds, mean step seconds after
-the compiles. Then, per sample shape, the median step of slimfit's run-time
-code compiled for dynamic sizes against the same shape compiled static (a fresh
-model compiled on that shape alone). Each run in its own process. Writes
+the compiles. Then, per sample shape, slimfit's run-time code compiled for
+dynamic sizes against the same shape compiled static, and plain torch.compile
+timed the same way (`run_shape_check`; `--shapes-only` runs just this, into
+the `dynamic-shapes-step` section). Each run in its own process. Writes
 docs/benchmarks.md's `dynamic-shapes` section.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from doc import write_section
 from processes import run_child
 
 SAMPLE_SHAPES = ((8, 64), (16, 256), (32, 128))
+SHAPE_STEPS = 15  # timed steps per sample shape, after the compiles
 
 
 def draw_shapes(steps: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -96,29 +98,51 @@ def run_training(kind: str, padding: str, steps: int, backend: str) -> dict:
             "wall_s": wall, "mean_step_s": statistics.fmean(after) if after else None, "steps": steps}
 
 
-def run_shape_check(mode: str, backend: str) -> dict:
-    """Median step per sample shape: compiled static on that shape alone, or
-    after two other shapes made its sizes dynamic."""
+def run_shape_check(backend: str, compiler: str = "slimfit") -> dict:
+    """Per sample shape, two models in one process: one compiled static on that
+    shape alone, one compiled after two other shapes made its sizes dynamic. Their
+    steps alternate, SHAPE_STEPS each, so both see the same machine; the fastest
+    step of each (the least disturbed on a shared CPU) and the median of the
+    step-by-step ratios. `compiler` "torch.compile" times plain torch.compile the
+    same way: the cost of dynamic sizes to inductor itself."""
     import torch
 
     import slimfit_fx
     from slimfit_fx import capture
 
+    def compiled():
+        model = build()
+        if compiler == "slimfit":
+            return slimfit_fx.compile(model, backend=backend), model
+        return torch.compile(model, backend=backend), model
+
+    def train_step(module, optimizer, shape, seed):
+        t0 = time.perf_counter()
+        module(**batch_of(*shape, None, seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
     result = {}
     for size, length in SAMPLE_SHAPES:
         capture.reset_dynamo()
-        module = slimfit_fx.compile(build(), backend=backend)
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        warmup = [(size, length)] * 2 if mode == "static" else [(3, 40), (5, 70), (size, length)]
-        for i, shape in enumerate(warmup + [(size, length)] * 5):
-            t0 = time.perf_counter()
-            module(**batch_of(*shape, None, i)).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if i >= len(warmup):
-                result.setdefault(f"{size}x{length}", []).append(time.perf_counter() - t0)
-        result[f"graphs {size}x{length}"] = module.slimfit.stats["graphs_captured"]
-    return {k: statistics.median(v) if isinstance(v, list) else v for k, v in result.items()}
+        runs = {}
+        for mode, warmup in (("static", [(size, length)] * 2), ("dynamic", [(3, 40), (5, 70), (size, length)])):
+            module, model = compiled()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            for i, shape in enumerate(warmup):
+                train_step(module, optimizer, shape, i)
+            runs[mode] = module, optimizer
+        times = {"static": [], "dynamic": []}
+        for i in range(SHAPE_STEPS):
+            for mode, (module, optimizer) in runs.items():
+                times[mode].append(train_step(module, optimizer, (size, length), 10 + i))
+        key = f"{size}x{length}"
+        result[key] = {"static": min(times["static"]), "dynamic": min(times["dynamic"]),
+                       "ratio": statistics.median(d / s for s, d in zip(times["static"], times["dynamic"]))}
+        if compiler == "slimfit":
+            result[key]["graphs"] = {m: module.slimfit.stats["graphs_captured"] for m, (module, _) in runs.items()}
+    return result
 
 
 def main() -> None:
@@ -127,22 +151,32 @@ def main() -> None:
     parser.add_argument("--padded-steps", type=int, default=250)
     parser.add_argument("--backend", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--shapes-only", action="store_true",
+                        help="only the static-vs-dynamic step check (section dynamic-shapes-step)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if args.child[0] == "shapes":
-            print(json.dumps(run_shape_check(args.child[1], args.backend)))
+            print(json.dumps(run_shape_check(args.backend, args.child[1])))
         else:
             print(json.dumps(run_training(args.child[0], args.child[1], args.steps, args.backend)))
         return
     me = [sys.executable, str(Path(__file__).resolve()), "--backend", args.backend]
+    if args.shapes_only:
+        shapes = {compiler: run_child([*me, "--child", "shapes", compiler]) for compiler in ("slimfit", "torch.compile")}
+        text = "\n".join(shape_table(shapes))
+        print(text)
+        if not args.no_doc:
+            write_section("dynamic-shapes-step", "Step time, compiled for dynamic sizes vs one shape",
+                          run_shape_check.__doc__.replace("\n    ", "\n") + "\n\n" + text)
+        return
     rows = {}
     for kind in ("eager", "slimfit"):
         for padding in ("mixed", "padded to 512"):
             steps = args.steps if padding == "mixed" else args.padded_steps
             rows[kind, padding] = run_child([*me, "--steps", str(steps), "--child", kind, padding])
             print(kind, padding, rows[kind, padding], flush=True)
-    shapes = {mode: run_child([*me, "--child", "shapes", mode]) for mode in ("static", "dynamic")}
+    shapes = {compiler: run_child([*me, "--child", "shapes", compiler]) for compiler in ("slimfit", "torch.compile")}
     print(shapes, flush=True)
     text = table(rows, shapes, args)
     print(text)
@@ -171,17 +205,21 @@ def table(rows: dict, shapes: dict, args) -> str:
                      f"{_cell(r['regions_compiled'], 'd')} | {_cell(r['last_compile_step'], 'd')} | "
                      f"{_cell(r['compile_s'], '.1f')} | {r['wall_s']:.1f} | {projected:.1f}{note} | "
                      f"{_cell(r['mean_step_s'], '.3f')} |")
-    lines += ["", "| shape (batch x length) | slimfit compiled static, median step s | compiled dynamic | "
-                  "dynamic / static |", "|---|---:|---:|---:|"]
-    static, dynamic = shapes["static"], shapes["dynamic"]
-    for size, length in SAMPLE_SHAPES:
-        key = f"{size}x{length}"
-        if isinstance(static, str) or isinstance(dynamic, str):
-            lines.append(f"| {key} | {static if isinstance(static, str) else '-'} | "
-                         f"{dynamic if isinstance(dynamic, str) else '-'} | - |")
-            continue
-        lines.append(f"| {key} | {static[key]:.3f} | {dynamic[key]:.3f} | {dynamic[key] / static[key]:.2f} |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *shape_table(shapes)])
+
+
+def shape_table(shapes: dict) -> list[str]:
+    lines = ["| compiler | shape (batch x length) | compiled static, fastest step s | compiled dynamic, "
+             "fastest step s | dynamic / static, median of step pairs |", "|---|---|---:|---:|---:|"]
+    for compiler, result in shapes.items():
+        for size, length in SAMPLE_SHAPES:
+            key = f"{size}x{length}"
+            if isinstance(result, str):
+                lines.append(f"| {compiler} | {key} | {result} | - | - |")
+                continue
+            r = result[key]
+            lines.append(f"| {compiler} | {key} | {r['static']:.3f} | {r['dynamic']:.3f} | {r['ratio']:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

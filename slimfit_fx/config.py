@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 from .passes.compress.registry import KINDS, config_fields
 
 SCHEDULES = ("manual", "ils")
@@ -128,6 +130,11 @@ class SlimFitConfig:
         frozen share stays `freeze_ratio` of all layers where it can. Only with
         schedule="ils"; the paper's scheduler scores every layer alike, which is
         what the default () does.
+    blocks: the repeated blocks (transformer layers) that become regions, each
+        compiled once and shared by its copies: qualified module names
+        ("encoder.layer.3"), patterns ("encoder.layer.*") or module classes.
+        None (the default) finds them: children of a ModuleList/Sequential that
+        share a class. () compiles the whole model as one region, on purpose.
     """
 
     freeze_ratio: float | None = None
@@ -138,6 +145,7 @@ class SlimFitConfig:
     compression: str | CompressionConfig = "paper"
     memory_budget: float | None = None
     always_train: tuple[str, ...] = ()
+    blocks: tuple[str | type, ...] | None = None
 
     def __new__(cls, *args: object, **fields: object) -> "SlimFitConfig":
         # Before dataclass's __init__, whose "unexpected keyword argument" names no fix.
@@ -191,6 +199,15 @@ class SlimFitConfig:
             raise TypeError("SlimFitConfig.always_train must be a tuple of layer names (str), "
                             f"got {names!r:.80}")
         object.__setattr__(self, "always_train", tuple(sorted(set(names))))
+        blocks = self.blocks
+        if blocks is not None:
+            if isinstance(blocks, (str, bytes, type)) or not isinstance(blocks, (tuple, list, set, frozenset)) \
+                    or not all(isinstance(b, str) or (isinstance(b, type) and issubclass(b, torch.nn.Module))
+                               for b in blocks):
+                raise TypeError(
+                    "SlimFitConfig.blocks must be a tuple of module names, name patterns (str) or "
+                    f"torch.nn.Module classes, e.g. blocks=('encoder.layer.*',); got {blocks!r:.80}")
+            object.__setattr__(self, "blocks", tuple(blocks))
         if self.always_train and self.schedule != "ils":
             raise ValueError(
                 f"SlimFitConfig.always_train applies to schedule='ils', got schedule={self.schedule!r}; "

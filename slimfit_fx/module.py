@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,7 +27,7 @@ from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .schedule import InterLayerSchedule
-from .regions import block_prefixes
+from .regions import block_prefixes, named_blocks
 from .variants import EngineState
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -110,6 +111,22 @@ def _refuse_sharded_submodules(model: nn.Module) -> None:
         )
 
 
+def _blocks(model: nn.Module, named: tuple | None) -> tuple[str, ...]:
+    if named is not None:
+        return named_blocks(model, named)
+    found = block_prefixes(model)
+    if not found:
+        warnings.warn(
+            f"slimfit_fx found no repeated blocks in {type(model).__name__} (no ModuleList or "
+            "Sequential holding two children of one class with parameters), so it compiles the "
+            "whole model as one region: no compiled code is shared between layers (compile time "
+            "grows with depth) and norms are kept whole (norm_guard='blocks' prunes them inside "
+            "blocks only). Fix: name the blocks, e.g. slimfit_fx.compile(model, "
+            "blocks=('layers.*',)) or blocks=(MyBlock,); blocks=() keeps one region and silences "
+            "this warning", stacklevel=5)  # _blocks, SlimFit, SlimFitModule, compile, the caller
+    return found
+
+
 class SlimFit:
     """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
 
@@ -124,7 +141,7 @@ class SlimFit:
             frozen=frozenset(),
             names_by_id=parameter_names_by_identity(model),
             layers=frozenset(self.layers),
-            blocks=block_prefixes(model),
+            blocks=_blocks(model, config.blocks),
             compression=config.compression_config,
             memory_budget=config.memory_budget,
         )

@@ -7,6 +7,7 @@ compiles each distinct region once and computes weight gradients outside it.
 """
 from __future__ import annotations
 
+import fnmatch
 import operator
 import re
 from collections.abc import Sequence
@@ -45,6 +46,51 @@ def block_prefixes(model: nn.Module) -> tuple[str, ...]:
             if sum(type(c) is type(child) for _, c in children) >= 2 and any(True for _ in child.parameters()):
                 blocks.append(f"{name}.{child_name}" if name else child_name)
     return tuple(blocks)
+
+
+def named_blocks(model: nn.Module, specs: Sequence[str | type]) -> tuple[str, ...]:
+    """The blocks `specs` names: each a module's qualified name (`encoder.layer.3`),
+    a pattern over qualified names (`encoder.layer.*`, each `*` within one dotted
+    part), or a module class (every
+    module of that class). Each spec must match a module that holds parameters,
+    and no block may contain another (a region is one block's code)."""
+    modules = {name: m for name, m in model.named_modules() if name}
+    found: dict[str, None] = {}
+    for spec in specs:
+        if isinstance(spec, type):
+            matches = [n for n, m in modules.items() if isinstance(m, spec)]
+        elif any(c in spec for c in "*?["):
+            matches = [n for n in modules if _matches(n, spec)]
+        else:
+            matches = [spec] if spec in modules else []
+        if not matches:
+            raise ValueError(
+                f"blocks={spec!r:.80} names no submodule of {type(model).__name__}. Fix: name "
+                "repeated blocks by qualified name as in model.named_modules() (e.g. "
+                f"{_example_names(modules)}), by a pattern such as 'encoder.layer.*', or by their class")
+        for name in matches:
+            if not any(True for _ in modules[name].parameters()):
+                raise ValueError(f"block {name!r} (from blocks={spec!r:.80}) holds no parameters, so it "
+                                 "has no layer to freeze; name the modules that hold a block's layers")
+            found[name] = None
+    nested = [(a, b) for a in found for b in found if b.startswith(a + ".")]
+    if nested:
+        outer, inner = nested[0]
+        raise ValueError(f"blocks {outer!r} and {inner!r} are nested: a region is one block's code, so "
+                         f"name either the outer blocks or the inner ones, not both")
+    return tuple(found)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """fnmatch per dotted part: `encoder.layer.*` is the layers, not their children."""
+    parts, wanted = name.split("."), pattern.split(".")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
+
+def _example_names(modules: dict[str, nn.Module]) -> str:
+    names = [n for n, m in modules.items() if isinstance(m, (nn.ModuleList, nn.Sequential))]
+    shown = [f"{n}.{child}" for n in names[:2] for child, _ in list(modules[n].named_children())[:1]]
+    return ", ".join(repr(n) for n in (shown or list(modules)[:2]))
 
 
 # How dynamo names the model in a module path: `self` of its forward, or the
