@@ -101,7 +101,7 @@ def run_training(kind: str, padding: str, steps: int, backend: str) -> dict:
 def run_shape_check(backend: str, compiler: str = "slimfit") -> dict:
     """Per sample shape, two models in one process: one compiled static on that
     shape alone, one compiled after two other shapes made its sizes dynamic. Their
-    steps alternate, SHAPE_STEPS each, so both see the same machine; the fastest
+    steps alternate, 15 each (SHAPE_STEPS), so both see the same machine; the fastest
     step of each (the least disturbed on a shared CPU) and the median of the
     step-by-step ratios. `compiler` "torch.compile" times plain torch.compile the
     same way: the cost of dynamic sizes to inductor itself."""

@@ -7,7 +7,6 @@ its partitioner. Everything version-specific lives here; tested on torch
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import operator
 import types
@@ -21,7 +20,8 @@ import torch._dynamo
 import torch._functorch.config as functorch_config
 import torch._guards
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: F401 (also the passes' tracer)
+from torch.fx.passes.split_module import split_module  # noqa: F401 (regions.split_regions)
 from torch.utils import _pytree as pytree
 import torch._inductor.config as inductor_config
 from torch._dynamo.backends.common import aot_autograd
@@ -390,11 +390,11 @@ def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
                     continue
                 if node.op == "get_attr":
                     raise NotImplementedError("a checkpointed body that reads module attributes")
-                copy = gm.graph.node_copy(node, env.__getitem__)
-                copy.meta = dict(node.meta)
-                copy.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
-                copy.meta["ac_graph_id"] = graph_id
-                env[node] = copy
+                copied = gm.graph.node_copy(node, env.__getitem__)
+                copied.meta = dict(node.meta)
+                copied.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                copied.meta["ac_graph_id"] = graph_id
+                env[node] = copied
         for user in list(call.users):
             if user.op == "call_function" and user.target is operator.getitem:
                 user.replace_all_uses_with(result[user.args[1]])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from . import capture, regions, torch_ir
+from . import capture, torch_ir
 
 JOINT = "joint"
 FORWARD = "forward"
@@ -152,11 +152,8 @@ class VariantGraphs:
             return name or ""
         # Views and detaches made while tracing backward carry no module; the
         # storage they alias does.
-        stack = node.meta.get("nn_module_stack") or _storage_root(node).meta.get("nn_module_stack") or {}
-        if not stack:
-            return ""
-        path = list(stack.values())[-1][0]
-        return regions.module_name(path)
+        paths = torch_ir.module_path(node) or torch_ir.module_path(_storage_root(node))
+        return paths[-1] if paths else ""
 
 
 def _compressed_note(node: fx.Node) -> str:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.split_module import split_module
+
+from . import capture
+from .torch_ir import DYNAMO_VALUE, dynamo_value, module_path
 
 # Ops that only reshape or cast a weight on its way to the op that uses it
 # (`self.weight.t()`, `self.weight.to(dtype)`): they stay with the weight.
@@ -93,24 +94,6 @@ def _example_names(modules: dict[str, nn.Module]) -> str:
     return ", ".join(repr(n) for n in (shown or list(modules)[:2]))
 
 
-# How dynamo names the model in a module path: `self` of its forward, or the
-# first positional argument when a decorator wraps forward as wrapper(*args, **kwargs)
-# (transformers 5's Llama, Qwen2, Mistral: "L['args'][0].model.layers.0").
-_ROOT_MODULE = re.compile(r"^L\[(?:'self'|'args'\]\[0)\]\.?")
-
-
-def module_name(path: str) -> str:
-    """A dynamo module path (`L['self'].encoder._modules['layer']`) as a
-    `named_modules()` name (`encoder.layer`); "" for the model itself."""
-    return _ROOT_MODULE.sub("", re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path)))
-
-
-def module_path(node: fx.Node) -> list[str]:
-    """The module paths (outermost first) that dynamo recorded for `node`, as
-    `named_modules()` names."""
-    return [module_name(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
-
-
 def block_of(node: fx.Node, blocks: set[str]) -> str | None:
     for path in reversed(module_path(node)):  # innermost block first
         parts = path.split(".")
@@ -134,7 +117,7 @@ def split_regions(gm: fx.GraphModule, blocks: Sequence[str]) -> fx.GraphModule:
             region += 1
         owner = block
         assignment[node] = region
-    return split_module(gm, None, lambda node: assignment[node], keep_original_order=True,
+    return capture.split_module(gm, None, lambda node: assignment[node], keep_original_order=True,
                         keep_original_node_name=True)
 
 
@@ -156,7 +139,7 @@ def structural_key(gm: fx.GraphModule, weight_inputs: Sequence[bool]) -> tuple:
         index[node] = i
         args = fx.map_arg((node.args, node.kwargs), lambda n: ("node", index[n]))
         if node.op == "placeholder":
-            rows.append(("placeholder", _meta_key(node.meta.get("example_value")), next(placeholders)))
+            rows.append(("placeholder", _meta_key(dynamo_value(node)), next(placeholders)))
         elif node.op == "get_attr":
             rows.append(("get_attr", id(getattr(gm, node.target))))
         else:
@@ -200,7 +183,7 @@ def _is_weight_only(node: fx.Node) -> bool:
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(a.meta.get("example_value"), torch.Tensor)]
+    return [a for a in node.all_input_nodes if isinstance(dynamo_value(a), torch.Tensor)]
 
 
 def _uses(weight: fx.Node) -> list[tuple[list[fx.Node], fx.Node]]:
@@ -277,14 +260,14 @@ def tap_weight_grads(region: fx.GraphModule, weight_inputs: Sequence[bool]) -> t
     uses = [(weight, _uses(weight)) for weight, is_weight in zip(placeholders, weight_inputs) if is_weight]
     for weight, found in uses:
         for chain, use in found:
-            value = use.meta.get("example_value")
+            value = dynamo_value(use)
             if not isinstance(value, torch.Tensor):
                 raise NotImplementedError(f"{use.format_node()} returns no single tensor")
             chain_set = set(chain) | {weight}
             operands = [a for a in _tensor_inputs(use) if a not in chain_set]
             with graph.inserting_after(last_input):
                 probe = graph.placeholder(f"slimfit_probe_{len(taps)}")
-            probe.meta["example_value"] = value
+            probe.meta[DYNAMO_VALUE] = value
             last_input = probe
             with graph.inserting_after(use):
                 tapped = graph.call_function(operator.add, (use, probe))

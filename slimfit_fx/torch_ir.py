@@ -7,12 +7,48 @@ Public torch only: private modules stay in capture.py.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import re
+from typing import Any, NamedTuple
 
 import torch
 from torch import fx
 
 aten = torch.ops.aten
+
+
+def is_aten_op(node: fx.Node) -> bool:
+    """Whether `node` calls an operator overload (`aten.mm.default`), as AOTAutograd's graphs do."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+
+
+# Dynamo's graphs: the value a node was traced with, and the modules it ran in.
+DYNAMO_VALUE = "example_value"
+MODULE_STACK = "nn_module_stack"
+
+# How dynamo names the model in a module path: `self` of its forward, or the
+# first positional argument when a decorator wraps forward as wrapper(*args, **kwargs)
+# (transformers 5's Llama, Qwen2, Mistral: "L['args'][0].model.layers.0").
+_ROOT_MODULE = re.compile(r"^L\[(?:'self'|'args'\]\[0)\]\.?")
+
+
+def module_name(path: str) -> str:
+    """A dynamo module path (`L['self'].encoder._modules['layer']`) as a
+    `named_modules()` name (`encoder.layer`); "" for the model itself."""
+    return _ROOT_MODULE.sub("", re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path)))
+
+
+def module_path(node: fx.Node) -> list[str]:
+    """The module paths (outermost first) that dynamo recorded for `node`, as
+    `named_modules()` names. Entries rooted elsewhere are left out: dynamo also
+    stacks a global function that a hub-kernel decorator made a module
+    (transformers' Llama: "G['__import_transformers_...'].apply_rotary_pos_emb")."""
+    return [module_name(path) for path, _ in (node.meta.get(MODULE_STACK) or {}).values()
+            if _ROOT_MODULE.match(str(path))]
+
+
+def dynamo_value(node: fx.Node) -> Any:
+    """The (fake) value dynamo traced `node` with; None where it recorded none."""
+    return node.meta.get(DYNAMO_VALUE)
 
 
 def argument_position(op: torch._ops.OpOverload, name: str) -> int | None:
@@ -104,7 +140,7 @@ def forward_input_index(name: str) -> int | None:
 
 def _written_arguments(node: fx.Node) -> list[object]:
     """The values `node` passes to arguments its op's schema marks as written (`Tensor(a!)`)."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+    if not is_aten_op(node):
         return []
     written = []
     for i, argument in enumerate(node.target._schema.arguments):
@@ -116,7 +152,7 @@ def _written_arguments(node: fx.Node) -> list[object]:
 def _view_base(node: fx.Node) -> fx.Node:
     """The tensor `node` is a view of (through view ops, whose schema returns an
     alias of their first argument without writing it), or `node` itself."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.args:
+    while is_aten_op(node) and node.args:
         schema = node.target._schema
         first = schema.arguments[0].alias_info if schema.arguments else None
         returned = schema.returns[0].alias_info if len(schema.returns) == 1 else None

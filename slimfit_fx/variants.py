@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import capture, ops, regions
+from . import capture, ops, regions, torch_ir
 from .config import CompressionConfig
 from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
                      VariantGraphs, after)
@@ -312,7 +312,7 @@ class CapturedGraph:
         example = []
         for node, weight in zip((n for n in tapped.graph.nodes if n.op == "placeholder"),
                                 [*is_weight, *([False] * len(taps))]):
-            value = node.meta["example_value"]
+            value = torch_ir.dynamo_value(node)
             if node.name.startswith("slimfit_probe_"):
                 with value.fake_mode:
                     value = torch.zeros((), dtype=value.dtype, device=value.device).expand(
@@ -356,7 +356,7 @@ class CapturedGraph:
         # Every layer's weight-gradient graph now, on the region's fake values and
         # the autocast it compiles under, so a layer that first trains later
         # compiles nothing (another dtype or autocast traces when first seen).
-        stashed = [n.meta["example_value"] for n in tapped.graph.output_node().args[0][num_outputs:]]
+        stashed = [torch_ir.dynamo_value(n) for n in tapped.graph.output_node().args[0][num_outputs:]]
         probes = example[len(is_weight):]
         for tap, probe in zip(taps, probes):
             weight = example[tap.weight_input]

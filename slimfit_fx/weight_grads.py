@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from torch import fx
-from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import capture, torch_ir
 from .regions import WeightTap
@@ -54,7 +53,7 @@ def _written_operands(use: fx.GraphModule, weight: torch.Tensor, operands: list[
     """Positions of the operands `use` writes to, from a trace of its forward in
     which every write is declared."""
     with torch.no_grad(), _autocast(autocast, weight.device):
-        gm = make_fx(use, tracing_mode=_tracing_mode(operands),
+        gm = capture.make_fx(use, tracing_mode=_tracing_mode(operands),
                      decomposition_table=torch_ir.hidden_write_decompositions())(weight.detach(), *operands)
     return frozenset(i - 1 for i in torch_ir.mutated_inputs(gm) if i >= 1)  # 0: the weight
 
@@ -71,7 +70,7 @@ def _trace(use: fx.GraphModule, weight: torch.Tensor, operands: list[Any], grad:
 
     inputs = [weight.detach(), *operands, grad.detach()]
     with torch.no_grad():
-        gm = make_fx(weight_grad, tracing_mode=_tracing_mode(inputs))(*inputs)
+        gm = capture.make_fx(weight_grad, tracing_mode=_tracing_mode(inputs))(*inputs)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

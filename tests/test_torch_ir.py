@@ -3,12 +3,14 @@ installed torch. A torch upgrade that renames an argument, an op or a naming
 convention fails here, by name, instead of making compression match nothing."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import slimfit_fx
-from slimfit_fx import capture, torch_ir
+from slimfit_fx import capture, regions, torch_ir
+from tests import models
 from slimfit_fx.config import KIND_FIELDS, CompressionConfig
 from slimfit_fx.passes.compress import KINDS, MATCHERS
 
@@ -122,3 +124,48 @@ def test_writes_to_inputs_are_found_even_where_a_schema_hides_them():
     assert not any(a.alias_info and a.alias_info.is_write
                    for a in aten.native_batch_norm.default._schema.arguments), \
         "native_batch_norm now declares its writes: HIDDEN_WRITE_OPS may drop it"
+
+
+def _dynamo_graph(model: nn.Module, **inputs) -> torch.fx.GraphModule:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    capture.reset_dynamo()
+    torch.compile(model, backend=backend, fullgraph=True)(**inputs)
+    capture.reset_dynamo()
+    return graphs[0]
+
+
+@pytest.mark.parametrize("factory", ["bert", "llama"])
+def test_dynamo_names_modules_as_named_modules_does(factory):
+    # BERT's forward is a plain method (L['self']); transformers 5 wraps Llama's
+    # as wrapper(*args, **kwargs), so dynamo roots it at L['args'][0].
+    case = getattr(models, factory)()
+    gm = _dynamo_graph(case.model, **case.batch)
+    names = {name for name, _ in case.model.named_modules()}
+    paths = [path for n in gm.graph.nodes if n.op == "call_function" for path in [torch_ir.module_path(n)] if path]
+    assert paths, "dynamo recorded no module stack on any call"
+    unknown = {p for path in paths for p in path} - names
+    assert not unknown, f"dynamo module paths that are not named_modules() names: {sorted(unknown)[:3]}"
+    blocks = set(regions.block_prefixes(case.model))
+    assert blocks <= {p for path in paths for p in path}, "the repeated blocks are not found in the graph"
+    # the engine reads inputs' and weight uses' traced values (regions.structural_key, tap_weight_grads)
+    values = [torch_ir.dynamo_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
+    assert values and all(isinstance(v, torch.Tensor) for v in values), \
+        f"dynamo keeps no traced value in meta[{torch_ir.DYNAMO_VALUE!r}]"
+
+
+def test_is_aten_op_sees_the_aten_graph_ops():
+    gm = make_fx(lambda x: torch.relu(x) + 1, tracing_mode="fake")(torch.randn(3))
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls and all(torch_ir.is_aten_op(n) for n in calls)
+    assert not any(torch_ir.is_aten_op(n) for n in gm.graph.nodes if n.op != "call_function")
+
+
+def test_capture_provides_the_tracer_and_splitter_the_engine_uses():
+    import inspect
+    assert "keep_original_node_name" in inspect.signature(capture.split_module).parameters
+    assert "tracing_mode" in inspect.signature(capture.make_fx).parameters

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from ..torch_ir import TANGENT_PREFIX
+from ..torch_ir import TANGENT_PREFIX, is_aten_op
 from .compress.patterns import _LINEAR_OUTPUTS, _is_gelu_input, _is_softmax_output, _numel
 from .context import PassContext
 
@@ -38,8 +38,7 @@ def _closure(starts: list[fx.Node], step) -> set[fx.Node]:
 
 
 def _is_pointwise(node: fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
-        and torch.Tag.pointwise in node.target.tags
+    return is_aten_op(node) and torch.Tag.pointwise in node.target.tags
 
 
 # How far below the head's matmul its log-softmax may sit: views, the tap's probe
