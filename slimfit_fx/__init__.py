@@ -13,7 +13,7 @@ from .module import SlimFit, SlimFitModule, compile
 __version__ = "0.1.0"
 
 # Silent unless asked: SLIMFIT_FX_LOG=info (or debug) prints what each pass did as
-# variants are built; or configure the "slimfit_fx" logger yourself.
+# regions are compiled; or configure the "slimfit_fx" logger yourself.
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())
 if _os.environ.get("SLIMFIT_FX_LOG"):
     _handler = _logging.StreamHandler()

@@ -1,9 +1,12 @@
 """The one module that touches private torch APIs (dynamo, functorch, inductor).
 
-It turns a dynamo graph plus a frozen set into a compiled forward/backward
-variant, running slimfit's joint-graph passes between AOTAutograd's trace and
-its partitioner. Everything version-specific lives here; tested on torch
-2.13 (see pyproject.toml).
+It captures the model with dynamo, turns each region of the captured graph
+into a compiled forward/backward (AOTAutograd, with slimfit's joint-graph and
+partition passes between its trace and its partitioner), and holds the
+private torch facts the rest of the package needs (symbolic sizes, dynamo's
+recompile state, activation checkpoints, fake tensors). Everything
+version-specific lives here and in torch_ir.py; tested on torch 2.11 and 2.13
+(see pyproject.toml).
 """
 from __future__ import annotations
 
@@ -410,15 +413,15 @@ def inline_activation_checkpoints(gm: fx.GraphModule) -> int:
 
 
 def current_tracing_context() -> Any:
-    """Dynamo's tracing context while a backend runs; kept to build variants later."""
+    """Dynamo's tracing context while a backend runs; kept to compile regions later."""
     return torch._guards.TracingContext.try_get()
 
 
 def fake_inputs(example_inputs: Sequence[Any], tracing_context: Any) -> list[Any]:
     """Fake (shape-only, possibly symbolic) copies of dynamo's example inputs.
 
-    Variants are built from these, so no real activation is kept alive and a
-    graph dynamo traced with dynamic shapes stays dynamic in every variant.
+    Regions are compiled from these, so no real activation is kept alive and a
+    graph dynamo traced with dynamic shapes stays dynamic in every region.
     """
     if tracing_context is None:
         return list(example_inputs)
@@ -434,7 +437,7 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
-def compile_variant(
+def compile_region(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     *,
@@ -463,16 +466,16 @@ def compile_variant(
     patches = dict(
         joint_custom_pass=joint_custom_pass,
         # The autograd cache key does not see joint_custom_pass: a hit could hand
-        # back a variant built for another frozen set.
+        # back a region compiled with other passes or another compression config.
         enable_autograd_cache=False,
-        # Compile the backward now, so a variant's build cost is paid (and timed) once.
+        # Compile the backward now, so a region's compile cost is paid (and timed) once.
         force_non_lazy_backward_lowering=True,
         # A donated-buffer backward refuses retain_graph=True (a second backward
         # through one graph); eager allows it, so slimfit's regions must too.
         donated_buffer=False,
     )
     # Only the last three are optimizations a torch version may lack; without the
-    # joint pass hook the variant would silently keep every weight gradient.
+    # joint pass hook a region would silently keep every weight gradient.
     patches = {k: v for k, v in patches.items()
                if k == "joint_custom_pass" or hasattr(functorch_config, k)}
     if memory_budget is not None:

@@ -111,7 +111,7 @@ class SlimFitConfig:
     schedule: who picks the frozen set; "ils" (the default) is the
         training-dynamics scheduler (inter-layer scheduling), "manual" means
         `cm.slimfit.set_frozen` (nothing frozen until it is called).
-    backend: compiler for every variant, "inductor" or "aot_eager" (no codegen).
+    backend: compiler for every region, "inductor" or "aot_eager" (no codegen).
     reschedule_every: "ils" picks a new frozen set every this many optimizer
         steps; 1 (the default) is the paper's per-step scheduling. A new frozen
         set never compiles anything, so there is no compile cost to trade.
@@ -121,7 +121,7 @@ class SlimFitConfig:
         scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
         see CompressionConfig.weight_input_bits), "off", or a CompressionConfig.
     memory_budget: the partitioner's activation memory budget (torch's
-        `activation_memory_budget`) for every variant, in (0.0, 1.0]: below 1.0
+        `activation_memory_budget`) for every region, in (0.0, 1.0]: below 1.0
         it recomputes cheap activations in backward instead of saving them.
         None keeps torch's own setting (1.0 unless the user changed it).
     always_train: layer names (see `cm.slimfit.layers`) that "ils" never freezes,

@@ -1,4 +1,4 @@
-"""The graphs a variant was built from, stage by stage, and what its forward saves.
+"""The graphs a compiled region was built from, stage by stage, and what its forward saves.
 
 Read-only views for printing and for the report. Stages are copies taken as
 the pipeline ran, so nothing here can change a graph that runs.
@@ -63,8 +63,8 @@ def format_graph(gm: fx.GraphModule) -> str:
     return "\n".join(lines)
 
 
-class VariantGraphs:
-    """Ordered stages of one variant: the joint graph as traced, after each joint
+class RegionGraphs:
+    """Ordered stages of one compiled region: the joint graph as traced, after each joint
     pass, then the forward and backward graphs the compiler was given."""
 
     def __init__(self, input_names: tuple[str | None, ...] = ()) -> None:

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from . import capture
 from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
-from .graphs import VariantGraphs
+from .graphs import RegionGraphs
 from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
@@ -306,7 +306,7 @@ class SlimFit:
             self.plot_schedule(paths["schedule.png"])
         return paths
 
-    def graphs(self, region: str | None = None) -> VariantGraphs:
+    def graphs(self, region: str | None = None) -> RegionGraphs:
         """The graphs of one compiled region: `region` names it (see
         `compiled_regions()`), by default the one most regions of the last
         training step ran (the repeated block). Stages: joint as traced, after

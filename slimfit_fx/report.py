@@ -1,6 +1,6 @@
 """A plain-text report of what slimfit_fx did to a model, read off its state and graphs.
 
-It only reads: the frozen set, the cache counters, the live variant's pass
+It only reads: the frozen set, the cache counters, the last training step's pass
 counters (tagged on its joint graph) and the saved bytes measured at run time.
 """
 from __future__ import annotations
@@ -163,17 +163,17 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
 
 
 def build_report(slimfit: "SlimFit") -> Report:
-    variant = slimfit.last_step
+    last = slimfit.last_step
     return Report(
         model=type(slimfit.model).__name__,
         backend=slimfit.config.backend,
         layers=slimfit.layers,
-        frozen=tuple(sorted(slimfit.frozen if variant is None else variant.frozen)),
-        saved_bytes=None if variant is None else variant.saved_bytes,
+        frozen=tuple(sorted(slimfit.frozen if last is None else last.frozen)),
+        saved_bytes=None if last is None else last.saved_bytes,
         stats=dict(slimfit.stats),
-        pass_counters={} if variant is None else dict(variant.counters),
-        saved_tensors=() if variant is None else tuple(variant.saved_tensors()),
-        saved_tensors_before=() if variant is None else tuple(variant.saved_tensors_before_passes()),
+        pass_counters={} if last is None else dict(last.counters),
+        saved_tensors=() if last is None else tuple(last.saved_tensors()),
+        saved_tensors_before=() if last is None else tuple(last.saved_tensors_before_passes()),
         schedule=_schedule_summary(slimfit),
         not_scheduled=slimfit.not_scheduled,
     )

@@ -24,7 +24,7 @@ from torch import fx
 from . import capture, ops, regions, torch_ir
 from .config import CompressionConfig
 from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
-                     VariantGraphs, after)
+                     RegionGraphs, after)
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
 from .weight_grads import TapGrad, TapSlot, autocast_state, weight_grad_graph
@@ -44,7 +44,7 @@ class CompiledRegion:
     returns_tuple: bool
     compile_seconds: float
     counters: dict[str, int]
-    graphs: VariantGraphs
+    graphs: RegionGraphs
     instances: int = 0
 
     def saved_tensors(self, record: list[tuple[int, bool]] | None) -> list[SavedTensor]:
@@ -217,7 +217,7 @@ class StepRecord:
         return [n for region, _ in self.calls for n in region.compiled.graphs[stage].graph.nodes]
 
     @property
-    def graphs(self) -> VariantGraphs:
+    def graphs(self) -> RegionGraphs:
         """The graphs of the region most of this step's regions ran (the repeated block)."""
         compiled = Counter(id(region.compiled) for region, _ in self.calls)
         return max((region.compiled for region, _ in self.calls),
@@ -274,7 +274,7 @@ class CapturedGraph:
         if self.builds_backward:
             self.fn = self._build_regions(gm)
         else:
-            self.fn = capture.compile_variant(
+            self.fn = capture.compile_region(
                 gm, fake, backend=state.backend, joint_pass=lambda g: g,
                 partition_pass=lambda f, b, n: (f, b), on_partition=lambda *a: None,
                 tracing_context=self.tracing_context)
@@ -326,7 +326,7 @@ class CapturedGraph:
                           compression=state.compression, in_block=block is not None,
                           stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
                           activation_inputs=activations)
-        graphs = VariantGraphs(input_names)
+        graphs = RegionGraphs(input_names)
 
         def joint_pass(gm: fx.GraphModule) -> fx.GraphModule:
             graphs.stages[JOINT] = capture.copy_graph_module(gm)
@@ -349,7 +349,7 @@ class CapturedGraph:
             graphs.num_forward_outputs = num_outputs
 
         start = time.perf_counter()
-        fn = capture.compile_variant(
+        fn = capture.compile_region(
             tapped, example, backend=state.backend, memory_budget=state.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context, unsaved_outputs=ctx.stashed_outputs)

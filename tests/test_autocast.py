@@ -86,8 +86,8 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     case, cm = compile_case(name, compression, frozen=first_half_matrices)
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    variant = cm.slimfit.last_step
-    counters = variant.counters
+    last = cm.slimfit.last_step
+    counters = last.counters
     # Same counts as fp32 (tests/test_compress_pass.py): nothing is skipped for
     # being bf16. GPT-2 returns k and v to the user, so only q is packed there.
     assert counters.get("compressed_qkv") == (2 if name == "gpt2" else 6), counters
@@ -96,7 +96,7 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
     assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"
                 and not k.startswith("skipped_unmatched_")], counters
 
-    packed = [n for n in variant.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
+    packed = [n for n in last.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
     assert len(packed) >= counters["tensors_compressed"]
     for node in packed:
         tag = node.meta["slimfit"]["compress_saved"]
@@ -107,7 +107,7 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
         assert source.dtype in expected, tag
         assert tag["bytes_before"] == source.numel() * source.element_size()
         assert tag["bytes_after"] < tag["bytes_before"]
-    unpacked = [n for n in variant.graph_nodes("backward")
+    unpacked = [n for n in last.graph_nodes("backward")
                 if n.target in (torch.ops.slimfit.dequantize_fixed.default,
                                 torch.ops.slimfit.dequantize_rowwise.default)]
     # GPT-2's tanh GELU output is rebuilt from its input: one more unpack each
@@ -135,13 +135,13 @@ def test_extended_compression_packs_trainable_inputs_under_autocast(name):
     case, cm = compile_case(name, "extended", frozen=first_half_matrices)
     loss, _, grads = autocast_step(cm, case)
     ref_loss, _, ref_grads = eager_autocast_step(case, cm.slimfit.frozen)
-    variant = cm.slimfit.last_step
-    counters = variant.counters
+    last = cm.slimfit.last_step
+    counters = last.counters
     assert packed_count(counters, "weight_input", "weight_input_layernorm_input") >= 3, counters
     # skipped_unmatched_<op> counts activations no pattern knows, whatever their dtype
     assert not [k for k in counters if k.startswith("skipped_") and k != "skipped_qkv_also_returned"
                 and not k.startswith("skipped_unmatched_")], counters
-    for node in variant.graph_nodes("backward"):
+    for node in last.graph_nodes("backward"):
         if node.target == torch.ops.slimfit.dequantize_rowwise.default:
             assert node.meta["val"].dtype == node.args[-1] in (torch.bfloat16, torch.float32)
     torch.testing.assert_close(loss, ref_loss, rtol=TOLERANCE, atol=TOLERANCE)  # forward is exact
@@ -171,10 +171,10 @@ def test_every_saved_copy_of_softmax_probabilities_is_packed(autocast):
     else:
         loss, _, grads = step(cm, case)
         ref_loss, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
-    variant = cm.slimfit.last_step
-    assert variant.counters.get("compressed_softmax") == 4, variant.counters  # 2 layers x 2 copies
+    last = cm.slimfit.last_step
+    assert last.counters.get("compressed_softmax") == 4, last.counters  # 2 layers x 2 copies
     probabilities = 2 * 2 * 12 * 12  # batch x heads x seq x seq; no other saved tensor has this size
-    unpacked = [n for n in variant.saved_nodes("forward")
+    unpacked = [n for n in last.saved_nodes("forward")
                 if n.meta["val"].is_floating_point() and n.meta["val"].numel() == probabilities]
     assert not unpacked, [(n.name, n.meta["val"].dtype) for n in unpacked]
     torch.testing.assert_close(loss, ref_loss, rtol=TOLERANCE, atol=TOLERANCE)

@@ -43,8 +43,8 @@ def compile_case(name: str, compression, backend: str = "aot_eager", frozen=None
 def test_paper_compression_packs_attention_and_gelu_saves(name):
     case, cm = compile_case(name, "paper")
     step(cm, case)
-    variant = cm.slimfit.last_step
-    counters = variant.counters
+    last = cm.slimfit.last_step
+    counters = last.counters
     # q, k, v of both attention layers; GPT-2 returns k and v to the user (its
     # KV cache), so they stay resident and only q is packed
     assert counters["compressed_qkv"] >= (2 if name == "gpt2" else 6), counters
@@ -54,8 +54,8 @@ def test_paper_compression_packs_attention_and_gelu_saves(name):
     # every tiny model runs scaled_dot_product_attention: its output is saved 8-bit
     assert counters["compressed_attention_out"] == 2, counters
     assert counters["bytes_after_compression"] < counters["bytes_before_compression"] / 3
-    forward = variant.graphs["forward"]
-    saved = variant.graphs.saved_nodes("forward")
+    forward = last.graphs["forward"]
+    saved = last.graphs.saved_nodes("forward")
     packed = [n for n in saved if "compress_saved" in n.meta.get("slimfit", {})]
     sources = {n.meta["slimfit"]["compress_saved"]["from"] for n in packed}
     # No full-precision twin: no packed tensor's source is itself still saved.
@@ -64,7 +64,7 @@ def test_paper_compression_packs_attention_and_gelu_saves(name):
         assert node.meta["val"].dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.float32)
     # Never a parameter: they are resident. (A region input that carries the
     # previous block's activation may be packed; it is not resident.)
-    names = variant.graphs.input_names
+    names = last.graphs.input_names
     parameters = {n.name for i, n in enumerate(p for p in forward.graph.nodes if p.op == "placeholder")
                   if i < len(names) and names[i] is not None}
     assert not sources & parameters
@@ -84,15 +84,15 @@ def test_a_head_whose_logits_reach_a_log_softmax_is_not_taken_for_attention():
     neither the weight nor the head's input is packed as Q/K/V."""
     case, cm = compile_case("gpt2", "paper", backend="inductor")
     step(cm, case)
-    variant = cm.slimfit.last_step
-    forward = variant.graphs["forward"]
+    last = cm.slimfit.last_step
+    forward = last.graphs["forward"]
     by_name = {n.name: n for n in forward.graph.nodes}
-    packed = [n for n in variant.graphs.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
+    packed = [n for n in last.graphs.saved_nodes("forward") if "compress_saved" in n.meta.get("slimfit", {})]
     sources = [by_name[n.meta["slimfit"]["compress_saved"]["from"]] for n in packed]
     assert sources
     assert not [s.name for s in sources if _view_root(s).op == "placeholder"]
     # q of each attention layer (k and v are returned as the cache), nothing more
-    assert variant.counters["compressed_qkv"] == 2, variant.counters
+    assert last.counters["compressed_qkv"] == 2, last.counters
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -277,13 +277,13 @@ def test_gpt2_tanh_gelu_is_rebuilt_from_its_input_instead_of_saved(frozen):
     ops on x as backward holds it (the paper computes the GELU derivative from x)."""
     case, cm = compile_case("gpt2", "paper", frozen=frozen)
     step(cm, case)
-    variant = cm.slimfit.last_step
-    before = variant.saved_nodes("forward before passes")
-    after = variant.saved_nodes("forward")
+    last = cm.slimfit.last_step
+    before = last.saved_nodes("forward before passes")
+    after = last.saved_nodes("forward")
     assert sum(map(_is_tanh_output, before)) == 2  # one per block: the case this is about
     assert not any(map(_is_tanh_output, after))
-    assert variant.counters["recomputed_gelu_tanh"] == 2, variant.counters
-    assert variant.counters["compressed_gelu_input"] == 2, variant.counters
+    assert last.counters["recomputed_gelu_tanh"] == 2, last.counters
+    assert last.counters["compressed_gelu_input"] == 2, last.counters
 
 
 def test_rebuilt_tanh_matches_eager_when_the_gelu_input_is_kept_whole():
@@ -337,14 +337,14 @@ def test_attention_with_dropout_is_compressed_like_the_papers_eager_attention(na
     """Q/K/V int8 and the softmax output uint8 as matmul operands; the dropped
     probabilities P * mask / (1 - p) are not saved but rebuilt from P and the mask."""
     cm, (loss, _, grads), (ref_loss, _, ref_grads) = _dropout_run(name, "paper")
-    variant = cm.slimfit.last_step
-    counters = variant.counters
+    last = cm.slimfit.last_step
+    counters = last.counters
     assert counters["compressed_softmax"] == 2 and counters["recomputed_attention_dropout"] == 2, counters
     # GPT-2 returns K to the user (its KV cache): the saved K^T views it, so it stays
     assert counters["compressed_qkv"] == (4 if name == "gpt2" else 6), counters
     assert counters.get("skipped_qkv_also_returned", 0) == (2 if name == "gpt2" else 0), counters
-    assert any(map(_is_dropped_probabilities, variant.saved_nodes("forward before passes")))
-    assert not any(map(_is_dropped_probabilities, variant.saved_nodes("forward")))
+    assert any(map(_is_dropped_probabilities, last.saved_nodes("forward before passes")))
+    assert not any(map(_is_dropped_probabilities, last.saved_nodes("forward")))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)  # same masks: the forward is exact
     cosine, sqnr = gradient_fidelity(grads, ref_grads)
     assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)

@@ -1,4 +1,4 @@
-"""The ILS scheduler: scores, selection, bounded variants, loops it must fit, resume."""
+"""The ILS scheduler: scores, selection, loops it must fit, resume."""
 from __future__ import annotations
 
 import io
@@ -313,7 +313,7 @@ def test_score_bookkeeping_is_a_bounded_sample_of_the_trained_layers():
 
 def test_per_step_ils_on_a_second_model_of_the_same_class():
     """Dynamo sees the second BERT's forward as a recompile of the first, so its
-    sizes and float constants turn symbolic; later variants must still build."""
+    sizes and float constants turn symbolic; later regions must still build."""
     from transformers import BertConfig, BertForSequenceClassification
 
     first = models.bert()
