@@ -9,7 +9,7 @@ step, so both see the same weights; slimfit_fx must freeze what it would.
 The models start from weights like a pretrained checkpoint's: every layer
 weight is perturbed, so no weight is exactly zero (the authors' score is
 0/0 = nan there, slimfit_fx's 0: docs/design.md) and no two norm weights
-start alike. Several tensors are larger than 131,072 elements, where a strided
+start alike. Several tensors have 131,072 elements or more, where a strided
 sample of 65,536 elements would skip some.
 """
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_slimfit_freezes_what_the_authors_code_freezes(build):
         assert names == authors_candidates(model)
     # Llama's RMSNorm weights are named "...layernorm.weight", which the authors'
     # BERT-only filter misses; the transcription takes slimfit_fx's layers there.
-    assert sum(p.numel() > 131072 for n, p in model.named_parameters() if n in names) >= 3
+    assert sum(p.numel() >= 131072 for n, p in model.named_parameters() if n in names) >= 3
     _like_pretrained(model, names, seed=2)
     authors = AuthorsILS(cm, names, cm.slimfit.schedule.scores)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=LR, weight_decay=0.01)
