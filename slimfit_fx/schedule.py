@@ -1,11 +1,15 @@
 """Inter-layer scheduling (ILS): pick the frozen set from training dynamics.
 
 After each optimizer step every layer that trained is scored by how much it
-moved, d = mean(|W_new - W_old| / |W_old|); the k lowest-scoring layers are
-frozen next, after every optimizer step as the paper does. This module only
-writes the frozen set; it never compiles (no frozen set costs a compile), and
-reads no clock: the same seed and the same weights give the same sets on any
-machine, and a resumed run repeats them.
+moved, d = mean(|W_new - W_old| / |W_old|) over all of its elements; the k
+lowest-scoring layers are frozen next, after every optimizer step as the paper
+does. This module only writes the frozen set; it never compiles (no frozen set
+costs a compile), and reads no clock: the same seed and the same weights give
+the same sets on any machine, and a resumed run repeats them.
+
+Scores are computed where the weights live. The copy a score compares against
+holds only the layers about to train, and is freed once they are scored; the
+scores of one step reach the host together, in one transfer.
 """
 from __future__ import annotations
 
@@ -21,33 +25,52 @@ from .errors import SlimFitError
 # change, so every layer trains once before measured scores compete (as the
 # authors' code does with rand * 1e10).
 INITIAL_SCORE = 1e10
-# Scores of tensors larger than this are computed on a fixed strided sample of
-# about this many elements: the mean over ~65k elements estimates the full mean
-# to well under 1%, and bookkeeping stays ~256 KiB per trained layer instead of a
-# copy of each (BERT's word embeddings alone are 89 MiB).
-SCORE_SAMPLE = 65536
 
 
-def score_sample(p: torch.Tensor) -> torch.Tensor:
-    """The elements a layer's score is computed on: all of them, or every n-th."""
-    p = p.detach()
-    if hasattr(p, "full_tensor"):
-        # A DTensor shard (fully_shard): every rank scores the whole weight, so all
-        # pick the same frozen set. A collective; ranks reach it in the same order.
-        p = p.full_tensor()
-    flat = p.reshape(-1)
-    return flat[:: max(1, flat.numel() // SCORE_SAMPLE)]
+def change_sum(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """sum(|new - old| / |old|) over the elements, a 0-dim tensor on their device.
+
+    Computed and summed in float32 (float64 for float64 weights). An element that
+    did not change adds 0, also a weight that is exactly zero and stays zero
+    (0/0); an element that moves off zero adds inf.
+    """
+    dtype = torch.float64 if new.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        change = torch.sub(new.to(dtype), old.to(dtype)).abs_()
+        scale = old.abs().masked_fill_(change == 0, 1)
+        return change.div_(scale).sum(dtype=dtype)
 
 
 def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """mean(|new - old| / |old|) as a 0-dim float64 tensor.
+    """mean(|new - old| / |old|) as a 0-dim float64 tensor: `change_sum` over the
+    element count."""
+    return change_sum(old, new).double() / old.numel()
 
-    |old| is floored at the dtype's smallest normal number, so a weight that is
-    exactly zero and stays zero scores 0 instead of nan.
-    """
-    old = old.double()
-    floor = torch.finfo(torch.float64).tiny
-    return ((new.double() - old).abs() / old.abs().clamp_min(floor)).mean()
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The elements of `p` this process holds: its shard of a DTensor (fully_shard)."""
+    p = p.detach()
+    return p.to_local() if _is_dtensor(p) else p
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(p, DTensor)
+
+
+def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
+    """The process groups a sum over `p`'s local elements must be summed over to
+    cover the whole tensor once: those of the mesh dimensions it is sharded on
+    (a replicated dimension holds the same elements on every rank). () for a
+    plain tensor."""
+    if not _is_dtensor(p):
+        return ()
+    mesh = p.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements)
+                 if not placement.is_replicate())
 
 
 class InterLayerSchedule:
@@ -84,8 +107,10 @@ class InterLayerSchedule:
         self.step = 0
         self.history: list[int] = []  # frozen set of each step as a bitmask over layers
         self.snapshot_bytes_peak = 0
+        self.host_reads = 0  # reads of device values to the host (one per optimizer step)
         # Layers held by an optimizer that stepped; None before the first step.
         self.held: frozenset[str] | None = None
+        # Copies of the layers the optimizer step under way moves, until it scored them.
         self._snapshots: dict[int, torch.Tensor] = {}
         self._index = {name: i for i, name in enumerate(self.layers)}
         self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
@@ -93,9 +118,9 @@ class InterLayerSchedule:
         # training forward; and the frozen set that forward's gradients came from.
         self._round: set[int] | None = None
         self._ran_with: frozenset[str] = frozenset()
-        # Samples of the trainable layers at a step's first training forward, for
-        # `manual_step` and to notice weights moved with no step; unused once an
-        # optimizer drives the schedule.
+        # Copies of the trainable layers at an update's first training forward, for
+        # `manual_step` and to notice weights moved with no step; once an optimizer
+        # drives the schedule, only its first step uses them.
         self.driven_by_optimizer = False
         self._reference: dict[int, torch.Tensor] | None = None
         self.forwards_since_reference = 0
@@ -144,12 +169,13 @@ class InterLayerSchedule:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Note the layers `optimizer` holds, drop the gradients of layers frozen
         when they were computed (so no optimizer moves them, even with momentum
-        or weight decay) and snapshot the layers about to move."""
+        or weight decay) and copy the layers about to move (at the first step, the
+        copy the first training forward took serves)."""
         self.driven_by_optimizer = True
-        self._reference = None
         if self._round is not None and id(optimizer) in self._round:
             self._round = None  # stepped again with no forward between: a new update
         computed_under = self.frozen if self._round is None else self._ran_with
+        reference = self._reference or {}
         held = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -157,18 +183,19 @@ class InterLayerSchedule:
                 if index is None:
                     continue
                 held.add(self.layers[index])
+                copy = reference.pop(index, None)
                 if self.layers[index] in computed_under:
                     p.grad = None
                 elif p.grad is not None:
-                    self._snapshots[index] = score_sample(p).clone()
+                    self._snapshots[index] = _local(p).clone() if copy is None else copy
         self.held = frozenset(held) if self.held is None else self.held | held
-        self._count_held(self._snapshots)
+        self._count_held()
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Score the layers that moved; the update's first optimizer step
         advances the schedule, a later one (another optimizer before the next
         forward) adds its layers' scores to the same choice."""
-        self._score(self._snapshots)
+        self._write_scores(self._scores_of(self._snapshots))
         self._snapshots.clear()
         if self._round is None:
             self._round = {id(optimizer)}
@@ -187,6 +214,7 @@ class InterLayerSchedule:
             # a gradient from before the first step, when the layer was still scheduled
             self.parameters[name].grad = None
         if self.driven_by_optimizer:
+            self._reference = None  # the first forward's copies of layers no optimizer stepped
             return
         if self.forwards_since_reference and self._moved_since_reference():
             raise SlimFitError(
@@ -201,7 +229,7 @@ class InterLayerSchedule:
 
     def weights_loaded(self) -> None:
         """The model's weights were replaced (load_state_dict): not an update, so the
-        next training forward samples them afresh."""
+        next training forward copies them afresh."""
         self._reference = None
         self.forwards_since_reference = 0
 
@@ -214,33 +242,79 @@ class InterLayerSchedule:
             raise RuntimeError(
                 "this schedule is driven by an optimizer's steps (its step hooks already "
                 "fired); cm.slimfit.step() is for updates made without a torch.optim optimizer")
-        if self._reference is None or not self._moved_since_reference():
-            return  # scoring now would give the layers that just trained 0 and freeze them
-        self._score(self._reference)
+        if not self._reference:
+            return
+        scores = self._scores_of(self._reference)
+        if not any(s != 0 for s in scores.values()):
+            return  # nothing moved: scoring now would give the layers that train 0 and freeze them
+        self._write_scores(scores)
         self.weights_loaded()
         self._advance()
 
-    def _moved_since_reference(self) -> bool:
-        return any(not torch.equal(ref, score_sample(self.parameters[self.layers[i]]))
-                   for i, ref in self._reference.items())
+    # -- scores --------------------------------------------------------------------
 
     def _take_reference(self) -> None:
-        self._reference = {self._index[n]: score_sample(self.parameters[n]).clone()
+        """Copy the layers that train, for `manual_step` (and the first optimizer step)."""
+        self._reference = {self._index[n]: _local(self.parameters[n]).clone()
                            for n in self.layers if n not in self.frozen}
-        self._count_held(self._reference)
+        self._count_held()
 
-    def _count_held(self, samples: dict[int, torch.Tensor]) -> None:
-        """Score bookkeeping: the snapshots before an optimizer step, or the
-        reference samples a hand-written loop (or the first step) is scored against."""
-        held = sum(t.numel() * t.element_size() for t in samples.values())
+    def _moved_since_reference(self) -> bool:
+        moved = self._summed({i: torch.ne(ref, _local(self.parameters[self.layers[i]])).sum().reshape(1)
+                              for i, ref in self._reference.items()})
+        return any(changed for changed, in moved.values())
+
+    def _count_held(self) -> None:
+        """Score bookkeeping: the copies held of the layers that train."""
+        held = sum(t.numel() * t.element_size()
+                   for copies in (self._snapshots, self._reference or {}) for t in copies.values())
         self.snapshot_bytes_peak = max(self.snapshot_bytes_peak, held)
 
-    def _score(self, before: dict[int, torch.Tensor]) -> None:
-        if before:
-            indices = list(before)
-            changes = torch.stack([relative_change(before[i], score_sample(self.parameters[self.layers[i]]))
-                                   for i in indices]).cpu()
-            self.scores[indices] = changes
+    def _scores_of(self, before: dict[int, torch.Tensor]) -> dict[int, float]:
+        """Each layer's mean(|W - before| / |before|) over its whole tensor."""
+        rows = {}
+        for i, old in before.items():
+            new = _local(self.parameters[self.layers[i]])
+            count = torch.full((), new.numel(), dtype=torch.float64, device=new.device)
+            rows[i] = torch.stack([change_sum(old, new).double(), count])
+        return {i: total / count if count else 0.0 for i, (total, count) in self._summed(rows).items()}
+
+    def _write_scores(self, scores: dict[int, float]) -> None:
+        if scores:
+            self.scores[list(scores)] = torch.tensor(list(scores.values()), dtype=torch.float64)
+
+    def _summed(self, rows: dict[int, torch.Tensor]) -> dict[int, list[float]]:
+        """Each layer's row of numbers, summed over the shards of its parameter,
+        on the host.
+
+        The rows are stacked per device; under FSDP2 one all_reduce per sharding
+        layout (one in all for `fully_shard(model)`) sums them over the ranks,
+        where `full_tensor()` would gather every weight; then one transfer per
+        device (one in all for a model on one device) brings them to the host.
+        """
+        layouts: dict[tuple[torch.device, tuple[Any, ...]], list[int]] = {}
+        for i, row in rows.items():
+            groups = _shard_groups(self.parameters[self.layers[i]])
+            layouts.setdefault((row.device, groups), []).append(i)
+        devices: dict[torch.device, list[tuple[tuple[Any, ...], list[int]]]] = {}
+        for (device, groups), indices in layouts.items():
+            devices.setdefault(device, []).append((groups, indices))
+        summed = {}
+        for parts in devices.values():
+            order = [i for _, indices in parts for i in indices]
+            stacked = torch.stack([rows[i] for i in order])
+            start = 0
+            for groups, indices in parts:
+                for group in groups:  # each layout's rows are one contiguous slice
+                    dist.all_reduce(stacked[start:start + len(indices)], group=group)
+                start += len(indices)
+            summed.update(zip(order, self._to_host(stacked)))
+        return summed
+
+    def _to_host(self, values: torch.Tensor) -> list:
+        """The one place the schedule reads device values; `host_reads` counts its calls."""
+        self.host_reads += 1
+        return values.tolist()
 
     def _advance(self) -> None:
         self.step += 1

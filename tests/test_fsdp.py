@@ -20,16 +20,18 @@ import torch.multiprocessing as mp
 
 import slimfit_fx
 from slimfit_fx.memory import eager_frozen
+from slimfit_fx.schedule import relative_change
 
 from . import models
 from .harness import exit_rank
 
 pytest.importorskip("transformers")
 fsdp = pytest.importorskip("torch.distributed.fsdp")
+DTensor = pytest.importorskip("torch.distributed.tensor").DTensor
 
 WORLD = 2
 STEPS = 3
-ILS_STEPS = 2  # the first step's scores already pick a new set for the second
+ILS_STEPS = 3  # the first step's scores already pick a new set for the second
 LR = 1e-3
 # A manual frozen set: two embeddings and the first layer's query and key.
 FROZEN = ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
@@ -91,21 +93,47 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         weights = _full_weights(model)
         record["graphs_captured"] = cm.slimfit.stats["graphs_captured"]
 
-        # Root shard, ILS: scores come from whole weights, so the ranks agree.
+        # Root shard, ILS: each rank sums its shard of every trained layer's score and one
+        # all_reduce per step adds them up, so the ranks agree and no weight is gathered.
         model = models.bert(seed=0).model
         fully_shard(model)
         before = _full_weights(model)
         cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.5)
+        schedule = cm.slimfit.schedule
         optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
-        record["ils_frozen"] = []
+        record["ils_frozen"], record["ils_score_error"] = [], []
+        calls = {"full_tensor": 0, "all_reduce": 0}
+        full_tensor, all_reduce = DTensor.full_tensor, dist.all_reduce
+
+        def counted_full_tensor(self, *args, **kwargs):
+            calls["full_tensor"] += 1
+            return full_tensor(self, *args, **kwargs)
+
+        def counted_all_reduce(*args, **kwargs):
+            calls["all_reduce"] += 1
+            return all_reduce(*args, **kwargs)
+
         for _ in range(ILS_STEPS):
-            cm(**data).loss.backward()
-            optimizer.step()
+            start = _full_weights(model)
+            trained = [n for n in cm.slimfit.layers if n not in cm.slimfit.frozen]
+            DTensor.full_tensor = counted_full_tensor
+            try:
+                cm(**data).loss.backward()
+                dist.all_reduce = counted_all_reduce  # FSDP2 reduce-scatters gradients in backward
+                optimizer.step()
+            finally:
+                DTensor.full_tensor, dist.all_reduce = full_tensor, all_reduce
             optimizer.zero_grad()
             record["ils_frozen"].append(sorted(cm.slimfit.frozen))
+            end = _full_weights(model)
+            record["ils_score_error"].append(max(
+                abs(schedule.scores[cm.slimfit.layers.index(n)].item() / relative_change(start[n], end[n]).item() - 1)
+                for n in trained))
+        record.update(ils_gathers=calls["full_tensor"], ils_all_reduces=calls["all_reduce"],
+                      ils_host_reads=schedule.host_reads)
         after = _full_weights(model)
         record["ils_moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
-        counts = cm.slimfit.schedule.trained_counts()
+        counts = schedule.trained_counts()
         record["ils_never_trained"] = [n for n, c in zip(cm.slimfit.layers, counts) if c == 0]
 
         # What cannot work is refused with the fix named.
@@ -186,6 +214,19 @@ def test_ils_picks_the_same_frozen_set_on_every_rank(ranks):
     assert records[0]["ils_frozen"] == records[1]["ils_frozen"]
     assert len({tuple(s) for s in records[0]["ils_frozen"]}) > 1  # the set did change
     assert records[0]["ils_moved"] and not set(records[0]["ils_never_trained"]) & set(records[0]["ils_moved"])
+
+
+@needs_dist
+def test_ils_scores_whole_weights_from_local_shards_without_gathering(ranks):
+    """Each rank reduces its own shards; one all_reduce and one host read per
+    step; no DTensor.full_tensor() gather. The scores are the whole weights'
+    relative change (float32 sums of two shards vs one: within 1e-5)."""
+    records, _ = ranks
+    for r in records:
+        assert r["ils_gathers"] == 0
+        assert r["ils_all_reduces"] == ILS_STEPS
+        assert r["ils_host_reads"] == ILS_STEPS
+        assert max(r["ils_score_error"]) < 1e-5, r["ils_score_error"]
 
 
 @needs_dist

@@ -8,7 +8,7 @@ import torch
 
 import slimfit_fx
 from slimfit_fx.report import Report
-from slimfit_fx.schedule import relative_change, score_sample
+from slimfit_fx.schedule import relative_change
 
 from . import models
 
@@ -289,26 +289,55 @@ def test_schedule_heatmap_and_report(tmp_path):
     assert Report.from_json(report.to_json()) == report
 
 
-def test_score_bookkeeping_is_a_bounded_sample_of_the_trained_layers():
-    from slimfit_fx.schedule import SCORE_SAMPLE
+def test_zero_weights_score_zero_when_they_stay_and_inf_when_they_move():
+    old = torch.tensor([0.0, 0.0, 2.0])
+    assert relative_change(old, torch.tensor([0.0, 0.0, 3.0])).item() == pytest.approx(0.5 / 3)
+    assert relative_change(old, torch.tensor([0.0, 1e-30, 2.0])).item() == float("inf")
+    assert relative_change(old, old.clone()).item() == 0.0
 
-    big = torch.randn(1000, 300)
-    sample = score_sample(big)
-    assert SCORE_SAMPLE <= sample.numel() <= 2 * SCORE_SAMPLE
-    small = torch.randn(10, 10)
-    assert torch.equal(score_sample(small), small.reshape(-1))
-    moved = big * (1 + 0.01 * torch.rand_like(big))  # relative changes spread over [0, 0.01)
-    # the strided sample estimates the full mean closely
-    assert relative_change(score_sample(big), score_sample(moved)).item() == pytest.approx(
-        relative_change(big, moved).item(), rel=0.01)
 
+def test_a_score_is_the_mean_over_every_element():
+    """Changes only in elements a strided sample skips still count, exactly."""
+    big = torch.randn(1000, 300, dtype=torch.float64)
+    moved = big.clone()
+    moved[:, 1::2] *= 1.01  # every other column: 1% each, the rest unchanged
+    assert relative_change(big, moved).item() == pytest.approx(0.005, rel=1e-12)
+    # float32 weights: summed in float32, divided in float64
+    assert relative_change(big.float(), moved.float()).item() == pytest.approx(0.005, rel=1e-5)
+
+
+def test_score_bookkeeping_is_one_copy_of_the_layers_that_train():
     case = models.mlp()
     cm = ils(case, freeze_ratio=0.5)
+    params = dict(cm.named_parameters())
     optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
-    train(cm, case, optimizer, 3)
-    trainable = len(cm.slimfit.layers) - cm.slimfit.schedule.num_frozen
-    largest = max(p.numel() * p.element_size() for n, p in cm.named_parameters() if n in cm.slimfit.layers)
-    assert 0 < cm.slimfit.schedule.snapshot_bytes_peak <= trainable * largest
+    trained_bytes = []
+    for _ in range(3):
+        trained_bytes.append(sum(params[n].nbytes for n in cm.slimfit.layers if n not in cm.slimfit.frozen))
+        train(cm, case, optimizer, 1)
+    schedule = cm.slimfit.schedule
+    assert schedule.snapshot_bytes_peak == max(trained_bytes)
+    assert not schedule._snapshots and not schedule._reference  # freed once scored
+
+
+def test_scores_are_the_whole_tensors_relative_change():
+    """Each trained layer's score is mean(|W_t - W_t-1| / |W_t-1|) of its whole
+    weight; a frozen layer keeps its old score."""
+    case = models.bert()
+    cm = ils(case, freeze_ratio=0.5)
+    params = dict(cm.named_parameters())
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    schedule = cm.slimfit.schedule
+    for _ in range(4):
+        before = {n: params[n].detach().clone() for n in cm.slimfit.layers}
+        frozen, scores = cm.slimfit.frozen, schedule.scores.clone()
+        train(cm, case, optimizer, 1)
+        for i, name in enumerate(cm.slimfit.layers):
+            if name in frozen:
+                assert schedule.scores[i] == scores[i], name
+            else:
+                expected = relative_change(before[name].double(), params[name].detach().double()).item()
+                assert schedule.scores[i].item() == pytest.approx(expected, rel=1e-5), name
 
 
 def test_per_step_ils_on_a_second_model_of_the_same_class():
@@ -401,14 +430,14 @@ def test_slimfit_step_drives_ils_from_a_hand_written_loop():
                 optimizer.step()
                 optimizer.zero_grad()
         schedule = cm.slimfit.schedule
-        sample_bytes = sum(score_sample(p).nbytes for n, p in cm.named_parameters()
-                           if n in cm.slimfit.layers and n not in cm.slimfit.frozen)
-        runs.append((list(schedule.history), schedule.scores.clone(), schedule.snapshot_bytes_peak, sample_bytes))
+        trained_bytes = sum(p.nbytes for n, p in cm.named_parameters()
+                            if n in cm.slimfit.layers and n not in cm.slimfit.frozen)
+        runs.append((list(schedule.history), schedule.scores.clone(), schedule.snapshot_bytes_peak, trained_bytes))
         slimfit_fx.capture.reset_dynamo()
     (manual_history, manual_scores, manual_peak, held), (optim_history, optim_scores, _, _) = runs
     assert len(set(manual_history)) > 1 and manual_history == optim_history
     torch.testing.assert_close(manual_scores, optim_scores)
-    # The reference samples a hand loop is scored against count as score bookkeeping.
+    # The copies a hand loop is scored against count as score bookkeeping.
     assert manual_peak >= held > 0
 
 
