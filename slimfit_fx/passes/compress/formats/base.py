@@ -19,8 +19,8 @@ class Format:
     name: the key the format is registered under (formats.FORMATS) and that a
         kind names (registry.Kind.format).
     description: what is stored and what is lost, for people.
-    allowed: the values its config field takes besides None, as the error
-        message says them.
+    allowed: the values its config field takes, for people (`check` refuses
+        the others with a message naming them).
     prunes: it drops entries (CompressionConfig.norm_guard decides where a
         norm's input may be pruned).
     at_copy_source: a saved view, copy or repeat of a tensor is stored as that
