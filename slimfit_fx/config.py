@@ -10,84 +10,74 @@ from dataclasses import dataclass
 
 import torch
 
-from .passes.compress.registry import KINDS, config_fields
+from .passes.compress.registry import KINDS, Kind, config_fields
 
 SCHEDULES = ("manual", "ils")
 SCALES = ("fixed", "row")
 NORM_GUARDS = ("blocks", "bypass", "none")
-# CompressionConfig's per-kind fields, from the kinds compress_saved knows:
-# "<name>_bits" (4, 8 or None), "<name>_keep" (share kept, or None) or
-# "<name>_mask" / "<name>_packed" (True, False or None).
-KIND_FIELDS: dict[str, int | float | None] = config_fields()
-COMPRESSION_KINDS = tuple(f.removesuffix("_bits") for f in KIND_FIELDS if f.endswith("_bits"))
+# CompressionConfig's per-kind fields and their "paper" values, from the kinds
+# compress_saved knows; each field's format validates its values.
+KIND_FIELDS: dict[str, int | float | None] = {name: paper for name, (paper, _) in config_fields().items()}
 
 
-def _check_compression(self) -> None:
-    for name in KIND_FIELDS:
-        value = getattr(self, name)
-        if value is None:
-            continue
-        # 8.0 == 8, but a float width would reach the packing ops and fail at the first forward
-        if name.endswith("_bits") and (isinstance(value, bool) or not isinstance(value, int)
-                                       or value not in (4, 8)):
-            raise ValueError(f"CompressionConfig.{name} must be 4, 8 or None (an int), got {value!r} "
-                             f"of type {type(value).__name__}")
-        if name.endswith(("_mask", "_packed")) and not isinstance(value, bool):
-            raise ValueError(f"CompressionConfig.{name} must be True, False or None, got {value!r}")
-        if name.endswith("_keep") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                       or not 0.0 < value <= 1.0):
-            raise ValueError(f"CompressionConfig.{name} must be None or in (0.0, 1.0], got {value!r}")
-    if self.scale not in SCALES:
-        raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
-    if self.norm_guard not in NORM_GUARDS:
-        raise ValueError(f"CompressionConfig.norm_guard must be one of {NORM_GUARDS}, got {self.norm_guard!r}")
+def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:
+    """The CompressionConfig dataclass for `kinds`: one field per kind's config
+    field, validated by the kind's format (passes/compress/formats). slimfit_fx
+    builds it once, for registry.KINDS."""
+    fields = config_fields(kinds)
+
+    def check(self) -> None:
+        for name, (_, fmt) in fields.items():
+            value = getattr(self, name)
+            if value is not None:
+                fmt.check(f"CompressionConfig.{name}", value)
+        if self.scale not in SCALES:
+            raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
+        if self.norm_guard not in NORM_GUARDS:
+            raise ValueError(f"CompressionConfig.norm_guard must be one of {NORM_GUARDS}, got {self.norm_guard!r}")
+
+    def enabled(self) -> bool:
+        return any(getattr(self, name) not in (None, False) for name in fields)
+
+    described = "\n".join(
+        f"    {name} (paper: {paper}): " + " ".join(f"{k.name}: {k.why}" for k in kinds if k.field == name)
+        for name, (paper, _) in fields.items())
+    return dataclasses.make_dataclass(
+        "CompressionConfig",
+        [*((name, int | float | None, dataclasses.field(default=paper)) for name, (paper, _) in fields.items()),
+         ("scale", str, dataclasses.field(default="fixed")),
+         ("norm_guard", str, dataclasses.field(default="blocks"))],
+        frozen=True,
+
+        namespace={
+            "__module__": __name__,
+            "__doc__": (
+                "How each kind of static activation is stored between forward and backward;\n"
+                "None keeps it in its own dtype. Defaults are the paper's formats.\n\n"
+                "scale: \"fixed\" is the paper's power-of-two fixed point with no scale (Q3.4 for\n"
+                "8-bit signed, steps of 1/256 for softmax, 0.5 for 4-bit GELU input); \"row\" stores\n"
+                "a per-row fp32 scale (finer, 4 more bytes per row). Kinds with no fixed format\n"
+                "(weight inputs) always use a per-row scale. A *_keep field prunes: backward keeps\n"
+                "that share of each row (largest magnitudes, with int16 indices for rows of up to\n"
+                "32768, else int32), in (0, 1].\n\n"
+                "norm_guard: which frozen norms may be pruned. A pruned norm's input gradient is\n"
+                "approximate; where the whole gradient of everything before it passes through\n"
+                "that norm (a final norm right before the head or loss) nothing dilutes the\n"
+                "error (a CLIP-style tower with its final LayerNorm pruned: gradient cosine\n"
+                "0.68). \"blocks\" (default) prunes norms inside the repeated blocks only and\n"
+                "keeps the embedding and final norms whole; \"bypass\" also keeps whole every\n"
+                "norm whose input has no residual path around it (post-LN blocks such as BERT's,\n"
+                "where the block's whole gradient passes through the norm); \"none\" prunes\n"
+                "every frozen norm. Kept-whole norms are counted as\n"
+                "kept_whole_<kind>_outside_blocks / kept_whole_<kind>_no_bypass.\n\n"
+                + described),
+            "__post_init__": check,
+            "enabled": property(enabled),
+        },
+    )
 
 
-def _describe_fields() -> str:
-    lines = []
-    for name in KIND_FIELDS:
-        kinds = [k for k in KINDS if k.field == name]
-        lines.append(f"    {name} (paper: {kinds[0].paper}): " + " ".join(
-            f"{k.name}: {k.why}" for k in kinds))
-    return "\n".join(lines)
-
-
-# Fields derived from the registry (passes/compress/registry.py): a new kind there
-# is a new field here, validated and documented like the others.
-CompressionConfig = dataclasses.make_dataclass(
-    "CompressionConfig",
-    [*((name, int | float | None, dataclasses.field(default=paper)) for name, paper in KIND_FIELDS.items()),
-     ("scale", str, dataclasses.field(default="fixed")),
-     ("norm_guard", str, dataclasses.field(default="blocks"))],
-    frozen=True,
-
-    namespace={
-        "__module__": __name__,
-        "__doc__": (
-            "How each kind of static activation is stored between forward and backward;\n"
-            "None keeps it in its own dtype. Defaults are the paper's formats.\n\n"
-            "scale: \"fixed\" is the paper's power-of-two fixed point with no scale (Q3.4 for\n"
-            "8-bit signed, steps of 1/256 for softmax, 0.5 for 4-bit GELU input); \"row\" stores\n"
-            "a per-row fp32 scale (finer, 4 more bytes per row). Kinds with no fixed format\n"
-            "(weight inputs) always use a per-row scale. A *_keep field prunes: backward keeps\n"
-            "that share of each row (largest magnitudes, with int16 indices for rows of up to\n"
-            "32768, else int32), in (0, 1].\n\n"
-            "norm_guard: which frozen norms may be pruned. A pruned norm's input gradient is\n"
-            "approximate; where the whole gradient of everything before it passes through\n"
-            "that norm (a final norm right before the head or loss) nothing dilutes the\n"
-            "error (a CLIP-style tower with its final LayerNorm pruned: gradient cosine\n"
-            "0.68). \"blocks\" (default) prunes norms inside the repeated blocks only and\n"
-            "keeps the embedding and final norms whole; \"bypass\" also keeps whole every\n"
-            "norm whose input has no residual path around it (post-LN blocks such as BERT's,\n"
-            "where the block's whole gradient passes through the norm); \"none\" prunes\n"
-            "every frozen norm. Kept-whole norms are counted as\n"
-            "kept_whole_<kind>_outside_blocks / kept_whole_<kind>_no_bypass.\n\n"
-            + _describe_fields()),
-        "__post_init__": _check_compression,
-        "enabled": property(lambda self: any(getattr(self, name) not in (None, False) for name in KIND_FIELDS)),
-        "bits_for": lambda self, kind: getattr(self, f"{kind}_bits"),
-    },
-)
+CompressionConfig = compression_config_class()
 
 
 COMPRESSION_PRESETS = {

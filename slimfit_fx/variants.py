@@ -11,6 +11,7 @@ never decides the frozen set; it only reads it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
@@ -21,12 +22,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from . import capture, ops, regions, torch_ir
+from . import capture, regions, torch_ir
 from .config import CompressionConfig
 from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, SavedTensor,
                      RegionGraphs, after)
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
+from .passes.compress import Packing, format_for
 from .weight_grads import TapGrad, TapSlot, autocast_state, weight_grad_graph
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class EngineState:
             if fmt is not None and isinstance(operand, torch.Tensor) and operand.is_floating_point() \
                     and operand.dim() >= 2 and operand.untyped_storage().data_ptr() not in resident:
                 if id(operand) not in packed:
-                    packed[id(operand)] = (fmt[0](operand), operand.shape, operand.dtype)
+                    packed[id(operand)] = (fmt.pack(operand), operand.shape, operand.dtype)
                     self.stash_counters[f"compressed_{kind}"] += 1
                 kept.append(packed[id(operand)])
             else:
@@ -153,8 +155,7 @@ class EngineState:
                     self.stash_bytes[storage.data_ptr()] = storage.nbytes()
         slot.operands = kept
         if fmt is not None:
-            slot.unpack = lambda items, dequantize=fmt[1]: [
-                dequantize(*item) if isinstance(item, tuple) else item for item in items]
+            slot.unpack = functools.partial(_unpack_stashed, fmt)
 
     def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """The torch.compile backend: called once per dynamo graph."""
@@ -163,28 +164,30 @@ class EngineState:
         return graph
 
 
-def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap):
-    """(kind, (pack, unpack)) for a tap's stashed float operands; (None, None) keeps them."""
+# What a stashed operand is, by the op that made it (regions.WeightTap.producer):
+# the name its compressed_<name> counter uses and the kind whose format stores
+# it. A gated FFN's down projection input is stored like the gate's factors.
+# Any operand is a weight_input when its own kind is kept whole.
+_STASHED = {"gelu": ("gelu_output", "gelu_output"), "gate_product": ("gate_product", "gate_operand")}
+_WEIGHT_INPUT = ("weight_input", "weight_input")
+
+
+def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap) -> tuple[str | None, Packing | None]:
+    """(counter name, format) for a tap's stashed float operands, from the
+    compression registry; (None, None) keeps them."""
     if config is None:
         return None, None
-    if tap.producer == "gelu" and config.gelu_output_bits is not None:
-        fixed = ops.Q3_4_INT8 if config.gelu_output_bits == 8 else ops.FixedPoint(4, 1, True)
-        if config.scale == "fixed":
-            args = (fixed.bits, fixed.frac_bits, fixed.signed)
-            return "gelu_output", (
-                lambda x: (torch.ops.slimfit.quantize_fixed(x, *args),),
-                lambda codes, shape, dtype: torch.ops.slimfit.dequantize_fixed(codes[0], *args, list(shape), dtype))
-        kind, bits = "gelu_output", config.gelu_output_bits
-    elif tap.producer == "gate_product" and config.gate_operand_bits is not None:
-        # a gated FFN's down projection input: its gelu_output, stored like the
-        # gate's factors (int8, per-row scale)
-        kind, bits = "gate_product", config.gate_operand_bits
-    elif config.weight_input_bits is not None:
-        kind, bits = "weight_input", config.weight_input_bits
-    else:
-        return None, None
-    return kind, (lambda x: tuple(torch.ops.slimfit.quantize_rowwise(x, bits)),
-                  lambda codes, shape, dtype: torch.ops.slimfit.dequantize_rowwise(*codes, bits, list(shape), dtype))
+    own = _STASHED.get(tap.producer)
+    for name, kind in (own, _WEIGHT_INPUT) if own else (_WEIGHT_INPUT,):
+        packing = format_for(config, kind)
+        if packing is not None:
+            return name, packing
+    return None, None
+
+
+def _unpack_stashed(packing: Packing, items: list[Any]) -> list[Any]:
+    """A slot's operands as its weight gradient reads them: packed ones unpacked."""
+    return [packing.unpack(*item) if isinstance(item, tuple) else item for item in items]
 
 
 @dataclass

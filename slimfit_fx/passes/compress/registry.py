@@ -1,9 +1,10 @@
-"""The kinds of static activation compress_saved knows, one entry each: the
-CompressionConfig field that sets it, how it is stored, and why that keeps the
-gradient. A new kind is one entry here plus one matcher in patterns.py.
+"""The kinds of tensor slimfit_fx stores for backward, one entry each: the
+CompressionConfig field that sets it, the format it is stored in (formats/),
+and why that keeps the gradient. A new kind is one entry here plus one matcher
+in patterns.py; a new format is one module in formats/.
 
-CompressionConfig's fields and presets are derived from this table, so it
-imports nothing from the passes or the config.
+CompressionConfig's fields, their validation and presets are derived from this
+table and the formats, so it imports nothing from the passes or the config.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ... import ops
+from . import formats
+from .formats import Format, Packing
 
 # 4-bit signed, step 0.5: the nearest 4-bit format to Q3.4 for kinds whose
 # paper width is 8.
@@ -23,14 +26,15 @@ _Q2_1_INT4 = ops.FixedPoint(4, 1, True)
 class Kind:
     """One kind of saved activation.
 
-    field: the CompressionConfig field that sets it, "<name>_bits" (4, 8 or None),
-        "<name>_keep" (share of each row kept by top-k pruning, or None) or
-        "<name>_mask" (True stores only where the tensor is positive; False or None) or
-        "<name>_packed" (True stores a bool tensor eight elements to a byte; False or None).
-        Several kinds may share a field.
+    field: the CompressionConfig field that sets it; None keeps the tensor whole.
+        Several kinds may share a field (and then share its format).
     paper: the field's value in the "paper" preset, which is its default.
-    fixed: under scale="fixed", the power-of-two format per width; a kind with
-        none is always stored with a per-row scale.
+    format: the name of the format it is stored in (formats.FORMATS), which
+        validates the field's values: "fixed_point" (bits 4 or 8, per-row scale
+        under scale="row"), "rowwise" (bits 4 or 8, always a per-row scale),
+        "topk" (share of each row kept), "positive_mask" or "bit_pack" (True or False).
+    fixed: for "fixed_point", the power-of-two format per width; a width with
+        none is stored with a per-row scale.
     stored_as: "self" (the saved tensor), or "layernorm_x_hat" (the normalized
         x_hat of the native_layer_norm reading it, rebuilt to its input in backward).
     why: the numerics argument for the format.
@@ -44,6 +48,7 @@ class Kind:
     field: str
     paper: int | float | None
     why: str
+    format: str = field(kw_only=True)
     fixed: Mapping[int, ops.FixedPoint] = field(default_factory=dict)
     stored_as: str = "self"
     when_returned: bool = False
@@ -55,42 +60,46 @@ KINDS: tuple[Kind, ...] = (
     Kind("mask", "mask_packed", True,
          "A boolean mask saved for backward (dropout's; a ReLU's sign where inductor saves "
          "it) holds one bit per element in a byte: eight to a byte is lossless, so backward "
-         "multiplies by exactly the mask forward drew. Not in the paper."),
+         "multiplies by exactly the mask forward drew. Not in the paper.",
+         format="bit_pack"),
     Kind("layernorm", "layernorm_keep", 0.1,
          "A frozen LayerNorm's input gradient reads x_hat only in the term "
          "x_hat * mean(g * w * x_hat); the largest 10% of |x_hat| carry most of that "
-         "sum (the paper's pruning, as in DropIT)."),
+         "sum (the paper's pruning, as in DropIT).",
+         format="topk"),
     Kind("layernorm_input", "layernorm_keep", 0.1,
          "The same pruning where aten keeps the LayerNorm's input and statistics "
          "(undecomposed graphs): x_hat is pruned, backward rebuilds the input from it.",
-         stored_as="layernorm_x_hat"),
+         format="topk", stored_as="layernorm_x_hat"),
     Kind("rmsnorm_input", "layernorm_keep", 0.1,
          "A frozen RMSNorm's input gradient is r * (g * w - x_hat * mean(g * w * x_hat)), "
          "x_hat = x * r: x enters only in the second term, as x_hat does for LayerNorm. "
          "x_hat is x times a positive per-row scalar, so the top 10% of |x| per row are "
          "x_hat's top 10%: x is stored pruned and backward reads it as it is (the rsqrt "
-         "stays whole)."),
+         "stays whole).",
+         format="topk"),
     Kind("kv_grouped", "qkv_bits", 8,
          "Grouped-query K or V, saved after repeat_kv copied each kv head to its query "
          "heads: qkv's format, stored once per kv head (before the repeat, as every "
          "fixed-point format is stored at the tensor it copies) and repeated again in backward.",
-         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+         format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("qkv", "qkv_bits", 8,
          "Attention matmul operands: the paper's int8 Q3.4 (range +-8, step 1/16).",
-         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+         format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("attention_out", "attention_out_bits", 8,
          "A fused attention's output, a convex combination of V's rows: V's format "
          "covers its range at V's step.",
-         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+         format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("softmax", "softmax_bits", 8,
          "Probabilities lie in [0, 1]: uint8 in steps of 1/256 (the paper's).",
-         fixed={8: ops.SOFTMAX_UINT8, 4: ops.FixedPoint(4, 4, False)}),
+         format="fixed_point", fixed={8: ops.SOFTMAX_UINT8, 4: ops.FixedPoint(4, 4, False)}),
     Kind("gate_operand", "gate_operand_bits", 8,
          "Both factors of a SwiGLU/GeGLU gate product act(g) * u: backward reads act(g) as "
          "a value (u's gradient is grad * act(g)) and u likewise, so the coarse 4-bit "
          "input a plain activation gets is not enough. int8 like the paper's matmul "
          "operands, with a per-row scale: projections in LLM FFNs share no range and "
-         "have outliers far past Q3.4's +-8."),
+         "have outliers far past Q3.4's +-8.",
+         format="rowwise"),
     Kind("batchnorm_input", "batchnorm_input_bits", 8,
          "What a BatchNorm's input gradient reads besides its statistics: its input "
          "(undecomposed graphs) or the input less the batch mean (inductor's "
@@ -98,100 +107,73 @@ KINDS: tuple[Kind, ...] = (
          "x_hat rebuilt from it and the exact saved mean and invstd: int8 with a per-row "
          "scale (a conv output has no fixed range) moves x_hat by at most half a step of "
          "its row's largest value / 127. Not in the paper (it fine-tunes no conv nets); "
-         "needed whether or not the norm trains, so it is static."),
+         "needed whether or not the norm trains, so it is static.",
+         format="rowwise"),
     Kind("relu_squared", "relu_squared_bits", 8,
          "A ReLU whose output is squared (ReLU^2 FFNs: Primer, Nemotron): backward reads "
          "relu(x) as a value (d relu(x)^2 = 2 relu(x)) and as a sign. int8 with a per-row "
          "scale keeps zero exact and positives positive but for those under half a step, "
-         "whose gradient 2 relu(x) g is that small too. Not in the paper."),
+         "whose gradient 2 relu(x) g is that small too. Not in the paper.",
+         format="rowwise"),
     Kind("relu_output", "relu_output_mask", True,
          "A ReLU's backward reads its saved output only as out > 0: stored as that "
          "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets). Packed "
          "also where the output is handed to the next region (a conv net's blocks), "
-         "which keeps it only if its layer trains.", when_returned=True),
+         "which keeps it only if its layer trains.",
+         format="positive_mask", when_returned=True),
     Kind("gelu_input", "gelu_input_bits", 4,
          "GELU's derivative varies only over about [-3, 3] and is flat outside: "
          "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",
-         fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+         format="fixed_point", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
     Kind("silu_input", "silu_input_bits", 4,
          "SiLU's derivative s(x)(1 + x(1 - s(x))) changes over about [-5, 5] like GELU's "
          "and stays within 0.1 of its limits 0 and 1 outside [-4, 3.5]: GELU's 4-bit "
          "steps of 0.5 over [-4, 3.5]. Only where backward needs the derivative alone "
          "(a gate product's SiLU input is a gate_operand).",
-         fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+         format="fixed_point", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
     Kind("gelu_output", "gelu_output_bits", 8,
          "The FFN output dense's input, read for its weight gradient when it "
          "trains: the paper's int8 Q3.4.",
-         fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+         format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("weight_input", "weight_input_bits", None,
          "What trainable layers' weight gradients read; inputs of different layers "
-         "share no range, so always a per-row scale."),
+         "share no range, so always a per-row scale.",
+         format="rowwise"),
     Kind("weight_input_layernorm_input", "weight_input_bits", None,
          "A trainable LayerNorm's input (undecomposed graphs), stored as x_hat like "
          "a weight input and rebuilt to its input in backward.",
-         stored_as="layernorm_x_hat"),
+         format="rowwise", stored_as="layernorm_x_hat"),
 )
 
 BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}
 
 
-def config_fields() -> dict[str, int | float | None]:
-    """CompressionConfig's per-kind fields in table order, with their "paper" values."""
-    fields: dict[str, int | float | None] = {}
-    for kind in KINDS:
-        fields.setdefault(kind.field, kind.paper)
+def config_fields(kinds: tuple[Kind, ...] = KINDS) -> dict[str, tuple[int | float | None, Format]]:
+    """CompressionConfig's per-kind fields in table order, with their "paper"
+    values and the format that validates them."""
+    fields: dict[str, tuple[int | float | None, Format]] = {}
+    for kind in kinds:
+        fmt = formats.lookup(kind.format)
+        paper, shared = fields.setdefault(kind.field, (kind.paper, fmt))
+        if shared is not fmt:
+            raise ValueError(f"kinds sharing CompressionConfig.{kind.field} share its format: {kind.name} "
+                             f"names {fmt.name!r}, an earlier kind {shared.name!r}; give it a field of its own")
     return fields
 
 
-@dataclass(frozen=True)
-class Format:
-    """How one kind of saved tensor is stored: a quantize op and its mirror."""
-
-    quantize_op: object
-    quantize_args: tuple
-    dequantize_op: object
-    dequantize_args: tuple
-    text: str
-    stored_as: str = "self"
-
-    def describe(self) -> str:
-        return self.text
-
-
-def format_for(config, kind: str, val: torch.Tensor | None = None) -> Format | None:
-    """How `kind` is stored under `config` (a CompressionConfig), or None to keep
-    it whole; `val` (the saved tensor's fake value) sizes the prune indices:
-    int16 when its rows are static and short enough."""
-    entry = BY_NAME[kind]
+def format_for(config, kind: str | Kind, val: torch.Tensor | None = None) -> Packing | None:
+    """How `kind` (its name or a Kind) is stored under `config` (a
+    CompressionConfig), or None to keep it whole; `val` (the saved tensor's fake
+    value) may size the format (prune indices: int16 when its rows are static
+    and short enough)."""
+    entry = kind if isinstance(kind, Kind) else BY_NAME[kind]
     setting = getattr(config, entry.field)
     if setting is None:
         return None
-    if entry.field.endswith("_packed"):
-        return Format(torch.ops.slimfit.pack_bits.default, (), torch.ops.slimfit.unpack_bits.default, (),
-                      "1 bit per element (exact)", entry.stored_as) if setting else None
-    if entry.field.endswith("_mask"):
-        return Format(torch.ops.slimfit.positive_mask.default, (), torch.ops.slimfit.from_positive_mask.default,
-                      (), "bool mask x > 0 (exact)", entry.stored_as) if setting else None
-    if entry.field.endswith("_keep"):
-        row = val.shape[-1] if val is not None and val.dim() else None
-        index_bits = ops.index_bits_for(row) if isinstance(row, int) else 32
-        return Format(torch.ops.slimfit.prune_topk.default, (float(setting), index_bits),
-                      torch.ops.slimfit.unprune_topk.default, (),
-                      f"top {setting:.0%} per row of x_hat, int{index_bits} indices", entry.stored_as)
-    bits = setting
-    if config.scale == "row" or bits not in entry.fixed:
-        return Format(torch.ops.slimfit.quantize_rowwise.default, (bits,),
-                      torch.ops.slimfit.dequantize_rowwise.default, (bits,), f"{bits}-bit, per-row scale",
-                      entry.stored_as)
-    fixed = entry.fixed[bits]
-    args = (fixed.bits, fixed.frac_bits, fixed.signed)
-    sign = "int" if fixed.signed else "uint"
-    return Format(torch.ops.slimfit.quantize_fixed.default, args,
-                  torch.ops.slimfit.dequantize_fixed.default, args,
-                  f"{sign}{bits} fixed point, step 2^-{fixed.frac_bits}", entry.stored_as)
+    return formats.lookup(entry.format).packing(setting, entry, config, val)
 
 
-def first_format(config, kinds: list[str], val) -> tuple[str | None, Format | None]:
+def first_format(config, kinds: list[str], val) -> tuple[str | None, Packing | None]:
     """The first of `kinds` that `config` stores compressed, with its format."""
     for kind in kinds:
         fmt = format_for(config, kind, val)

@@ -2,7 +2,7 @@
 
 Runs after partitioning on the (forward, backward) pair. Each saved tensor gets
 the kinds patterns.py recognises; the first one its config compresses
-(registry.py) decides the format; the forward saves the packed form instead and
+(registry.py, formats/) decides the format; the forward saves the packed form instead and
 the backward unpacks it right before its first use. Saved tensors recompute.py
 can rebuild are dropped and rebuilt in backward. It never compresses primals
 (parameters, inputs) and never changes what the forward returns to the user;
@@ -22,7 +22,8 @@ from ...torch_ir import DROPOUT_P, LAYER_NORM_BACKWARD_MEAN, LAYER_NORM_BACKWARD
 from ..context import PassContext
 from .patterns import Site, _numel, _through_copies_up, _view_root, classify_saved, norm_has_bypass
 from .recompute import Rebuild, rebuild_plan
-from .registry import BY_NAME, Format, first_format
+from .formats import Packing, lookup
+from .registry import BY_NAME, first_format
 
 aten = torch.ops.aten
 
@@ -44,7 +45,7 @@ def _op_name(node: fx.Node) -> str:
 def _guard_norms(kinds: list[str], site: Site, config, ctx: PassContext) -> list[str]:
     """`kinds` less the norm prunings config.norm_guard keeps whole here, each
     counted as kept_whole_<kind>_<why> (see CompressionConfig.norm_guard)."""
-    pruned = [k for k in kinds if BY_NAME[k].field.endswith("_keep")]
+    pruned = [k for k in kinds if lookup(BY_NAME[k].format).prunes]
     if not pruned or config.norm_guard == "none" or getattr(config, BY_NAME[pruned[0]].field) is None:
         return kinds
     if not ctx.in_block:
@@ -103,7 +104,7 @@ def compress_saved(graphs: tuple[fx.GraphModule, fx.GraphModule], num_forward_ou
     packed_inputs: dict[str, Callable[[fx.Node], fx.Node]] = {}
     # Backward inputs holding each packed forward node: a saved view or repeat of
     # a tensor already packed is read from that packed form, not saved again.
-    packed_sources: dict[tuple[fx.Node, Format], list[fx.Node]] = {}
+    packed_sources: dict[tuple[fx.Node, Packing], list[fx.Node]] = {}
     kept: dict[str, fx.Node] = {}
     recomputed = []
     new_saved: list[object] = []
@@ -242,13 +243,13 @@ _COPY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
              aten.squeeze.dim, aten.expand.default, aten.clone.default}
 
 
-def _copy_source(saved: fx.Node, fmt: Format, user_outputs: set[str],
+def _copy_source(saved: fx.Node, fmt: Packing, user_outputs: set[str],
                  resident: set[str] | None) -> tuple[fx.Node, list[fx.Node]]:
-    """Where to pack `saved` from: under an elementwise format (fixed point), the
+    """Where to pack `saved` from: under a format stored at its copy source (fixed point), the
     tensor it views, copies or repeats (no larger than it: a grouped-query K before
     repeat_kv; the probabilities two attention-backward matmuls read as two views),
     and the ops from there to `saved` in graph order; else (saved, [])."""
-    if fmt.quantize_op != torch.ops.slimfit.quantize_fixed.default:
+    if not fmt.format.at_copy_source:
         return saved, []  # per-row scales and top-k depend on the layout
     chain, source = [], saved
     while source.op == "call_function" and source.target in _COPY_OPS \
@@ -287,7 +288,7 @@ def _rerun(graph: fx.Graph, chain: list[fx.Node], env: dict[fx.Node, fx.Node], b
     return env[chain[-1]]
 
 
-def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, val: torch.Tensor,
+def _dequantize(graph: fx.Graph, inputs: list[fx.Node], fmt: Packing, val: torch.Tensor,
                 producers: dict) -> fx.Node:
     """A dequantize call rebuilding a tensor shaped and typed like `val` from its
     packed parts (symbolic sizes computed from backward's inputs)."""
@@ -327,7 +328,7 @@ def _denormalized(backward: fx.GraphModule, x_hat: fx.Node, first_use: fx.Node) 
         return _call(graph, aten.add.Tensor, scaled, mean)
 
 
-def _reader(graph: fx.Graph, inputs: list[fx.Node], fmt: Format, source: fx.Node,
+def _reader(graph: fx.Graph, inputs: list[fx.Node], fmt: Packing, source: fx.Node,
             chain: list[fx.Node], producers: dict) -> Callable[[fx.Node], fx.Node]:
     """What emits, before a given backward node, a saved tensor's value from the
     backward `inputs` holding its packed `source`: dequantize, then rerun `chain`."""
