@@ -1,0 +1,285 @@
+"""Optimizer state of frozen layers, held small while they stay frozen.
+
+After each optimizer step the moments of layers frozen for the next step are
+packed (bf16, blockwise int8, or moved to pinned host memory); before a step
+they are unpacked for every parameter that has a gradient. The optimizer's own
+math is untouched, and `optimizer.state_dict()` always returns plain tensors.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SlimFitError
+
+# State entries packed, by what they hold: signed moments (Adam/AdamW exp_avg,
+# SGD momentum_buffer) and non-negative ones (second moments). Every other entry
+# (Adam's `step`, unknown optimizers' state) stays as the optimizer keeps it.
+SIGNED = frozenset({"exp_avg", "momentum_buffer"})
+NON_NEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+# Small tensors stay plain (as in torchao's 8-bit optimizers): the scales and the
+# per-tensor bookkeeping would outweigh what packing saves.
+MIN_PACKED_NUMEL = 4096
+BLOCK = 256
+# int8 exp_avg: codes in [-127, 127] times a per-block scale rounded up to 17
+# significant bits, so code * scale is exact in float32 (7 + 17 <= 24 bits) and
+# packing what unpacking returned gives the same codes and scales: a state that
+# went through state_dict() and load_state_dict() unpacks to the same values.
+SIGNED_MAX = 127
+SCALE_BITS = 17
+# int8 exp_avg_sq: sqrt(v) on a log scale, LEVELS codes per octave below the
+# block's largest sqrt(v); code 0 is exactly 0. Adam divides by sqrt(v) + eps,
+# so this bounds the denominator's relative error (2**(1 / (2 * LEVELS)) - 1,
+# 3.5%) whatever the block's spread, where a linear code would round small
+# entries to 0 and blow their updates up. Entries more than 2**(254 / LEVELS)
+# (~4e7) below the block's largest sqrt(v) take the smallest code, so they are
+# only ever over-estimated: an update can shrink by it, never grow.
+LEVELS = 10
+_LOG_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
+
+
+def _blocks(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().reshape(-1).float()
+    pad = -flat.numel() % BLOCK
+    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+
+
+def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (padded to whole blocks of 256) and one float32 scale per block;
+    |x - dequantized| <= scale / 2 <= absmax(block) / 254 * (1 + 2**-16)."""
+    blocks = _blocks(x)
+    scale = blocks.abs().amax(dim=1) / SIGNED_MAX
+    mantissa, exponent = torch.frexp(scale)
+    scale = torch.ceil(mantissa * 2**SCALE_BITS) / 2**SCALE_BITS * torch.exp2(exponent.float())
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: codes 0
+    codes = torch.round(blocks / scale[:, None]).clamp_(-SIGNED_MAX, SIGNED_MAX).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_signed_int8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                           dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    return (codes.float() * scale[:, None]).reshape(-1)[:numel].reshape(shape).to(dtype)
+
+
+def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of sqrt(v) on a log scale (see LEVELS) and each block's largest
+    sqrt(v) as its float32 scale; v must be non-negative."""
+    root = _blocks(v).sqrt()
+    scale = root.amax(dim=1)
+    ratio = root / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.round(255 + LEVELS * torch.log2(ratio)).clamp_(1, 255)
+    codes = torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+    return codes, scale
+
+
+def dequantize_sqrt_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                         dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    root = _LOG_TABLE.to(codes.device)[codes.long()] * scale[:, None]
+    return root.square().reshape(-1)[:numel].reshape(shape).to(dtype)
+
+
+@dataclass
+class PackedState:
+    """One optimizer state tensor held small while its layer is frozen."""
+
+    format: str  # "bf16", "int8" or "offload"
+    parts: tuple[torch.Tensor, ...]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    non_negative: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts)
+
+    @property
+    def plain_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def unpack(self) -> torch.Tensor:
+        if self.format == "bf16":
+            return self.parts[0].to(self.dtype)
+        if self.format == "offload":
+            return self.parts[0].to(self.device, non_blocking=True)
+        dequantize = dequantize_sqrt_log8 if self.non_negative else dequantize_signed_int8
+        return dequantize(*self.parts, self.shape, self.dtype)
+
+
+def pack(t: torch.Tensor, format: str, non_negative: bool) -> PackedState:
+    """`t` held as `format`; `PackedState.unpack` gives it back (exactly for "offload")."""
+    if format == "bf16":
+        parts = (t.to(torch.bfloat16),)
+    elif format == "int8":
+        parts = (quantize_sqrt_log8 if non_negative else quantize_signed_int8)(t)
+    elif format == "offload":
+        if t.device.type != "cuda":
+            raise SlimFitError(_offload_needs_cuda(t.device))
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        parts = (host.copy_(t, non_blocking=True),)
+    else:
+        raise ValueError(f"no optimizer state format {format!r}; the formats are 'bf16', 'int8', 'offload'")
+    return PackedState(format, parts, t.shape, t.dtype, t.device, non_negative)
+
+
+def _offload_needs_cuda(device: torch.device) -> str:
+    return (f"optimizer_state='offload' moves frozen layers' optimizer state from GPU memory to "
+            f"pinned host memory, but this model's parameters are on {device.type}, whose memory is "
+            "host memory already. Fix: move the model to a CUDA device before slimfit_fx.compile "
+            "(model.cuda()), or use optimizer_state='int8' (or 'bf16') to shrink the state where it is")
+
+
+def check_offload(parameters: Mapping[str, torch.Tensor]) -> None:
+    """Refuse optimizer_state='offload' for a model with no CUDA parameter."""
+    devices = {p.device for p in parameters.values()}
+    if not any(d.type == "cuda" for d in devices):
+        raise SlimFitError(_offload_needs_cuda(next(iter(devices), torch.device("cpu"))))
+
+
+# Bytes per element a format holds; a state already that small stays as it is.
+PACKED_ITEMSIZE = {"bf16": 2, "int8": 1, "offload": 0}
+
+
+def _packable(key: str, value: object, format: str) -> bool:
+    # Plain tensors only: a DTensor shard (fully_shard) or a tensor subclass an
+    # optimizer keeps (torchao's 8-bit states) stays as it is.
+    return ((key in SIGNED or key in NON_NEGATIVE) and type(value) is torch.Tensor
+            and value.is_floating_point() and value.numel() >= MIN_PACKED_NUMEL
+            and value.element_size() > PACKED_ITEMSIZE[format])
+
+
+def unpacked(entry: Mapping[str, object]) -> dict[str, object]:
+    """One parameter's optimizer state with every packed tensor unpacked (a new dict)."""
+    return {k: v.unpack() if isinstance(v, PackedState) else v for k, v in entry.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerStateBytes:
+    """Bytes of one optimizer's state (`cm.slimfit.optimizer_state_bytes`).
+
+    held: in the parameters' memory now, packed tensors at their packed size;
+    plain: what the same state takes with every tensor plain ("full");
+    offloaded: moved to pinned host memory ("offload"), not in `held`;
+    packed, packed_plain: the packed tensors (held on device or offloaded),
+    as held now and as they would be plain.
+    """
+
+    held: int
+    plain: int
+    offloaded: int
+    packed: int
+    packed_plain: int
+
+    def __str__(self) -> str:
+        mib = 2**20
+        return (f"optimizer state: {self.held / mib:.2f} MiB held, {self.plain / mib:.2f} MiB plain, "
+                f"{self.offloaded / mib:.2f} MiB offloaded; packed {self.packed / mib:.2f} MiB "
+                f"(plain {self.packed_plain / mib:.2f} MiB)")
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
+    """Count every state tensor of `optimizer`, packed or plain."""
+    held = plain = offloaded = packed = packed_plain = 0
+    for entry in optimizer.state.values():
+        for value in entry.values():
+            if isinstance(value, PackedState):
+                packed += value.nbytes
+                packed_plain += value.plain_nbytes
+                plain += value.plain_nbytes
+                if value.format == "offload":
+                    offloaded += value.nbytes
+                else:
+                    held += value.nbytes
+            elif isinstance(value, torch.Tensor):
+                size = value.numel() * value.element_size()
+                held += size
+                plain += size
+    return OptimizerStateBytes(held, plain, offloaded, packed, packed_plain)
+
+
+def entry_bytes(entry: Mapping[str, object]) -> tuple[int, int]:
+    """One parameter's state: bytes held in the parameters' memory now, and plain."""
+    held = plain = 0
+    for value in entry.values():
+        if isinstance(value, PackedState):
+            held += 0 if value.format == "offload" else value.nbytes
+            plain += value.plain_nbytes
+        elif isinstance(value, torch.Tensor):
+            held += value.numel() * value.element_size()
+            plain += value.numel() * value.element_size()
+    return held, plain
+
+
+class FrozenLayerState:
+    """Packs and unpacks the optimizer state of one model's layers.
+
+    `frozen()` is the frozen set the next forward uses. Driven by torch.optim's
+    global step hooks (`before_step`, `after_step`); it only touches optimizers
+    that hold one of `parameters` and only entries of those parameters.
+    """
+
+    def __init__(self, format: str, parameters: Mapping[str, torch.nn.Parameter],
+                 frozen: Callable[[], frozenset[str]]) -> None:
+        self.format = format
+        self.parameters = dict(parameters)
+        self.frozen = frozen
+        self._param_ids = {id(p) for p in self.parameters.values()}
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch `optimizer`: its state_dict() unpacks, its load_state_dict() re-packs."""
+        if optimizer in self._optimizers:
+            return
+        self._optimizers.add(optimizer)
+        ref = weakref.ref(self)
+
+        def plain_state_dict(opt, state_dict):
+            # The state entries are the optimizer's own dicts: replace them, never edit.
+            state_dict["state"] = {k: unpacked(v) if any(isinstance(x, PackedState) for x in v.values())
+                                   else v for k, v in state_dict["state"].items()}
+            return state_dict
+
+        def repack(opt) -> None:
+            live = ref()
+            if live is not None:
+                live.pack_frozen(opt)
+
+        optimizer.register_state_dict_post_hook(plain_state_dict)
+        optimizer.register_load_state_dict_post_hook(repack)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unpack the state of every parameter about to train (it has a gradient)."""
+        self.attach(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) not in self._param_ids:
+                    continue
+                entry = optimizer.state.get(p)
+                if entry:
+                    entry.update(unpacked(entry))
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pack the state of the layers frozen for the next step, in every watched
+        optimizer (an update that steps several optimizers may change the set
+        after the first one stepped)."""
+        for opt in list(self._optimizers):
+            self.pack_frozen(opt)
+
+    def pack_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        frozen = [self.parameters[n] for n in self.frozen() if n in self.parameters]
+        for p in frozen:
+            entry = optimizer.state.get(p)
+            if not entry:
+                continue
+            for key, value in list(entry.items()):
+                if _packable(key, value, self.format):
+                    entry[key] = pack(value, self.format, non_negative=key in NON_NEGATIVE)
