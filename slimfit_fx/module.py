@@ -115,6 +115,8 @@ class SlimFit:
     """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
 
     def __init__(self, model: nn.Module, config: SlimFitConfig) -> None:
+        if config.optimizer_state == "offload":
+            check_offload(dict(model.named_parameters()))
         self.model = model
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
@@ -409,8 +411,6 @@ def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitCo
     holds this model's layers, unpacked before the step they train in."""
     parameters = dict(model.named_parameters())
     layers = {n: parameters[n] for n in slimfit.layers}
-    if config.optimizer_state == "offload":
-        check_offload(layers)
     state = slimfit._state
     store = FrozenLayerState(config.optimizer_state, layers, lambda: state.frozen)
     ref = weakref.ref(store)
