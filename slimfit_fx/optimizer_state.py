@@ -42,16 +42,39 @@ LEVELS = 10
 _LOG_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().reshape(-1).float()
-    pad = -flat.numel() % BLOCK
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+# Blocks per pass: packing a 90 MiB embedding's moments adds a few MiB of
+# temporaries (1M elements at a time), not float32 copies of the whole tensor.
+CHUNK_BLOCKS = 4096
 
 
-def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes (padded to whole blocks of 256) and one float32 scale per block;
-    |x - dequantized| <= scale / 2 <= absmax(block) / 254 * (1 + 2**-16)."""
-    blocks = _blocks(x)
+def _blocks(flat: torch.Tensor) -> torch.Tensor:
+    """A flat float tensor as rows of BLOCK, zero-padded, in float32."""
+    return torch.nn.functional.pad(flat.float(), (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+
+
+def _quantize(x: torch.Tensor, quantize_blocks, code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.detach().reshape(-1)
+    count = -(-flat.numel() // BLOCK)
+    codes = torch.empty(count, BLOCK, dtype=code_dtype, device=x.device)
+    scale = torch.empty(count, dtype=torch.float32, device=x.device)
+    for first in range(0, count, CHUNK_BLOCKS):
+        last = min(first + CHUNK_BLOCKS, count)
+        codes[first:last], scale[first:last] = quantize_blocks(_blocks(flat[first * BLOCK:last * BLOCK]))
+    return codes, scale
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                dequantize_blocks) -> torch.Tensor:
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    for first in range(0, codes.shape[0], CHUNK_BLOCKS):
+        last = min(first + CHUNK_BLOCKS, codes.shape[0])
+        values = dequantize_blocks(codes[first:last], scale[first:last]).reshape(-1)
+        out[first * BLOCK:last * BLOCK] = values[:numel - first * BLOCK]
+    return out.view(shape)
+
+
+def _quantize_signed_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = blocks.abs().amax(dim=1) / SIGNED_MAX
     mantissa, exponent = torch.frexp(scale)
     scale = torch.ceil(mantissa * 2**SCALE_BITS) / 2**SCALE_BITS * torch.exp2(exponent.float())
@@ -60,28 +83,35 @@ def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+def _quantize_sqrt_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    root = blocks.sqrt()
+    scale = root.amax(dim=1)
+    ratio = root / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.round(255 + LEVELS * torch.log2(ratio)).clamp_(1, 255)
+    return torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8), scale
+
+
+def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (blocks of 256, the last zero-padded) and one float32 scale per
+    block; |x - dequantized| <= scale / 2 <= absmax(block) / 254 * (1 + 2**-16)."""
+    return _quantize(x, _quantize_signed_blocks, torch.int8)
+
+
 def dequantize_signed_int8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
                            dtype: torch.dtype) -> torch.Tensor:
-    numel = math.prod(shape)
-    return (codes.float() * scale[:, None]).reshape(-1)[:numel].reshape(shape).to(dtype)
+    return _dequantize(codes, scale, shape, dtype, lambda c, s: c.float() * s[:, None])
 
 
 def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 codes of sqrt(v) on a log scale (see LEVELS) and each block's largest
     sqrt(v) as its float32 scale; v must be non-negative."""
-    root = _blocks(v).sqrt()
-    scale = root.amax(dim=1)
-    ratio = root / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    codes = torch.round(255 + LEVELS * torch.log2(ratio)).clamp_(1, 255)
-    codes = torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
-    return codes, scale
+    return _quantize(v, _quantize_sqrt_log_blocks, torch.uint8)
 
 
 def dequantize_sqrt_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
                          dtype: torch.dtype) -> torch.Tensor:
-    numel = math.prod(shape)
-    root = _LOG_TABLE.to(codes.device)[codes.long()] * scale[:, None]
-    return root.square().reshape(-1)[:numel].reshape(shape).to(dtype)
+    table = _LOG_TABLE.to(codes.device)
+    return _dequantize(codes, scale, shape, dtype, lambda c, s: (table[c.long()] * s[:, None]).square())
 
 
 @dataclass
