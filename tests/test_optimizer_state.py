@@ -296,6 +296,25 @@ def test_no_momentum_means_nothing_to_pack():
     assert cm.slimfit.optimizer_state_bytes(optimizer).packed == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload moves CUDA state to pinned host memory")
+@pytest.mark.usefixtures("pack_every_size")
+def test_offload_on_cuda_is_exact_and_holds_frozen_state_on_the_host():
+    def run(state: str):
+        case = models.bert(seed=0)
+        model = case.model.cuda()
+        case.batch = {k: v.cuda() for k, v in case.batch.items()}
+        cm = slimfit_fx.compile(model, backend="aot_eager", freeze_ratio=0.8, optimizer_state=state)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+        losses = _train(cm, case, optimizer, 6)
+        return losses, cm.slimfit.optimizer_state_bytes(optimizer), dict(cm.named_parameters())
+
+    losses, _, reference = run("full")
+    offload_losses, held, weights = run("offload")
+    assert offload_losses == losses
+    assert all(torch.equal(weights[n], reference[n]) for n in reference)
+    assert held.offloaded == held.packed > 0 and held.held == held.plain - held.packed_plain
+
+
 # -- errors ------------------------------------------------------------------------
 
 
