@@ -16,30 +16,45 @@ import torch
 
 from .errors import SlimFitError
 
-# State entries packed, by what they hold: signed moments (Adam/AdamW exp_avg,
-# SGD momentum_buffer) and non-negative ones (second moments). Every other entry
-# (Adam's `step`, unknown optimizers' state) stays as the optimizer keeps it.
-SIGNED = frozenset({"exp_avg", "momentum_buffer"})
-NON_NEGATIVE = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+# State entries packed, and the int8 code each takes (see CODES below): Adam's
+# moments on log scales, SGD's momentum linear. Every other entry (Adam's `step`,
+# unknown optimizers' state) stays as the optimizer keeps it.
+INT8_CODE = {"exp_avg": "signed_log", "exp_avg_sq": "sqrt_log", "max_exp_avg_sq": "sqrt_log",
+             "momentum_buffer": "signed_linear"}
 # Small tensors stay plain (as in torchao's 8-bit optimizers): the scales and the
 # per-tensor bookkeeping would outweigh what packing saves.
 MIN_PACKED_NUMEL = 4096
 BLOCK = 256
-# int8 exp_avg: codes in [-127, 127] times a per-block scale rounded up to 17
-# significant bits, so code * scale is exact in float32 (7 + 17 <= 24 bits) and
-# packing what unpacking returned gives the same codes and scales: a state that
-# went through state_dict() and load_state_dict() unpacks to the same values.
+# Every int8 code has one float32 scale per block of 256 elements.
+#
+# "signed_linear" (SGD momentum, whose update is the momentum itself): codes in
+# [-127, 127] times absmax / 127, the scale rounded up to 17 significant bits so
+# code * scale is exact in float32 (7 + 17 <= 24 bits): packing what unpacking
+# returned gives the same codes and scales, so a state that went through
+# state_dict() and load_state_dict() unpacks to the same values.
 SIGNED_MAX = 127
 SCALE_BITS = 17
-# int8 exp_avg_sq: sqrt(v) on a log scale, LEVELS codes per octave below the
-# block's largest sqrt(v); code 0 is exactly 0. Adam divides by sqrt(v) + eps,
+# "signed_log" (Adam's exp_avg): sign and |m| on a log scale below the block's
+# absmax, SIGNED_LEVELS codes per octave. Adam's update is m / sqrt(v), which
+# weighs every element alike whatever its size, so the error that matters is
+# relative per element: within 2**(1 / (2 * SIGNED_LEVELS)) - 1 (4.4%) down to
+# 2**(-126 / SIGNED_LEVELS) (~2e-5) of the absmax; smaller entries become 0 (their
+# update shrinks, never grows). A linear code keeps only absmax / 254, so a small
+# entry's update is off by up to 100%.
+SIGNED_LEVELS = 8
+# "sqrt_log" (exp_avg_sq): sqrt(v) on a log scale, LEVELS codes per octave below
+# the block's largest sqrt(v); code 0 is exactly 0. Adam divides by sqrt(v) + eps,
 # so this bounds the denominator's relative error (2**(1 / (2 * LEVELS)) - 1,
 # 3.5%) whatever the block's spread, where a linear code would round small
 # entries to 0 and blow their updates up. Entries more than 2**(254 / LEVELS)
 # (~4e7) below the block's largest sqrt(v) take the smallest code, so they are
 # only ever over-estimated: an update can shrink by it, never grow.
 LEVELS = 10
-_LOG_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
+# The scale is the block's absmax itself and the top code's value is exactly 1,
+# so both log codes re-pack to the same codes too.
+_SQRT_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
+_SIGNED_TABLE = torch.cat([torch.zeros(1), torch.exp2(
+    (torch.arange(1, 128, dtype=torch.float32) - 127) / SIGNED_LEVELS)])
 
 
 # Blocks per pass: packing a 90 MiB embedding's moments adds a few MiB of
@@ -91,6 +106,13 @@ def _quantize_sqrt_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8), scale
 
 
+def _quantize_signed_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = blocks.abs().amax(dim=1)
+    ratio = blocks.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.round(127 + SIGNED_LEVELS * torch.log2(ratio)).clamp_(0, 127)  # log2(0) = -inf -> 0
+    return (codes * blocks.sign()).to(torch.int8), scale
+
+
 def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 codes (blocks of 256, the last zero-padded) and one float32 scale per
     block; |x - dequantized| <= scale / 2 <= absmax(block) / 254 * (1 + 2**-16)."""
@@ -102,6 +124,19 @@ def dequantize_signed_int8(codes: torch.Tensor, scale: torch.Tensor, shape: torc
     return _dequantize(codes, scale, shape, dtype, lambda c, s: c.float() * s[:, None])
 
 
+def quantize_signed_log8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of sign(x) and log|x| (see SIGNED_LEVELS) and each block's absmax
+    as its float32 scale."""
+    return _quantize(x, _quantize_signed_log_blocks, torch.int8)
+
+
+def dequantize_signed_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                           dtype: torch.dtype) -> torch.Tensor:
+    table = _SIGNED_TABLE.to(codes.device)
+    return _dequantize(codes, scale, shape, dtype,
+                       lambda c, s: table[c.abs().long()] * c.sign() * s[:, None])
+
+
 def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 codes of sqrt(v) on a log scale (see LEVELS) and each block's largest
     sqrt(v) as its float32 scale; v must be non-negative."""
@@ -110,8 +145,15 @@ def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_sqrt_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
                          dtype: torch.dtype) -> torch.Tensor:
-    table = _LOG_TABLE.to(codes.device)
+    table = _SQRT_TABLE.to(codes.device)
     return _dequantize(codes, scale, shape, dtype, lambda c, s: (table[c.long()] * s[:, None]).square())
+
+
+INT8_CODES = {
+    "signed_linear": (quantize_signed_int8, dequantize_signed_int8),
+    "signed_log": (quantize_signed_log8, dequantize_signed_log8),
+    "sqrt_log": (quantize_sqrt_log8, dequantize_sqrt_log8),
+}
 
 
 @dataclass
@@ -123,7 +165,7 @@ class PackedState:
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
-    non_negative: bool = False
+    code: str = ""  # for "int8": a key of INT8_CODES
 
     @property
     def nbytes(self) -> int:
@@ -138,16 +180,16 @@ class PackedState:
             return self.parts[0].to(self.dtype)
         if self.format == "offload":
             return self.parts[0].to(self.device, non_blocking=True)
-        dequantize = dequantize_sqrt_log8 if self.non_negative else dequantize_signed_int8
-        return dequantize(*self.parts, self.shape, self.dtype)
+        return INT8_CODES[self.code][1](*self.parts, self.shape, self.dtype)
 
 
-def pack(t: torch.Tensor, format: str, non_negative: bool) -> PackedState:
-    """`t` held as `format`; `PackedState.unpack` gives it back (exactly for "offload")."""
+def pack(t: torch.Tensor, format: str, code: str = "signed_linear") -> PackedState:
+    """`t` held as `format` ("int8" in the INT8_CODES `code`); `PackedState.unpack`
+    gives it back (exactly for "offload")."""
     if format == "bf16":
         parts = (t.to(torch.bfloat16),)
     elif format == "int8":
-        parts = (quantize_sqrt_log8 if non_negative else quantize_signed_int8)(t)
+        parts = INT8_CODES[code][0](t)
     elif format == "offload":
         if t.device.type != "cuda":
             raise SlimFitError(_offload_needs_cuda(t.device))
@@ -155,7 +197,7 @@ def pack(t: torch.Tensor, format: str, non_negative: bool) -> PackedState:
         parts = (host.copy_(t, non_blocking=True),)
     else:
         raise ValueError(f"no optimizer state format {format!r}; the formats are 'bf16', 'int8', 'offload'")
-    return PackedState(format, parts, t.shape, t.dtype, t.device, non_negative)
+    return PackedState(format, parts, t.shape, t.dtype, t.device, code if format == "int8" else "")
 
 
 def _offload_needs_cuda(device: torch.device) -> str:
@@ -179,7 +221,7 @@ PACKED_ITEMSIZE = {"bf16": 2, "int8": 1, "offload": 0}
 def _packable(key: str, value: object, format: str) -> bool:
     # Plain tensors only: a DTensor shard (fully_shard) or a tensor subclass an
     # optimizer keeps (torchao's 8-bit states) stays as it is.
-    return ((key in SIGNED or key in NON_NEGATIVE) and type(value) is torch.Tensor
+    return (key in INT8_CODE and type(value) is torch.Tensor
             and value.is_floating_point() and value.numel() >= MIN_PACKED_NUMEL
             and value.element_size() > PACKED_ITEMSIZE[format])
 
@@ -312,4 +354,4 @@ class FrozenLayerState:
                 continue
             for key, value in list(entry.items()):
                 if _packable(key, value, self.format):
-                    entry[key] = pack(value, self.format, non_negative=key in NON_NEGATIVE)
+                    entry[key] = pack(value, self.format, INT8_CODE[key])

@@ -9,13 +9,16 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import optimizer_state
-from slimfit_fx.optimizer_state import LEVELS, PackedState, pack
+from slimfit_fx.optimizer_state import LEVELS, SIGNED_LEVELS, PackedState, pack
 
 from . import models
 
-# int8 exp_avg: round to nearest on a step of absmax / 127, the step rounded up
-# by at most 2**-16 (17-bit scale) -> half a step.
+# int8 momentum (linear): round to nearest on a step of absmax / 127, the step
+# rounded up by at most 2**-16 (17-bit scale) -> half a step.
 SIGNED_BOUND = (1 + 2**-16) / (2 * 127)
+# int8 exp_avg (signed log): |m| rounded to the nearest of SIGNED_LEVELS codes per
+# octave -> half a code, plus a few float32 ulps.
+LOG_BOUND = 2 ** (1 / (2 * SIGNED_LEVELS)) - 1 + 1e-5
 # int8 exp_avg_sq: sqrt(v) rounded to the nearest of LEVELS codes per octave ->
 # half a code, plus a few float32 ulps of the log/exp2/sqrt arithmetic.
 ROOT_BOUND = 2 ** (1 / (2 * LEVELS)) - 1 + 1e-5
@@ -46,9 +49,9 @@ def _blockwise_absmax(x: torch.Tensor) -> torch.Tensor:
     return padded.abs().amax(dim=1).repeat_interleave(256)[: flat.numel()].view_as(x)
 
 
-def test_int8_signed_error_is_half_a_step_of_its_block():
+def test_int8_linear_error_is_half_a_step_of_its_block():
     x = _moments()
-    packed = pack(x, "int8", non_negative=False)
+    packed = pack(x, "int8", "signed_linear")
     y = packed.unpack()
     assert y.shape == x.shape and y.dtype == x.dtype
     assert torch.all((y - x).abs() <= _blockwise_absmax(x) * SIGNED_BOUND)
@@ -56,10 +59,20 @@ def test_int8_signed_error_is_half_a_step_of_its_block():
     assert packed.nbytes == math.ceil(x.numel() / 256) * (256 + 4)
 
 
+def test_int8_first_moment_is_relatively_accurate_and_never_grows():
+    x = _moments(seed=4)
+    y = pack(x, "int8", "signed_log").unpack()
+    in_range = x.abs() >= _blockwise_absmax(x) * 2 ** (-126 / SIGNED_LEVELS)
+    assert torch.all(((y - x).abs() / x.abs())[in_range] <= LOG_BOUND)
+    assert torch.all((y == 0) | (y.sign() == x.sign()))
+    assert torch.all(y.abs() <= x.abs() * (1 + LOG_BOUND))  # below the range: 0, so an update only shrinks
+    assert (~in_range & (x != 0) & (y == 0)).any()  # the data reach below the range
+
+
 def test_int8_second_moment_stays_non_negative_and_relatively_accurate():
     v = _moments(seed=1).square()
     v[-3] = v[256 * 9:].max() * 1e-20  # far below its block's largest: only over-estimated
-    packed = pack(v, "int8", non_negative=True)
+    packed = pack(v, "int8", "sqrt_log")
     w = packed.unpack()
     assert torch.all(w >= 0)
     assert torch.equal(w == 0, v == 0)
@@ -72,20 +85,20 @@ def test_int8_second_moment_stays_non_negative_and_relatively_accurate():
 
 def test_bf16_keeps_eight_significant_bits():
     x = _moments(seed=2)
-    y = pack(x, "bf16", non_negative=False).unpack()
+    y = pack(x, "bf16").unpack()
     nonzero = x != 0
     assert torch.all(((y - x).abs() / x.abs())[nonzero] <= BF16_BOUND)
 
 
-@pytest.mark.parametrize("format", ["int8", "bf16"])
-@pytest.mark.parametrize("non_negative", [False, True])
-def test_packing_what_unpacking_returned_changes_nothing(format, non_negative):
+@pytest.mark.parametrize("format, code", [("int8", "signed_linear"), ("int8", "signed_log"),
+                                          ("int8", "sqrt_log"), ("bf16", "")])
+def test_packing_what_unpacking_returned_changes_nothing(format, code):
     # What makes a state_dict round trip exact: a loaded state is re-packed to the
     # same codes, so it unpacks to the same values.
     x = _moments(seed=3)
-    x = x.square() if non_negative else x
-    once = pack(x, format, non_negative).unpack()
-    twice = pack(once, format, non_negative).unpack()
+    x = x.square() if code == "sqrt_log" else x
+    once = pack(x, format, code).unpack()
+    twice = pack(once, format, code).unpack()
     assert torch.equal(once, twice)
 
 
@@ -101,7 +114,7 @@ def _rotating_sets(layers: tuple[str, ...], steps: int) -> list[frozenset[str]]:
 def _train_manual(state: str, steps: int = 10, optimizer_class=torch.optim.AdamW, **optimizer_kwargs):
     case = models.bert(seed=0)
     cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule="manual", optimizer_state=state)
-    optimizer = optimizer_class(cm.parameters(), **(optimizer_kwargs or dict(lr=1e-2)))
+    optimizer = optimizer_class(cm.parameters(), **(optimizer_kwargs or dict(lr=1e-3)))
     initial = {n: p.detach().clone() for n, p in cm.named_parameters()}
     sets = _rotating_sets(cm.slimfit.layers, steps + 1)
     losses, packed_seen = [], 0
@@ -125,11 +138,12 @@ def _deviation(weights, reference, initial) -> float:
     return (diff / moved).sqrt().item()
 
 
-# int8: sqrt(v) within 3.5% and m within 0.4% of its block's largest entry, so
-# each update of a layer that comes back moves it within a few percent of the
-# full run's update; 5% of the total movement bounds the drift over 10 steps.
-# bf16: each moment within 2**-8 (0.4%); 1% of the movement.
-TOLERANCE = {"full": 0.0, "bf16": 0.01, "int8": 0.05}
+# Errors compound: this tiny BERT amplifies small changes (a full run with lr
+# 2**-8 higher ends 2% of the movement away), so the bounds are on the end
+# weights' distance from the full run, relative to how far it moved.
+# int8: every m within 4.4% and sqrt(v) within 3.5% of its own value, errors of
+# either sign across elements -> 3%. bf16: each moment within 2**-8 -> 1%.
+TOLERANCE = {"full": 0.0, "bf16": 0.01, "int8": 0.03}
 
 
 @pytest.mark.usefixtures("pack_every_size")
