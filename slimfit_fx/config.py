@@ -133,8 +133,9 @@ class SlimFitConfig:
         is held (torch.optim Adam/AdamW moments and SGD momentum): "full" (the
         default) leaves it as the optimizer keeps it; "bf16" casts it to
         bfloat16; "int8" packs it blockwise in 8 bits (one float32 scale per 256
-        elements: exp_avg and momentum signed, exp_avg_sq as its square root on a
-        log scale); "offload" moves it to pinned host memory (CUDA models only).
+        elements: exp_avg as sign and log magnitude, exp_avg_sq as its square
+        root on a log scale, SGD momentum linear; tensors under 4,096 elements
+        stay plain); "offload" moves it to pinned host memory (CUDA models only).
         A layer's state is unpacked before the optimizer step it trains in;
         `optimizer.state_dict()` returns it plain. See `cm.slimfit.optimizer_state_bytes`.
     """
