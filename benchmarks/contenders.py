@@ -11,7 +11,9 @@ contender runs in its own process, so no peak mixes with another's, and every
 parameter has optimizer state before the first step (as after every layer has
 trained once), so all sides pay the same optimizer: AdamW, or torchao's 8-bit
 AdamW in the rows that say so (`pip install -e '.[bench]'`), which are compared
-with eager on that optimizer too. Total peak: the process's
+with eager on that optimizer too. The "int8 frozen optimizer state" row keeps
+AdamW and packs the moments of the layers frozen for the next step
+(`optimizer_state="int8"`). Total peak: the process's
 highest resident set size over the timed steps (the kernel's VmHWM, reset
 through /proc/self/clear_refs, so nothing samples and nothing competes with
 the step) minus the resident size before the model was built. The breakdown
@@ -73,6 +75,7 @@ CONTENDERS = {c.name: c for c in (
               options=dict(memory_budget=0.1)),
     Contender("eager, full fine-tune, 8-bit AdamW", "eager", optimizer="adamw8bit"),
     Contender("slimfit default, 8-bit AdamW", "slimfit", optimizer="adamw8bit"),
+    Contender("slimfit default, int8 frozen optimizer state", "slimfit", options=dict(optimizer_state="int8")),
     Contender("eager, full fine-tune, gradient checkpointing", "eager", checkpointing=True),
     Contender("slimfit default, gradient checkpointing", "slimfit", checkpointing=True),
 )}
@@ -97,8 +100,11 @@ def peak() -> int:
 
 
 def _state_bytes(optimizer) -> int:
-    """Bytes of optimizer state, counting a tensor subclass (8-bit states) by its parts."""
+    """Bytes of optimizer state, counting a tensor subclass (8-bit states) by its parts
+    and slimfit's packed frozen-layer state (optimizer_state="int8") at its packed size."""
     import torch
+
+    from slimfit_fx.optimizer_state import PackedState
 
     def nbytes(t: torch.Tensor) -> int:
         if type(t) is torch.Tensor or isinstance(t, torch.nn.Parameter):
@@ -106,7 +112,8 @@ def _state_bytes(optimizer) -> int:
         names, _ = t.__tensor_flatten__()
         return sum(nbytes(getattr(t, n)) for n in names)
 
-    return sum(nbytes(v) for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    return sum(v.nbytes if isinstance(v, PackedState) else nbytes(v)
+               for s in optimizer.state.values() for v in s.values() if isinstance(v, (torch.Tensor, PackedState)))
 
 
 def run_one(case: str, name: str, steps: int, warmup: int) -> dict:

@@ -87,6 +87,7 @@ COMPRESSION_PRESETS = {
     "off": CompressionConfig(**dict.fromkeys(KIND_FIELDS)),
 }
 BACKENDS = ("inductor", "aot_eager")
+OPTIMIZER_STATES = ("full", "bf16", "int8", "offload")
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,15 @@ class SlimFitConfig:
         ("encoder.layer.3"), patterns ("encoder.layer.*") or module classes.
         None (the default) finds them: children of a ModuleList/Sequential that
         share a class. () compiles the whole model as one region, on purpose.
+    optimizer_state: how the optimizer state of layers frozen for the next step
+        is held (torch.optim Adam/AdamW moments and SGD momentum): "full" (the
+        default) leaves it as the optimizer keeps it; "bf16" casts it to
+        bfloat16; "int8" packs it blockwise in 8 bits (one float32 scale per 256
+        elements: exp_avg as sign and log magnitude, exp_avg_sq as its square
+        root on a log scale, SGD momentum linear; tensors under 4,096 elements
+        stay plain); "offload" moves it to pinned host memory (CUDA models only).
+        A layer's state is unpacked before the optimizer step it trains in;
+        `optimizer.state_dict()` returns it plain. See `cm.slimfit.optimizer_state_bytes`.
     """
 
     freeze_ratio: float | None = None
@@ -136,6 +146,7 @@ class SlimFitConfig:
     memory_budget: float | None = None
     always_train: tuple[str, ...] = ()
     blocks: tuple[str | type, ...] | None = None
+    optimizer_state: str = "full"
 
     def __new__(cls, *args: object, **fields: object) -> "SlimFitConfig":
         # Before dataclass's __init__, whose "unexpected keyword argument" names no fix.
@@ -202,6 +213,11 @@ class SlimFitConfig:
             raise ValueError(
                 f"SlimFitConfig.always_train applies to schedule='ils', got schedule={self.schedule!r}; "
                 "with schedule='manual' leave those layers out of cm.slimfit.set_frozen(...)")
+        if not isinstance(self.optimizer_state, str) or self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"SlimFitConfig.optimizer_state must be one of {OPTIMIZER_STATES}, got "
+                f"{self.optimizer_state!r}: \"full\" keeps frozen layers' optimizer state as is, "
+                "\"bf16\" and \"int8\" pack it, \"offload\" moves it to pinned host memory")
 
     @property
     def compression_config(self) -> CompressionConfig:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .optimizer_state import entry_bytes
+
 
 def run_counting_saved_bytes(
     fn: Callable[..., Any], *args: Any, resident: tuple[torch.Tensor, ...] = (),
@@ -153,11 +155,12 @@ def memory_breakdown(
     ]
     if optimizer is not None:
         ids = {id(p) for p in trainable.values()}
-        state = {id(p): tensor_bytes(v for v in s.values() if isinstance(v, torch.Tensor))
-                 for p, s in optimizer.state.items() if id(p) in ids}
-        held = sum(state.values())
+        # Packed state (SlimFitConfig.optimizer_state) counts at the size it is held;
+        # eager's estimate scales the plain size.
+        state = {id(p): entry_bytes(s) for p, s in optimizer.state.items() if id(p) in ids}
+        held = sum(h for h, _ in state.values())
         stepped = [p for p in trainable.values() if id(p) in state]
-        per_byte = held / max(tensor_bytes(stepped), 1)  # e.g. 2.0 for Adam's two moments
+        per_byte = sum(plain for _, plain in state.values()) / max(tensor_bytes(stepped), 1)  # 2.0 for Adam
         rows.append(MemoryRow("optimizer state", int(per_byte * eager_grads), held, False, True))
     rows.append(MemoryRow("saved activations", eager_saved_bytes, saved_bytes,
                           eager_saved_bytes is not None, saved_bytes is not None))

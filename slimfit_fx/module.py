@@ -24,6 +24,7 @@ from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .graphs import RegionGraphs
 from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
+from .optimizer_state import FrozenLayerState, OptimizerStateBytes, check_offload, state_bytes
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .schedule import InterLayerSchedule
@@ -131,6 +132,8 @@ class SlimFit:
     """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
 
     def __init__(self, model: nn.Module, config: SlimFitConfig) -> None:
+        if config.optimizer_state == "offload":
+            check_offload(dict(model.named_parameters()))
         self.model = model
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
@@ -148,6 +151,11 @@ class SlimFit:
         self.schedule: InterLayerSchedule | None = None
         if config.schedule == "ils":
             self.schedule = _start_schedule(self, model, config)
+        # After the schedule's: its hooks drop stale gradients before ours unpack,
+        # and pick the next frozen set before ours pack it.
+        self._optimizer_state: FrozenLayerState | None = None
+        if config.optimizer_state != "full":
+            self._optimizer_state = _start_optimizer_state(self, model, config)
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -218,6 +226,15 @@ class SlimFit:
             self.set_frozen(state["frozen"])
         else:
             self.schedule.load_state_dict(dict(state))
+
+    def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
+        """Bytes `optimizer`'s state holds now (packed tensors at their packed size)
+        against what it holds plain; see SlimFitConfig.optimizer_state."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer_state_bytes expects a torch.optim.Optimizer, got "
+                            f"{type(optimizer).__name__}; pass the optimizer itself (for a "
+                            "wrapper such as accelerate's, its .optimizer)")
+        return state_bytes(optimizer)
 
     def step(self) -> None:
         """Advance the ILS schedule after an update made without a torch.optim
@@ -404,6 +421,30 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -
     handles = (register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after))
     weakref.finalize(schedule, lambda: [h.remove() for h in handles])
     return schedule
+
+
+def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> FrozenLayerState:
+    """Frozen layers' optimizer state packed after every step of an optimizer that
+    holds this model's layers, unpacked before the step they train in."""
+    parameters = dict(model.named_parameters())
+    layers = {n: parameters[n] for n in slimfit.layers}
+    state = slimfit._state
+    store = FrozenLayerState(config.optimizer_state, layers, lambda: state.frozen)
+    ref = weakref.ref(store)
+
+    def before(optimizer, args, kwargs) -> None:
+        live = ref()
+        if live is not None and live.owns(optimizer):
+            live.before_step(optimizer)
+
+    def after(optimizer, args, kwargs) -> None:
+        live = ref()
+        if live is not None and live.owns(optimizer):
+            live.after_step(optimizer)
+
+    handles = (register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after))
+    weakref.finalize(store, lambda: [h.remove() for h in handles])
+    return store
 
 
 def _every_break(model: nn.Module, args: tuple, kwargs: dict) -> str:

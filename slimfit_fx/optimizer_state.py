@@ -1,0 +1,357 @@
+"""Optimizer state of frozen layers, held small while they stay frozen.
+
+After each optimizer step the moments of layers frozen for the next step are
+packed (bf16, blockwise int8, or moved to pinned host memory); before a step
+they are unpacked for every parameter that has a gradient. The optimizer's own
+math is untouched, and `optimizer.state_dict()` always returns plain tensors.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .errors import SlimFitError
+
+# State entries packed, and the int8 code each takes (see CODES below): Adam's
+# moments on log scales, SGD's momentum linear. Every other entry (Adam's `step`,
+# unknown optimizers' state) stays as the optimizer keeps it.
+INT8_CODE = {"exp_avg": "signed_log", "exp_avg_sq": "sqrt_log", "max_exp_avg_sq": "sqrt_log",
+             "momentum_buffer": "signed_linear"}
+# Small tensors stay plain (as in torchao's 8-bit optimizers): the scales and the
+# per-tensor bookkeeping would outweigh what packing saves.
+MIN_PACKED_NUMEL = 4096
+BLOCK = 256
+# Every int8 code has one float32 scale per block of 256 elements.
+#
+# "signed_linear" (SGD momentum, whose update is the momentum itself): codes in
+# [-127, 127] times absmax / 127, the scale rounded up to 17 significant bits so
+# code * scale is exact in float32 (7 + 17 <= 24 bits): packing what unpacking
+# returned gives the same codes and scales, so a state that went through
+# state_dict() and load_state_dict() unpacks to the same values.
+SIGNED_MAX = 127
+SCALE_BITS = 17
+# "signed_log" (Adam's exp_avg): sign and |m| on a log scale below the block's
+# absmax, SIGNED_LEVELS codes per octave. Adam's update is m / sqrt(v), which
+# weighs every element alike whatever its size, so the error that matters is
+# relative per element: within 2**(1 / (2 * SIGNED_LEVELS)) - 1 (4.4%) down to
+# 2**(-126 / SIGNED_LEVELS) (~2e-5) of the absmax; smaller entries become 0 (their
+# update shrinks, never grows). A linear code keeps only absmax / 254, so a small
+# entry's update is off by up to 100%.
+SIGNED_LEVELS = 8
+# "sqrt_log" (exp_avg_sq): sqrt(v) on a log scale, LEVELS codes per octave below
+# the block's largest sqrt(v); code 0 is exactly 0. Adam divides by sqrt(v) + eps,
+# so this bounds the denominator's relative error (2**(1 / (2 * LEVELS)) - 1,
+# 3.5%) whatever the block's spread, where a linear code would round small
+# entries to 0 and blow their updates up. Entries more than 2**(254 / LEVELS)
+# (~4e7) below the block's largest sqrt(v) take the smallest code, so they are
+# only ever over-estimated: an update can shrink by it, never grow.
+LEVELS = 10
+# The scale is the block's absmax itself and the top code's value is exactly 1,
+# so both log codes re-pack to the same codes too.
+_SQRT_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
+_SIGNED_TABLE = torch.cat([torch.zeros(1), torch.exp2(
+    (torch.arange(1, 128, dtype=torch.float32) - 127) / SIGNED_LEVELS)])
+
+
+# Blocks per pass: packing a 90 MiB embedding's moments adds a few MiB of
+# temporaries (1M elements at a time), not float32 copies of the whole tensor.
+CHUNK_BLOCKS = 4096
+
+
+def _blocks(flat: torch.Tensor) -> torch.Tensor:
+    """A flat float tensor as rows of BLOCK, zero-padded, in float32."""
+    return torch.nn.functional.pad(flat.float(), (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+
+
+def _quantize(x: torch.Tensor, quantize_blocks, code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.detach().reshape(-1)
+    count = -(-flat.numel() // BLOCK)
+    codes = torch.empty(count, BLOCK, dtype=code_dtype, device=x.device)
+    scale = torch.empty(count, dtype=torch.float32, device=x.device)
+    for first in range(0, count, CHUNK_BLOCKS):
+        last = min(first + CHUNK_BLOCKS, count)
+        codes[first:last], scale[first:last] = quantize_blocks(_blocks(flat[first * BLOCK:last * BLOCK]))
+    return codes, scale
+
+
+def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
+                dequantize_blocks) -> torch.Tensor:
+    numel = math.prod(shape)
+    out = torch.empty(numel, dtype=dtype, device=codes.device)
+    for first in range(0, codes.shape[0], CHUNK_BLOCKS):
+        last = min(first + CHUNK_BLOCKS, codes.shape[0])
+        values = dequantize_blocks(codes[first:last], scale[first:last]).reshape(-1)
+        out[first * BLOCK:last * BLOCK] = values[:numel - first * BLOCK]
+    return out.view(shape)
+
+
+def _quantize_signed_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = blocks.abs().amax(dim=1) / SIGNED_MAX
+    mantissa, exponent = torch.frexp(scale)
+    scale = torch.ceil(mantissa * 2**SCALE_BITS) / 2**SCALE_BITS * torch.exp2(exponent.float())
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero block: codes 0
+    codes = torch.round(blocks / scale[:, None]).clamp_(-SIGNED_MAX, SIGNED_MAX).to(torch.int8)
+    return codes, scale
+
+
+def _quantize_sqrt_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    root = blocks.sqrt()
+    scale = root.amax(dim=1)
+    ratio = root / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.round(255 + LEVELS * torch.log2(ratio)).clamp_(1, 255)
+    return torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8), scale
+
+
+def _quantize_signed_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = blocks.abs().amax(dim=1)
+    ratio = blocks.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = torch.round(127 + SIGNED_LEVELS * torch.log2(ratio)).clamp_(0, 127)  # log2(0) = -inf -> 0
+    return (codes * blocks.sign()).to(torch.int8), scale
+
+
+def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (blocks of 256, the last zero-padded) and one float32 scale per
+    block; |x - dequantized| <= scale / 2 <= absmax(block) / 254 * (1 + 2**-16)."""
+    return _quantize(x, _quantize_signed_blocks, torch.int8)
+
+
+def dequantize_signed_int8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                           dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize(codes, scale, shape, dtype, lambda c, s: c.float() * s[:, None])
+
+
+def quantize_signed_log8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of sign(x) and log|x| (see SIGNED_LEVELS) and each block's absmax
+    as its float32 scale."""
+    return _quantize(x, _quantize_signed_log_blocks, torch.int8)
+
+
+def dequantize_signed_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                           dtype: torch.dtype) -> torch.Tensor:
+    table = _SIGNED_TABLE.to(codes.device)
+    return _dequantize(codes, scale, shape, dtype,
+                       lambda c, s: table[c.abs().long()] * c.sign() * s[:, None])
+
+
+def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 codes of sqrt(v) on a log scale (see LEVELS) and each block's largest
+    sqrt(v) as its float32 scale; v must be non-negative."""
+    return _quantize(v, _quantize_sqrt_log_blocks, torch.uint8)
+
+
+def dequantize_sqrt_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
+                         dtype: torch.dtype) -> torch.Tensor:
+    table = _SQRT_TABLE.to(codes.device)
+    return _dequantize(codes, scale, shape, dtype, lambda c, s: (table[c.long()] * s[:, None]).square())
+
+
+INT8_CODES = {
+    "signed_linear": (quantize_signed_int8, dequantize_signed_int8),
+    "signed_log": (quantize_signed_log8, dequantize_signed_log8),
+    "sqrt_log": (quantize_sqrt_log8, dequantize_sqrt_log8),
+}
+
+
+@dataclass
+class PackedState:
+    """One optimizer state tensor held small while its layer is frozen."""
+
+    format: str  # "bf16", "int8" or "offload"
+    parts: tuple[torch.Tensor, ...]
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    code: str = ""  # for "int8": a key of INT8_CODES
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts)
+
+    @property
+    def plain_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def unpack(self) -> torch.Tensor:
+        if self.format == "bf16":
+            return self.parts[0].to(self.dtype)
+        if self.format == "offload":
+            return self.parts[0].to(self.device, non_blocking=True)
+        return INT8_CODES[self.code][1](*self.parts, self.shape, self.dtype)
+
+
+def pack(t: torch.Tensor, format: str, code: str = "signed_linear") -> PackedState:
+    """`t` held as `format` ("int8" in the INT8_CODES `code`); `PackedState.unpack`
+    gives it back (exactly for "offload")."""
+    if format == "bf16":
+        parts = (t.to(torch.bfloat16),)
+    elif format == "int8":
+        parts = INT8_CODES[code][0](t)
+    elif format == "offload":
+        if t.device.type != "cuda":
+            raise SlimFitError(_offload_needs_cuda(t.device))
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        parts = (host.copy_(t, non_blocking=True),)
+    else:
+        raise ValueError(f"no optimizer state format {format!r}; the formats are 'bf16', 'int8', 'offload'")
+    return PackedState(format, parts, t.shape, t.dtype, t.device, code if format == "int8" else "")
+
+
+def _offload_needs_cuda(device: torch.device) -> str:
+    return (f"optimizer_state='offload' moves frozen layers' optimizer state from GPU memory to "
+            f"pinned host memory, but this model's parameters are on {device.type}, whose memory is "
+            "host memory already. Fix: move the model to a CUDA device before slimfit_fx.compile "
+            "(model.cuda()), or use optimizer_state='int8' (or 'bf16') to shrink the state where it is")
+
+
+def check_offload(parameters: Mapping[str, torch.Tensor]) -> None:
+    """Refuse optimizer_state='offload' for a model with no CUDA parameter."""
+    devices = {p.device for p in parameters.values()}
+    if not any(d.type == "cuda" for d in devices):
+        raise SlimFitError(_offload_needs_cuda(next(iter(devices), torch.device("cpu"))))
+
+
+# Bytes per element a format holds; a state already that small stays as it is.
+PACKED_ITEMSIZE = {"bf16": 2, "int8": 1, "offload": 0}
+
+
+def _packable(key: str, value: object, format: str) -> bool:
+    # Plain tensors only: a DTensor shard (fully_shard) or a tensor subclass an
+    # optimizer keeps (torchao's 8-bit states) stays as it is.
+    return (key in INT8_CODE and type(value) is torch.Tensor
+            and value.is_floating_point() and value.numel() >= MIN_PACKED_NUMEL
+            and value.element_size() > PACKED_ITEMSIZE[format])
+
+
+def unpacked(entry: Mapping[str, object]) -> dict[str, object]:
+    """One parameter's optimizer state with every packed tensor unpacked (a new dict)."""
+    return {k: v.unpack() if isinstance(v, PackedState) else v for k, v in entry.items()}
+
+
+@dataclass(frozen=True)
+class OptimizerStateBytes:
+    """Bytes of one optimizer's state (`cm.slimfit.optimizer_state_bytes`).
+
+    held: in the parameters' memory now, packed tensors at their packed size;
+    plain: what the same state takes with every tensor plain ("full");
+    offloaded: moved to pinned host memory ("offload"), not in `held`;
+    packed, packed_plain: the packed tensors (held on device or offloaded),
+    as held now and as they would be plain.
+    """
+
+    held: int
+    plain: int
+    offloaded: int
+    packed: int
+    packed_plain: int
+
+    def __str__(self) -> str:
+        mib = 2**20
+        return (f"optimizer state: {self.held / mib:.2f} MiB held, {self.plain / mib:.2f} MiB plain, "
+                f"{self.offloaded / mib:.2f} MiB offloaded; packed {self.packed / mib:.2f} MiB "
+                f"(plain {self.packed_plain / mib:.2f} MiB)")
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
+    """Count every state tensor of `optimizer`, packed or plain."""
+    held = plain = offloaded = packed = packed_plain = 0
+    for entry in optimizer.state.values():
+        for value in entry.values():
+            if isinstance(value, PackedState):
+                packed += value.nbytes
+                packed_plain += value.plain_nbytes
+                plain += value.plain_nbytes
+                if value.format == "offload":
+                    offloaded += value.nbytes
+                else:
+                    held += value.nbytes
+            elif isinstance(value, torch.Tensor):
+                size = value.numel() * value.element_size()
+                held += size
+                plain += size
+    return OptimizerStateBytes(held, plain, offloaded, packed, packed_plain)
+
+
+def entry_bytes(entry: Mapping[str, object]) -> tuple[int, int]:
+    """One parameter's state: bytes held in the parameters' memory now, and plain."""
+    held = plain = 0
+    for value in entry.values():
+        if isinstance(value, PackedState):
+            held += 0 if value.format == "offload" else value.nbytes
+            plain += value.plain_nbytes
+        elif isinstance(value, torch.Tensor):
+            held += value.numel() * value.element_size()
+            plain += value.numel() * value.element_size()
+    return held, plain
+
+
+class FrozenLayerState:
+    """Packs and unpacks the optimizer state of one model's layers.
+
+    `frozen()` is the frozen set the next forward uses. Driven by torch.optim's
+    global step hooks (`before_step`, `after_step`); it only touches optimizers
+    that hold one of `parameters` and only entries of those parameters.
+    """
+
+    def __init__(self, format: str, parameters: Mapping[str, torch.nn.Parameter],
+                 frozen: Callable[[], frozenset[str]]) -> None:
+        self.format = format
+        self.parameters = dict(parameters)
+        self.frozen = frozen
+        self._param_ids = {id(p) for p in self.parameters.values()}
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch `optimizer`: its state_dict() unpacks, its load_state_dict() re-packs."""
+        if optimizer in self._optimizers:
+            return
+        self._optimizers.add(optimizer)
+        ref = weakref.ref(self)
+
+        def plain_state_dict(opt, state_dict):
+            # The state entries are the optimizer's own dicts: replace them, never edit.
+            state_dict["state"] = {k: unpacked(v) if any(isinstance(x, PackedState) for x in v.values())
+                                   else v for k, v in state_dict["state"].items()}
+            return state_dict
+
+        def repack(opt) -> None:
+            live = ref()
+            if live is not None:
+                live.pack_frozen(opt)
+
+        optimizer.register_state_dict_post_hook(plain_state_dict)
+        optimizer.register_load_state_dict_post_hook(repack)
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Unpack the state of every parameter about to train (it has a gradient)."""
+        self.attach(optimizer)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) not in self._param_ids:
+                    continue
+                entry = optimizer.state.get(p)
+                if entry:
+                    entry.update(unpacked(entry))
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Pack the state of the layers frozen for the next step, in every watched
+        optimizer (an update that steps several optimizers may change the set
+        after the first one stepped)."""
+        for opt in list(self._optimizers):
+            self.pack_frozen(opt)
+
+    def pack_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        frozen = [self.parameters[n] for n in self.frozen() if n in self.parameters]
+        for p in frozen:
+            entry = optimizer.state.get(p)
+            if not entry:
+                continue
+            for key, value in list(entry.items()):
+                if _packable(key, value, self.format):
+                    entry[key] = pack(value, self.format, INT8_CODE[key])
