@@ -5,9 +5,11 @@ set to requires_grad=False, which is what freezing means.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -22,6 +24,16 @@ from .models import Case
 # relative on these tiny models. 1e-4 leaves headroom for that and still fails
 # on any real error (a missing or wrong gradient term is O(1) relative).
 TOLERANCE = 1e-4
+
+
+def cases(*axes, slow=()) -> list:
+    """The cross product of `axes` as pytest parameters, with the ids stacked
+    parametrize decorators give them; the combinations in `slow` run under
+    `pytest -m slow` only (each is an inductor compile of tens of seconds on 2 CPU
+    cores, and an inductor case of the same test stays in the default run)."""
+    slow = {tuple(combo) for combo in slow}
+    return [pytest.param(*combo, id="-".join(map(str, combo)), marks=[pytest.mark.slow] if combo in slow else [])
+            for combo in itertools.product(*axes)]
 
 
 def main_output(output) -> torch.Tensor:

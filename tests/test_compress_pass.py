@@ -16,7 +16,7 @@ from slimfit_fx.memory import eager_saved_bytes
 from slimfit_fx.config import COMPRESSION_PRESETS, KIND_FIELDS, CompressionConfig
 from slimfit_fx.numerics import gradient_fidelity
 
-from .harness import TOLERANCE, eager_step, packed_count, step
+from .harness import TOLERANCE, cases, eager_step, packed_count, step
 from .models import FACTORIES, PATTERN_FACTORIES, Case, hf_loss
 
 # Gradients with compression on vs eager (no compression), over all trainable
@@ -95,9 +95,11 @@ def test_a_head_whose_logits_reach_a_log_softmax_is_not_taken_for_attention():
     assert last.counters["compressed_qkv"] == 2, last.counters
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("name", TRANSFORMERS)
-@pytest.mark.parametrize("compression", ["paper", "row", "extended"])
+# Inductor compiles take tens of seconds each on 2 CPU cores: the default run keeps
+# one inductor case per test ("paper" on BERT), `pytest -m slow` runs the rest.
+@pytest.mark.parametrize("compression, name, backend", cases(
+    ["paper", "row", "extended"], TRANSFORMERS, ["aot_eager", "inductor"],
+    slow=[(c, "bert", "inductor") for c in ("row", "extended")]))
 def test_gradients_stay_close_to_eager(name, compression, backend):
     if backend == "inductor" and name != "bert":
         pytest.skip("inductor compiles take ~30 s each here; bert covers the inductor path")
@@ -544,8 +546,8 @@ def test_relu_outputs_travel_as_exact_masks():
     assert counters["compressed_relu_output"] == 2, counters  # one per block
     assert counters["bytes_after_compression"] * 4 == counters["bytes_before_compression"], counters
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("name", TRANSFORMERS)
+@pytest.mark.parametrize("name, backend", cases(TRANSFORMERS, ["aot_eager", "inductor"],
+                                                slow=[("vit", "inductor"), ("gpt2", "inductor")]))
 def test_dropout_masks_are_bit_packed_and_change_no_gradient(name, backend):
     """Every boolean mask saved for backward travels eight to a byte, and the
     gradients are bit-identical to the same run with masks kept as bytes."""

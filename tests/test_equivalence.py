@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import slimfit_fx
 from slimfit_fx import capture
 
-from .harness import TOLERANCE, assert_matches_eager, eager_step, step
+from .harness import TOLERANCE, assert_matches_eager, cases, eager_step, step
 from .models import FACTORIES
 
 MODELS = sorted(FACTORIES)
@@ -44,8 +44,10 @@ def test_every_frozen_set_matches_eager_aot_eager(model_name):
         assert cm.slimfit.stats[key] == compiled[key], key
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("model_name", MODELS)
+# BERT, the MLP and the conv net cover the inductor path by default; ViT and GPT-2
+# under inductor (tens of seconds each on 2 CPU cores) run under `pytest -m slow`.
+@pytest.mark.parametrize("model_name, backend", cases(MODELS, ["aot_eager", "inductor"],
+                                                      slow=[("vit", "inductor"), ("gpt2", "inductor")]))
 def test_switch_a_b_a_without_dynamo_recompile(model_name, backend):
     """A -> B -> A: each step runs with its own set, on code compiled once."""
     case = FACTORIES[model_name]()
