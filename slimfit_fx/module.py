@@ -165,7 +165,7 @@ class SlimFit:
                f"{self.schedule_name!r})" if self.schedule is not None else "call cm.slimfit.set_frozen(names)")
         raise AttributeError(
             "cm.slimfit.frozen is read-only: it is the frozen set the next forward uses"
-            + (f", which schedule={self.schedule_name!r} picks after optimizer steps" if self.schedule else "")
+            + (f", which the {self.schedule_name!r} schedule picks after optimizer steps" if self.schedule else "")
             + f". To set it, {fix}")
 
     @property
@@ -230,7 +230,8 @@ class SlimFit:
         Idempotent per update: a call with no weight change since the previous
         one does nothing."""
         if self.schedule is None:
-            raise RuntimeError(f"cm.slimfit.step() advances a schedule that chooses the frozen set; "
+            raise RuntimeError(f"cm.slimfit.step() advances a schedule that chooses the frozen set "
+                               "(such as schedule='ils'); "
                                f"this model's (schedule={self.schedule_name!r}) is set by set_frozen")
         self.schedule.manual_step()
 
