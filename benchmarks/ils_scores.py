@@ -123,7 +123,7 @@ def score_errors(model_dir, data, args) -> list[str]:
         full, sampled = {}, {}
         for i, n in enumerate(layers):
             full[n] = exact(before[n], params[n].detach())
-            whole_error.append(abs(schedule.scores[i].item() / full[n] - 1))
+            whole_error.append(abs(schedule.policy.scores[i].item() / full[n] - 1))
             if params[n].numel() // SAMPLE >= 2:  # smaller tensors were scored whole
                 sampled[n] = exact(strided_sample(before[n]), strided_sample(params[n].detach()))
                 sampled_error.append(100 * (sampled[n] / full[n] - 1))
@@ -145,14 +145,22 @@ def score_errors(model_dir, data, args) -> list[str]:
 
 
 def host_reads(model_dir, data, args, schedule_module, loop: str) -> float:
-    original = slimfit_module.InterLayerSchedule
-    slimfit_module.InterLayerSchedule = schedule_module.InterLayerSchedule
+    original = slimfit_module.Schedule
+    if hasattr(schedule_module, "InterLayerSchedule"):  # before freeze policies: ILS built in
+        def before_policies(layers, parameters, policy, *, apply_frozen, freeze_ratio, always_train, blocks):
+            return schedule_module.InterLayerSchedule(
+                layers, parameters, freeze_ratio, reschedule_every=policy.reschedule_every,
+                seed=policy.seed, apply_frozen=apply_frozen, always_train=always_train)
+
+        slimfit_module.Schedule = before_policies
+    else:
+        slimfit_module.Schedule = schedule_module.Schedule
     try:
         torch.manual_seed(args.seed)
         model = load_classifier(model_dir, len(data.classes))
         cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils")
     finally:
-        slimfit_module.InterLayerSchedule = original
+        slimfit_module.Schedule = original
     reads = Reads(schedule_module.__file__)
     _watch(cm.slimfit.schedule, reads)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=args.lr)

@@ -9,6 +9,7 @@ import os as _os
 from .config import CompressionConfig, SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .module import SlimFit, SlimFitModule, compile
+from .policies import ILS, LISA, FreezePolicy, Manual, StepView
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,14 @@ __all__ = [
     "AlreadyCompiledError",
     "CaptureError",
     "CompressionConfig",
+    "FreezePolicy",
+    "ILS",
+    "LISA",
+    "Manual",
     "SlimFit",
     "SlimFitConfig",
     "SlimFitError",
     "SlimFitModule",
+    "StepView",
     "compile",
 ]

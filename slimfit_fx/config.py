@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from .passes.compress.registry import KINDS, Kind, config_fields
+from .policies import DEFAULT_POLICY, POLICIES, FreezePolicy, policy_type, schedule_name
 
-SCHEDULES = ("manual", "ils")
+SCHEDULES = tuple(POLICIES)
 SCALES = ("fixed", "row")
 NORM_GUARDS = ("blocks", "bypass", "none")
 # CompressionConfig's per-kind fields and their "paper" values, from the kinds
@@ -98,15 +99,20 @@ class SlimFitConfig:
         stepped holds; see `cm.slimfit.not_scheduled`) that "ils" freezes, in
         [0.0, 1.0]; 0.0 freezes nothing. None (the default) is 0.9 under
         "ils". schedule="manual" takes none: `set_frozen` picks the set, so a
-        ratio given with it is refused rather than ignored.
-    schedule: who picks the frozen set; "ils" (the default) is the
+        ratio given with it is refused rather than ignored; so does "lisa".
+    schedule: who picks the frozen set: a registered name or a FreezePolicy
+        object (slimfit_fx/policies). "ils" (the default) is the paper's
         training-dynamics scheduler (inter-layer scheduling), "manual" means
-        `cm.slimfit.set_frozen` (nothing frozen until it is called).
+        `cm.slimfit.set_frozen` (nothing frozen until it is called), "lisa" is
+        LISA with its defaults (pass `slimfit_fx.LISA(layers=k, interval=K)` for
+        others).
     backend: compiler for every region, "inductor" or "aot_eager" (no codegen).
     reschedule_every: "ils" picks a new frozen set every this many optimizer
         steps; 1 (the default) is the paper's per-step scheduling. A new frozen
         set never compiles anything, so there is no compile cost to trade.
-    seed: seeds the scheduler's initial random scores.
+        Only for a schedule named by a name whose policy reads it ("ils").
+    seed: seeds the scheduler's initial random scores ("ils" only, like
+        reschedule_every; a policy object takes its seed as an argument).
     compression: how static activations are stored between forward and backward:
         "paper" (the paper's formats), "row" (the same widths with per-row
         scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
@@ -115,12 +121,12 @@ class SlimFitConfig:
         `activation_memory_budget`) for every region, in (0.0, 1.0]: below 1.0
         it recomputes cheap activations in backward instead of saving them.
         None keeps torch's own setting (1.0 unless the user changed it).
-    always_train: layer names (see `cm.slimfit.layers`) that "ils" never freezes,
-        e.g. a freshly initialized classification head, which has no training
-        dynamics to judge yet. They count among the layers that train, so the
-        frozen share stays `freeze_ratio` of all layers where it can. Only with
-        schedule="ils"; the paper's scheduler scores every layer alike, which is
-        what the default () does.
+    always_train: layer names (see `cm.slimfit.layers`) that the schedule never
+        freezes, e.g. a freshly initialized classification head, which has no
+        training dynamics to judge yet. They count among the layers that train,
+        so the frozen share stays `freeze_ratio` of all layers where it can. Not
+        with schedule="manual"; the paper's scheduler scores every layer alike,
+        which is what the default () does.
     blocks: the repeated blocks (transformer layers) that become regions, each
         compiled once and shared by its copies: qualified module names
         ("encoder.layer.3"), patterns ("encoder.layer.*") or module classes.
@@ -138,7 +144,7 @@ class SlimFitConfig:
     """
 
     freeze_ratio: float | None = None
-    schedule: str = "ils"
+    schedule: str | FreezePolicy = DEFAULT_POLICY
     backend: str = "inductor"
     reschedule_every: int = 1
     seed: int = 0
@@ -154,10 +160,17 @@ class SlimFitConfig:
         return super().__new__(cls)
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
+        if isinstance(self.schedule, str) and self.schedule not in POLICIES:
             raise ValueError(
-                f"SlimFitConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}"
-            )
+                f"SlimFitConfig.schedule must be one of {SCHEDULES} or a FreezePolicy object "
+                f"(slimfit_fx.policies.FreezePolicy), got {self.schedule!r}")
+        if not isinstance(self.schedule, (str, FreezePolicy)):
+            raise TypeError(
+                f"SlimFitConfig.schedule must be one of {SCHEDULES} or a FreezePolicy object; "
+                f"{type(self.schedule).__name__} lacks what a FreezePolicy has (name, "
+                "observes_weight_change, choose, state_dict, load_state_dict)")
+        policy = policy_type(self.schedule)
+        refuses = getattr(policy, "refuses", {})
         ratio = self.freeze_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
             raise TypeError(
@@ -166,17 +179,13 @@ class SlimFitConfig:
             )
         if ratio is not None and not 0.0 <= ratio <= 1.0:
             raise ValueError(f"SlimFitConfig.freeze_ratio must be in [0.0, 1.0], got {ratio!r}")
-        if ratio is not None and self.schedule == "manual":
-            raise ValueError(
-                f"SlimFitConfig.freeze_ratio={ratio!r} has no effect with schedule='manual', where "
-                "cm.slimfit.set_frozen(names) picks the frozen set (nothing is frozen until it is "
-                "called). Fix: drop freeze_ratio (or pass freeze_ratio=None), or use schedule='ils' to have the scheduler "
-                "freeze that share of the layers")
+        if ratio is not None and "freeze_ratio" in refuses:
+            raise ValueError(refuses["freeze_ratio"].format(value=ratio))
         # Not a field: whether freeze_ratio was left to its default, so replace() can
         # switch such a config to schedule='manual'.
         object.__setattr__(self, "_ratio_defaulted", ratio is None)
-        if ratio is None and self.schedule == "ils":
-            object.__setattr__(self, "freeze_ratio", DEFAULT_FREEZE_RATIO)
+        if ratio is None and getattr(policy, "default_freeze_ratio", None) is not None:
+            object.__setattr__(self, "freeze_ratio", policy.default_freeze_ratio)
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"SlimFitConfig.backend must be one of {BACKENDS}, got {self.backend!r}"
@@ -209,10 +218,19 @@ class SlimFitConfig:
                     "SlimFitConfig.blocks must be a tuple of module names, name patterns (str) or "
                     f"torch.nn.Module classes, e.g. blocks=('encoder.layer.*',); got {blocks!r:.80}")
             object.__setattr__(self, "blocks", tuple(blocks))
-        if self.always_train and self.schedule != "ils":
-            raise ValueError(
-                f"SlimFitConfig.always_train applies to schedule='ils', got schedule={self.schedule!r}; "
-                "with schedule='manual' leave those layers out of cm.slimfit.set_frozen(...)")
+        if self.always_train and "always_train" in refuses:
+            raise ValueError(refuses["always_train"].format(value=self.always_train))
+        # A policy object was built with its options; only a name's from_config reads these.
+        read = getattr(policy, "config_fields", ()) if isinstance(self.schedule, str) else ()
+        for field, default in (("reschedule_every", 1), ("seed", 0)):
+            value = getattr(self, field)
+            if value != default and field not in read:
+                where = (f"schedule={self.schedule!r} does not read it" if isinstance(self.schedule, str)
+                         else f"the {type(self.schedule).__name__} object takes its options as arguments")
+                raise ValueError(
+                    f"SlimFitConfig.{field}={value!r} has no effect with schedule="
+                    f"{schedule_name(self.schedule)!r}: {where}. Fix: drop {field}"
+                    + ("" if isinstance(self.schedule, str) else " and pass it to the policy object"))
         if not isinstance(self.optimizer_state, str) or self.optimizer_state not in OPTIMIZER_STATES:
             raise ValueError(
                 f"SlimFitConfig.optimizer_state must be one of {OPTIMIZER_STATES}, got "
@@ -234,7 +252,6 @@ class SlimFitConfig:
         return dataclasses.replace(self, **overrides)
 
 
-DEFAULT_FREEZE_RATIO = 0.9
 # Fields of the per-frozen-set compiler, gone since one compile serves every set.
 _REMOVED = {"max_variants", "new_set_every", "compile_budget"}
 

@@ -27,7 +27,8 @@ from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
 from .optimizer_state import FrozenLayerState, OptimizerStateBytes, check_offload, state_bytes
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
-from .schedule import InterLayerSchedule
+from .policies import FreezePolicy, build_policy
+from .schedule import Schedule
 from .regions import block_prefixes, named_blocks
 from .variants import EngineState
 
@@ -148,9 +149,12 @@ class SlimFit:
             compression=config.compression_config,
             memory_budget=config.memory_budget,
         )
-        self.schedule: InterLayerSchedule | None = None
-        if config.schedule == "ils":
-            self.schedule = _start_schedule(self, model, config)
+        policy = build_policy(config)
+        self.schedule_name: str = policy.name
+        # None where the policy never chooses (set_frozen picks the set).
+        self.schedule: Schedule | None = None
+        if getattr(policy, "chooses", True):
+            self.schedule = _start_schedule(self, model, config, policy)
         # After the schedule's: its hooks drop stale gradients before ours unpack,
         # and pick the next frozen set before ours pack it.
         self._optimizer_state: FrozenLayerState | None = None
@@ -165,18 +169,18 @@ class SlimFit:
     @frozen.setter
     def frozen(self, names: Iterable[str]) -> None:
         fix = ("compile with schedule='manual' and call cm.slimfit.set_frozen(names) to pick it "
-               "yourself (or pass always_train=(...) to keep some layers training under 'ils')"
-               if self.schedule is not None else "call cm.slimfit.set_frozen(names)")
+               f"yourself (or pass always_train=(...) to keep some layers training under "
+               f"{self.schedule_name!r})" if self.schedule is not None else "call cm.slimfit.set_frozen(names)")
         raise AttributeError(
             "cm.slimfit.frozen is read-only: it is the frozen set the next forward uses"
-            + (", which the ILS schedule picks after every optimizer step" if self.schedule else "")
+            + (f", which the {self.schedule_name!r} schedule picks after optimizer steps" if self.schedule else "")
             + f". To set it, {fix}")
 
     @property
     def not_scheduled(self) -> dict[str, str]:
         """Layers slimfit never trains, each with why: set requires_grad=False
-        before compile (not in `layers`), or, under schedule='ils', held by no
-        optimizer that stepped (kept frozen from the first optimizer step on, and
+        before compile (not in `layers`), or, under a schedule that chooses (not
+        'manual'), held by no optimizer that stepped (kept frozen from the first optimizer step on, and
         left out of the layers `freeze_ratio` counts)."""
         why = dict.fromkeys(self._frozen_before_compile, FROZEN_BEFORE_COMPILE)
         if self.schedule is not None:
@@ -187,18 +191,19 @@ class SlimFit:
         """Freeze exactly `names` (layer names, see `layers`) from the next forward on."""
         if self.schedule is not None:
             raise RuntimeError(
-                "this model was compiled with schedule='ils', which picks the frozen set "
-                "after every optimizer step; compile with schedule='manual' to set it yourself"
+                f"this model was compiled with schedule={self.schedule_name!r}, which picks the "
+                "frozen set after optimizer steps; compile with schedule='manual' to set it yourself"
             )
         self._state.frozen = resolve_names(names, self.layers, self._aliases)
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's state (scores, step, frozen set, RNG, pool) or, for
-        schedule='manual', the frozen set; tensors, lists and ints only, so
+        """The schedule's state (step, frozen set, history, and the policy's own:
+        for "ils" its scores and RNG) or, where set_frozen picks the set
+        (schedule='manual'), the frozen set; tensors, lists and ints only, so
         `torch.load(..., weights_only=True)` reads it back."""
         if self.schedule is None:
-            return {"schedule": "manual", "frozen": sorted(self.frozen)}
-        return {"schedule": "ils", **self.schedule.state_dict()}
+            return {"schedule": self.schedule_name, "frozen": sorted(self.frozen)}
+        return {"schedule": self.schedule_name, **self.schedule.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict()` returned (into a model compiled with the same
@@ -214,14 +219,14 @@ class SlimFit:
                 + ("; it looks like model weights, which cm.load_state_dict loads" if weights else "")
                 + ". Pass the dict cm.slimfit.state_dict() returned")
         kind = state["schedule"]
-        if kind != self.config.schedule:
+        if kind != self.schedule_name:
             raise ValueError(
                 f"this slimfit state was saved with schedule={kind!r} but the model was "
-                f"compiled with schedule={self.config.schedule!r}; compile with the same schedule"
+                f"compiled with schedule={self.schedule_name!r}; compile with the same schedule"
             )
         if self.schedule is None:
             if "frozen" not in state:
-                raise ValueError("this manual-schedule state lacks 'frozen'; pass the dict "
+                raise ValueError(f"this {kind}-schedule state lacks 'frozen'; pass the dict "
                                  "cm.slimfit.state_dict() returned, unedited")
             self.set_frozen(state["frozen"])
         else:
@@ -237,21 +242,24 @@ class SlimFit:
         return state_bytes(optimizer)
 
     def step(self) -> None:
-        """Advance the ILS schedule after an update made without a torch.optim
+        """Advance the schedule after an update made without a torch.optim
         optimizer (a hand-written loop); optimizers' steps advance it on their own.
         Idempotent per update: a call with no weight change since the previous
         one does nothing."""
         if self.schedule is None:
-            raise RuntimeError("cm.slimfit.step() advances schedule='ils'; this model's frozen set "
-                               "is manual (set_frozen)")
+            raise RuntimeError(f"cm.slimfit.step() advances a schedule that chooses the frozen set "
+                               "(such as schedule='ils'); "
+                               f"this model's (schedule={self.schedule_name!r}) is set by set_frozen")
         self.schedule.manual_step()
 
     def plot_schedule(self, path: str | Path) -> Path:
-        """Write a PNG heatmap of which layer trained at which step (schedule='ils')."""
+        """Write a PNG heatmap of which layer trained at which step (a schedule
+        that chooses, such as 'ils')."""
         from .plots import plot_schedule
 
         if self.schedule is None:
-            raise RuntimeError("plot_schedule needs schedule='ils'; this model's frozen set is manual")
+            raise RuntimeError(f"plot_schedule needs a schedule that chooses the frozen set, such as "
+                               f"'ils'; this model's (schedule={self.schedule_name!r}) is set by set_frozen")
         return plot_schedule(self.schedule.history_matrix(), self.layers, Path(path))
 
     @property
@@ -387,8 +395,9 @@ class Stats(dict):
         raise KeyError(f"cm.slimfit.stats has no {key!r}: {why}. The stats are {sorted(self)}")
 
 
-def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> InterLayerSchedule:
-    """An ILS schedule driven by every optimizer's step hooks.
+def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig,
+                    policy: FreezePolicy) -> Schedule:
+    """A schedule running `policy`, driven by every optimizer's step hooks.
 
     torch.optim's global step hooks fire for any optimizer (also inside HF
     Trainer/accelerate), so the training loop needs no change; the hooks hold the
@@ -400,27 +409,15 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -
         state.frozen = frozen
 
     parameters = dict(model.named_parameters())
-    schedule = InterLayerSchedule(
-        slimfit.layers, {n: parameters[n] for n in slimfit.layers}, config.freeze_ratio,
-        reschedule_every=config.reschedule_every, seed=config.seed, apply_frozen=apply_frozen,
+    blocks = [tuple(n for n in slimfit.layers if n.startswith(prefix + ".")) for prefix in state.blocks]
+    schedule = Schedule(
+        slimfit.layers, {n: parameters[n] for n in slimfit.layers}, policy,
+        freeze_ratio=config.freeze_ratio, apply_frozen=apply_frozen,
         always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
                                    who="SlimFitConfig.always_train"),
+        blocks=[b for b in blocks if b],
     )
-    ref = weakref.ref(schedule)
-
-    def before(optimizer, args, kwargs) -> None:
-        live = ref()
-        if live is not None and live.owns(optimizer):
-            live.before_step(optimizer)
-
-    def after(optimizer, args, kwargs) -> None:
-        live = ref()
-        if live is not None and live.owns(optimizer):
-            live.after_step(optimizer)
-
-    handles = (register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after))
-    weakref.finalize(schedule, lambda: [h.remove() for h in handles])
-    return schedule
+    return _on_optimizer_steps(schedule)
 
 
 def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> FrozenLayerState:
@@ -430,7 +427,13 @@ def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitCo
     layers = {n: parameters[n] for n in slimfit.layers}
     state = slimfit._state
     store = FrozenLayerState(config.optimizer_state, layers, lambda: state.frozen)
-    ref = weakref.ref(store)
+    return _on_optimizer_steps(store)
+
+
+def _on_optimizer_steps(target):
+    """Call `target.before_step`/`after_step` around every step of an optimizer
+    `target.owns`. The global hooks hold `target` weakly and go with it."""
+    ref = weakref.ref(target)
 
     def before(optimizer, args, kwargs) -> None:
         live = ref()
@@ -443,8 +446,8 @@ def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitCo
             live.after_step(optimizer)
 
     handles = (register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after))
-    weakref.finalize(store, lambda: [h.remove() for h in handles])
-    return store
+    weakref.finalize(target, lambda: [h.remove() for h in handles])
+    return target
 
 
 def _every_break(model: nn.Module, args: tuple, kwargs: dict) -> str:

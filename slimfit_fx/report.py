@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .graphs import SavedTensor, distinct_bytes
+from .policies import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from .module import SlimFit
@@ -29,7 +30,7 @@ class Report:
     pass_counters: dict[str, int]
     saved_tensors: tuple[SavedTensor, ...] = ()
     saved_tensors_before: tuple[SavedTensor, ...] = ()  # with no slimfit pass, from the graph
-    schedule: dict[str, Any] | None = None  # schedule="ils": steps, trained steps per layer, ...
+    schedule: dict[str, Any] | None = None  # a schedule that chooses: its policy, steps, ...
     # layers slimfit never trains, and why (SlimFit.not_scheduled)
     not_scheduled: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -77,6 +78,8 @@ class Report:
     def from_json(cls, text: str) -> "Report":
         data: dict[str, Any] = json.loads(text)
         data.setdefault("not_scheduled", {})  # reports written before it existed
+        if data.get("schedule") is not None:  # reports written before policies: all ran the default
+            data["schedule"].setdefault("policy", DEFAULT_POLICY)
         data["layers"] = tuple(data["layers"])
         data["frozen"] = tuple(data["frozen"])
         for key in ("saved_tensors", "saved_tensors_before"):
@@ -139,8 +142,9 @@ def _schedule_rows(schedule: dict[str, Any], stats: dict[str, float],
     wall = stats.get("wall_seconds") or 0.0
     share = f"{stats['compile_share']:.1%} of {wall:.1f} s training" if wall else "no training yet"
     return [
-        ("schedule", f"ils, {schedule['steps']} optimizer steps, rescheduled every "
-                     f"{schedule['reschedule_every']}"),
+        ("schedule", f"{schedule['policy']}, {schedule['steps']} optimizer steps"
+                     + ("" if schedule["reschedule_every"] is None
+                        else f", rescheduled every {schedule['reschedule_every']}")),
         ("distinct frozen sets", f"{schedule['distinct_sets']}"),
         ("trained steps per layer", f"min {min(counts, default=0)}, max {max(counts, default=0)}"
                                     + (" (scheduled layers)" if not_scheduled else "")),
@@ -154,6 +158,7 @@ def _schedule_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
     if schedule is None:
         return None
     return {
+        "policy": schedule.name,
         "steps": schedule.step,
         "reschedule_every": schedule.reschedule_every,
         "distinct_sets": schedule.distinct_sets(),

@@ -1,15 +1,16 @@
-"""Inter-layer scheduling (ILS): pick the frozen set from training dynamics.
+"""The schedule: runs a freeze policy on every update and applies its frozen set.
 
-After each optimizer step every layer that trained is scored by how much it
-moved, d = mean(|W_new - W_old| / |W_old|) over all of its elements; the k
-lowest-scoring layers are frozen next, after every optimizer step as the paper
-does. This module only writes the frozen set; it never compiles (no frozen set
-costs a compile), and reads no clock: the same seed and the same weights give
-the same sets on any machine, and a resumed run repeats them.
+It drives the policy (slimfit_fx/policies) from optimizer step hooks or
+`cm.slimfit.step()`, tracks update rounds and which layers an optimizer holds,
+turns `freeze_ratio` into a count, keeps the history and checks saved states.
+The choice itself is the policy's. It never compiles (no frozen set costs a
+compile) and reads no clock: the same seed and weights give the same sets on
+any machine, and a resumed run repeats them.
 
-Scores are computed where the weights live. The copy a score compares against
-holds only the layers about to train, and is freed once they are scored; the
-scores of one step reach the host together, in one transfer.
+For a policy that observes weight change, each trained layer's relative change
+is computed where the weights live, against a copy of only the layers about to
+train, freed once measured; the changes of one step reach the host together,
+in one transfer.
 """
 from __future__ import annotations
 
@@ -20,11 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SlimFitError
-
-# Initial scores are uniform in [0, INITIAL_SCORE): far above any real relative
-# change, so every layer trains once before measured scores compete (as the
-# authors' code does with rand * 1e10).
-INITIAL_SCORE = 1e10
+from .policies.base import FreezePolicy, StepView
 
 
 def change_sum(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -73,44 +70,43 @@ def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
                  if not placement.is_replicate())
 
 
-class InterLayerSchedule:
-    """Scores and the frozen set each step.
+
+class Schedule:
+    """The frozen set each step, chosen by `policy`.
 
     `apply_frozen(frozen)` is called whenever the set changes; `parameters` maps
     each layer name to its parameter. The schedule advances once per update,
     never on forward or backward calls: an update is the optimizer steps between
     two training forwards (several optimizers, one per parameter group set,
     make one update), so gradient accumulation over micro-batches sees one
-    frozen set and one score update per optimizer step. Layers in
-    `always_train` are never frozen; the frozen set is drawn from the rest and
-    keeps its size where they leave room.
+    frozen set and one policy choice per optimizer step. Layers in
+    `always_train` are never frozen; `freeze_ratio` (None: the policy decides)
+    of the rest is how many the policy freezes, kept where they leave room.
 
     Until the first optimizer step every layer is scheduled. From then on only
     the layers some optimizer that stepped holds are (`held`): a layer in no
-    optimizer never moves, so its score would stay at its initial value and
-    keep it training for good; it is frozen instead, outside `freeze_ratio`.
+    optimizer never moves, so a policy judging by change would keep it training
+    for good; it is frozen instead, outside `freeze_ratio`.
     """
 
     def __init__(self, layers: Sequence[str], parameters: dict[str, torch.nn.Parameter],
-                 freeze_ratio: float, *, reschedule_every: int, seed: int,
-                 apply_frozen: Callable[[frozenset[str]], None],
-                 always_train: frozenset[str] = frozenset()) -> None:
+                 policy: FreezePolicy, *, apply_frozen: Callable[[frozenset[str]], None],
+                 freeze_ratio: float | None = None, always_train: frozenset[str] = frozenset(),
+                 blocks: Sequence[Sequence[str]] = ()) -> None:
         self.layers = tuple(layers)
         self.parameters = parameters
+        self.policy = policy
         self.always_train = frozenset(always_train)
         self.freeze_ratio = freeze_ratio
-        self.reschedule_every = reschedule_every
+        self.blocks = tuple(tuple(b) for b in blocks)
         self.apply_frozen = apply_frozen
-        self.generator = torch.Generator().manual_seed(seed)
-        self.scores = torch.rand(len(self.layers), dtype=torch.float64,
-                                 generator=self.generator) * INITIAL_SCORE
         self.step = 0
         self.history: list[int] = []  # frozen set of each step as a bitmask over layers
         self.snapshot_bytes_peak = 0
         self.host_reads = 0  # reads of device values to the host (one per optimizer step)
         # Layers held by an optimizer that stepped; None before the first step.
         self.held: frozenset[str] | None = None
-        # Copies of the layers the optimizer step under way moves, until it scored them.
+        # Copies of the layers the optimizer step under way moves, until they are measured.
         self._snapshots: dict[int, torch.Tensor] = {}
         self._index = {name: i for i, name in enumerate(self.layers)}
         self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
@@ -124,8 +120,22 @@ class InterLayerSchedule:
         self.driven_by_optimizer = False
         self._reference: dict[int, torch.Tensor] | None = None
         self.forwards_since_reference = 0
-        self.frozen = self._choose()
+        self.frozen: frozenset[str] = frozenset()
+        self.frozen = self._choose(None, must_choose=True) or frozenset()
         self.apply_frozen(self.frozen)
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def observes_weight_change(self) -> bool:
+        return bool(self.policy.observes_weight_change)
+
+    @property
+    def reschedule_every(self) -> int | None:
+        """Updates between choices, where the policy says (for the report)."""
+        return getattr(self.policy, "reschedule_every", None)
 
     # -- selection ---------------------------------------------------------------
 
@@ -141,20 +151,36 @@ class InterLayerSchedule:
         return frozenset() if self.held is None else frozenset(self.layers) - self.held
 
     @property
-    def num_frozen(self) -> int:
-        """How many scheduled layers are frozen: `freeze_ratio` of the layers that can train."""
+    def num_frozen(self) -> int | None:
+        """How many scheduled layers are frozen: `freeze_ratio` of the layers that
+        can train; None without a freeze_ratio."""
         return self._num_frozen(self.scheduled)
 
-    def _num_frozen(self, scheduled: Sequence[str]) -> int:
+    def _num_frozen(self, scheduled: Sequence[str]) -> int | None:
+        if self.freeze_ratio is None:
+            return None
         return min(int(self.freeze_ratio * len(scheduled)),
                    len(scheduled) - len(self.always_train.intersection(scheduled)))
 
-    def _choose(self) -> frozenset[str]:
-        """The `num_frozen` lowest-scoring scheduled layers (ties: the earlier
-        layer), and every layer no optimizer holds."""
-        candidates = set(self.scheduled) - self.always_train
-        order = [i for i in torch.argsort(self.scores, stable=True).tolist() if self.layers[i] in candidates]
-        return frozenset(self.layers[i] for i in order[: self.num_frozen]) | self.not_held
+    def _choose(self, changes: dict[str, float] | None, must_choose: bool) -> frozenset[str] | None:
+        """The policy's choice plus every layer no optimizer holds; None where the
+        policy keeps the set in force."""
+        candidates = tuple(n for n in self.scheduled if n not in self.always_train)
+        view = StepView(step=self.step, layers=self.layers, candidates=candidates,
+                        num_frozen=self.num_frozen, frozen=self.frozen,
+                        changes=changes if self.observes_weight_change else None,
+                        must_choose=must_choose, blocks=self.blocks)
+        chosen = self.policy.choose(view)
+        if chosen is None:
+            return None
+        chosen = frozenset(chosen)
+        stray = chosen - set(candidates)
+        if stray:
+            raise SlimFitError(
+                f"freeze policy {self.name!r} chose to freeze {sorted(stray)[:3]}, which are not among "
+                "the candidates it was shown (always_train layers, layers in no optimizer and "
+                "non-layers are not). Fix the policy's choose() to return a subset of view.candidates")
+        return chosen | self.not_held
 
     def _set(self, frozen: frozenset[str]) -> None:
         if frozen != self.frozen:
@@ -169,13 +195,15 @@ class InterLayerSchedule:
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Note the layers `optimizer` holds, drop the gradients of layers frozen
         when they were computed (so no optimizer moves them, even with momentum
-        or weight decay) and copy the layers about to move (at the first step, the
-        copy the first training forward took serves)."""
+        or weight decay) and, for a policy that observes weight change, copy the
+        layers about to move (at the first step, the copy the first training
+        forward took serves)."""
         self.driven_by_optimizer = True
         if self._round is not None and id(optimizer) in self._round:
             self._round = None  # stepped again with no forward between: a new update
         computed_under = self.frozen if self._round is None else self._ran_with
         reference = self._reference or {}
+        observes = self.observes_weight_change
         held = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -186,25 +214,25 @@ class InterLayerSchedule:
                 copy = reference.pop(index, None)
                 if self.layers[index] in computed_under:
                     p.grad = None
-                elif p.grad is not None:
+                elif p.grad is not None and observes:
                     self._snapshots[index] = _local(p).clone() if copy is None else copy
         self.held = frozenset(held) if self.held is None else self.held | held
         self._count_held()
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Score the layers that moved; the update's first optimizer step
+        """Measure the layers that moved; the update's first optimizer step
         advances the schedule, a later one (another optimizer before the next
-        forward) adds its layers' scores to the same choice."""
-        self._write_scores(self._scores_of(self._snapshots))
+        forward) adds its layers' changes to the same choice."""
+        changes = self._changes(self._snapshots)
         self._snapshots.clear()
         if self._round is None:
             self._round = {id(optimizer)}
             self._ran_with = self.frozen
-            self._advance()
+            self._advance(changes)
             return
         self._round.add(id(optimizer))
         self.history[-1] = self._mask(self._ran_with | self.not_held)
-        self._reschedule()
+        self._reschedule(changes)
 
     def note_training_forward(self) -> None:
         """Called before each training forward: it ends the current update, and
@@ -218,7 +246,7 @@ class InterLayerSchedule:
             return
         if self.forwards_since_reference and self._moved_since_reference():
             raise SlimFitError(
-                "the ILS schedule picks a new frozen set after every optimizer step, but "
+                f"schedule={self.name!r} picks the frozen set after optimizer steps, but "
                 "trainable weights changed with no torch.optim optimizer step since the last "
                 "forward (a hand-written update?), so the frozen set would never change. Fix: "
                 "call cm.slimfit.step() after each update, or update with a torch.optim "
@@ -234,7 +262,7 @@ class InterLayerSchedule:
         self.forwards_since_reference = 0
 
     def manual_step(self) -> None:
-        """After an update made without a torch.optim optimizer: score the
+        """After an update made without a torch.optim optimizer: measure the
         trainable layers against their weights at the update's first forward,
         then advance as after an optimizer step. Idempotent: with no weight
         change since that forward (a second call for one update) it does nothing."""
@@ -244,14 +272,13 @@ class InterLayerSchedule:
                 "fired); cm.slimfit.step() is for updates made without a torch.optim optimizer")
         if not self._reference:
             return
-        scores = self._scores_of(self._reference)
-        if not any(s != 0 for s in scores.values()):
-            return  # nothing moved: scoring now would give the layers that train 0 and freeze them
-        self._write_scores(scores)
+        changes = self._changes(self._reference)
+        if not any(c != 0 for c in changes.values()):
+            return  # nothing moved: measuring now would give the layers that train 0 and freeze them
         self.weights_loaded()
-        self._advance()
+        self._advance(changes)
 
-    # -- scores --------------------------------------------------------------------
+    # -- weight change ---------------------------------------------------------------
 
     def _take_reference(self) -> None:
         """Copy the layers that train, for `manual_step` (and the first optimizer step)."""
@@ -265,23 +292,20 @@ class InterLayerSchedule:
         return any(changed for changed, in moved.values())
 
     def _count_held(self) -> None:
-        """Score bookkeeping: the copies held of the layers that train."""
+        """Weight-change bookkeeping: the copies held of the layers that train."""
         held = sum(t.numel() * t.element_size()
                    for copies in (self._snapshots, self._reference or {}) for t in copies.values())
         self.snapshot_bytes_peak = max(self.snapshot_bytes_peak, held)
 
-    def _scores_of(self, before: dict[int, torch.Tensor]) -> dict[int, float]:
-        """Each layer's mean(|W - before| / |before|) over its whole tensor."""
+    def _changes(self, before: dict[int, torch.Tensor]) -> dict[str, float]:
+        """Each layer's mean(|W - before| / |before|) over its whole tensor, by name."""
         rows = {}
         for i, old in before.items():
             new = _local(self.parameters[self.layers[i]])
             count = torch.full((), new.numel(), dtype=torch.float64, device=new.device)
             rows[i] = torch.stack([change_sum(old, new).double(), count])
-        return {i: total / count if count else 0.0 for i, (total, count) in self._summed(rows).items()}
-
-    def _write_scores(self, scores: dict[int, float]) -> None:
-        if scores:
-            self.scores[list(scores)] = torch.tensor(list(scores.values()), dtype=torch.float64)
+        return {self.layers[i]: total / count if count else 0.0
+                for i, (total, count) in self._summed(rows).items()}
 
     def _summed(self, rows: dict[int, torch.Tensor]) -> dict[int, list[float]]:
         """Each layer's row of numbers, summed over the shards of its parameter,
@@ -316,16 +340,20 @@ class InterLayerSchedule:
         self.host_reads += 1
         return values.tolist()
 
-    def _advance(self) -> None:
+    def _advance(self, changes: dict[str, float]) -> None:
         self.step += 1
         self.history.append(self._mask(self.frozen | self.not_held))
-        self._reschedule()
+        self._reschedule(changes)
 
-    def _reschedule(self) -> None:
-        # Off the reschedule_every beat too when a layer no optimizer holds would
-        # still train: the held set was just learned (or grew).
-        if self.step % self.reschedule_every == 0 or not self.not_held <= self.frozen:
-            self._set(self._choose())
+    def _reschedule(self, changes: dict[str, float]) -> None:
+        # The policy must choose (off its beat too) when a layer no optimizer holds
+        # would still train: the held set was just learned (or grew).
+        must_choose = not self.not_held <= self.frozen
+        chosen = self._choose(changes, must_choose)
+        if chosen is None and must_choose:
+            chosen = self.frozen | self.not_held
+        if chosen is not None:
+            self._set(chosen)
 
     def _mask(self, frozen: Iterable[str]) -> int:
         return sum(1 << self._index[n] for n in frozen)
@@ -346,29 +374,35 @@ class InterLayerSchedule:
                              for mask in self.history], dtype=torch.bool)
         return bits.T if bits.numel() else torch.zeros(len(self.layers), 0, dtype=torch.bool)
 
+    # The schedule's own keys; "held" is optional: states saved before it existed
+    # learn it at the next step. The policy's keys sit beside them.
+    STATE_KEYS = ("layers", "step", "frozen", "history", "snapshot_bytes_peak")
+
     def state_dict(self) -> dict[str, Any]:
         """Everything the next choices depend on; loads with torch.load(weights_only=True)."""
-        return {
+        state = {
             "layers": list(self.layers),
             "step": self.step,
-            "scores": self.scores.clone(),
             "frozen": sorted(self.frozen),
-            "generator": self.generator.get_state(),
             "history": self.history_matrix(),
             "snapshot_bytes_peak": self.snapshot_bytes_peak,
             "held": None if self.held is None else sorted(self.held),
         }
-
-    # "held" is optional: states saved before it existed learn it at the next step.
-    STATE_KEYS = ("layers", "step", "scores", "frozen", "generator", "history", "snapshot_bytes_peak")
+        own = self.policy.state_dict()
+        clash = sorted(set(own) & {*state, "schedule"})
+        if clash:
+            raise SlimFitError(f"freeze policy {self.name!r} saves {clash}, keys the schedule uses; "
+                               "rename them in the policy's state_dict()")
+        return {**state, **own}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Checks the whole state first; a state that does not fit changes nothing."""
+        """Checks the whole state first (the policy checks its part before changing
+        anything); a state that does not fit changes nothing."""
         missing = [k for k in self.STATE_KEYS if k not in state]
         if missing:
             raise ValueError(
-                f"this ILS state lacks {missing}: pass the dict cm.slimfit.state_dict() returned, "
-                "unedited")
+                f"this {self.name} schedule state lacks {missing}: pass the dict "
+                "cm.slimfit.state_dict() returned, unedited")
         if list(state["layers"]) != list(self.layers):
             raise ValueError(
                 "this schedule state was saved for a different set of layers "
@@ -377,45 +411,37 @@ class InterLayerSchedule:
             )
         frozen = frozenset(state["frozen"])
         if not frozen <= set(self.layers):
-            raise ValueError(f"this ILS state freezes {sorted(frozen - set(self.layers))[:3]}, which "
-                             "are not layers of this model; pass an unedited cm.slimfit.state_dict()")
+            raise ValueError(f"this {self.name} state freezes {sorted(frozen - set(self.layers))[:3]}, "
+                             "which are not layers of this model; pass an unedited "
+                             "cm.slimfit.state_dict()")
         held = state.get("held")
         if held is not None and not (isinstance(held, (list, tuple)) and set(held) <= set(self.layers)):
-            raise ValueError("this ILS state's held layers are not layers of this model; pass an "
-                             "unedited cm.slimfit.state_dict()")
+            raise ValueError(f"this {self.name} state's held layers are not layers of this model; "
+                             "pass an unedited cm.slimfit.state_dict()")
         held = None if held is None else frozenset(held)
         not_held = frozenset() if held is None else frozenset(self.layers) - held
         scheduled = [n for n in self.layers if n not in not_held]
         if not not_held <= frozen:
-            raise ValueError("this ILS state trains layers it records as in no optimizer; pass an "
-                             "unedited cm.slimfit.state_dict()")
-        if len(frozen - not_held) != self._num_frozen(scheduled):
+            raise ValueError(f"this {self.name} state trains layers it records as in no optimizer; "
+                             "pass an unedited cm.slimfit.state_dict()")
+        expected = self._num_frozen(scheduled)
+        if expected is not None and len(frozen - not_held) != expected:
             raise ValueError(
                 f"this schedule state froze {len(frozen - not_held)} of {len(scheduled)} layers, but "
-                f"this model was compiled to freeze {self._num_frozen(scheduled)} "
+                f"this model was compiled to freeze {expected} "
                 f"(freeze_ratio={self.freeze_ratio}); "
                 "compile with the freeze_ratio (and always_train) the saved run used")
         if (frozen - not_held) & self.always_train:
             raise ValueError(
                 f"this schedule state froze {sorted(frozen & self.always_train)}, which this model's "
                 "always_train keeps training; compile with the always_train the saved run used")
-        scores, history = state["scores"], state["history"]
-        if not (isinstance(scores, torch.Tensor) and scores.shape == (len(self.layers),)):
-            raise ValueError(f"this ILS state's scores are not one value per layer "
-                             f"({len(self.layers)}); pass an unedited cm.slimfit.state_dict()")
+        history = state["history"]
         step = int(state["step"])
         if not (isinstance(history, torch.Tensor) and history.shape == (len(self.layers), step)):
-            raise ValueError(f"this ILS state's history is not layers x steps ({len(self.layers)} x "
-                             f"{step}); pass an unedited cm.slimfit.state_dict()")
-        generator = torch.Generator()
-        try:
-            generator.set_state(state["generator"])
-        except (RuntimeError, TypeError) as err:
-            raise ValueError("this ILS state's generator is not a torch.Generator state; pass an "
-                             "unedited cm.slimfit.state_dict()") from err
+            raise ValueError(f"this {self.name} state's history is not layers x steps "
+                             f"({len(self.layers)} x {step}); pass an unedited cm.slimfit.state_dict()")
+        self.policy.load_state_dict(state)
         self.step = step
-        self.scores = scores.clone().to(torch.float64)
-        self.generator = generator
         self.history = [sum(1 << i for i, t in enumerate(row.tolist()) if not t) for row in history.T]
         self.snapshot_bytes_peak = int(state["snapshot_bytes_peak"])
         self.held = held

@@ -103,7 +103,7 @@ API = [
     Bad("assign frozen (manual)", _manual, lambda cm: setattr(cm.slimfit, "frozen", frozenset()),
         AttributeError, r"cm\.slimfit\.frozen is read-only.*call cm\.slimfit\.set_frozen\(names\)"),
     Bad("assign frozen (ils)", _ils, lambda cm: setattr(cm.slimfit, "frozen", frozenset()), AttributeError,
-        r"read-only.*the ILS schedule picks.*compile with schedule='manual' and call cm\.slimfit\.set_frozen"),
+        r"read-only.*the 'ils' schedule picks.*compile with schedule='manual' and call cm\.slimfit\.set_frozen"),
     Bad("a removed stat", _ils, lambda cm: cm.slimfit.stats["variants_compiled"], KeyError,
         r"no 'variants_compiled': it is now 'regions_compiled'.*The stats are \[.*'graphs_captured'"),
     Bad("a per-set cache stat", _ils, lambda cm: cm.slimfit.stats["cache_hits"], KeyError,

@@ -127,7 +127,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             record["ils_frozen"].append(sorted(cm.slimfit.frozen))
             end = _full_weights(model)
             record["ils_score_error"].append(max(
-                abs(schedule.scores[cm.slimfit.layers.index(n)].item() / relative_change(start[n], end[n]).item() - 1)
+                abs(schedule.policy.scores[cm.slimfit.layers.index(n)].item() / relative_change(start[n], end[n]).item() - 1)
                 for n in trained))
         record.update(ils_gathers=calls["full_tensor"], ils_all_reduces=calls["all_reduce"],
                       ils_host_reads=schedule.host_reads)

@@ -113,7 +113,7 @@ def test_slimfit_freezes_what_the_authors_code_freezes(build):
     # BERT-only filter misses; the transcription takes slimfit_fx's layers there.
     assert sum(p.numel() >= 131072 for n, p in model.named_parameters() if n in names) >= 3
     _like_pretrained(model, names, seed=2)
-    authors = AuthorsILS(cm, names, cm.slimfit.schedule.scores)
+    authors = AuthorsILS(cm, names, cm.slimfit.schedule.policy.scores)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=LR, weight_decay=0.01)
     sets = []
     for step in range(STEPS):

@@ -1,7 +1,7 @@
 """ILS reads device values on the host once per optimizer step, whatever the layer count.
 
 Every trained layer's score is reduced where its weight lives; one step's
-scores are stacked and read in one transfer (`InterLayerSchedule._to_host`,
+scores are stacked and read in one transfer (`Schedule._to_host`,
 counted in `host_reads`). On CPU a copy to the host is invisible, so the test
 watches every call the schedule makes that turns a tensor into host values
 (`.tolist()`, `.item()`, `.cpu()`, `.to("cpu")`, `.numpy()`, `bool()`,
@@ -96,7 +96,7 @@ def test_one_host_read_per_step(loop):
         assert schedule.host_reads == step
         assert reads.calls["_to_host"] == step
         assert set(reads.calls) <= {"_to_host", "_choose"}, reads.calls
-    assert schedule.scores.device.type == "cpu"  # what _choose sorts
+    assert schedule.policy.scores.device.type == "cpu"  # what _choose sorts
 
 
 def test_a_hand_written_loop_with_micro_batches_reads_once_more_per_extra_forward():

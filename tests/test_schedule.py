@@ -58,7 +58,7 @@ def test_the_lowest_scores_are_frozen_next():
     optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
     train(cm, case, optimizer, 3)
     schedule = cm.slimfit.schedule
-    order = torch.argsort(schedule.scores, stable=True).tolist()
+    order = torch.argsort(schedule.policy.scores, stable=True).tolist()
     expected = {cm.slimfit.layers[i] for i in order[: schedule.num_frozen]}
     assert cm.slimfit.frozen == expected
 
@@ -330,14 +330,14 @@ def test_scores_are_the_whole_tensors_relative_change():
     schedule = cm.slimfit.schedule
     for _ in range(4):
         before = {n: params[n].detach().clone() for n in cm.slimfit.layers}
-        frozen, scores = cm.slimfit.frozen, schedule.scores.clone()
+        frozen, scores = cm.slimfit.frozen, schedule.policy.scores.clone()
         train(cm, case, optimizer, 1)
         for i, name in enumerate(cm.slimfit.layers):
             if name in frozen:
-                assert schedule.scores[i] == scores[i], name
+                assert schedule.policy.scores[i] == scores[i], name
             else:
                 expected = relative_change(before[name].double(), params[name].detach().double()).item()
-                assert schedule.scores[i].item() == pytest.approx(expected, rel=1e-5), name
+                assert schedule.policy.scores[i].item() == pytest.approx(expected, rel=1e-5), name
 
 
 def test_per_step_ils_on_a_second_model_of_the_same_class():
@@ -432,7 +432,7 @@ def test_slimfit_step_drives_ils_from_a_hand_written_loop():
         schedule = cm.slimfit.schedule
         trained_bytes = sum(p.nbytes for n, p in cm.named_parameters()
                             if n in cm.slimfit.layers and n not in cm.slimfit.frozen)
-        runs.append((list(schedule.history), schedule.scores.clone(), schedule.snapshot_bytes_peak, trained_bytes))
+        runs.append((list(schedule.history), schedule.policy.scores.clone(), schedule.snapshot_bytes_peak, trained_bytes))
         slimfit_fx.capture.reset_dynamo()
     (manual_history, manual_scores, manual_peak, held), (optim_history, optim_scores, _, _) = runs
     assert len(set(manual_history)) > 1 and manual_history == optim_history
@@ -476,12 +476,12 @@ def test_slimfit_step_is_idempotent_per_update():
             case.loss(cm(**case.batch)).backward()
             _sgd_by_hand(cm)
             cm.slimfit.step()
-            after_first = (schedule.step, cm.slimfit.frozen, schedule.scores.clone())
+            after_first = (schedule.step, cm.slimfit.frozen, schedule.policy.scores.clone())
             for _ in range(calls - 1):
                 cm.slimfit.step()
             assert (schedule.step, cm.slimfit.frozen) == after_first[:2]
-            assert torch.equal(schedule.scores, after_first[2])
-        runs.append((list(schedule.history), schedule.scores.clone()))
+            assert torch.equal(schedule.policy.scores, after_first[2])
+        runs.append((list(schedule.history), schedule.policy.scores.clone()))
         slimfit_fx.capture.reset_dynamo()
     assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) > 1
     assert torch.equal(runs[0][1], runs[1][1])
@@ -557,7 +557,7 @@ def test_several_optimizers_make_one_update():
                 optimizer.step()
                 optimizer.zero_grad()
         schedule = cm.slimfit.schedule
-        runs.append((schedule.step, list(schedule.history), schedule.scores.clone(), cm.slimfit.frozen, cm))
+        runs.append((schedule.step, list(schedule.history), schedule.policy.scores.clone(), cm.slimfit.frozen, cm))
         slimfit_fx.capture.reset_dynamo()
     (one_step, one_history, one_scores, one_frozen, _), (step, history, scores, frozen, cm) = runs
     assert step == one_step == 6
@@ -612,11 +612,11 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_the_schedule():
 
     scaled_step(poison=False)
     schedule = cm.slimfit.schedule
-    before = (schedule.step, cm.slimfit.frozen, schedule.scores.clone(), list(schedule.history))
+    before = (schedule.step, cm.slimfit.frozen, schedule.policy.scores.clone(), list(schedule.history))
     weights = {n: p.detach().clone() for n, p in params.items()}
     scaled_step(poison=True)
     assert (schedule.step, cm.slimfit.frozen, list(schedule.history)) == (before[0], before[1], before[3])
-    assert torch.equal(schedule.scores, before[2])
+    assert torch.equal(schedule.policy.scores, before[2])
     assert all(torch.equal(p, weights[n]) for n, p in params.items())
     assert scaler.get_scale() < 65536.0  # the scaler did see the inf and backed off
     scaled_step(poison=False)
