@@ -212,7 +212,8 @@ def _ratio(base, row: dict) -> str:
 def table(case: str, rows: dict[str, dict | str]) -> str:
     """Total peak per contender, against eager with AdamW and against eager with
     the contender's own optimizer (the fair ratio for the 8-bit AdamW rows)."""
-    eager = {c.optimizer: rows.get(c.name) for c in CONTENDERS.values() if c.kind == "eager" and not c.frozen}
+    eager = {c.optimizer: rows.get(c.name) for c in CONTENDERS.values()
+             if c.kind == "eager" and not c.frozen and not c.checkpointing}
     lines = [f"### {case}", "",
              "| contender | total peak MiB | vs eager (AdamW) | vs eager, same optimizer | resident before a "
              "step MiB | step above it MiB | saved for backward MiB | median step s | compile s |",
