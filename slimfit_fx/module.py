@@ -30,7 +30,7 @@ from .report import Report, build_report
 from .policies import FreezePolicy, build_policy
 from .schedule import Schedule
 from .regions import block_prefixes, named_blocks
-from .variants import EngineState
+from .engine import EngineState
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # Why a layer is not scheduled (SlimFit.not_scheduled, the report).

@@ -2,7 +2,7 @@
 layer's weight gradient out of its region.
 
 Pure FX: it reads the dynamo graph and the model's module tree and writes new
-graphs; it never compiles or runs anything. The runtime (`variants.py`)
+graphs; it never compiles or runs anything. The runtime (`engine.py`)
 compiles each distinct region once and computes weight gradients outside it.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ reaching CompressionConfig validation and format lookup."""
 import pytest
 import torch
 
-from slimfit_fx import ops, regions, variants
+from slimfit_fx import engine, ops, regions
 from slimfit_fx.config import KIND_FIELDS, CompressionConfig, compression_config_class
 from slimfit_fx.passes.compress import FORMATS, KINDS, Format, Kind, Packing, format_for, formats
 from slimfit_fx.passes.compress.formats.base import check_flag
@@ -119,7 +119,7 @@ def test_weight_gradient_stash_stores_through_the_registry(config, expected):
     assert set(regions.WeightTap.__dataclass_fields__) >= {"producer"}
     x = torch.randn(4, 7, 33, generator=torch.Generator().manual_seed(1)) * 3
     for producer, want in expected.items():
-        name, packing = variants._stash_format(config, _Tap(producer))
+        name, packing = engine._stash_format(config, _Tap(producer))
         if want is None:
             assert (name, packing) == (None, None)
             continue
@@ -131,7 +131,7 @@ def test_a_stashed_operand_is_unpacked_to_what_the_format_rebuilds():
     packing = format_for(CompressionConfig(), "gelu_output")
     x = torch.randn(3, 16) * 4
     items = [(packing.pack(x), x.shape, x.dtype), "resident"]
-    out, kept = variants._unpack_stashed(packing, items)
+    out, kept = engine._unpack_stashed(packing, items)
     assert kept == "resident"
     assert torch.equal(out, torch.ops.slimfit.dequantize_fixed(
         torch.ops.slimfit.quantize_fixed(x, 8, 4, True), 8, 4, True, list(x.shape), x.dtype))

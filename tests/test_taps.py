@@ -57,7 +57,7 @@ def test_placement_makes_the_partitioner_save_what_compression_stores(monkeypatc
     """Inside a region inductor's min-cut saved GELU derivatives and attention scores
     (fp32, no format for them); place_static_saves steers it to the GELU input and
     the probabilities. Without the pass, neither is packed."""
-    from slimfit_fx import variants, zoo
+    from slimfit_fx import engine, zoo
 
     def run():
         model, batch = zoo.bert_tiny(seed=0, batch=2, seq=12, dropout=0.1)
@@ -68,6 +68,6 @@ def test_placement_makes_the_partitioner_save_what_compression_stores(monkeypatc
     counters = run()
     assert counters["placed_softmax_saves"] == counters["compressed_softmax"] == 2, counters
     assert counters["placed_gelu_input_saves"] == counters["compressed_gelu_input"] == 2, counters
-    monkeypatch.setattr(variants, "JOINT_PASSES", ())
+    monkeypatch.setattr(engine, "JOINT_PASSES", ())
     counters = run()
     assert "compressed_gelu_input" not in counters, counters
