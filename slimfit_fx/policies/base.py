@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import torch
+
 
 @dataclass(frozen=True)
 class StepView:
@@ -79,3 +81,15 @@ class FreezePolicy(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+def load_generator(state: Mapping[str, object], who: str) -> torch.Generator:
+    """A torch.Generator at the state saved under "generator"; ValueError naming
+    `who` ("ILS", "LISA") when it is not a generator state."""
+    generator = torch.Generator()
+    try:
+        generator.set_state(state["generator"])
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"this {who} state's generator is not a torch.Generator state; pass an "
+                         "unedited cm.slimfit.state_dict()") from err
+    return generator

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import StepView
+from .base import StepView, load_generator
 
 # Initial scores are uniform in [0, INITIAL_SCORE): far above any real relative
 # change, so every layer trains once before measured scores compete (as the
@@ -75,11 +75,6 @@ class ILS:
         if not (isinstance(scores, torch.Tensor) and scores.shape == self.scores.shape):
             raise ValueError(f"this ILS state's scores are not one value per layer "
                              f"({len(self.scores)}); pass an unedited cm.slimfit.state_dict()")
-        generator = torch.Generator()
-        try:
-            generator.set_state(state["generator"])
-        except (RuntimeError, TypeError) as err:
-            raise ValueError("this ILS state's generator is not a torch.Generator state; pass an "
-                             "unedited cm.slimfit.state_dict()") from err
+        generator = load_generator(state, "ILS")
         self.scores = scores.clone().to(torch.float64)
         self.generator = generator

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import StepView
+from .base import StepView, load_generator
 
 
 class LISA:
@@ -85,12 +85,6 @@ class LISA:
                 and all(isinstance(i, int) for i in blocks)):
             raise ValueError(f"this LISA state trains {blocks!r:.60}, not {self.layers} block indices; "
                              f"compile with the LISA(layers=...) the saved run used")
-        generator = torch.Generator()
-        try:
-            generator.set_state(state["generator"])
-        except (RuntimeError, TypeError) as err:
-            raise ValueError("this LISA state's generator is not a torch.Generator state; pass an "
-                             "unedited cm.slimfit.state_dict()") from err
-        self.generator = generator
+        self.generator = load_generator(state, "LISA")
         self.period = int(state["lisa_period"])
         self.trained_blocks = tuple(blocks)

@@ -112,6 +112,29 @@ class Packing:
         return self.format.bound(self, dtype)
 
 
+class ExactFlagFormat(Format):
+    """A lossless format switched on by a flag (True) and off by False or None:
+    the torch.ops.slimfit ops named `ops` (pack, unpack; no arguments), `text`
+    for the report. Ops are looked up when used: slimfit_fx.ops registers them."""
+
+    allowed = "True, False or None"
+    examples = (True,)
+    ops: tuple[str, str]
+    text: str
+
+    def check(self, field: str, value: object) -> None:
+        check_flag(field, value)
+
+    def packing(self, setting, kind, config, val=None) -> "Packing | None":
+        if not setting:
+            return None
+        pack, unpack = (getattr(torch.ops.slimfit, name).default for name in self.ops)
+        return Packing(pack, (), unpack, (), self.text, kind.stored_as, self)
+
+    def bound(self, packing: "Packing", dtype: torch.dtype) -> float:
+        return 0.0
+
+
 def check_bits(field: str, value: object) -> None:
     # 8.0 == 8, but a float width would reach the packing ops and fail at the first forward
     if isinstance(value, bool) or not isinstance(value, int) or value not in (4, 8):

@@ -6,23 +6,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Format, Packing, check_flag, numel
+from .base import ExactFlagFormat, Packing, numel
 
 
-class BitPackFormat(Format):
+class BitPackFormat(ExactFlagFormat):
     name = "bit_pack"
     description = "a bool tensor as one bit per element, eight to a byte (exact)"
-    allowed = "True, False or None"
-    examples = (True,)
-
-    def check(self, field: str, value: object) -> None:
-        check_flag(field, value)
-
-    def packing(self, setting, kind, config, val=None) -> Packing | None:
-        if not setting:
-            return None
-        return Packing(torch.ops.slimfit.pack_bits.default, (), torch.ops.slimfit.unpack_bits.default, (),
-                       "1 bit per element (exact)", kind.stored_as, self)
+    ops = ("pack_bits", "unpack_bits")
+    text = "1 bit per element (exact)"
 
     def accepts(self, dtype: torch.dtype) -> bool:
         return dtype == torch.bool
@@ -33,9 +24,6 @@ class BitPackFormat(Format):
     def error(self, packing: Packing, x: Tensor, unpacked: Tensor) -> float:
         """Elements that differ."""
         return float((x != unpacked).sum().item())
-
-    def bound(self, packing: Packing, dtype) -> float:
-        return 0.0
 
 
 BIT_PACK = BitPackFormat()
