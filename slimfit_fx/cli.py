@@ -17,9 +17,9 @@ import torch
 import slimfit_fx
 
 from . import zoo
-from .config import COMPRESSION_PRESETS
+from .config import COMPRESSION_PRESETS, OPTIMIZER_STATES
 from .data import BUNDLED_MODEL
-from .finetune import LR_SCHEDULES, FinetuneSettings, SettingsError, run, seeded_frozen_set
+from .finetune import LR_SCHEDULES, SCHEDULES, FinetuneSettings, SettingsError, run, seeded_frozen_set
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -50,9 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                     help="constant: no decay; linear: decay to 0 over the run (the paper's)")
     ft.add_argument("--freeze-ratio", type=float, default=d.freeze_ratio, help="share of layers frozen")
-    ft.add_argument("--schedule", choices=("ils", "fixed"), default=d.schedule,
-                    help="ils: training-dynamics scheduling; fixed: one seeded draw of layers "
-                         "frozen for the whole run (the classifier always trains)")
+    ft.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                    help="ils: training-dynamics scheduling; lisa: LISA layer sampling (2 blocks "
+                         "train, redrawn every 20 steps; embeddings and head always train); fixed: "
+                         "one seeded draw of layers frozen for the whole run (the classifier always trains)")
+    ft.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default=d.optimizer_state,
+                    help="how frozen layers' optimizer state is held (see README)")
     ft.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=d.train_new_layers,
                     help="ILS never freezes layers the checkpoint did not hold (the fresh head); "
                          "--no-train-new-layers scores them like any layer, as the paper does")

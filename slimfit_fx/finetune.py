@@ -32,7 +32,7 @@ LR_SCHEDULES = ("linear", "constant")
 FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "max_length": "--seq-len", "lr": "--lr",
          "eager_lr": "--eager-lr", "lr_schedule": "--lr-schedule", "schedule": "--schedule",
          "limit": "--limit", "freeze_ratio": "--freeze-ratio", "compression": "--compression",
-         "backend": "--backend", "seed": "--seed"}
+         "backend": "--backend", "seed": "--seed", "optimizer_state": "--optimizer-state"}
 
 
 class SettingsError(ValueError):
@@ -60,11 +60,14 @@ class FinetuneSettings:
     # over the default single epoch it cost 8 points on BBC News, see README)
     lr_schedule: str = "constant"
     freeze_ratio: float = 0.9  # slimfit_fx.compile's default
-    schedule: str = "ils"  # or "fixed": one seeded draw for the whole run
+    # "ils"; "lisa": LISA layer sampling (2 blocks train, redrawn every 20 steps);
+    # or "fixed": one seeded draw for the whole run
+    schedule: str = "ils"
     # "ils" never freezes the layers the checkpoint did not hold (the fresh head):
     # SlimFitConfig.always_train. False scores them like any layer, as the paper does.
     train_new_layers: bool = True
     compression: str = "paper"
+    optimizer_state: str = "full"  # SlimFitConfig.optimizer_state
     backend: str = "inductor"
     limit: int | None = None
     seed: int = 0
@@ -78,11 +81,14 @@ class FinetuneSettings:
         if `train_new_layers`."""
         # "fixed" draws its set from freeze_ratio itself (seeded_frozen_set) and sets it
         # by hand, so the compile takes no ratio
-        ils = dict(schedule="ils", freeze_ratio=self.freeze_ratio,
-                   always_train=new_layers if self.train_new_layers else ())
-        return slimfit_fx.SlimFitConfig(
-            backend=self.backend, seed=self.seed, compression=self.compression,
-            **(ils if self.schedule == "ils" else {"schedule": "manual"}))
+        policies = {
+            "ils": dict(schedule="ils", freeze_ratio=self.freeze_ratio, seed=self.seed,
+                        always_train=new_layers if self.train_new_layers else ()),
+            "lisa": dict(schedule=slimfit_fx.LISA(seed=self.seed)),
+            "fixed": dict(schedule="manual"),
+        }
+        return slimfit_fx.SlimFitConfig(backend=self.backend, compression=self.compression,
+                                        optimizer_state=self.optimizer_state, **policies[self.schedule])
 
     def check(self) -> None:
         """Every setting the job can validate without loading anything; raises
@@ -105,9 +111,12 @@ class FinetuneSettings:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.schedule not in ("ils", "fixed"):
-            raise ValueError(f"schedule must be 'ils' or 'fixed', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         self.slimfit_config()
+
+
+SCHEDULES = ("ils", "lisa", "fixed")
 
 
 def seeded_frozen_set(layers: tuple[str, ...], ratio: float, seed: int) -> list[str]:
@@ -222,8 +231,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     if settings.schedule == "fixed":
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))
     layers = cm.slimfit.layers
-    print(f"model: {settings.model}, layers: {len(layers)}, schedule: {settings.schedule} "
-          f"(ratio {settings.freeze_ratio}), compression: {settings.compression}, classes: "
+    ratio = "" if settings.schedule == "lisa" else f" (ratio {settings.freeze_ratio})"
+    print(f"model: {settings.model}, layers: {len(layers)}, schedule: {settings.schedule}{ratio}, "
+          f"compression: {settings.compression}, classes: "
           f"{len(data.classes)}, train articles: {len(data.train['labels'])}, test articles: "
           f"{len(data.test['labels'])}", flush=True)
     if cm.slimfit.config.always_train:
