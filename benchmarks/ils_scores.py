@@ -110,7 +110,7 @@ def _batches(data, batch: int, steps: int):
 def score_errors(model_dir, data, args) -> list[str]:
     torch.manual_seed(args.seed)
     model = load_classifier(model_dir, len(data.classes))
-    cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.0)
+    cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=0.0).train()
     layers, schedule = cm.slimfit.layers, cm.slimfit.schedule
     params = dict(cm.named_parameters())
     optimizer = torch.optim.AdamW(cm.parameters(), lr=args.lr)
@@ -150,7 +150,7 @@ def host_reads(model_dir, data, args, schedule_module, loop: str) -> float:
     try:
         torch.manual_seed(args.seed)
         model = load_classifier(model_dir, len(data.classes))
-        cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils")
+        cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils").train()
     finally:
         slimfit_module.InterLayerSchedule = original
     reads = Reads(schedule_module.__file__)
