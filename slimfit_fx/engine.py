@@ -128,6 +128,7 @@ class FrozenLayers:
         return self._names
 
     def set(self, names: frozenset[str]) -> None:
+        """Put `names` in force from the next forward on."""
         self._names = frozenset(names)
 
 
@@ -137,7 +138,8 @@ class RegionCache:
 
     Written by `CapturedGraph` when dynamo captures a graph (`graphs`) and when
     it compiles a region it has not seen (`compiled`, `compile_seconds`); the
-    stats and the report read it.
+    stats and the report read it. `zeros` adds a constant the first time a
+    region call needs it for a device and dtype.
     """
 
     graphs: list["CapturedGraph"] = field(default_factory=list)
