@@ -6,7 +6,9 @@ compiled once, with every layer weight's gradient tapped out of it
 (`regions.tap_weight_grads`). At run time the frozen set in force decides, per
 layer use, whether its stashed input is kept and its weight gradient formed
 (`weight_grads`), so a new frozen set never compiles anything. This module
-never decides the frozen set; it only reads it.
+never decides the frozen set; it only reads it (`FrozenLayers`). `Engine`
+holds one compiled model's rooms, each with its one writer: the config, the
+region cache, the frozen set and the log of steps.
 """
 from __future__ import annotations
 
@@ -57,15 +59,16 @@ class Region(torch.nn.Module):
     """One region of the split graph: runs its compiled code with the current frozen set."""
 
     def __init__(self, index: int, block: str | None, input_names: tuple[str | None, ...],
-                 state: "EngineState") -> None:
+                 engine: "Engine") -> None:
         super().__init__()
         self.index, self.block, self.input_names = index, block, input_names
         self.compiled: CompiledRegion | None = None
-        object.__setattr__(self, "state", state)  # not a submodule
+        object.__setattr__(self, "engine", engine)  # not a submodule
 
     def forward(self, *args: Any) -> Any:
-        state, compiled = self.state, self.compiled
-        frozen = state.frozen
+        engine, compiled = self.engine, self.compiled
+        frozen = engine.frozen_layers.names
+        step = engine.steps.current
         call_args = list(args)
         slots: list[TapSlot | None] = []
         probes = []
@@ -78,43 +81,70 @@ class Region(torch.nn.Module):
             # A frozen use's probe needs no autograd node: the region's backward
             # still hands out its gradient, and autograd drops it.
             probes.append(TapGrad.apply(weight, slot, shape, tap.probe_dtype) if trains
-                          else state.zeros(weight.device, tap.probe_dtype).expand(shape))
-        start = len(state.record)
+                          else engine.cache.zeros(weight.device, tap.probe_dtype).expand(shape))
+        start = len(step.record)
         outputs = compiled.fn(*call_args, *probes)
-        state.calls.append((self, state.record[start:]))
+        step.calls.append((self, step.record[start:]))
         stashed = outputs[compiled.num_outputs:]
         packed: dict[int, Any] = {}
         for slot in slots:
             if slot is not None:
-                state.stash(slot, slot.tap.operands(args, stashed), args, packed)
+                step.stash(slot, slot.tap.operands(args, stashed), args, packed, engine.config.compression)
         result = outputs[:compiled.num_outputs]
         return tuple(result) if compiled.returns_tuple else result[0]
 
 
-@dataclass
-class EngineState:
-    """The frozen set in force and everything compiled for it; shared by all graphs."""
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine reads and never changes; built by `SlimFit` at compile.
+
+    `names_by_id` (a graph input's layer name, by the parameter's identity) is
+    the one exception: the capture backend refreshes it before each capture,
+    since FSDP2 swaps other parameter objects in for each forward.
+    """
 
     backend: str
-    frozen: frozenset[str]
     names_by_id: dict[int, str]
     layers: frozenset[str]
     blocks: tuple[str, ...]
     compression: CompressionConfig | None = None
     memory_budget: float | None = None
-    compile_seconds: float = 0.0
+
+
+class FrozenLayers:
+    """The frozen set in force: the one place it lives.
+
+    Written only by whoever picks the set: the schedule (through its
+    `apply_frozen` callback) or, where no schedule chooses, `cm.slimfit.set_frozen`.
+    The engine, the optimizer-state store and `cm.slimfit.frozen` only read it.
+    """
+
+    def __init__(self, names: frozenset[str] = frozenset()) -> None:
+        self._names = frozenset(names)
+
+    @property
+    def names(self) -> frozenset[str]:
+        """The frozen set the next forward uses."""
+        return self._names
+
+    def set(self, names: frozenset[str]) -> None:
+        """Put `names` in force from the next forward on."""
+        self._names = frozenset(names)
+
+
+@dataclass
+class RegionCache:
+    """What capture and compile built, kept for every later step; nothing per step.
+
+    Written by `CapturedGraph` when dynamo captures a graph (`graphs`) and when
+    it compiles a region it has not seen (`compiled`, `compile_seconds`); the
+    stats and the report read it. `zeros` adds a constant the first time a
+    region call needs it for a device and dtype.
+    """
+
     graphs: list["CapturedGraph"] = field(default_factory=list)
     compiled: dict[tuple, CompiledRegion] = field(default_factory=dict)
-    graph_calls: int = 0
-    last_training_graph: "CapturedGraph | None" = None
-    last_step: "StepRecord | None" = None
-    first_training_call: float | None = None
-    last_training_call_end: float | None = None
-    # filled during one training forward
-    record: list[tuple[int, bool]] = field(default_factory=list)
-    calls: list[tuple[Region, list[tuple[int, bool]]]] = field(default_factory=list)
-    stash_bytes: dict[int, int] = field(default_factory=dict)
-    stash_counters: Counter = field(default_factory=Counter)
+    compile_seconds: float = 0.0
     _zeros: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def zeros(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -124,17 +154,26 @@ class EngineState:
             self._zeros[key] = torch.zeros((), device=device, dtype=dtype)
         return self._zeros[key]
 
-    def wall_seconds(self) -> float:
-        """Training wall time: from the first training forward (compiling included)
-        to the end of the latest one, so it stops growing when training stops."""
-        start, end = self.first_training_call, self.last_training_call_end
-        return 0.0 if start is None or end is None else end - start
 
-    def stash(self, slot: TapSlot, operands: list[Any], args: tuple, packed: dict[int, Any]) -> None:
+@dataclass
+class StepInProgress:
+    """What one training forward is doing, until it finishes as a `StepRecord`.
+
+    Written during that forward only: `record` by the saved-tensor hooks
+    (`run_counting_saved_bytes`), `calls` and the stash by each `Region` it runs.
+    """
+
+    record: list[tuple[int, bool]] = field(default_factory=list)
+    calls: list[tuple["Region", list[tuple[int, bool]]]] = field(default_factory=list)
+    stash_bytes: dict[int, int] = field(default_factory=dict)
+    stash_counters: Counter = field(default_factory=Counter)
+
+    def stash(self, slot: TapSlot, operands: list[Any], args: tuple, packed: dict[int, Any],
+              compression: CompressionConfig | None) -> None:
         """Keep a trainable use's operands for its weight gradient, stored as the
         compression config says (the FFN output dense's input, GELU output, in
         the paper's int8; every trainable layer's input per-row under weight_input)."""
-        kind, fmt = _stash_format(self.compression, slot.tap)
+        kind, fmt = _stash_format(compression, slot.tap)
         # parameters are held anyway: by storage, since an operand may be another
         # view of one (a detached weight)
         resident = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.nn.Parameter)}
@@ -157,10 +196,43 @@ class EngineState:
         if fmt is not None:
             slot.unpack = functools.partial(_unpack_stashed, fmt)
 
+
+@dataclass
+class StepLog:
+    """What the captured graphs' calls did: the step under way, the last one
+    finished (`last_step`, which the report reads) and the training clock.
+
+    Written only by `CapturedGraph`: by its calls, and by the first training
+    compile, whose start begins the training wall time.
+    """
+
+    graph_calls: int = 0
+    current: StepInProgress = field(default_factory=StepInProgress)
+    last_step: "StepRecord | None" = None
+    first_training_call: float | None = None
+    last_training_call_end: float | None = None
+
+    def wall_seconds(self) -> float:
+        """Training wall time: from the first training forward (compiling included)
+        to the end of the latest one, so it stops growing when training stops."""
+        start, end = self.first_training_call, self.last_training_call_end
+        return 0.0 if start is None or end is None else end - start
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The rooms of one compiled model's engine, shared by all of its graphs and
+    regions; each room says who writes it."""
+
+    config: EngineConfig
+    frozen_layers: FrozenLayers = field(default_factory=FrozenLayers)
+    cache: RegionCache = field(default_factory=RegionCache)
+    steps: StepLog = field(default_factory=StepLog)
+
     def capture_backend(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         """The torch.compile backend: called once per dynamo graph."""
-        graph = CapturedGraph(len(self.graphs), gm, example_inputs, self)
-        self.graphs.append(graph)
+        graph = CapturedGraph(len(self.cache.graphs), gm, example_inputs, self)
+        self.cache.graphs.append(graph)
         return graph
 
 
@@ -192,8 +264,9 @@ def _unpack_stashed(packing: Packing, items: list[Any]) -> list[Any]:
 
 @dataclass
 class StepRecord:
-    """What the last training forward ran: the frozen set, each region call's
-    saved tensors as measured, and the stashed operands of trainable layers."""
+    """What one finished training forward ran: the frozen set, each region call's
+    saved tensors as measured, and the stashed operands of trainable layers.
+    Made by `CapturedGraph` from its `StepInProgress`; read by the report."""
 
     frozen: frozenset[str]
     saved_bytes: int
@@ -259,12 +332,12 @@ class CapturedGraph:
     """One dynamo graph. Training calls run its regions; inference runs one compile."""
 
     def __init__(self, graph_id: int, gm: fx.GraphModule, example_inputs: list[Any],
-                 state: EngineState) -> None:
+                 engine: Engine) -> None:
         self.graph_id = graph_id
-        self.state = state
+        self.engine = engine
         self.tracing_context = capture.current_tracing_context()
         self.input_names = tuple(
-            state.names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None
+            engine.config.names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None
             for x in example_inputs
         )
         self.builds_backward = torch.is_grad_enabled() and any(
@@ -272,35 +345,35 @@ class CapturedGraph:
         )
         fake = capture.fake_inputs(example_inputs, self.tracing_context)
         start = time.perf_counter()
-        if self.builds_backward and state.first_training_call is None:
-            state.first_training_call = start  # compiling counts in the training wall time
+        if self.builds_backward and engine.steps.first_training_call is None:
+            engine.steps.first_training_call = start  # compiling counts in the training wall time
         if self.builds_backward:
             self.fn = self._build_regions(gm)
         else:
             self.fn = capture.compile_region(
-                gm, fake, backend=state.backend, joint_pass=lambda g: g,
+                gm, fake, backend=engine.config.backend, joint_pass=lambda g: g,
                 partition_pass=lambda f, b, n: (f, b), on_partition=lambda *a: None,
                 tracing_context=self.tracing_context)
-        state.compile_seconds += time.perf_counter() - start
+        engine.cache.compile_seconds += time.perf_counter() - start
 
     def _build_regions(self, gm: fx.GraphModule) -> fx.GraphModule:
-        state = self.state
+        config, cache = self.engine.config, self.engine.cache
         self.checkpoints = capture.inline_activation_checkpoints(gm)
-        split = regions.split_regions(gm, state.blocks)
+        split = regions.split_regions(gm, config.blocks)
         top_inputs = {n: i for i, n in enumerate(n for n in split.graph.nodes if n.op == "placeholder")}
         for index, node in enumerate(n for n in split.graph.nodes if n.op == "call_module"):
             sub = getattr(split, node.target)
             names = tuple(self.input_names[top_inputs[a]] if a in top_inputs else None for a in node.args)
             activations = frozenset(i for i, a in enumerate(node.args) if a not in top_inputs)
-            is_weight = [name in state.layers for name in names]
-            block = _region_block(sub, state.blocks)
-            region = Region(index, block, names, state)
+            is_weight = [name in config.layers for name in names]
+            block = _region_block(sub, config.blocks)
+            region = Region(index, block, names, self.engine)
             key = (regions.structural_key(sub, is_weight), activations)
-            compiled = state.compiled.get(key)
+            compiled = cache.compiled.get(key)
             if compiled is None:
                 compiled = self._compile_region(sub, is_weight, names, block or f"region {index}", activations,
                                                 block)
-                state.compiled[key] = compiled
+                cache.compiled[key] = compiled
             compiled.instances += 1
             region.compiled = compiled
             setattr(split, node.target, region)
@@ -309,7 +382,7 @@ class CapturedGraph:
 
     def _compile_region(self, sub: fx.GraphModule, is_weight: list[bool], names: tuple[str | None, ...],
                         name: str, activations: frozenset[int], block: str | None) -> CompiledRegion:
-        state = self.state
+        config = self.engine.config
         tapped, taps, num_outputs = regions.tap_weight_grads(sub, is_weight)
         returns_tuple = isinstance(sub.graph.output_node().args[0], (tuple, list))
         example = []
@@ -326,7 +399,7 @@ class CapturedGraph:
         input_names = (*names, *([None] * len(taps)))
         ctx = PassContext(input_names=input_names,
                           frozen=frozenset(n for n, w in zip(names, is_weight) if w),
-                          compression=state.compression, in_block=block is not None,
+                          compression=config.compression, in_block=block is not None,
                           stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
                           activation_inputs=activations)
         graphs = RegionGraphs(input_names)
@@ -353,7 +426,7 @@ class CapturedGraph:
 
         start = time.perf_counter()
         fn = capture.compile_region(
-            tapped, example, backend=state.backend, memory_budget=state.memory_budget,
+            tapped, example, backend=config.backend, memory_budget=config.memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context, unsaved_outputs=ctx.stashed_outputs)
         # Every layer's weight-gradient graph now, on the region's fake values and
@@ -369,36 +442,35 @@ class CapturedGraph:
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
-                 state.backend, seconds, len(taps),
+                 config.backend, seconds, len(taps),
                  ", ".join(f"{k}={v}" for k, v in sorted(ctx.counters.items())))
         return CompiledRegion(name=name, fn=fn, taps=taps, probe_shapes=probe_shapes, num_outputs=num_outputs,
                               returns_tuple=returns_tuple, compile_seconds=seconds,
                               counters=dict(ctx.counters), graphs=graphs)
 
     def __call__(self, *args: Any) -> Any:
-        state = self.state
-        state.graph_calls += 1
+        steps = self.engine.steps
+        steps.graph_calls += 1
         training = self.builds_backward and torch.is_grad_enabled()
         if not training:
             return self.fn(*args)
-        if state.first_training_call is None:
-            state.first_training_call = time.perf_counter()
-        state.record, state.calls, state.stash_bytes, state.stash_counters = [], [], {}, Counter()
-        frozen = state.frozen
+        if steps.first_training_call is None:
+            steps.first_training_call = time.perf_counter()
+        step = steps.current = StepInProgress()
+        frozen = self.engine.frozen_layers.names
         try:
             held: dict[int, int] = {}
-            outputs, _ = run_counting_saved_bytes(self.fn, *args, record=state.record, held=held)
-            state.last_training_graph = self
+            outputs, _ = run_counting_saved_bytes(self.fn, *args, record=step.record, held=held)
             # a stashed operand may be a tensor a region also saved, or one of this
             # call's inputs (held anyway, as run_counting_saved_bytes counts them): each storage once
             inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            stash_only = {ptr: n for ptr, n in state.stash_bytes.items() if ptr not in held and ptr not in inputs}
-            state.last_step = StepRecord(frozen=frozen, saved_bytes=sum(held.values()) + sum(stash_only.values()),
-                                         stash_bytes=sum(stash_only.values()), calls=state.calls,
-                                         stash_counters=dict(state.stash_counters))
+            stash_only = {ptr: n for ptr, n in step.stash_bytes.items() if ptr not in held and ptr not in inputs}
+            steps.last_step = StepRecord(frozen=frozen, saved_bytes=sum(held.values()) + sum(stash_only.values()),
+                                         stash_bytes=sum(stash_only.values()), calls=step.calls,
+                                         stash_counters=dict(step.stash_counters))
         finally:
-            state.record, state.calls, state.stash_bytes = [], [], {}
-            state.last_training_call_end = time.perf_counter()
+            steps.current = StepInProgress()
+            steps.last_training_call_end = time.perf_counter()
         return outputs
 
 

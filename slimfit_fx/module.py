@@ -30,7 +30,7 @@ from .report import Report, build_report
 from .policies import FreezePolicy, build_policy
 from .schedule import Schedule
 from .regions import block_prefixes, named_blocks
-from .engine import EngineState
+from .engine import Engine, EngineConfig
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # Why a layer is not scheduled (SlimFit.not_scheduled, the report).
@@ -140,15 +140,14 @@ class SlimFit:
         self.layers: tuple[str, ...] = find_layers(model)
         self._frozen_before_compile = find_layers(model, requires_grad=False)
         self._aliases = parameter_aliases(model)
-        self._state = EngineState(
+        self._engine = Engine(EngineConfig(
             backend=config.backend,
-            frozen=frozenset(),
             names_by_id=parameter_names_by_identity(model),
             layers=frozenset(self.layers),
             blocks=_blocks(model, config.blocks),
             compression=config.compression_config,
             memory_budget=config.memory_budget,
-        )
+        ))
         policy = build_policy(config)
         self.schedule_name: str = policy.name
         # None where the policy never chooses (set_frozen picks the set).
@@ -164,7 +163,7 @@ class SlimFit:
     @property
     def frozen(self) -> frozenset[str]:
         """The frozen set the next forward uses."""
-        return self._state.frozen
+        return self._engine.frozen_layers.names
 
     @frozen.setter
     def frozen(self, names: Iterable[str]) -> None:
@@ -194,7 +193,7 @@ class SlimFit:
                 f"this model was compiled with schedule={self.schedule_name!r}, which picks the "
                 "frozen set after optimizer steps; compile with schedule='manual' to set it yourself"
             )
-        self._state.frozen = resolve_names(names, self.layers, self._aliases)
+        self._engine.frozen_layers.set(resolve_names(names, self.layers, self._aliases))
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state (step, frozen set, history, and the policy's own:
@@ -273,13 +272,13 @@ class SlimFit:
         forward to the end of the latest (the last step's backward excluded);
         compile_share: compile_seconds / wall_seconds, the one compile-share figure
         (report, metrics.json)."""
-        state = self._state
-        traces = sum(tap.trace_seconds for c in state.compiled.values() for tap in c.taps)
-        wall, compile_seconds = state.wall_seconds(), state.compile_seconds + traces
+        cache = self._engine.cache
+        traces = sum(tap.trace_seconds for c in cache.compiled.values() for tap in c.taps)
+        wall, compile_seconds = self._engine.steps.wall_seconds(), cache.compile_seconds + traces
         return Stats({
-            "graphs_captured": len(state.graphs),
-            "regions": sum(c.instances for c in state.compiled.values()),
-            "regions_compiled": len(state.compiled),
+            "graphs_captured": len(cache.graphs),
+            "regions": sum(c.instances for c in cache.compiled.values()),
+            "regions_compiled": len(cache.compiled),
             "compile_seconds": compile_seconds,
             "weight_grad_trace_seconds": traces,
             "wall_seconds": wall,
@@ -291,7 +290,7 @@ class SlimFit:
         """Bytes held from forward to backward at the last training forward: what
         the compiled regions saved plus the inputs stashed for the weight gradients
         of the layers that trained; None until one has run."""
-        step = self._state.last_step
+        step = self._engine.steps.last_step
         return None if step is None else step.saved_bytes
 
     def report(self) -> Report:
@@ -348,28 +347,28 @@ class SlimFit:
     def compiled_regions(self) -> dict[str, Any]:
         """Every compiled region by name (the first block that built it, or
         "region N"): its graphs, taps, compile time and how many regions share it."""
-        return {c.name: c for c in self._state.compiled.values()}
+        return {c.name: c for c in self._engine.cache.compiled.values()}
 
     @property
     def last_step(self):
         """What the last training forward ran (read-only): its frozen set,
         saved_bytes, pass counters and saved tensors; None before the first."""
-        return self._state.last_step
+        return self._engine.steps.last_step
 
     def _graph_calls(self) -> int:
-        return self._state.graph_calls
+        return self._engine.steps.graph_calls
 
     def _capture_backend(self):
         # dynamo keeps every backend it was given for the life of the process
         # (eval_frame.cached_backends), so this one holds its model weakly: a
         # dead compiled model leaves a few bytes behind, not its engine and weights.
-        state, model = weakref.ref(self._state), weakref.ref(self.model)
+        engine, model = weakref.ref(self._engine), weakref.ref(self.model)
 
         def capture_backend(gm, example_inputs):
             # Graph inputs are named by identity. Refresh the map at capture: FSDP2
             # (fully_shard) swaps other parameter objects in for each forward.
-            live = state()
-            live.names_by_id.update(parameter_names_by_identity(model()))
+            live = engine()
+            live.config.names_by_id.update(parameter_names_by_identity(model()))
             return live.capture_backend(gm, example_inputs)
 
         return capture_backend
@@ -403,16 +402,13 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig,
     Trainer/accelerate), so the training loop needs no change; the hooks hold the
     schedule weakly and act only on optimizers that hold this model's layers.
     """
-    state = slimfit._state
-
-    def apply_frozen(frozen: frozenset[str]) -> None:
-        state.frozen = frozen
-
+    engine = slimfit._engine
     parameters = dict(model.named_parameters())
-    blocks = [tuple(n for n in slimfit.layers if n.startswith(prefix + ".")) for prefix in state.blocks]
+    blocks = [tuple(n for n in slimfit.layers if n.startswith(prefix + ".")) for prefix in engine.config.blocks]
+    # The schedule is the frozen set's one writer while it chooses (set_frozen refuses).
     schedule = Schedule(
         slimfit.layers, {n: parameters[n] for n in slimfit.layers}, policy,
-        freeze_ratio=config.freeze_ratio, apply_frozen=apply_frozen,
+        freeze_ratio=config.freeze_ratio, apply_frozen=engine.frozen_layers.set,
         always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
                                    who="SlimFitConfig.always_train"),
         blocks=[b for b in blocks if b],
@@ -425,8 +421,8 @@ def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitCo
     holds this model's layers, unpacked before the step they train in."""
     parameters = dict(model.named_parameters())
     layers = {n: parameters[n] for n in slimfit.layers}
-    state = slimfit._state
-    store = FrozenLayerState(config.optimizer_state, layers, lambda: state.frozen)
+    frozen_layers = slimfit._engine.frozen_layers
+    store = FrozenLayerState(config.optimizer_state, layers, lambda: frozen_layers.names)
     return _on_optimizer_steps(store)
 
 

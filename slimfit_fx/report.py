@@ -1,7 +1,8 @@
 """A plain-text report of what slimfit_fx did to a model, read off its state and graphs.
 
-It only reads: the frozen set, the cache counters, the last training step's pass
-counters (tagged on its joint graph) and the saved bytes measured at run time.
+It only reads: the frozen set, the stats, the last training step's pass counters
+and saved tensors, and the saved bytes measured at run time; a `Report` holds
+plain values only.
 """
 from __future__ import annotations
 

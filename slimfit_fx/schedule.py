@@ -74,7 +74,9 @@ def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
 class Schedule:
     """The frozen set each step, chosen by `policy`.
 
-    `apply_frozen(frozen)` is called whenever the set changes; `parameters` maps
+    `apply_frozen(frozen)` is called whenever the set changes: it writes the
+    frozen set's one holder, which the engine reads (`frozen` is the set this
+    schedule last applied, the holder's value while it chooses); `parameters` maps
     each layer name to its parameter. The schedule advances once per update,
     never on forward or backward calls: an update is the optimizer steps between
     two training forwards (several optimizers, one per parameter group set,
@@ -120,13 +122,22 @@ class Schedule:
         self.driven_by_optimizer = False
         self._reference: dict[int, torch.Tensor] | None = None
         self.forwards_since_reference = 0
-        self.frozen: frozenset[str] = frozenset()
-        self.frozen = self._choose(None, must_choose=True) or frozenset()
-        self.apply_frozen(self.frozen)
+        self._applied: frozenset[str] = frozenset()
+        self._apply(self._choose(None, must_choose=True) or frozenset())
 
     @property
     def name(self) -> str:
         return self.policy.name
+
+    @property
+    def frozen(self) -> frozenset[str]:
+        """The frozen set this schedule last applied (read-only: `_apply` sets it)."""
+        return self._applied
+
+    def _apply(self, frozen: frozenset[str]) -> None:
+        """Put `frozen` in force: the one place the schedule writes the frozen set."""
+        self._applied = frozen
+        self.apply_frozen(frozen)
 
     @property
     def observes_weight_change(self) -> bool:
@@ -184,8 +195,7 @@ class Schedule:
 
     def _set(self, frozen: frozenset[str]) -> None:
         if frozen != self.frozen:
-            self.frozen = frozen
-            self.apply_frozen(frozen)
+            self._apply(frozen)
 
     # -- optimizer hooks -----------------------------------------------------------
 
@@ -447,5 +457,4 @@ class Schedule:
         self.held = held
         self._round = None
         self.weights_loaded()
-        self.frozen = frozen
-        self.apply_frozen(self.frozen)
+        self._apply(frozen)

@@ -1,6 +1,6 @@
 """Every format a tensor slimfit_fx keeps for backward is stored in, by name:
 the activations compress_saved packs in graphs and the inputs kept for
-trainable layers' weight gradients (engine.EngineState.stash) alike. A kind
+trainable layers' weight gradients (engine.StepInProgress.stash) alike. A kind
 (../registry.py) names its format; a new format is one module here (a
 base.Format subclass) plus one line in FORMATS.
 """
