@@ -27,8 +27,13 @@ def _rows(text):
             if line.startswith("| ") and not line.startswith("| contender")]
 
 
-def test_gpu_benchmark_smoke(tmp_path):
-    contenders = ["eager", "slimfit", "torch.compile, memory budget 0.1"]
+# Each contender runs in its own process (an import of torch and a compile): the
+# default run smokes eager and slimfit, `pytest -m slow` torch.compile too.
+@pytest.mark.parametrize("contenders", [
+    ["eager", "slimfit"],
+    pytest.param(["torch.compile, memory budget 0.1"], marks=pytest.mark.slow),
+], ids=["eager-slimfit", "torch.compile"])
+def test_gpu_benchmark_smoke(tmp_path, contenders):
     text = _smoke(tmp_path, "--cases", "bert-tiny bs2 seq12", "--contenders", *contenders)
     rows = _rows(text)
     assert [r[0].strip() for r in rows] == contenders, text
