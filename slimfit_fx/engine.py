@@ -30,7 +30,8 @@ from .graphs import (BACKWARD, BACKWARD_BEFORE, FORWARD, FORWARD_BEFORE, JOINT, 
                      RegionGraphs, after)
 from .memory import run_counting_saved_bytes
 from .passes import JOINT_PASSES, PARTITION_PASSES, PassContext
-from .passes.compress import Packing, format_for
+from .passes.compress import Packing
+from .passes.compress.registry import first_format
 from .weight_grads import TapGrad, TapSlot, autocast_state, weight_grad_graph
 
 log = logging.getLogger(__name__)
@@ -236,12 +237,13 @@ class Engine:
         return graph
 
 
-# What a stashed operand is, by the op that made it (regions.WeightTap.producer):
-# the name its compressed_<name> counter uses and the kind whose format stores
-# it. A gated FFN's down projection input is stored like the gate's factors.
-# Any operand is a weight_input when its own kind is kept whole.
-_STASHED = {"gelu": ("gelu_output", "gelu_output"), "gate_product": ("gate_product", "gate_operand")}
-_WEIGHT_INPUT = ("weight_input", "weight_input")
+# The kinds a stashed operand may be stored as, first choice first, by the op
+# that made it (regions.WeightTap.producer): a gated FFN's down projection input
+# is stored like the gate's factors; any operand is a weight_input when its own
+# kind is kept whole. Its counter compressed_<name> names the kind, but for a
+# gate product's.
+_STASHED_KINDS = {"gelu": ["gelu_output", "weight_input"], "gate_product": ["gate_operand", "weight_input"]}
+_COUNTER_NAME = {"gate_operand": "gate_product"}
 
 
 def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap) -> tuple[str | None, Packing | None]:
@@ -249,12 +251,8 @@ def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap) -> t
     compression registry; (None, None) keeps them."""
     if config is None:
         return None, None
-    own = _STASHED.get(tap.producer)
-    for name, kind in (own, _WEIGHT_INPUT) if own else (_WEIGHT_INPUT,):
-        packing = format_for(config, kind)
-        if packing is not None:
-            return name, packing
-    return None, None
+    kind, packing = first_format(config, _STASHED_KINDS.get(tap.producer, ["weight_input"]), None)
+    return (None, None) if packing is None else (_COUNTER_NAME.get(kind, kind), packing)
 
 
 def _unpack_stashed(packing: Packing, items: list[Any]) -> list[Any]:

@@ -133,11 +133,13 @@ class SlimFit:
     """The `.slimfit` namespace: the frozen set, stats and report of one compiled model."""
 
     def __init__(self, model: nn.Module, config: SlimFitConfig) -> None:
-        if config.optimizer_state == "offload":
-            check_offload(dict(model.named_parameters()))
         self.model = model
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
+        parameters = dict(model.named_parameters())
+        layer_parameters = {n: parameters[n] for n in self.layers}
+        if config.optimizer_state == "offload":
+            check_offload(parameters)
         self._frozen_before_compile = find_layers(model, requires_grad=False)
         self._aliases = parameter_aliases(model)
         self._engine = Engine(EngineConfig(
@@ -153,12 +155,12 @@ class SlimFit:
         # None where the policy never chooses (set_frozen picks the set).
         self.schedule: Schedule | None = None
         if getattr(policy, "chooses", True):
-            self.schedule = _start_schedule(self, model, config, policy)
+            self.schedule = _start_schedule(self, layer_parameters, config, policy)
         # After the schedule's: its hooks drop stale gradients before ours unpack,
         # and pick the next frozen set before ours pack it.
         self._optimizer_state: FrozenLayerState | None = None
         if config.optimizer_state != "full":
-            self._optimizer_state = _start_optimizer_state(self, model, config)
+            self._optimizer_state = _start_optimizer_state(self, layer_parameters, config)
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -394,7 +396,7 @@ class Stats(dict):
         raise KeyError(f"cm.slimfit.stats has no {key!r}: {why}. The stats are {sorted(self)}")
 
 
-def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig,
+def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter], config: SlimFitConfig,
                     policy: FreezePolicy) -> Schedule:
     """A schedule running `policy`, driven by every optimizer's step hooks.
 
@@ -403,11 +405,10 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig,
     schedule weakly and act only on optimizers that hold this model's layers.
     """
     engine = slimfit._engine
-    parameters = dict(model.named_parameters())
     blocks = [tuple(n for n in slimfit.layers if n.startswith(prefix + ".")) for prefix in engine.config.blocks]
     # The schedule is the frozen set's one writer while it chooses (set_frozen refuses).
     schedule = Schedule(
-        slimfit.layers, {n: parameters[n] for n in slimfit.layers}, policy,
+        slimfit.layers, layer_parameters, policy,
         freeze_ratio=config.freeze_ratio, apply_frozen=engine.frozen_layers.set,
         always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
                                    who="SlimFitConfig.always_train"),
@@ -416,13 +417,12 @@ def _start_schedule(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig,
     return _on_optimizer_steps(schedule)
 
 
-def _start_optimizer_state(slimfit: SlimFit, model: nn.Module, config: SlimFitConfig) -> FrozenLayerState:
+def _start_optimizer_state(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter],
+                           config: SlimFitConfig) -> FrozenLayerState:
     """Frozen layers' optimizer state packed after every step of an optimizer that
     holds this model's layers, unpacked before the step they train in."""
-    parameters = dict(model.named_parameters())
-    layers = {n: parameters[n] for n in slimfit.layers}
     frozen_layers = slimfit._engine.frozen_layers
-    store = FrozenLayerState(config.optimizer_state, layers, lambda: frozen_layers.names)
+    store = FrozenLayerState(config.optimizer_state, layer_parameters, lambda: frozen_layers.names)
     return _on_optimizer_steps(store)
 
 

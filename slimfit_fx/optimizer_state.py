@@ -259,24 +259,19 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
     """Count every state tensor of `optimizer`, packed or plain."""
     held = plain = offloaded = packed = packed_plain = 0
     for entry in optimizer.state.values():
+        entry_held, entry_plain = entry_bytes(entry)
+        held, plain = held + entry_held, plain + entry_plain
         for value in entry.values():
             if isinstance(value, PackedState):
                 packed += value.nbytes
                 packed_plain += value.plain_nbytes
-                plain += value.plain_nbytes
-                if value.format == "offload":
-                    offloaded += value.nbytes
-                else:
-                    held += value.nbytes
-            elif isinstance(value, torch.Tensor):
-                size = value.numel() * value.element_size()
-                held += size
-                plain += size
+                offloaded += value.nbytes if value.format == "offload" else 0
     return OptimizerStateBytes(held, plain, offloaded, packed, packed_plain)
 
 
 def entry_bytes(entry: Mapping[str, object]) -> tuple[int, int]:
-    """One parameter's state: bytes held in the parameters' memory now, and plain."""
+    """One parameter's state: bytes held in the parameters' memory now (packed
+    tensors at their packed size, offloaded ones not at all), and plain."""
     held = plain = 0
     for value in entry.values():
         if isinstance(value, PackedState):

@@ -70,7 +70,6 @@ def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
                  if not placement.is_replicate())
 
 
-
 class Schedule:
     """The frozen set each step, chosen by `policy`.
 

@@ -83,6 +83,14 @@ class FreezePolicy(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+def check_int_options(who: str, *options: tuple[str, object, int]) -> None:
+    """Raise ValueError naming `who` ("ILS", "LISA") for an option (name, value,
+    least) that is not an int >= least."""
+    for field, value, least in options:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{who} {field} must be an int >= {least}, got {value!r}")
+
+
 def load_generator(state: Mapping[str, object], who: str) -> torch.Generator:
     """A torch.Generator at the state saved under "generator"; ValueError naming
     `who` ("ILS", "LISA") when it is not a generator state."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import StepView, load_generator
+from .base import StepView, check_int_options, load_generator
 
 # Initial scores are uniform in [0, INITIAL_SCORE): far above any real relative
 # change, so every layer trains once before measured scores compete (as the
@@ -32,9 +32,7 @@ class ILS:
     config_fields = ("reschedule_every", "seed")
 
     def __init__(self, reschedule_every: int = 1, seed: int = 0) -> None:
-        for field, value, least in (("reschedule_every", reschedule_every, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"ILS {field} must be an int >= {least}, got {value!r}")
+        check_int_options("ILS", ("reschedule_every", reschedule_every, 1), ("seed", seed, 0))
         self.reschedule_every = reschedule_every
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .base import StepView, load_generator
+from .base import StepView, check_int_options, load_generator
 
 
 class LISA:
@@ -35,9 +35,7 @@ class LISA:
     }
 
     def __init__(self, layers: int = 2, interval: int = 20, seed: int = 0) -> None:
-        for field, value, least in (("layers", layers, 1), ("interval", interval, 1), ("seed", seed, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"LISA {field} must be an int >= {least}, got {value!r}")
+        check_int_options("LISA", ("layers", layers, 1), ("interval", interval, 1), ("seed", seed, 0))
         self.layers = layers
         self.interval = interval
         self.seed = seed
@@ -85,6 +83,5 @@ class LISA:
                 and all(isinstance(i, int) for i in blocks)):
             raise ValueError(f"this LISA state trains {blocks!r:.60}, not {self.layers} block indices; "
                              f"compile with the LISA(layers=...) the saved run used")
-        self.generator = load_generator(state, "LISA")
-        self.period = int(state["lisa_period"])
-        self.trained_blocks = tuple(blocks)
+        generator, period = load_generator(state, "LISA"), int(state["lisa_period"])
+        self.generator, self.period, self.trained_blocks = generator, period, tuple(blocks)
