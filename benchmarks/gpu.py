@@ -1,6 +1,6 @@
 """Total GPU memory a fine-tuning step costs, per contender, at the paper's shapes.
 
-    python benchmarks/gpu.py [--out gpu.md] [--budget-s 540] [--cases NAME ...]
+    python benchmarks/gpu.py [--out gpu.md] [--budget-s 540] [--cases NAME ...] [--rows gpu.json]
     python benchmarks/gpu.py --smoke        # the same code on CPU at tiny sizes
 
 Cases: BERT-base bs 32 seq 128 (the paper's GLUE shape), ViT-B/16 bs 128 at
@@ -8,17 +8,22 @@ Cases: BERT-base bs 32 seq 128 (the paper's GLUE shape), ViT-B/16 bs 128 at
 dropout 0.1, fp32, AdamW over every parameter. Contenders: eager PyTorch,
 torch.compile, torch.compile with activation_memory_budget 0.1, and slimfit's
 default `slimfit_fx.compile(model)` (ILS after every optimizer step, 90% of the
-layers frozen, the paper's compression). Each contender runs in its own
-process, so no peak mixes with another's. After `--warmup` steps (enough for
-ILS to have trained every layer once, so AdamW holds state for every
-parameter, as eager's does) the peak statistics are reset and `--steps` steps
-are timed; the row reports `torch.cuda.max_memory_allocated` and
+layers frozen, the paper's compression), and the same with frozen layers'
+AdamW state held in 8 bits (`optimizer_state="int8"`). Each contender runs in
+its own process, so no peak mixes with another's. After `--warmup` steps
+(enough for ILS to have trained every layer once, so AdamW holds state for
+every parameter, as eager's does) the allocator's cache is emptied, the peak
+statistics are reset (so neither the warm-up's nor the compile's blocks count)
+and `--steps` steps are timed; the row reports `torch.cuda.max_memory_allocated` and
 `max_memory_reserved` over those steps, the memory allocated before them
 (weights, optimizer state, anything compiled code keeps), the median step and
 the compile time (first step minus the median; slimfit: its own count).
 `--smoke` runs tiny models on CPU (peak = the process's max RSS) so this
 script is tested before a GPU runs it. The run stops starting contenders when
-`--budget-s` is spent and says which it skipped.
+`--budget-s` is spent and says which it skipped. With `--rows FILE` every
+finished row is kept in FILE (JSON) and read back by the next run with the same
+file, which runs only what is missing: cold compiles that do not fit one run
+(a machine lent 10 minutes a command) finish over two or three.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ SMOKE_CASES: dict[str, tuple[str, dict]] = {
     "bert-tiny bs2 seq12": ("bert-tiny", {}),
     "vit-tiny bs2": ("vit-tiny", {}),
 }
-CONTENDERS = ("eager", "slimfit", "torch.compile", "torch.compile, memory budget 0.1")
+CONTENDERS = ("eager", "slimfit", "slimfit, int8 optimizer state", "torch.compile",
+              "torch.compile, memory budget 0.1")
 GIB = 2**30
 MIB = 2**20
 FITS_GIB = 32  # the paper's "fits one 32 GB GPU"
@@ -66,6 +72,8 @@ def run_one(case: str, contender: str, steps: int, warmup: int, smoke: bool) -> 
         module = model
     elif contender == "slimfit":
         module = slimfit_fx.compile(model)
+    elif contender == "slimfit, int8 optimizer state":
+        module = slimfit_fx.compile(model, optimizer_state="int8")
     elif contender == "torch.compile":
         module = torch.compile(model)
     elif contender == "torch.compile, memory budget 0.1":
@@ -85,6 +93,7 @@ def run_one(case: str, contender: str, steps: int, warmup: int, smoke: bool) -> 
                 sync()
                 resident = torch.cuda.memory_allocated() if device.type == "cuda" else None
                 if device.type == "cuda":
+                    torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             module(**batch).loss.backward()
@@ -101,7 +110,7 @@ def run_one(case: str, contender: str, steps: int, warmup: int, smoke: bool) -> 
                    max_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if contender == "eager":
         row["compile_s"] = None
-    elif contender == "slimfit":
+    elif contender.startswith("slimfit"):
         row["compile_s"] = module.slimfit.stats["compile_seconds"]
         row["distinct_frozen_sets"] = module.slimfit.schedule.distinct_sets()
     else:
@@ -157,6 +166,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="start no contender after this many seconds")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here (markdown)")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="keep finished rows in this JSON file; a row already in it is not rerun")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (1 if args.smoke else 5)
@@ -174,11 +185,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; choose from {sorted(cases)}")
     start = time.monotonic()
+    kept = json.loads(args.rows.read_text()) if args.rows and args.rows.exists() else {}
     sections = [f"Machine: {_machine(args.smoke)}. Warm-up {warmup} steps, {steps} timed. "
                 "`python benchmarks/gpu.py" + (" --smoke" if args.smoke else "") + "`"]
     for case in args.cases or cases:
         rows: dict[str, dict | str] = {}
         for contender in args.contenders:
+            key = f"{case} | {contender} | warmup {warmup} steps {steps}"
+            if isinstance(kept.get(key), dict):
+                rows[contender] = kept[key]
+                continue
             left = args.budget_s - (time.monotonic() - start)
             if left <= 0:
                 rows[contender] = "not run: time budget spent"
@@ -187,6 +203,9 @@ def main() -> None:
                        "--steps", str(steps), "--warmup", str(warmup), *(["--smoke"] if args.smoke else [])]
             rows[contender] = run_child(command, timeout=left)
             print(f"{case} | {contender}: {rows[contender]}", flush=True)
+            if args.rows and isinstance(rows[contender], dict):
+                kept[key] = rows[contender]
+                args.rows.write_text(json.dumps(kept, indent=1))
         sections.append(table(case, rows, args.smoke))
         print(sections[-1], flush=True)
         if args.out:  # rewritten after every case: a run cut short keeps what it finished

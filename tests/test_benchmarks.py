@@ -4,6 +4,7 @@ and benchmarks/contenders.py on a tiny BERT (one process per contender, total
 peak and its breakdown)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,19 +35,29 @@ def _rows(text):
     pytest.param(["torch.compile, memory budget 0.1"], marks=pytest.mark.slow),
 ], ids=["eager-slimfit", "torch.compile"])
 def test_gpu_benchmark_smoke(tmp_path, contenders):
-    text = _smoke(tmp_path, "--cases", "bert-tiny bs2 seq12", "--contenders", *contenders)
+    kept = tmp_path / "rows.json"
+    case = ["--cases", "bert-tiny bs2 seq12"]
+    text = _smoke(tmp_path, *case, "--contenders", *contenders, "--rows", str(kept))
     rows = _rows(text)
     assert [r[0].strip() for r in rows] == contenders, text
     for name, rss, step, compile_s in rows:
         assert float(rss.replace(",", "")) > 100, text  # MiB: torch alone takes more
         assert float(step) > 0, text
         assert (compile_s.strip() == "-") == (name.strip() == "eager"), text
+    # a kept row is read back, not rerun (a run cut short finishes in the next)
+    rows_kept = json.loads(kept.read_text())
+    assert len(rows_kept) == len(contenders), rows_kept
+    for row in rows_kept.values():
+        row["step_s"] = 123.0
+    kept.write_text(json.dumps(rows_kept))
+    again = _rows(_smoke(tmp_path, *case, "--contenders", *contenders, "--rows", str(kept)))
+    assert [float(r[2]) for r in again] == [123.0] * len(contenders), again
 
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_every_case_and_contender(tmp_path):
     rows = _rows(_smoke(tmp_path))
-    assert len(rows) == 8 and all(not r[1].strip().startswith(("failed", "not run")) for r in rows), rows
+    assert len(rows) == 10 and all(not r[1].strip().startswith(("failed", "not run")) for r in rows), rows
 
 
 def test_contenders_total_peak_and_breakdown_on_a_tiny_bert():
