@@ -101,7 +101,8 @@ def llama():
     return model, {"input_ids": ids, "labels": ids}
 
 
-@pytest.mark.parametrize("build", [bert, llama])
+# The default run checks Llama (the faster of the two); `-m slow` BERT too.
+@pytest.mark.parametrize("build", [pytest.param(bert, marks=pytest.mark.slow), llama], ids=["bert", "llama"])
 def test_slimfit_freezes_what_the_authors_code_freezes(build):
     model, batch = build()
     cm = slimfit_fx.compile(model, backend="aot_eager", schedule="ils", freeze_ratio=RATIO,
