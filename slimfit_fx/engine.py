@@ -216,6 +216,9 @@ class StepLog:
     """
 
     graph_calls: int = 0
+    # every layer a training call of a captured graph took as an input; a layer
+    # used in the forward but not here ran where dynamo fell back to eager
+    layers_seen: set[str] = field(default_factory=set)
     current: StepInProgress = field(default_factory=StepInProgress)
     last_step: "StepRecord | None" = None
     first_training_call: float | None = None
@@ -471,6 +474,7 @@ class CapturedGraph:
             self.engine.config.refresh_names()  # fully_shard made new parameter objects
             names = self._names(args)
         self.call_names = names
+        steps.layers_seen.update(n for n in names if n is not None and n in self.engine.config.layers)
         if steps.first_training_call is None:
             steps.first_training_call = time.perf_counter()
         step = steps.current = StepInProgress()

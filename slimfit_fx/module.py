@@ -144,6 +144,8 @@ class SlimFit:
             memory_budget=config.memory_budget,
         ))
         policy = build_policy(config)
+        # Before the schedule's hooks, which drop the gradients of frozen layers.
+        self._outside_graphs = _on_optimizer_steps(LayersOutsideGraphs(self))
         self.schedule_name: str = policy.name
         # None where the policy never chooses (set_frozen picks the set).
         self.schedule: Schedule | None = None
@@ -399,6 +401,46 @@ class Stats(dict):
         else:
             why = "no such stat"
         raise KeyError(f"cm.slimfit.stats has no {key!r}: {why}. The stats are {sorted(self)}")
+
+
+class LayersOutsideGraphs:
+    """Refuses to step an optimizer while a layer that ran outside slimfit's graphs
+    could be frozen.
+
+    A forward captured in pieces (sharded blocks split it) can leave code to
+    eager PyTorch: dynamo runs a frame it cannot split (a loop over the blocks
+    with code of its own around it, as in HF Llama's model forward) eagerly, and
+    an nn.Embedding or nn.Linear called from there never meets the frozen set.
+    Such a layer shows itself with a gradient while no graph took it as an input.
+    """
+
+    def __init__(self, slimfit: "SlimFit") -> None:
+        self.slimfit = weakref.proxy(slimfit)
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        ids = {id(p) for p in self.slimfit.model.parameters()}
+        return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        slimfit = self.slimfit
+        seen = slimfit._engine.steps.layers_seen
+        if not seen or len(seen) == len(slimfit.layers):
+            return  # no training forward yet, or every layer went through a graph
+        outside = [n for n in slimfit.layers if n not in seen and slimfit.model.get_parameter(n).grad is not None]
+        schedule = slimfit.schedule
+        can_freeze = set(slimfit.frozen) if schedule is None else set(outside) - schedule.always_train
+        refused = [n for n in outside if n in can_freeze]
+        if refused:
+            raise SlimFitError(
+                f"{len(refused)} layer(s) ran outside slimfit_fx's compiled graphs ({refused[0]!r} "
+                "first): dynamo ran the code around them eagerly (a frame it could not split at a "
+                "sharded block's hooks, e.g. a loop over the blocks with an embedding before it), "
+                "so freezing them would not stop their gradients. Fix: keep them training "
+                f"(always_train={tuple(refused)!r}, or leave them out of set_frozen), or shard "
+                "the root module only (fully_shard(model)), which captures the whole forward")
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
 
 
 def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter], config: SlimFitConfig,

@@ -42,7 +42,9 @@ FROZEN = {
     "bert": ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
              "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.key.weight",
              "bert.encoder.layer.1.intermediate.dense.weight"),
-    "llama": ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+    # not the embedding: HF Llama embeds in the frame that loops over the blocks,
+    # which dynamo runs eagerly once sharded blocks split it (see _eager_embedding)
+    "llama": ("lm_head.weight", "model.layers.0.self_attn.q_proj.weight",
               "model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.up_proj.weight",
               "model.layers.1.input_layernorm.weight"),
 }
@@ -179,7 +181,24 @@ def _diverging_ranks(rank: int) -> str:
     return "no error"
 
 
-def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool) -> None:
+def _eager_embedding(rank: int) -> str:
+    """HF Llama's model forward embeds, then loops over the blocks: a loop dynamo
+    cannot split at a sharded block's hooks, so it runs that frame eagerly and the
+    embedding never meets the frozen set. Freezing it must be refused."""
+    model = _case("llama").model
+    cm = _sharded_compile(model, "blocks", schedule="manual", compression="off")
+    cm.slimfit.set_frozen(["model.embed_tokens.weight"])
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+    cm(**_half_batch("llama", rank)).loss.backward()
+    try:
+        optimizer.step()
+    except SlimFitError as err:
+        return f"SlimFitError: {err}"
+    return "no error"
+
+
+def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
+               eager_embedding: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -194,6 +213,8 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
             records[f"ils-{layout}"] = _train_ils(layout, rank)
         if diverge:
             records["diverge"] = _diverging_ranks(rank)
+        if eager_embedding:
+            records["eager_embedding"] = _eager_embedding(rank)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(records, f)
     except BaseException:
@@ -202,8 +223,9 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
     exit_rank()
 
 
-def _spawn(out, manual=(), ils=(), diverge=False):
-    mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge), nprocs=WORLD, join=True)
+def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False):
+    mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge, eager_embedding),
+             nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -293,7 +315,7 @@ SLOW_MANUAL = [("bert", "root"), ("bert", "compile_blocks"), ("bert", "compile_r
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_slow")
-    return _spawn(out, manual=SLOW_MANUAL, ils=["root", "compile_blocks"]), out
+    return _spawn(out, manual=SLOW_MANUAL, ils=["root", "compile_blocks", "compile_root"], eager_embedding=True), out
 
 
 @needs_dist
@@ -306,9 +328,18 @@ def test_every_layout_trains_like_single_process_eager(slow_run, name, layout):
 
 @needs_dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["root", "compile_blocks"])
+@pytest.mark.parametrize("layout", ["root", "compile_blocks", "compile_root"])
 def test_ils_picks_the_same_sets_in_every_layout(slow_run, layout):
     _assert_ils(slow_run[0], f"ils-{layout}")
+
+
+@needs_dist
+@pytest.mark.slow
+def test_freezing_a_layer_dynamo_ran_eagerly_is_refused(slow_run):
+    for r in slow_run[0]:
+        message = r["eager_embedding"]
+        assert message.startswith("SlimFitError") and "model.embed_tokens.weight" in message, message
+        assert "always_train" in message and "fully_shard(model)" in message
 
 
 def test_fully_shard_on_the_compiled_module_names_the_modules_to_shard():
