@@ -283,8 +283,12 @@ def capture_settings():
     symbols off a region's inputs at run time). HF's `logger.warning_once`
     calls in forward are ignored (see _ignored_logging_functions).
     """
-    return torch._dynamo.config.patch(specialize_float=True,
-                                      ignore_logging_functions=_ignored_logging_functions())
+    patches = dict(specialize_float=True, ignore_logging_functions=_ignored_logging_functions())
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        # fullgraph=False would otherwise run a frame past the limit eagerly, where
+        # no frozen set applies
+        patches["fail_on_recompile_limit_hit"] = True
+    return torch._dynamo.config.patch(**patches)
 
 
 def _ignored_logging_functions() -> set[Callable[..., Any]]:
@@ -352,10 +356,13 @@ def _isolated_compile(model: torch.nn.Module, **options: Any) -> Callable[..., A
     return run
 
 
-def compile_forward(model: torch.nn.Module, backend: Callable[..., Any]) -> Callable[..., Any]:
-    """torch.compile(model) with `backend`, fullgraph, counting recompiles for this
-    model alone (see _isolated_compile)."""
-    return _isolated_compile(model, backend=backend, fullgraph=True)
+def compile_forward(model: torch.nn.Module, backend: Callable[..., Any], fullgraph: bool = True) -> Callable[..., Any]:
+    """torch.compile(model) with `backend`, counting recompiles for this model
+    alone (see _isolated_compile). `fullgraph=False` lets dynamo split the
+    forward where it must (FSDP2's hooks on sharded blocks); every piece still
+    goes through `backend`, and capture_settings makes a frame past
+    recompile_limit an error instead of an eager run."""
+    return _isolated_compile(model, backend=backend, fullgraph=fullgraph)
 
 
 def inline_activation_checkpoints(gm: fx.GraphModule) -> int:

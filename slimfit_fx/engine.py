@@ -59,24 +59,30 @@ class CompiledRegion:
 class Region(torch.nn.Module):
     """One region of the split graph: runs its compiled code with the current frozen set."""
 
-    def __init__(self, index: int, block: str | None, input_names: tuple[str | None, ...],
-                 engine: "Engine") -> None:
+    def __init__(self, index: int, block: str | None, input_positions: tuple[int | None, ...],
+                 graph: "CapturedGraph") -> None:
         super().__init__()
-        self.index, self.block, self.input_names = index, block, input_names
+        # Each input's position among its dynamo graph's inputs (None: an activation
+        # made in the graph); the layer it carries is named per call (see
+        # CapturedGraph.call_names), as one graph may serve several blocks.
+        self.index, self.block, self.input_positions = index, block, input_positions
         self.compiled: CompiledRegion | None = None
-        object.__setattr__(self, "engine", engine)  # not a submodule
+        object.__setattr__(self, "graph", graph)  # not a submodule
+        object.__setattr__(self, "engine", graph.engine)
 
     def forward(self, *args: Any) -> Any:
         engine, compiled = self.engine, self.compiled
         frozen = engine.frozen_layers.names
         step = engine.steps.current
+        names = self.graph.call_names
         call_args = list(args)
         slots: list[TapSlot | None] = []
         probes = []
         for tap, shape in zip(compiled.taps, compiled.probe_shapes(args)):
             weight = args[tap.weight_input]
             call_args[tap.weight_input] = weight.detach()
-            trains = self.input_names[tap.weight_input] not in frozen and weight.requires_grad
+            position = self.input_positions[tap.weight_input]
+            trains = names[position] not in frozen and weight.requires_grad
             slot = TapSlot(tap, weight) if trains else None
             slots.append(slot)
             # A frozen use's probe needs no autograd node: the region's backward
@@ -100,8 +106,9 @@ class EngineConfig:
     """What the engine reads and never changes; built by `SlimFit` at compile.
 
     `names_by_id` (a graph input's layer name, by the parameter's identity) is
-    the one exception: the capture backend refreshes it before each capture,
-    since FSDP2 swaps other parameter objects in for each forward.
+    the one exception: FSDP2 (fully_shard) swaps other parameter objects in for
+    each forward, so the capture backend refreshes it before each capture, and a
+    graph call that meets a parameter it does not know calls `refresh_names`.
     """
 
     backend: str
@@ -110,6 +117,7 @@ class EngineConfig:
     blocks: tuple[str, ...]
     compression: CompressionConfig | None = None
     memory_budget: float | None = None
+    refresh_names: Callable[[], None] = lambda: None
 
 
 class FrozenLayers:
@@ -208,6 +216,9 @@ class StepLog:
     """
 
     graph_calls: int = 0
+    # every layer a training call of a captured graph took as an input; a layer
+    # used in the forward but not here ran where dynamo fell back to eager
+    layers_seen: set[str] = field(default_factory=set)
     current: StepInProgress = field(default_factory=StepInProgress)
     last_step: "StepRecord | None" = None
     first_training_call: float | None = None
@@ -334,10 +345,11 @@ class CapturedGraph:
         self.graph_id = graph_id
         self.engine = engine
         self.tracing_context = capture.current_tracing_context()
-        self.input_names = tuple(
-            engine.config.names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None
-            for x in example_inputs
-        )
+        self.input_names = self._names(example_inputs)
+        # The parameter names of the call under way: a graph that serves several
+        # blocks (one dynamo graph per block's forward, when fully_shard on each
+        # block splits the capture) gets another block's parameters each call.
+        self.call_names = self.input_names
         self.builds_backward = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
         )
@@ -361,11 +373,12 @@ class CapturedGraph:
         top_inputs = {n: i for i, n in enumerate(n for n in split.graph.nodes if n.op == "placeholder")}
         for index, node in enumerate(n for n in split.graph.nodes if n.op == "call_module"):
             sub = getattr(split, node.target)
-            names = tuple(self.input_names[top_inputs[a]] if a in top_inputs else None for a in node.args)
+            positions = tuple(top_inputs.get(a) for a in node.args)
+            names = tuple(None if i is None else self.input_names[i] for i in positions)
             activations = frozenset(i for i, a in enumerate(node.args) if a not in top_inputs)
             is_weight = [name in config.layers for name in names]
             block = _region_block(sub, config.blocks)
-            region = Region(index, block, names, self.engine)
+            region = Region(index, block, positions, self)
             key = (regions.structural_key(sub, is_weight), activations)
             compiled = cache.compiled.get(key)
             if compiled is None:
@@ -446,12 +459,22 @@ class CapturedGraph:
                               returns_tuple=returns_tuple, compile_seconds=seconds,
                               counters=dict(ctx.counters), graphs=graphs)
 
+    def _names(self, inputs: Any) -> tuple[str | None, ...]:
+        names_by_id = self.engine.config.names_by_id
+        return tuple(names_by_id.get(id(x)) if isinstance(x, torch.nn.Parameter) else None for x in inputs)
+
     def __call__(self, *args: Any) -> Any:
         steps = self.engine.steps
         steps.graph_calls += 1
         training = self.builds_backward and torch.is_grad_enabled()
         if not training:
             return self.fn(*args)
+        names = self._names(args)
+        if any(n is None and isinstance(x, torch.nn.Parameter) for n, x in zip(names, args)):
+            self.engine.config.refresh_names()  # fully_shard made new parameter objects
+            names = self._names(args)
+        self.call_names = names
+        steps.layers_seen.update(n for n in names if n is not None and n in self.engine.config.layers)
         if steps.first_training_call is None:
             steps.first_training_call = time.perf_counter()
         step = steps.current = StepInProgress()

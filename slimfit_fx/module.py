@@ -65,7 +65,6 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
             f"{type(model).__name__}.{nested[0]} is already a slimfit_fx module, so this model "
             "cannot be captured as one graph. Fix: build the outer model around the original "
             f"module (cm.slimfit.model) and compile only the outer one")
-    _refuse_sharded_submodules(model)
     if model in _COMPILED:
         raise AlreadyCompiledError(
             f"slimfit_fx.compile was already called on this {type(model).__name__}; use the "
@@ -96,21 +95,12 @@ def compile(model: nn.Module, config: SlimFitConfig | None = None, **overrides: 
     return module
 
 
-def _refuse_sharded_submodules(model: nn.Module) -> None:
-    """FSDP2 on a submodule puts hooks that dynamo must skip inside the one forward graph."""
+def sharded_submodules(model: nn.Module) -> list[str]:
+    """Names of the submodules of `model` that fully_shard (FSDP2) sharded, the root left out."""
     fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
     if fsdp is None:
-        return
-    inner = [name for name, m in model.named_modules() if name and isinstance(m, fsdp.FSDPModule)]
-    if inner:
-        raise TypeError(
-            f"{type(model).__name__}.{inner[0]} ({len(inner)} submodule(s) in all) is sharded "
-            "with fully_shard. FSDP2 runs its all-gather and reshard hooks under "
-            "torch._dynamo.disable, so they split the forward that slimfit_fx captures as one "
-            "graph. Fix: shard the root module only, then compile: fully_shard(model); "
-            "cm = slimfit_fx.compile(model) (parameters are gathered for the whole forward "
-            "and backward; gradients and optimizer state stay sharded)"
-        )
+        return []
+    return [name for name, m in model.named_modules() if name and isinstance(m, fsdp.FSDPModule)]
 
 
 def _blocks(model: nn.Module, named: tuple | None) -> tuple[str, ...]:
@@ -142,15 +132,20 @@ class SlimFit:
             check_offload(parameters)
         self._frozen_before_compile = find_layers(model, requires_grad=False)
         self._aliases = parameter_aliases(model)
+        names_by_id = parameter_names_by_identity(model)
+        live = weakref.ref(model)  # held weakly, as in _capture_backend
         self._engine = Engine(EngineConfig(
             backend=config.backend,
-            names_by_id=parameter_names_by_identity(model),
+            names_by_id=names_by_id,
+            refresh_names=lambda: names_by_id.update(parameter_names_by_identity(live())),
             layers=frozenset(self.layers),
             blocks=_blocks(model, config.blocks),
             compression=config.compression_config,
             memory_budget=config.memory_budget,
         ))
         policy = build_policy(config)
+        # Before the schedule's hooks, which drop the gradients of frozen layers.
+        self._outside_graphs = _on_optimizer_steps(LayersOutsideGraphs(self))
         self.schedule_name: str = policy.name
         # None where the policy never chooses (set_frozen picks the set).
         self.schedule: Schedule | None = None
@@ -161,6 +156,18 @@ class SlimFit:
         self._optimizer_state: FrozenLayerState | None = None
         if config.optimizer_state != "full":
             self._optimizer_state = _start_optimizer_state(self, layer_parameters, config)
+
+    def _parameters_replaced(self) -> None:
+        """fully_shard after compile put new parameter objects (DTensor shards) in
+        the model: the schedule, the optimizer-state store and the graph-input
+        names follow them. Before any optimizer step only: one that stepped
+        holds the old objects, and what it learned about them is lost."""
+        parameters = dict(self.model.named_parameters())
+        layer_parameters = {n: parameters[n] for n in self.layers}
+        for part in (self.schedule, self._optimizer_state):
+            if part is not None:
+                part.rebind(layer_parameters)
+        self._engine.config.names_by_id.update(parameter_names_by_identity(self.model))
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -396,6 +403,46 @@ class Stats(dict):
         raise KeyError(f"cm.slimfit.stats has no {key!r}: {why}. The stats are {sorted(self)}")
 
 
+class LayersOutsideGraphs:
+    """Refuses to step an optimizer while a layer that ran outside slimfit's graphs
+    could be frozen.
+
+    A forward captured in pieces (sharded blocks split it) can leave code to
+    eager PyTorch: dynamo runs a frame it cannot split (a loop over the blocks
+    with code of its own around it, as in HF Llama's model forward) eagerly, and
+    an nn.Embedding or nn.Linear called from there never meets the frozen set.
+    Such a layer shows itself with a gradient while no graph took it as an input.
+    """
+
+    def __init__(self, slimfit: "SlimFit") -> None:
+        self.slimfit = weakref.proxy(slimfit)
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        ids = {id(p) for p in self.slimfit.model.parameters()}
+        return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        slimfit = self.slimfit
+        seen = slimfit._engine.steps.layers_seen
+        if not seen or len(seen) == len(slimfit.layers):
+            return  # no training forward yet, or every layer went through a graph
+        outside = [n for n in slimfit.layers if n not in seen and slimfit.model.get_parameter(n).grad is not None]
+        schedule = slimfit.schedule
+        can_freeze = set(slimfit.frozen) if schedule is None else set(outside) - schedule.always_train
+        refused = [n for n in outside if n in can_freeze]
+        if refused:
+            raise SlimFitError(
+                f"{len(refused)} layer(s) ran outside slimfit_fx's compiled graphs ({refused[0]!r} "
+                "first): dynamo ran the code around them eagerly (a frame it could not split at a "
+                "sharded block's hooks, e.g. a loop over the blocks with an embedding before it), "
+                "so freezing them would not stop their gradients. Fix: keep them training "
+                f"(always_train={tuple(refused)!r}, or leave them out of set_frozen), or shard "
+                "the root module only (fully_shard(model)), which captures the whole forward")
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+
 def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter], config: SlimFitConfig,
                     policy: FreezePolicy) -> Schedule:
     """A schedule running `policy`, driven by every optimizer's step hooks.
@@ -461,6 +508,10 @@ def _every_break(model: nn.Module, args: tuple, kwargs: dict) -> str:
     return text + "\n"
 
 
+def _parameter_ids(model: nn.Module) -> tuple[int, ...]:
+    return tuple(map(id, model.parameters()))
+
+
 class SlimFitModule(nn.Module):
     """Trains like the wrapped model; see `slimfit_fx.compile`."""
 
@@ -470,7 +521,8 @@ class SlimFitModule(nn.Module):
         slimfit = SlimFit(model, config)
         # Stored outside nn.Module's registries: neither a submodule nor state.
         object.__setattr__(self, "slimfit", slimfit)
-        object.__setattr__(self, "_compiled", capture.compile_forward(model, slimfit._capture_backend()))
+        object.__setattr__(self, "_parameter_ids", _parameter_ids(model))
+        object.__setattr__(self, "_compiled", self._compile_forward())
 
         # Trainers read the forward's signature to pick batch columns (HF Trainer
         # drops the ones it does not name): show the wrapped model's.
@@ -495,12 +547,34 @@ class SlimFitModule(nn.Module):
     def __class__(self, cls: type) -> None:
         raise TypeError(
             f"cannot make this slimfit_fx module a {cls.__name__}: wrappers that swap a "
-            "module's class (fully_shard, replicate) must be applied to the model before "
-            "compiling, e.g. fully_shard(model); cm = slimfit_fx.compile(model)"
+            "module's class (fully_shard, replicate) go on the model and its blocks, not on the "
+            "compiled module: fully_shard(block) for each block, then fully_shard(model), "
+            "then cm = slimfit_fx.compile(model) (or the same calls on cm.slimfit.model and "
+            "its blocks after compiling, before the optimizer is made)"
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._forward(*args, **kwargs)
+
+    def _compile_forward(self):
+        """The model's forward under dynamo. FSDP2 runs each sharded block's
+        all-gather and reshard hooks under torch._dynamo.disable, so a model with
+        sharded blocks is captured as one graph per stretch between hooks (a
+        block's forward, the code before and after the blocks), each through
+        slimfit's backend; a block class's graph serves all of its blocks."""
+        return capture.compile_forward(self._model, self.slimfit._capture_backend(),
+                                       fullgraph=not sharded_submodules(self._model))
+
+    def _check_parameters(self) -> None:
+        """Follow fully_shard applied after compile: its parameters replace the
+        model's (the schedule must see the ones the optimizer holds), and sharded
+        blocks change how the forward is captured."""
+        ids = _parameter_ids(self._model)
+        if ids == self._parameter_ids:
+            return
+        self.slimfit._parameters_replaced()
+        object.__setattr__(self, "_parameter_ids", ids)
+        object.__setattr__(self, "_compiled", self._compile_forward())
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_exporting() or torch.jit.is_tracing():
@@ -513,6 +587,7 @@ class SlimFitModule(nn.Module):
                 "slimfit_fx.compile; it holds the trained weights), e.g. "
                 "torch.onnx.export(cm.slimfit.model.eval(), args)."
             )
+        self._check_parameters()
         schedule = self.slimfit.schedule
         if schedule is not None and torch.is_grad_enabled() and self._model.training:
             schedule.note_training_forward()
@@ -539,7 +614,6 @@ class SlimFitModule(nn.Module):
                 "torch._dynamo.config.recompile_limit."
             ) from err
         except capture.CAPTURE_ERRORS as err:
-            _refuse_sharded_submodules(self._model)  # the clearer message, if that is why
             raise CaptureError(
                 f"torch.compile could not capture {type(self._model).__name__}.forward as one "
                 "graph, which slimfit_fx needs to control every parameter's gradient. "

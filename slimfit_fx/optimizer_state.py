@@ -302,6 +302,17 @@ class FrozenLayerState:
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
+    def rebind(self, parameters: Mapping[str, torch.nn.Parameter]) -> None:
+        """Follow the layers to new parameter objects (fully_shard applied after
+        compile); an optimizer that stepped already holds state under the old ones."""
+        if any(True for _ in self._optimizers):
+            raise SlimFitError(
+                "the model's parameters were replaced (fully_shard after slimfit_fx.compile?) after "
+                "an optimizer step, so that optimizer's state belongs to the old ones. Fix: shard "
+                "before training and make the optimizer after sharding")
+        self.parameters = dict(parameters)
+        self._param_ids = {id(p) for p in self.parameters.values()}
+
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Watch `optimizer`: its state_dict() unpacks, its load_state_dict() re-packs."""
         if optimizer in self._optimizers:

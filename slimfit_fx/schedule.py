@@ -14,6 +14,7 @@ in one transfer.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -122,6 +123,7 @@ class Schedule:
         self._reference: dict[int, torch.Tensor] | None = None
         self.forwards_since_reference = 0
         self._applied: frozenset[str] = frozenset()
+        self._agreed: frozenset[str] | None = None  # the last set every rank was seen to run
         self._apply(self._choose(None, must_choose=True) or frozenset())
 
     @property
@@ -201,6 +203,22 @@ class Schedule:
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
+    def rebind(self, parameters: dict[str, torch.nn.Parameter]) -> None:
+        """Follow the layers to new parameter objects (fully_shard applied after
+        compile), before any optimizer step: an optimizer that stepped holds the
+        old ones and would never drive this schedule again."""
+        if self.held is not None or self.step:
+            raise SlimFitError(
+                f"the model's parameters were replaced (fully_shard after slimfit_fx.compile?) after "
+                f"{self.step} update(s) of the {self.name!r} schedule, whose optimizer holds the old "
+                "ones, so the frozen set would never change again. Fix: shard before training, and "
+                "make the optimizer after sharding: fully_shard each block and the model, then "
+                "cm = slimfit_fx.compile(model) (or compile first and shard right after), then "
+                "optimizer = torch.optim.AdamW(cm.parameters())")
+        self.parameters = parameters
+        self._param_ids = {id(parameters[name]): i for i, name in enumerate(self.layers)}
+        self.weights_loaded()
+
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Note the layers `optimizer` holds, drop the gradients of layers frozen
         when they were computed (so no optimizer moves them, even with momentum
@@ -244,9 +262,12 @@ class Schedule:
         self._reschedule(changes)
 
     def note_training_forward(self) -> None:
-        """Called before each training forward: it ends the current update, and
+        """Called before each training forward: it ends the current update, checks
+        that every rank sharing the sharded layers runs the same frozen set, and
         in a loop with no optimizer it checks that `manual_step` follows each update."""
         self._round = None
+        if self._agreed != self.frozen:
+            self._check_ranks_agree()
         for name in self.not_held:
             # a gradient from before the first step, when the layer was still scheduled
             self.parameters[name].grad = None
@@ -286,6 +307,36 @@ class Schedule:
             return  # nothing moved: measuring now would give the layers that train 0 and freeze them
         self.weights_loaded()
         self._advance(changes)
+
+    def _check_ranks_agree(self) -> None:
+        """Under FSDP2 every rank must skip the same gradients: FSDP2 leaves a
+        parameter with no gradient out of its reduce-scatter, so ranks with different
+        frozen sets would reduce mismatched buffers, or one would wait for good on a
+        collective another skips. Each set change costs one all_reduce (max of
+        (h, -h) for a hash h of the set) over the groups the layers are sharded on;
+        nothing for a model with no sharded layer."""
+        groups: dict[int, tuple[Any, torch.device]] = {}
+        for name in self.layers:
+            p = self.parameters[name]
+            for group in _shard_groups(p):
+                groups.setdefault(id(group), (group, _local(p).device))
+        frozen = self.frozen
+        digest = hashlib.blake2b(self._mask(frozen).to_bytes(len(self.layers) // 8 + 1, "little"),
+                                 digest_size=7).digest()
+        h = int.from_bytes(digest, "little")
+        for group, device in groups.values():
+            seen = torch.tensor([h, -h], dtype=torch.int64, device=device)
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=group)
+            if seen.tolist() != [h, -h]:
+                raise SlimFitError(
+                    f"rank {dist.get_rank()} is about to train with a frozen set ({len(frozen)} of "
+                    f"{len(self.layers)} layers frozen) that differs from another rank's, at update "
+                    f"{self.step} of the {self.name!r} schedule; under fully_shard the ranks would "
+                    "then reduce mismatched gradients or wait for each other for good. Fix: compile "
+                    "with the same config on every rank (schedule, freeze_ratio, seed, always_train), "
+                    "give every rank's optimizer the same parameters, and load the same "
+                    "cm.slimfit.state_dict() on every rank when resuming")
+        self._agreed = frozen
 
     # -- weight change ---------------------------------------------------------------
 
