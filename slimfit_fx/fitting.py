@@ -1,0 +1,179 @@
+"""Fit a run into SlimFitConfig.memory_budget, and measure the peak it reached.
+
+At the first training forward, when shapes are known, `FitToBudget` gathers the
+terms of `budget.predict` from the live model (parameter sizes, the regions'
+measured saved bytes, the compiled stash shapes, the process's residue) and
+applies what `budget.choose` returns: the schedule's freeze ratio and the
+optimizer-state packing. It never picks a frozen set itself.
+"""
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import budget
+from .optimizer_state import adam_state_nbytes
+
+if TYPE_CHECKING:
+    from .engine import CapturedGraph, StepRecord
+    from .module import SlimFit
+
+_STATUS = Path("/proc/self/status")
+# A step's transients beyond what it holds, as multiples of the largest
+# trainable parameter (AdamW's single-tensor step builds temporaries of the
+# parameter's size) and of the largest tensor saved for backward (the backward
+# holds gradients of activations that size while freeing what it read).
+# Measured on CPU (benchmarks/budget.py); see docs/budget.md.
+STEP_TEMPORARIES = 2
+BACKWARD_TRANSIENTS = 2
+
+
+def host_rss() -> int:
+    """The process's resident set size now, in bytes (0 where /proc is absent)."""
+    try:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+def host_peak() -> int:
+    """The process's highest resident set size since the last `reset_host_peak`."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def reset_host_peak() -> bool:
+    """Set the kernel's high-water mark (VmHWM) to the resident size now; False
+    where the kernel offers no reset (the peak then spans the whole process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakMeter:
+    """The peak of training memory from the second training forward on (the
+    first compiles): on a GPU torch.cuda.max_memory_allocated; on the host the
+    process's peak resident size above its size at compile, plus the weights
+    (resident then)."""
+
+    device: torch.device
+    weights: int
+    rss_at_compile: int
+    started: bool = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_host_peak()
+        self.started = True
+
+    def peak(self) -> int | None:
+        if not self.started:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return host_peak() - self.rss_at_compile + self.weights
+
+
+class FitToBudget:
+    """Chooses the freeze ratio and optimizer-state packing of one compiled model
+    at its first training forward; measures the peak from its second on."""
+
+    def __init__(self, slimfit: "SlimFit", memory_budget: int,
+                 start_optimizer_state: Callable[[str], None]) -> None:
+        self.slimfit = slimfit
+        self.memory_budget = memory_budget
+        self.start_optimizer_state = start_optimizer_state
+        params = list(slimfit.model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        weights = weight_bytes(slimfit.model)
+        self.meter = PeakMeter(self.device, weights, host_rss())
+        self.prediction: budget.Prediction | None = None
+        self.forwards = 0
+
+    def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
+        self.forwards += 1
+        if self.prediction is None:
+            terms = self.terms(graph, record)
+            self.prediction = budget.choose(terms, self.memory_budget, self.packings())
+            self.apply(self.prediction)
+        elif not self.meter.started:
+            self.meter.start()
+
+    def packings(self) -> tuple[str, ...]:
+        configured = self.slimfit.config.optimizer_state
+        ladder = budget.PACKINGS + (("offload",) if self.device.type == "cuda" else ())
+        return ladder[ladder.index(configured):] if configured in ladder else (configured,)
+
+    def terms(self, graph: "CapturedGraph", record: "StepRecord") -> budget.BudgetTerms:
+        slimfit = self.slimfit
+        schedule = slimfit.schedule
+        params = dict(slimfit.model.named_parameters())
+        stash = graph.stash_bytes_by_layer()
+        candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
+        layers = tuple(budget.LayerTerms(
+            name=n, gradient=_nbytes(params[n]), stash=stash.get(n, 0),
+            state={p: adam_state_nbytes(params[n].numel(), params[n].element_size(), p)
+                   for p in (*budget.PACKINGS, "offload")})
+            for n in candidates)
+        scheduled = set(candidates)
+        always = [p for n, p in params.items() if p.requires_grad and n not in scheduled
+                  and (n not in slimfit.layers or n in schedule.always_train)]
+        always_stash = sum(stash.get(n, 0) for n in schedule.always_train)
+        static = record.saved_bytes - record.stash_bytes
+        return budget.BudgetTerms(
+            weights=self.meter.weights,
+            gradients=sum(_nbytes(p) for p in always),
+            state=sum(adam_state_nbytes(p.numel(), p.element_size()) for p in always),
+            saved=static + always_stash,
+            overhead=self.overhead(record, params),
+            layers=layers)
+
+    def overhead(self, record: "StepRecord", params: dict[str, torch.nn.Parameter]) -> int:
+        """What the runtime adds beyond the tensors the prediction counts: on the
+        host, the resident growth since compile that no saved tensor explains
+        (compiled code, the allocator's residue); on any device, the step's
+        transients (see STEP_TEMPORARIES, BACKWARD_TRANSIENTS)."""
+        trainable = [_nbytes(p) for p in params.values() if p.requires_grad]
+        largest_saved = max((t.nbytes or 0 for t in _saved(record)), default=0)
+        transients = STEP_TEMPORARIES * max(trainable, default=0) + BACKWARD_TRANSIENTS * largest_saved
+        if self.device.type == "cuda":
+            return transients
+        residue = host_rss() - self.meter.rss_at_compile - record.saved_bytes
+        return max(residue, 0) + transients
+
+    def apply(self, prediction: budget.Prediction) -> None:
+        # Takes effect at the schedule's next choice: the set this forward ran
+        # with decides which gradients its optimizer step keeps.
+        self.slimfit.schedule.freeze_ratio = prediction.freeze_ratio
+        if prediction.optimizer_state_packing != "full":
+            self.start_optimizer_state(prediction.optimizer_state_packing)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _saved(record: "StepRecord"):
+    return record.saved_tensors()
