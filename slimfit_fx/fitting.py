@@ -103,12 +103,13 @@ class FitToBudget:
         weights = weight_bytes(slimfit.model)
         self.meter = PeakMeter(self.device, weights, host_rss())
         self.prediction: budget.Prediction | None = None
+        self.terms_used: budget.BudgetTerms | None = None  # what the prediction was made from
         self.forwards = 0
 
     def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
         self.forwards += 1
         if self.prediction is None:
-            terms = self.terms(graph, record)
+            self.terms_used = terms = self.terms(graph, record)
             self.prediction = budget.choose(terms, self.memory_budget, self.packings())
             self.apply(self.prediction)
         elif not self.meter.started:

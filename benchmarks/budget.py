@@ -1,0 +1,153 @@
+"""A byte budget kept: measured total peak against `memory_budget` and the predicted peak.
+
+    python benchmarks/budget.py [--cases NAME ...] [--steps 6] [--warmup 2]
+
+Each case first runs a probe (its own process, a budget nothing exceeds) that
+reads the prediction's terms, then picks two budgets between the floor (95%
+frozen, int8 optimizer state) and the peak of training every layer: 35% and
+80% of the way up. Each budget runs in a process of its own:
+`slimfit_fx.compile(model, memory_budget=B)` with AdamW, every parameter
+holding optimizer state before the first step (as once every layer has
+trained), warm-up steps (the first compiles), then timed steps. Measured peak:
+the process's highest resident set size over the timed steps (the kernel's
+VmHWM, reset through /proc/self/clear_refs) minus its resident size before the
+model was built, with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the
+resident set at once. "whole run" also spans the warm-up (compiling).
+Writes the table to docs/benchmarks.md (section budget).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from doc import write_section
+from processes import run_child
+
+MIB = 2**20
+CASES: dict[str, tuple[str, dict]] = {
+    "minilm bs8 seq128": ("minilm", dict(batch=8, seq=128)),
+    "llama-tiny bs8 seq64": ("llama-tiny", dict(batch=8, seq=64)),
+    "bert-base bs32 seq128": ("bert-base", dict(batch=32, seq=128)),
+}
+DEFAULT_CASES = list(CASES)[:2]
+SHARES = (0.35, 0.8)  # where each budget sits between the floor and training every layer
+STATUS = Path("/proc/self/status")
+
+
+def rss() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
+
+
+def peak() -> int:
+    return int(re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
+
+
+def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str) -> dict:
+    """One budget on one case, in this process."""
+    import dataclasses
+
+    import torch
+
+    import slimfit_fx
+    from slimfit_fx import budget, zoo
+
+    zoo_name, kwargs = CASES[case]
+    zoo.build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
+    baseline = rss()
+    model, batch = zoo.build(zoo_name, seed=0, **kwargs)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    for p in model.parameters():  # state for every parameter, as once every layer has trained
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    cm = slimfit_fx.compile(model, memory_budget=memory_budget, backend=backend)
+    for i in range(warmup + steps):
+        if i == warmup:
+            whole_run = peak()
+            Path("/proc/self/clear_refs").write_text("5")
+        cm(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    fit = cm.slimfit.fit
+    terms = fit.terms_used
+    count = len(terms.layers)
+    least = count - int(budget.MAX_FREEZE_RATIO * count)
+    return dict(
+        measured=peak() - baseline, whole_run=max(whole_run, peak()) - baseline,
+        reported=fit.meter.peak(), prediction=dataclasses.asdict(fit.prediction),
+        floor=budget.predict(terms, least, "int8").peak, top=budget.predict(terms, count, "full").peak,
+        optimizer_state=cm.slimfit.optimizer_state_bytes(optimizer).held,
+        compile_s=cm.slimfit.stats["compile_seconds"])
+
+
+def table(rows: dict[tuple[str, int], dict | str]) -> str:
+    lines = ["| case | budget MiB | freeze ratio | optimizer state | predicted MiB | measured MiB | "
+             "measured / predicted | within budget | whole run (compile included) MiB | report's measure MiB |",
+             "|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for (case, b), r in rows.items():
+        if isinstance(r, str):
+            lines.append(f"| {case} | {b / MIB:,.0f} | {r} |" + " |" * 7)
+            continue
+        p = r["prediction"]
+        lines.append(f"| {case} | {b / MIB:,.0f} | {p['freeze_ratio']:.3f} ({p['trained']}/{p['layers']} train) | "
+                     f"{p['optimizer_state_packing']} | {p['peak'] / MIB:,.0f} | {r['measured'] / MIB:,.0f} | "
+                     f"{r['measured'] / p['peak']:.2f} | {'yes' if r['measured'] <= b else 'NO'} | "
+                     f"{r['whole_run'] / MIB:,.0f} | {r['reported'] / MIB:,.0f} |")
+    return "\n".join(lines)
+
+
+def parts(rows: dict[tuple[str, int], dict | str]) -> str:
+    lines = ["| case | budget MiB | weights | gradients | optimizer state (predicted / held) | saved | overhead |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for (case, b), r in rows.items():
+        if isinstance(r, str):
+            continue
+        p = r["prediction"]
+        lines.append(f"| {case} | {b / MIB:,.0f} | {p['weights'] / MIB:,.1f} | {p['gradients'] / MIB:,.1f} | "
+                     f"{p['optimizer_state'] / MIB:,.1f} / {r['optimizer_state'] / MIB:,.1f} | "
+                     f"{p['saved'] / MIB:,.1f} | {p['overhead'] / MIB:,.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":  # freed tensors leave the RSS at once
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                   TORCHINDUCTOR_AUTOGRAD_CACHE="0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (compiles happen here)")
+    parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--no-doc", action="store_true", help="print the table; leave docs/benchmarks.md")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "BUDGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
+    if args.child:
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.steps, args.warmup, args.backend)))
+        return
+    rows: dict[tuple[str, int], dict | str] = {}
+    for case in args.cases:
+        probe = run_child([sys.executable, __file__, "--child", case, str(2**40), *common[:2], "--warmup", "1",
+                           "--backend", args.backend])
+        print(f"{case} | probe: {probe}", flush=True)
+        if isinstance(probe, str):
+            rows[(case, 0)] = probe
+            continue
+        for share in SHARES:
+            b = int(probe["floor"] + share * (probe["top"] - probe["floor"]))
+            rows[(case, b)] = run_child([sys.executable, __file__, "--child", case, str(b), *common])
+            print(f"{case} | {b / MIB:,.0f} MiB: {rows[(case, b)]}", flush=True)
+    text = (f"{__doc__.split(chr(10) * 2, 2)[2].strip()}\n\nBackend {args.backend}; warm-up {args.warmup} "
+            f"steps, {args.steps} timed.\n\n{table(rows)}\n\nThe prediction's parts (MiB):\n\n{parts(rows)}")
+    print(text, flush=True)
+    if not args.no_doc:
+        write_section("budget", "A byte budget: predicted and measured peak", text)
+
+
+if __name__ == "__main__":
+    main()
