@@ -30,7 +30,7 @@ from processes import run_child
 MIB = 2**20
 CASES: dict[str, tuple[str, dict]] = {
     "minilm bs8 seq128": ("minilm", dict(batch=8, seq=128)),
-    "llama-tiny bs8 seq64": ("llama-tiny", dict(batch=8, seq=64)),
+    "llama-small bs8 seq128": ("llama-small", dict(batch=8, seq=128)),
     "bert-base bs32 seq128": ("bert-base", dict(batch=32, seq=128)),
 }
 DEFAULT_CASES = list(CASES)[:2]
@@ -46,6 +46,28 @@ def peak() -> int:
     return int(re.search(r"VmHWM:\s+(\d+) kB", STATUS.read_text()).group(1)) * 1024
 
 
+def llama_small(seed: int = 0, batch: int = 8, seq: int = 128):
+    """A small Llama (RMSNorm, SwiGLU, RoPE, 4 query heads sharing 2 kv heads):
+    hidden 256, 4 layers, SwiGLU 688, vocabulary 8000 (6.9M parameters), random init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=8000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         use_cache=False)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    model = LlamaForCausalLM(config).train()
+    model.loss_type = "ForCausalLM"
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def build(name: str, **kwargs):
+    from slimfit_fx import zoo
+
+    return llama_small(**kwargs) if name == "llama-small" else zoo.build(name, **kwargs)
+
+
 def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str) -> dict:
     """One budget on one case, in this process."""
     import dataclasses
@@ -53,12 +75,12 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
     import torch
 
     import slimfit_fx
-    from slimfit_fx import budget, zoo
+    from slimfit_fx import budget
 
     zoo_name, kwargs = CASES[case]
-    zoo.build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
+    build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
     baseline = rss()
-    model, batch = zoo.build(zoo_name, seed=0, **kwargs)
+    model, batch = build(zoo_name, seed=0, **kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for p in model.parameters():  # state for every parameter, as once every layer has trained
         p.grad = torch.zeros_like(p)
