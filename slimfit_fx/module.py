@@ -31,7 +31,7 @@ from .policies import FreezePolicy, build_policy
 from .schedule import Schedule
 from .regions import block_prefixes, named_blocks
 from .engine import Engine, EngineConfig
-from .budget import MAX_FREEZE_RATIO
+from .budget import MAX_FREEZE_RATIO, ratio_for
 from .fitting import FitToBudget
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -244,6 +244,12 @@ class SlimFit:
                                  "cm.slimfit.state_dict() returned, unedited")
             self.set_frozen(state["frozen"])
         else:
+            if self.fit is not None and {"layers", "frozen"} <= set(state):
+                # The saved run's ratio was its budget's choice; the next first forward chooses anew.
+                held = state.get("held")
+                scheduled = [n for n in state["layers"] if held is None or n in held]
+                frozen = [n for n in state["frozen"] if n in scheduled]
+                self.schedule.freeze_ratio = ratio_for(len(frozen), len(scheduled))
             self.schedule.load_state_dict(dict(state))
 
     def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:

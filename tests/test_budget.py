@@ -185,3 +185,14 @@ def test_a_budget_below_the_floor_raises_at_the_first_forward():
     cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="1MiB")
     with pytest.raises(BudgetError, match=r"memory_budget=1048576 \(1\.0 MiB\) is below the floor.*at least \d+"):
         cm(**case.batch)
+
+
+def test_a_run_under_a_budget_resumes_from_its_state():
+    case = bert(batch=4, seq=16)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="4GiB")
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    _train(cm, case, optimizer, 2)
+    state = cm.slimfit.state_dict()
+    resumed = slimfit_fx.compile(bert(batch=4, seq=16).model, backend="aot_eager", memory_budget="4GiB")
+    resumed.slimfit.load_state_dict(state)  # saved at the ratio 4 GiB chose, not the first step's 0.95
+    assert resumed.slimfit.frozen == cm.slimfit.frozen
