@@ -6,13 +6,14 @@ Each case first runs a probe (its own process, a budget nothing exceeds) that
 reads the prediction's terms, then picks two budgets between the floor (95%
 frozen, int8 optimizer state) and the peak of training every layer: 35% and
 80% of the way up. Each budget runs in a process of its own:
-`slimfit_fx.compile(model, memory_budget=B)` with AdamW, every parameter
-holding optimizer state before the first step (as once every layer has
-trained), warm-up steps (the first compiles), then timed steps. Measured peak:
-the process's highest resident set size over the timed steps (the kernel's
-VmHWM, reset through /proc/self/clear_refs) minus its resident size before the
-model was built, with MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the
-resident set at once. "whole run" also spans the warm-up (compiling).
+`slimfit_fx.compile(model, memory_budget=B)`, then AdamW on it, warm-up steps
+(the first compiles; by their end every layer has trained and holds optimizer
+state), then timed steps. Measured peak: the process's highest resident set
+size over the timed steps (the kernel's VmHWM, reset through
+/proc/self/clear_refs before each forward and each optimizer step) minus its
+resident size before the model was built, with MALLOC_MMAP_THRESHOLD_=65536 so
+freed tensors leave the resident set at once. "whole run" is the peak up to
+the end of the warm-up (compiling included).
 Writes the table to docs/benchmarks.md (section budget).
 """
 from __future__ import annotations
@@ -81,26 +82,35 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
     build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
     baseline = rss()
     model, batch = build(zoo_name, seed=0, **kwargs)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    for p in model.parameters():  # state for every parameter, as once every layer has trained
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     cm = slimfit_fx.compile(model, memory_budget=memory_budget, backend=backend)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-5)
+    weights = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    phases = []
     for i in range(warmup + steps):
-        if i == warmup:
-            whole_run = peak()
-            Path("/proc/self/clear_refs").write_text("5")
-        cm(**batch).loss.backward()
+        resident = rss()
+        Path("/proc/self/clear_refs").write_text("5")
+        loss = cm(**batch).loss
+        forward = peak()
+        loss.backward()
+        del loss
+        backward = peak()
+        Path("/proc/self/clear_refs").write_text("5")
         optimizer.step()
+        step = peak()
         optimizer.zero_grad(set_to_none=True)
+        held = cm.slimfit.optimizer_state_bytes(optimizer).held
+        phases.append(dict(resident=resident - baseline, forward=forward - baseline,
+                               backward=backward - baseline, step=step - baseline,
+                               unexplained=resident - baseline - weights - held))
     fit = cm.slimfit.fit
     terms = fit.terms_used
     count = len(terms.layers)
     least = count - int(budget.MAX_FREEZE_RATIO * count)
+    top = [max(r["forward"], r["backward"], r["step"]) for r in phases]
+    worst = phases[warmup + top[warmup:].index(max(top[warmup:]))]
     return dict(
-        measured=peak() - baseline, whole_run=max(whole_run, peak()) - baseline,
-        reported=fit.meter.peak(), prediction=dataclasses.asdict(fit.prediction),
+        measured=max(top[warmup:]), whole_run=max(top[:warmup]),
+        phases=worst, residue=fit.residue, prediction=dataclasses.asdict(fit.prediction),
         floor=budget.predict(terms, least, "int8").peak, top=budget.predict(terms, count, "full").peak,
         optimizer_state=cm.slimfit.optimizer_state_bytes(optimizer).held,
         compile_s=cm.slimfit.stats["compile_seconds"])
@@ -108,7 +118,8 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
 
 def table(rows: dict[tuple[str, int], dict | str]) -> str:
     lines = ["| case | budget MiB | freeze ratio | optimizer state | predicted MiB | measured MiB | "
-             "measured / predicted | within budget | whole run (compile included) MiB | report's measure MiB |",
+             "measured / predicted | within budget | warm-up peak (compiling) MiB | residue predicted / "
+             "measured MiB |",
              "|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
     for (case, b), r in rows.items():
         if isinstance(r, str):
@@ -118,7 +129,8 @@ def table(rows: dict[tuple[str, int], dict | str]) -> str:
         lines.append(f"| {case} | {b / MIB:,.0f} | {p['freeze_ratio']:.3f} ({p['trained']}/{p['layers']} train) | "
                      f"{p['optimizer_state_packing']} | {p['peak'] / MIB:,.0f} | {r['measured'] / MIB:,.0f} | "
                      f"{r['measured'] / p['peak']:.2f} | {'yes' if r['measured'] <= b else 'NO'} | "
-                     f"{r['whole_run'] / MIB:,.0f} | {r['reported'] / MIB:,.0f} |")
+                     f"{r['whole_run'] / MIB:,.0f} | {r['residue'] / MIB:,.0f} / "
+                     f"{r['phases']['unexplained'] / MIB:,.0f} |")
     return "\n".join(lines)
 
 
@@ -142,8 +154,9 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
-    parser.add_argument("--steps", type=int, default=6, help="timed steps")
-    parser.add_argument("--warmup", type=int, default=2, help="steps before timing (compiles happen here)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="steps before timing (compiles happen here; every layer trains once)")
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
     parser.add_argument("--no-doc", action="store_true", help="print the table; leave docs/benchmarks.md")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "BUDGET"), help=argparse.SUPPRESS)
@@ -154,7 +167,7 @@ def main() -> None:
         return
     rows: dict[tuple[str, int], dict | str] = {}
     for case in args.cases:
-        probe = run_child([sys.executable, __file__, "--child", case, str(2**40), *common[:2], "--warmup", "1",
+        probe = run_child([sys.executable, __file__, "--child", case, str(2**40), "--steps", "1", "--warmup", "1",
                            "--backend", args.backend])
         print(f"{case} | probe: {probe}", flush=True)
         if isinstance(probe, str):

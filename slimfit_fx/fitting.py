@@ -8,9 +8,11 @@ optimizer-state packing. It never picks a frozen set itself.
 """
 from __future__ import annotations
 
+import gc
 import re
 import resource
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import budget
-from .optimizer_state import adam_state_nbytes
+from .optimizer_state import adam_state_nbytes, entry_bytes
 
 if TYPE_CHECKING:
     from .engine import CapturedGraph, StepRecord
@@ -104,15 +106,35 @@ class FitToBudget:
         self.meter = PeakMeter(self.device, weights, host_rss())
         self.prediction: budget.Prediction | None = None
         self.terms_used: budget.BudgetTerms | None = None  # what the prediction was made from
+        self.residue: int | None = None  # the host's resident growth no tensor explains, at the choice
         self.forwards = 0
+        self._param_ids = {id(p) for p in params}
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+    # -- optimizer hooks (slimfit_fx.module._on_optimizer_steps): which optimizers hold state
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizers.add(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
 
     def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
+        """The first forward chooses with the residue compiling left then (it is
+        partly garbage the first backward frees: the choice errs on the safe side);
+        the second chooses again with the residue of a compiled step, and the
+        peak is measured from there on."""
         self.forwards += 1
-        if self.prediction is None:
-            self.terms_used = terms = self.terms(graph, record)
-            self.prediction = budget.choose(terms, self.memory_budget, self.packings())
-            self.apply(self.prediction)
-        elif not self.meter.started:
+        if self.forwards > 2:
+            return
+        self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
+        self.terms_used = terms = self.terms(graph, record)
+        self.prediction = budget.choose(terms, self.memory_budget, self.packings())
+        self.apply(self.prediction)
+        if self.forwards == 2:
             self.meter.start()
 
     def packings(self) -> tuple[str, ...]:
@@ -144,25 +166,40 @@ class FitToBudget:
             overhead=self.overhead(record, params),
             layers=layers)
 
+    def first_residue(self, record: "StepRecord") -> int:
+        """Host memory grown since compile that no tensor the prediction counts
+        explains, right after the first forward (compiling included)."""
+        if self.device.type == "cuda":
+            return 0
+        gc.collect()  # what compiling left for the collector is not the runtime's
+        return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes, 0)
+
+    def steady_residue(self, record: "StepRecord") -> int:
+        """The same after the second forward: compiled code, Python objects and
+        the allocator's own, beside saved tensors, gradients and the optimizer
+        state of the optimizers that stepped (state made before compile is in
+        the baseline, so it is not subtracted twice)."""
+        if self.device.type == "cuda":
+            return 0
+        params = list(self.slimfit.model.parameters())
+        grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+        state = sum(entry_bytes(s)[0] for opt in self._optimizers for p, s in opt.state.items()
+                    if id(p) in self._param_ids)
+        return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes - grads - state, 0)
+
     def overhead(self, record: "StepRecord", params: dict[str, torch.nn.Parameter]) -> int:
         """What the runtime adds beyond the tensors the prediction counts: on the
-        host, the resident growth since compile that no saved tensor explains
-        (compiled code, the allocator's residue); on any device, the step's
-        transients (see STEP_TEMPORARIES, BACKWARD_TRANSIENTS)."""
+        host, the measured residue; on any device, the step's transients (see
+        STEP_TEMPORARIES, BACKWARD_TRANSIENTS)."""
         trainable = [_nbytes(p) for p in params.values() if p.requires_grad]
         largest_saved = max((t.nbytes or 0 for t in _saved(record)), default=0)
-        transients = STEP_TEMPORARIES * max(trainable, default=0) + BACKWARD_TRANSIENTS * largest_saved
-        if self.device.type == "cuda":
-            return transients
-        residue = host_rss() - self.meter.rss_at_compile - record.saved_bytes
-        return max(residue, 0) + transients
+        return self.residue + STEP_TEMPORARIES * max(trainable, default=0) + BACKWARD_TRANSIENTS * largest_saved
 
     def apply(self, prediction: budget.Prediction) -> None:
         # Takes effect at the schedule's next choice: the set this forward ran
         # with decides which gradients its optimizer step keeps.
         self.slimfit.schedule.freeze_ratio = prediction.freeze_ratio
-        if prediction.optimizer_state_packing != "full":
-            self.start_optimizer_state(prediction.optimizer_state_packing)
+        self.start_optimizer_state(prediction.optimizer_state_packing)
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -168,12 +168,14 @@ class SlimFit:
         self.fit: FitToBudget | None = None
         if config.memory_budget is not None:
             def start_optimizer_state(packing: str) -> None:
+                if self._optimizer_state is None and packing == "full":
+                    return
                 if self._optimizer_state is None:
                     self._optimizer_state = _start_optimizer_state(self, layer_parameters, packing)
                 else:
                     self._optimizer_state.format = packing
 
-            self.fit = FitToBudget(self, config.memory_budget, start_optimizer_state)
+            self.fit = _on_optimizer_steps(FitToBudget(self, config.memory_budget, start_optimizer_state))
 
     @property
     def frozen(self) -> frozenset[str]:

@@ -364,6 +364,8 @@ class FrozenLayerState:
             self.pack_frozen(opt)
 
     def pack_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.format == "full":  # switched off (a memory budget's later choice): pack nothing more
+            return
         frozen = [self.parameters[n] for n in self.frozen() if n in self.parameters]
         for p in frozen:
             entry = optimizer.state.get(p)
