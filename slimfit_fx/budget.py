@@ -18,6 +18,9 @@ from .errors import SlimFitError
 UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 MAX_FREEZE_RATIO = 0.95
+# AdamW's single-tensor step builds temporaries of the size of the parameter it
+# updates (sqrt of the second moment, the denominator), up to two at once.
+STEP_TEMPORARIES = 2
 # Optimizer-state packings tried for frozen layers, weakest first ("offload"
 # only where the parameters live on a GPU; host memory is the budget on CPU).
 PACKINGS = ("full", "bf16", "int8")
@@ -82,8 +85,11 @@ class BudgetTerms:
     weights: every parameter; gradients: of the parameters that always train
     (biases, always_train layers; not layers); state: their optimizer state;
     saved: what the compiled regions save whatever is frozen; overhead: the
-    runtime's own (measured compiled code and allocator residue plus the step's
-    transients, see `SlimFit`); layers: the layers the schedule picks from.
+    runtime's own (compiled code, Python objects, the allocator's residue;
+    measured on the host, 0 on a GPU); backward_transients: what backward holds
+    beside the saved tensors and gradients (gradients of activations);
+    largest_always: the largest parameter that always trains, whose optimizer
+    step makes temporaries; layers: the layers the schedule picks from.
     """
 
     weights: int
@@ -92,6 +98,8 @@ class BudgetTerms:
     saved: int
     overhead: int
     layers: tuple[LayerTerms, ...]
+    backward_transients: int = 0
+    largest_always: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Prediction:
     optimizer_state: int
     saved: int
     overhead: int
+    transients: int
     trained: int
     layers: int
     freeze_ratio: float
@@ -112,7 +121,8 @@ class Prediction:
     def __str__(self) -> str:
         return (f"{format_bytes(self.peak)} = weights {format_bytes(self.weights)} + gradients "
                 f"{format_bytes(self.gradients)} + optimizer state {format_bytes(self.optimizer_state)} + "
-                f"saved activations {format_bytes(self.saved)} + runtime overhead {format_bytes(self.overhead)} "
+                f"max(saved activations {format_bytes(self.saved)} + backward transients, optimizer step "
+                f"temporaries) {format_bytes(self.transients)} + runtime overhead {format_bytes(self.overhead)} "
                 f"(freeze_ratio {self.freeze_ratio:.3f}: {self.trained} of {self.layers} layers train; "
                 f"optimizer_state={self.optimizer_state_packing!r})")
 
@@ -130,7 +140,11 @@ def ratio_for(frozen: int, layers: int) -> float:
 def predict(terms: BudgetTerms, trained: int, packing: str = "full") -> Prediction:
     """The peak with `trained` layers training at once, frozen layers' optimizer
     state held as `packing`. Which layers train changes every step, so the
-    peak is that of the costliest `trained` of them together."""
+    peak is that of the costliest `trained` of them together. Weights,
+    optimizer state, gradients and the runtime's own are held throughout;
+    on top, the larger of what backward holds (saved tensors, its transients)
+    and what the optimizer step makes (temporaries of the largest parameter it
+    updates): backward frees saved tensors before the step runs."""
     count = len(terms.layers)
     if not 0 <= trained <= count:
         raise ValueError(f"trained must be in [0, {count}], got {trained}")
@@ -139,9 +153,11 @@ def predict(terms: BudgetTerms, trained: int, packing: str = "full") -> Predicti
     saved = terms.saved + sum(layer.stash for layer in costly)
     state = terms.state + sum(layer.state[packing] for layer in terms.layers) + \
         sum(layer.state["full"] - layer.state[packing] for layer in costly)
-    peak = terms.weights + gradients + state + saved + terms.overhead
+    largest = max([terms.largest_always, *(layer.gradient for layer in costly)])
+    transients = max(saved + terms.backward_transients, STEP_TEMPORARIES * largest) - saved
+    peak = terms.weights + gradients + state + saved + transients + terms.overhead
     return Prediction(peak=peak, weights=terms.weights, gradients=gradients, optimizer_state=state, saved=saved,
-                      overhead=terms.overhead, trained=trained, layers=count,
+                      overhead=terms.overhead, transients=transients, trained=trained, layers=count,
                       freeze_ratio=ratio_for(count - trained, count), optimizer_state_packing=packing)
 
 

@@ -28,13 +28,13 @@ if TYPE_CHECKING:
     from .module import SlimFit
 
 _STATUS = Path("/proc/self/status")
-# A step's transients beyond what it holds, as multiples of the largest
-# trainable parameter (AdamW's single-tensor step builds temporaries of the
-# parameter's size) and of the largest tensor saved for backward (the backward
-# holds gradients of activations that size while freeing what it read).
-# Measured on CPU (benchmarks/budget.py); see docs/budget.md.
-STEP_TEMPORARIES = 2
+# Backward holds gradients of activations the size of the largest tensor saved
+# for backward, while freeing what it read: this many at once (docs/budget.md).
 BACKWARD_TRANSIENTS = 2
+# The forward whose residue makes the final choice: compiling leaves garbage
+# that the first backward and step free (MiniLM on CPU: 197 MiB after the
+# second forward, 122 MiB in later steps).
+CHOOSE_AT = 3
 
 
 def host_rss() -> int:
@@ -66,8 +66,8 @@ def reset_host_peak() -> bool:
 
 @dataclass
 class PeakMeter:
-    """The peak of training memory from the second training forward on (the
-    first compiles): on a GPU torch.cuda.max_memory_allocated; on the host the
+    """The peak of training memory from the third training forward on (the
+    first compiles, the final choice is made at the third): on a GPU torch.cuda.max_memory_allocated; on the host the
     process's peak resident size above its size at compile, plus the weights
     (resident then)."""
 
@@ -123,18 +123,18 @@ class FitToBudget:
         pass
 
     def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
-        """The first forward chooses with the residue compiling left then (it is
-        partly garbage the first backward frees: the choice errs on the safe side);
-        the second chooses again with the residue of a compiled step, and the
-        peak is measured from there on."""
+        """The first forward chooses with the residue compiling left then (partly
+        garbage later steps free: the choice errs on the safe side); the next
+        ones choose again with the residue of compiled steps, for good at
+        CHOOSE_AT, from which on the peak is measured."""
         self.forwards += 1
-        if self.forwards > 2:
+        if self.forwards > CHOOSE_AT:
             return
         self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
         self.terms_used = terms = self.terms(graph, record)
         self.prediction = budget.choose(terms, self.memory_budget, self.packings())
         self.apply(self.prediction)
-        if self.forwards == 2:
+        if self.forwards == CHOOSE_AT:
             self.meter.start()
 
     def packings(self) -> tuple[str, ...]:
@@ -158,13 +158,16 @@ class FitToBudget:
                   and (n not in slimfit.layers or n in schedule.always_train)]
         always_stash = sum(stash.get(n, 0) for n in schedule.always_train)
         static = record.saved_bytes - record.stash_bytes
+        largest_saved = max((t.nbytes or 0 for t in record.saved_tensors()), default=0)
         return budget.BudgetTerms(
             weights=self.meter.weights,
             gradients=sum(_nbytes(p) for p in always),
             state=sum(adam_state_nbytes(p.numel(), p.element_size()) for p in always),
             saved=static + always_stash,
-            overhead=self.overhead(record, params),
-            layers=layers)
+            overhead=self.residue,
+            layers=layers,
+            backward_transients=BACKWARD_TRANSIENTS * largest_saved,
+            largest_always=max((_nbytes(p) for p in always), default=0))
 
     def first_residue(self, record: "StepRecord") -> int:
         """Host memory grown since compile that no tensor the prediction counts
@@ -187,14 +190,6 @@ class FitToBudget:
                     if id(p) in self._param_ids)
         return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes - grads - state, 0)
 
-    def overhead(self, record: "StepRecord", params: dict[str, torch.nn.Parameter]) -> int:
-        """What the runtime adds beyond the tensors the prediction counts: on the
-        host, the measured residue; on any device, the step's transients (see
-        STEP_TEMPORARIES, BACKWARD_TRANSIENTS)."""
-        trainable = [_nbytes(p) for p in params.values() if p.requires_grad]
-        largest_saved = max((t.nbytes or 0 for t in _saved(record)), default=0)
-        return self.residue + STEP_TEMPORARIES * max(trainable, default=0) + BACKWARD_TRANSIENTS * largest_saved
-
     def apply(self, prediction: budget.Prediction) -> None:
         # Takes effect at the schedule's next choice: the set this forward ran
         # with decides which gradients its optimizer step keeps.
@@ -212,6 +207,3 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
-
-def _saved(record: "StepRecord"):
-    return record.saved_tensors()

@@ -211,12 +211,13 @@ def _budget_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("predicted peak", f"{predicted['peak'] / mib:,.1f} MiB (weights {predicted['weights'] / mib:,.1f}"
                                    f" + gradients {predicted['gradients'] / mib:,.1f} + optimizer state "
                                    f"{predicted['optimizer_state'] / mib:,.1f} + saved {predicted['saved'] / mib:,.1f}"
-                                   f" + overhead {predicted['overhead'] / mib:,.1f})"))
+                                   f" + transients {predicted['transients'] / mib:,.1f} + runtime overhead "
+                                   f"{predicted['overhead'] / mib:,.1f})"))
     rows.append(("chosen", f"freeze_ratio {predicted['freeze_ratio']:.3f} ({predicted['trained']} of "
                            f"{predicted['layers']} layers train), optimizer_state="
                            f"{predicted['optimizer_state_packing']!r}"))
     if measured is None:
-        rows.append(("measured peak", "from the second training forward on; not yet"))
+        rows.append(("measured peak", "from the third training forward on; not yet"))
     else:
         rows.append(("measured peak", f"{measured / mib:,.1f} MiB ({measured / predicted['peak']:.0%} of "
                                       f"predicted; {summary['measured_by']})"))
