@@ -167,7 +167,7 @@ def main() -> None:
         return
     rows: dict[tuple[str, int], dict | str] = {}
     for case in args.cases:
-        probe = run_child([sys.executable, __file__, "--child", case, str(2**40), "--steps", "1", "--warmup", "1",
+        probe = run_child([sys.executable, __file__, "--child", case, str(2**40), "--steps", "1", "--warmup", "2",
                            "--backend", args.backend])
         print(f"{case} | probe: {probe}", flush=True)
         if isinstance(probe, str):

@@ -161,6 +161,13 @@ def predict(terms: BudgetTerms, trained: int, packing: str = "full") -> Predicti
                       freeze_ratio=ratio_for(count - trained, count), optimizer_state_packing=packing)
 
 
+def floor_of(terms: BudgetTerms, packings: Sequence[str] = PACKINGS,
+             max_freeze_ratio: float = MAX_FREEZE_RATIO) -> Prediction:
+    """The least any choice needs: the most frozen, the strongest packing."""
+    count = len(terms.layers)
+    return predict(terms, count - int(max_freeze_ratio * count), packings[-1])
+
+
 def choose(terms: BudgetTerms, budget: int, packings: Sequence[str] = PACKINGS,
            max_freeze_ratio: float = MAX_FREEZE_RATIO) -> Prediction:
     """The prediction that trains the most layers within `budget` bytes, with the
@@ -174,7 +181,7 @@ def choose(terms: BudgetTerms, budget: int, packings: Sequence[str] = PACKINGS,
             prediction = predict(terms, trained, packing)
             if prediction.peak <= budget:
                 return prediction
-    floor = predict(terms, least, packings[-1])
+    floor = floor_of(terms, packings, max_freeze_ratio)
     raise BudgetError(
         f"memory_budget={budget} ({format_bytes(budget)}) is below the floor of this run: at "
         f"freeze_ratio {max_freeze_ratio} with optimizer_state={packings[-1]!r} the peak is predicted at "

@@ -8,6 +8,7 @@ optimizer-state packing. It never picks a frozen set itself.
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import re
 import resource
@@ -132,7 +133,16 @@ class FitToBudget:
             return
         self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
         self.terms_used = terms = self.terms(graph, record)
-        self.prediction = budget.choose(terms, self.memory_budget, self.packings())
+        packings = self.packings()
+        try:
+            self.prediction = budget.choose(terms, self.memory_budget, packings)
+        except budget.BudgetError:
+            # Before the final choice the residue may still shrink: raise only if
+            # even none at all would leave room.
+            bare = budget.floor_of(dataclasses.replace(terms, overhead=0), packings)
+            if self.forwards == CHOOSE_AT or bare.peak > self.memory_budget:
+                raise
+            self.prediction = budget.floor_of(terms, packings)
         self.apply(self.prediction)
         if self.forwards == CHOOSE_AT:
             self.meter.start()
