@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8,
                         help="steps before timing (compiles happen here; every layer trains once)")
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--section", default="budget", help="docs/benchmarks.md section to write")
     parser.add_argument("--no-doc", action="store_true", help="print the table; leave docs/benchmarks.md")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -181,7 +182,8 @@ def main() -> None:
             f"steps, {args.steps} timed.\n\n{table(rows)}\n\nThe prediction's parts (MiB):\n\n{parts(rows)}")
     print(text, flush=True)
     if not args.no_doc:
-        write_section("budget", "A byte budget: predicted and measured peak", text)
+        title = "A byte budget: predicted and measured peak"
+        write_section(args.section, title + ("" if args.section == "budget" else f" ({args.section})"), text)
 
 
 if __name__ == "__main__":

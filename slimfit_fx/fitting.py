@@ -194,6 +194,7 @@ class FitToBudget:
         the baseline, so it is not subtracted twice)."""
         if self.device.type == "cuda":
             return 0
+        gc.collect()  # compiling's cycles (graphs, fake tensors) wait for a full collection
         params = list(self.slimfit.model.parameters())
         grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
         state = sum(entry_bytes(s)[0] for opt in self._optimizers for p, s in opt.state.items()
