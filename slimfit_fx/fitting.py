@@ -1,7 +1,7 @@
 """Fit a run into SlimFitConfig.memory_budget, and measure the peak it reached.
 
-At the first training forward, when shapes are known, `FitToBudget` gathers the
-terms of `budget.predict` from the live model (parameter sizes, the regions'
+From the first training forward on, when shapes are known, `FitToBudget`
+gathers the terms of `budget.predict` from the live model (parameter sizes, the regions'
 measured saved bytes, the compiled stash shapes, the process's residue) and
 applies what `budget.choose` returns: the schedule's freeze ratio and the
 optimizer-state packing. It never picks a frozen set itself.
@@ -94,7 +94,8 @@ class PeakMeter:
 
 class FitToBudget:
     """Chooses the freeze ratio and optimizer-state packing of one compiled model
-    at its first training forward; measures the peak from its second on."""
+    at its first training forwards (for good at CHOOSE_AT); measures the peak
+    from there on."""
 
     def __init__(self, slimfit: "SlimFit", memory_budget: int,
                  start_optimizer_state: Callable[[str], None]) -> None:
