@@ -6,7 +6,7 @@ BERT-base config (random init, dropout 0 so gradients compare one to one), 90% o
 the layers frozen (seed 0 draw). Cases: eager full fine-tune; eager with the set
 frozen; slimfit freeze only (compression "off"); slimfit + "paper" compression;
 slimfit + "row" (per-row scales); slimfit + "extended" ("paper" plus the
-trainable layers' inputs 8-bit per-row); slimfit + "paper" + memory_budget 0.1
+trainable layers' inputs 8-bit per-row); slimfit + "paper" + activation_memory_budget 0.1
 (the partitioner recomputes what it can instead of saving it). Saved bytes are
 counted with saved-tensor hooks on what autograd packs (parameters and inputs
 excluded); gradient cosine and SQNR are against eager with the same frozen set. Prints one table and writes it to
@@ -73,7 +73,7 @@ def main() -> None:
                                  ("paper", 0.1)):
         cm = slimfit_fx.compile(zoo.bert_base(seed=0, batch=args.batch, seq=args.seq, dropout=0.0)[0],
                                 schedule="manual", backend=args.backend, compression=compression,
-                                memory_budget=budget)
+                                activation_memory_budget=budget)
         cm.slimfit.set_frozen(frozen)
         got = grads_of(cm, batch)  # the first step compiles the regions
         step = timed_steps(lambda: grads_of(cm, batch), args.repeats)

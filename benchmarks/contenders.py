@@ -72,7 +72,7 @@ CONTENDERS = {c.name: c for c in (
     Contender("slimfit, fixed set, paper", "slimfit", frozen=True),
     Contender("slimfit, fixed set, extended", "slimfit", frozen=True, options=dict(compression="extended")),
     Contender("slimfit, fixed set, paper + memory budget 0.1", "slimfit", frozen=True,
-              options=dict(memory_budget=0.1)),
+              options=dict(activation_memory_budget=0.1)),
     Contender("eager, full fine-tune, 8-bit AdamW", "eager", optimizer="adamw8bit"),
     Contender("slimfit default, 8-bit AdamW", "slimfit", optimizer="adamw8bit"),
     Contender("slimfit default, int8 frozen optimizer state", "slimfit", options=dict(optimizer_state="int8")),

@@ -49,7 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="--compare-eager's learning rate (default: --lr)")
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                     help="constant: no decay; linear: decay to 0 over the run (the paper's)")
-    ft.add_argument("--freeze-ratio", type=float, default=d.freeze_ratio, help="share of layers frozen")
+    ft.add_argument("--freeze-ratio", type=float, default=None,
+                    help=f"share of layers frozen (default {d.freeze_ratio}; not with --memory-budget)")
+    ft.add_argument("--memory-budget", default=None,
+                    help="total memory to fit in, e.g. 2GiB or 1500MB: the freeze ratio (up to 0.95) and, "
+                         "where needed, the optimizer-state packing are chosen at the first step; the report "
+                         "shows predicted vs measured peak")
     ft.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                     help="ils: training-dynamics scheduling; lisa: LISA layer sampling (2 blocks "
                          "train, redrawn every 20 steps; embeddings and head always train); fixed: "
@@ -118,7 +123,11 @@ def inspect(args: argparse.Namespace) -> slimfit_fx.SlimFitModule:
 
 def finetune(args: argparse.Namespace) -> dict:
     fields = set(FinetuneSettings.__dataclass_fields__)
-    settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in fields})
+    if args.memory_budget is not None and args.freeze_ratio is not None:
+        raise SystemExit("slimfit-fx finetune: --memory-budget chooses the freeze ratio itself; "
+                         "drop --freeze-ratio (or --memory-budget)")
+    unset = {k for k in ("freeze_ratio", "memory_budget") if getattr(args, k) is None}  # the settings' default
+    settings = FinetuneSettings(**{k: v for k, v in vars(args).items() if k in fields and k not in unset})
     if settings.out is None:
         settings = dataclasses.replace(settings, out=time.strftime("runs/finetune-%Y%m%d-%H%M%S"))
     try:  # bad settings, model or data fail with one line naming the flag, before training

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .budget import parse_bytes
 from .passes.compress.registry import KINDS, Kind, config_fields
 from .policies import DEFAULT_POLICY, POLICIES, FreezePolicy, policy_type, schedule_name
 
@@ -117,10 +118,24 @@ class SlimFitConfig:
         "paper" (the paper's formats), "row" (the same widths with per-row
         scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
         see CompressionConfig.weight_input_bits), "off", or a CompressionConfig.
-    memory_budget: the partitioner's activation memory budget (torch's
-        `activation_memory_budget`) for every region, in (0.0, 1.0]: below 1.0
-        it recomputes cheap activations in backward instead of saving them.
-        None keeps torch's own setting (1.0 unless the user changed it).
+    memory_budget: total training memory to fit in, in bytes: an int or a
+        string with a unit ("16GiB", "2GB", "512MiB"; B, KB, MB, GB, TB are
+        powers of 1000, KiB, MiB, GiB, TiB of 1024). At the first training
+        forward, when shapes are known, slimfit predicts the peak (weights,
+        gradients of the layers that train, optimizer state, the compiled
+        regions' saved bytes, a runtime overhead; slimfit_fx/budget.py) and
+        picks the lowest freeze ratio (up to 0.95) and, where that is not
+        enough, the optimizer-state packing that fits; a budget below what fits
+        at 0.95 frozen with the strongest packing raises, stating that floor.
+        `cm.slimfit.report()` shows predicted vs measured peak. Only with a
+        schedule that takes a freeze_ratio ("ils"), and instead of one. None
+        (the default) fits nothing.
+    activation_memory_budget: the partitioner's activation memory budget
+        (torch's `activation_memory_budget`) for every region, in (0.0, 1.0]:
+        below 1.0 it recomputes cheap activations in backward instead of saving
+        them. None keeps torch's own setting (1.0 unless the user changed it).
+        A fraction, not a size: it is relative to what the partition would
+        save, and total peak is not monotonic in it.
     always_train: layer names (see `cm.slimfit.layers`) that the schedule never
         freezes, e.g. a freshly initialized classification head, which has no
         training dynamics to judge yet. They count among the layers that train,
@@ -149,7 +164,8 @@ class SlimFitConfig:
     reschedule_every: int = 1
     seed: int = 0
     compression: str | CompressionConfig = "paper"
-    memory_budget: float | None = None
+    memory_budget: int | str | None = None
+    activation_memory_budget: float | None = None
     always_train: tuple[str, ...] = ()
     blocks: tuple[str | type, ...] | None = None
     optimizer_state: str = "full"
@@ -197,12 +213,24 @@ class SlimFitConfig:
                 f"SlimFitConfig.compression must be one of {tuple(COMPRESSION_PRESETS)} or a "
                 f"CompressionConfig, got {self.compression!r}"
             )
-        mb = self.memory_budget
-        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, (int, float))):
-            raise TypeError(f"SlimFitConfig.memory_budget must be None or a float in (0.0, 1.0], "
-                            f"got {mb!r} of type {type(mb).__name__}")
-        if mb is not None and not 0.0 < mb <= 1.0:
-            raise ValueError(f"SlimFitConfig.memory_budget must be None or in (0.0, 1.0], got {mb!r}")
+        amb = self.activation_memory_budget
+        if amb is not None and (isinstance(amb, bool) or not isinstance(amb, (int, float))):
+            raise TypeError(f"SlimFitConfig.activation_memory_budget must be None or a float in (0.0, 1.0], "
+                            f"got {amb!r} of type {type(amb).__name__}")
+        if amb is not None and not 0.0 < amb <= 1.0:
+            raise ValueError(f"SlimFitConfig.activation_memory_budget must be None or in (0.0, 1.0], "
+                             f"got {amb!r}")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget, "SlimFitConfig.memory_budget"))
+            if getattr(policy, "default_freeze_ratio", None) is None:
+                raise ValueError(
+                    f"SlimFitConfig.memory_budget={self.memory_budget!r} fits the run by choosing the freeze "
+                    f"ratio, which schedule={schedule_name(self.schedule)!r} does not take. Fix: use "
+                    "schedule='ils' with memory_budget, or drop memory_budget")
+            if not self._ratio_defaulted:
+                raise ValueError(
+                    f"SlimFitConfig.memory_budget={self.memory_budget!r} chooses the freeze ratio itself, so "
+                    f"freeze_ratio={ratio!r} would be overruled. Fix: drop one of them")
         names = self.always_train
         if isinstance(names, (str, bytes)) or not isinstance(names, (tuple, list, set, frozenset)) \
                 or not all(isinstance(n, str) for n in names):

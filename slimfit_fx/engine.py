@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,6 +52,10 @@ class CompiledRegion:
     counters: dict[str, int]
     graphs: RegionGraphs
     instances: int = 0
+    # per tap: (stash entry, shape, dtype) of each operand a trainable use keeps
+    # that is not held anyway (parameters, the graph's own inputs), from the
+    # compile's fake values
+    stash_operands: list[list[tuple[tuple[str, int], tuple[int, ...], torch.dtype]]] = field(default_factory=list)
 
     def saved_tensors(self, record: list[tuple[int, bool]] | None) -> list[SavedTensor]:
         return self.graphs.saved_tensors(record)
@@ -116,8 +121,10 @@ class EngineConfig:
     layers: frozenset[str]
     blocks: tuple[str, ...]
     compression: CompressionConfig | None = None
-    memory_budget: float | None = None
+    activation_memory_budget: float | None = None
     refresh_names: Callable[[], None] = lambda: None
+    # called after every training forward with its graph and StepRecord (the byte budget's)
+    after_training_forward: Callable[["CapturedGraph", "StepRecord"], None] | None = None
 
 
 class FrozenLayers:
@@ -437,7 +444,7 @@ class CapturedGraph:
 
         start = time.perf_counter()
         fn = capture.compile_region(
-            tapped, example, backend=config.backend, memory_budget=config.memory_budget,
+            tapped, example, backend=config.backend, memory_budget=config.activation_memory_budget,
             joint_pass=joint_pass, partition_pass=partition_pass, on_partition=on_partition,
             tracing_context=self.tracing_context, unsaved_outputs=ctx.stashed_outputs)
         # Every layer's weight-gradient graph now, on the region's fake values and
@@ -450,6 +457,11 @@ class CapturedGraph:
             weight_grad_graph(tap, weight, tap.operands(example, stashed), probe,
                               autocast_state(weight.device))
         probe_shapes = capture.ShapeBinding(example[:len(is_weight)], [p.shape for p in probes])
+        stash_operands = [[((where, i), tuple(capture.size_hint(d) or 0 for d in value.shape), value.dtype)
+                           for (where, i), value in zip(tap.stash, tap.operands(example, stashed))
+                           if isinstance(value, torch.Tensor)
+                           and (where == "output" or (i in activations and not is_weight[i]))]
+                          for tap in taps]
         seconds = time.perf_counter() - start
         ctx.counters["weight_uses_tapped"] += len(taps)
         log.info("%s: compiled a %s region in %.2f s; %d weight uses tapped; %s", name,
@@ -457,7 +469,27 @@ class CapturedGraph:
                  ", ".join(f"{k}={v}" for k, v in sorted(ctx.counters.items())))
         return CompiledRegion(name=name, fn=fn, taps=taps, probe_shapes=probe_shapes, num_outputs=num_outputs,
                               returns_tuple=returns_tuple, compile_seconds=seconds,
-                              counters=dict(ctx.counters), graphs=graphs)
+                              counters=dict(ctx.counters), graphs=graphs, stash_operands=stash_operands)
+
+    def stash_bytes_by_layer(self) -> dict[str, int]:
+        """Per layer, the bytes its trainable uses stash for the weight gradient in
+        one training forward of this graph, as the compression config stores them,
+        from the compiled shapes. An operand several uses share (Q, K and V's
+        input) is split evenly among them."""
+        by_layer: Counter = Counter()
+        compression = self.engine.config.compression
+        for region in self.fn.modules():
+            if not isinstance(region, Region):
+                continue
+            compiled = region.compiled
+            users = Counter(key for items in compiled.stash_operands for key, _, _ in items)
+            for tap, items in zip(compiled.taps, compiled.stash_operands):
+                _, fmt = _stash_format(compression, tap)
+                for key, shape, dtype in items:
+                    packs = fmt is not None and dtype.is_floating_point and len(shape) >= 2
+                    nbytes = fmt.nbytes(shape, dtype) if packs else math.prod(shape) * dtype.itemsize
+                    by_layer[region.input_names[tap.weight_input]] += nbytes // users[key]
+        return dict(by_layer)
 
     def _names(self, inputs: Any) -> tuple[str | None, ...]:
         names_by_id = self.engine.config.names_by_id
@@ -492,6 +524,8 @@ class CapturedGraph:
         finally:
             steps.current = StepInProgress()
             steps.last_training_call_end = time.perf_counter()
+        if self.engine.config.after_training_forward is not None:
+            self.engine.config.after_training_forward(self, steps.last_step)
         return outputs
 
 

@@ -32,7 +32,8 @@ LR_SCHEDULES = ("linear", "constant")
 FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "max_length": "--seq-len", "lr": "--lr",
          "eager_lr": "--eager-lr", "lr_schedule": "--lr-schedule", "schedule": "--schedule",
          "limit": "--limit", "freeze_ratio": "--freeze-ratio", "compression": "--compression",
-         "backend": "--backend", "seed": "--seed", "optimizer_state": "--optimizer-state"}
+         "backend": "--backend", "seed": "--seed", "optimizer_state": "--optimizer-state",
+         "memory_budget": "--memory-budget"}
 
 
 class SettingsError(ValueError):
@@ -68,6 +69,9 @@ class FinetuneSettings:
     train_new_layers: bool = True
     compression: str = "paper"
     optimizer_state: str = "full"  # SlimFitConfig.optimizer_state
+    # SlimFitConfig.memory_budget ("2GiB"): "ils" then picks the freeze ratio (and,
+    # where needed, the optimizer-state packing) that fits, instead of freeze_ratio
+    memory_budget: str | int | None = None
     backend: str = "inductor"
     limit: int | None = None
     seed: int = 0
@@ -82,11 +86,16 @@ class FinetuneSettings:
         # "fixed" draws its set from freeze_ratio itself (seeded_frozen_set) and sets it
         # by hand, so the compile takes no ratio
         policies = {
-            "ils": dict(schedule="ils", freeze_ratio=self.freeze_ratio, seed=self.seed,
-                        always_train=new_layers if self.train_new_layers else ()),
+            "ils": dict(schedule="ils", seed=self.seed,
+                        always_train=new_layers if self.train_new_layers else (),
+                        **(dict(memory_budget=self.memory_budget) if self.memory_budget is not None
+                           else dict(freeze_ratio=self.freeze_ratio))),
             "lisa": dict(schedule=slimfit_fx.LISA(seed=self.seed)),
             "fixed": dict(schedule="manual"),
         }
+        if self.memory_budget is not None and self.schedule != "ils":
+            raise ValueError(f"memory_budget={self.memory_budget!r} chooses the freeze ratio, which only "
+                             f"schedule 'ils' takes (got {self.schedule!r}); use --schedule ils")
         return slimfit_fx.SlimFitConfig(backend=self.backend, compression=self.compression,
                                         optimizer_state=self.optimizer_state, **policies[self.schedule])
 
@@ -231,7 +240,9 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     if settings.schedule == "fixed":
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))
     layers = cm.slimfit.layers
-    ratio = "" if settings.schedule == "lisa" else f" (ratio {settings.freeze_ratio})"
+    ratio = ("" if settings.schedule == "lisa" else
+             f" (ratio chosen at the first step to fit --memory-budget {settings.memory_budget})"
+             if settings.memory_budget is not None else f" (ratio {settings.freeze_ratio})")
     print(f"model: {settings.model}, layers: {len(layers)}, schedule: {settings.schedule}{ratio}, "
           f"compression: {settings.compression}, classes: "
           f"{len(data.classes)}, train articles: {len(data.train['labels'])}, test articles: "
@@ -257,8 +268,10 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         "trained_steps": dict(zip(layers, schedule.trained_counts())) if schedule else None,
         "distinct_frozen_sets": schedule.distinct_sets() if schedule else 1,
     })
-    results: dict[str, Any] = {"slimfit": metrics}
     report = cm.slimfit.report()
+    if report.memory_budget is not None:  # budget, predicted peak and its parts, measured peak
+        metrics["memory_budget"] = report.memory_budget
+    results: dict[str, Any] = {"slimfit": metrics}
     print(report)
     out = Path(settings.out) if settings.out else None
     if out is not None:

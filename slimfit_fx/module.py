@@ -31,6 +31,8 @@ from .policies import FreezePolicy, build_policy
 from .schedule import Schedule
 from .regions import block_prefixes, named_blocks
 from .engine import Engine, EngineConfig
+from .budget import MAX_FREEZE_RATIO, ratio_for
+from .fitting import FitToBudget
 
 _COMPILED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 # Why a layer is not scheduled (SlimFit.not_scheduled, the report).
@@ -141,7 +143,8 @@ class SlimFit:
             layers=frozenset(self.layers),
             blocks=_blocks(model, config.blocks),
             compression=config.compression_config,
-            memory_budget=config.memory_budget,
+            activation_memory_budget=config.activation_memory_budget,
+            after_training_forward=None if config.memory_budget is None else _fit_callback(self),
         ))
         policy = build_policy(config)
         # Before the schedule's hooks, which drop the gradients of frozen layers.
@@ -155,7 +158,19 @@ class SlimFit:
         # and pick the next frozen set before ours pack it.
         self._optimizer_state: FrozenLayerState | None = None
         if config.optimizer_state != "full":
-            self._optimizer_state = _start_optimizer_state(self, layer_parameters, config)
+            self._optimizer_state = _start_optimizer_state(self, layer_parameters, config.optimizer_state)
+        # memory_budget: the freeze ratio and packing, chosen at the first training forward.
+        self.fit: FitToBudget | None = None
+        if config.memory_budget is not None:
+            def start_optimizer_state(packing: str) -> None:
+                if self._optimizer_state is None and packing == "full":
+                    return
+                if self._optimizer_state is None:
+                    self._optimizer_state = _start_optimizer_state(self, layer_parameters, packing)
+                else:
+                    self._optimizer_state.format = packing
+
+            self.fit = _on_optimizer_steps(FitToBudget(self, config.memory_budget, start_optimizer_state))
 
     def _parameters_replaced(self) -> None:
         """fully_shard after compile put new parameter objects (DTensor shards) in
@@ -238,6 +253,12 @@ class SlimFit:
                                  "cm.slimfit.state_dict() returned, unedited")
             self.set_frozen(state["frozen"])
         else:
+            if self.fit is not None and {"layers", "frozen"} <= set(state):
+                # The saved run's ratio was its budget's choice; the next first forward chooses anew.
+                held = state.get("held")
+                scheduled = [n for n in state["layers"] if held is None or n in held]
+                frozen = [n for n in state["frozen"] if n in scheduled]
+                self.schedule.freeze_ratio = ratio_for(len(frozen), len(scheduled))
             self.schedule.load_state_dict(dict(state))
 
     def optimizer_state_bytes(self, optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
@@ -454,9 +475,11 @@ def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter],
     engine = slimfit._engine
     blocks = [tuple(n for n in slimfit.layers if n.startswith(prefix + ".")) for prefix in engine.config.blocks]
     # The schedule is the frozen set's one writer while it chooses (set_frozen refuses).
+    # Under a memory budget the first step freezes the most; the ratio that fits
+    # is chosen once that step's shapes are known (FitToBudget).
     schedule = Schedule(
         slimfit.layers, layer_parameters, policy,
-        freeze_ratio=config.freeze_ratio, apply_frozen=engine.frozen_layers.set,
+        freeze_ratio=MAX_FREEZE_RATIO if config.memory_budget is not None else config.freeze_ratio, apply_frozen=engine.frozen_layers.set,
         always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
                                    who="SlimFitConfig.always_train"),
         blocks=[b for b in blocks if b],
@@ -465,12 +488,24 @@ def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter],
 
 
 def _start_optimizer_state(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter],
-                           config: SlimFitConfig) -> FrozenLayerState:
+                           packing: str) -> FrozenLayerState:
     """Frozen layers' optimizer state packed after every step of an optimizer that
     holds this model's layers, unpacked before the step they train in."""
     frozen_layers = slimfit._engine.frozen_layers
-    store = FrozenLayerState(config.optimizer_state, layer_parameters, lambda: frozen_layers.names)
+    store = FrozenLayerState(packing, layer_parameters, lambda: frozen_layers.names)
     return _on_optimizer_steps(store)
+
+
+def _fit_callback(slimfit: SlimFit):
+    """The engine's after-training-forward call, holding `slimfit` weakly."""
+    ref = weakref.ref(slimfit)
+
+    def after_training_forward(graph, record) -> None:
+        live = ref()
+        if live is not None and live.fit is not None:
+            live.fit.after_training_forward(graph, record)
+
+    return after_training_forward
 
 
 def _on_optimizer_steps(target):

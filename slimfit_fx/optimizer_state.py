@@ -226,6 +226,28 @@ def _packable(key: str, value: object, format: str) -> bool:
             and value.element_size() > PACKED_ITEMSIZE[format])
 
 
+def moment_nbytes(numel: int, itemsize: int, format: str) -> int:
+    """Bytes one floating state tensor of `numel` elements of `itemsize` bytes is
+    held in under `format` ("full" or a packing), by the rules `pack_frozen` follows."""
+    if format == "full" or numel < MIN_PACKED_NUMEL or itemsize <= PACKED_ITEMSIZE[format]:
+        return numel * itemsize
+    if format == "int8":
+        blocks = -(-numel // BLOCK)
+        return blocks * BLOCK + blocks * 4  # uint8 codes padded to whole blocks, one float32 scale each
+    return numel * PACKED_ITEMSIZE[format]
+
+
+# Adam and AdamW keep two moments shaped like the parameter and a 0-dim float32 step.
+ADAM_MOMENTS = 2
+ADAM_STEP_BYTES = 4
+
+
+def adam_state_nbytes(numel: int, itemsize: int, format: str = "full") -> int:
+    """Bytes torch.optim.Adam/AdamW state (amsgrad off) holds for one parameter,
+    its moments held as `format` ("full" or a packing)."""
+    return ADAM_MOMENTS * moment_nbytes(numel, itemsize, format) + ADAM_STEP_BYTES
+
+
 def unpacked(entry: Mapping[str, object]) -> dict[str, object]:
     """One parameter's optimizer state with every packed tensor unpacked (a new dict)."""
     return {k: v.unpack() if isinstance(v, PackedState) else v for k, v in entry.items()}
@@ -353,6 +375,8 @@ class FrozenLayerState:
             self.pack_frozen(opt)
 
     def pack_frozen(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.format == "full":  # switched off (a memory budget's later choice): pack nothing more
+            return
         frozen = [self.parameters[n] for n in self.frozen() if n in self.parameters]
         for p in frozen:
             entry = optimizer.state.get(p)

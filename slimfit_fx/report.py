@@ -34,6 +34,9 @@ class Report:
     schedule: dict[str, Any] | None = None  # a schedule that chooses: its policy, steps, ...
     # layers slimfit never trains, and why (SlimFit.not_scheduled)
     not_scheduled: dict[str, str] = dataclasses.field(default_factory=dict)
+    # SlimFitConfig.memory_budget: the budget, the predicted peak and its parts
+    # (budget.Prediction's fields), the measured peak and how it was measured
+    memory_budget: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         saved = "not measured yet (run a training step)" if self.saved_bytes is None else (
@@ -64,6 +67,8 @@ class Report:
             rows += _schedule_rows(self.schedule, s, kept)
         if self.not_scheduled:
             rows.append(("not scheduled", _describe_not_scheduled(self.not_scheduled)))
+        if self.memory_budget is not None:
+            rows += _budget_rows(self.memory_budget)
         rows += [(f"pass: {k}", str(v)) for k, v in sorted(self.pass_counters.items())]
         width = max(len(k) for k, _ in rows)
         lines = ["slimfit_fx report", "-" * (width + 30)]
@@ -79,6 +84,7 @@ class Report:
     def from_json(cls, text: str) -> "Report":
         data: dict[str, Any] = json.loads(text)
         data.setdefault("not_scheduled", {})  # reports written before it existed
+        data.setdefault("memory_budget", None)
         if data.get("schedule") is not None:  # reports written before policies: all ran the default
             data["schedule"].setdefault("policy", DEFAULT_POLICY)
         data["layers"] = tuple(data["layers"])
@@ -182,4 +188,37 @@ def build_report(slimfit: "SlimFit") -> Report:
         saved_tensors_before=() if last is None else tuple(last.saved_tensors_before_passes()),
         schedule=_schedule_summary(slimfit),
         not_scheduled=slimfit.not_scheduled,
+        memory_budget=_budget_summary(slimfit),
     )
+
+
+def _budget_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
+    fit = slimfit.fit
+    if fit is None:
+        return None
+    prediction = None if fit.prediction is None else dataclasses.asdict(fit.prediction)
+    return {"budget": fit.memory_budget, "predicted": prediction, "measured_peak": fit.meter.peak(),
+            "measured_by": ("torch.cuda.max_memory_allocated" if fit.device.type == "cuda" else
+                            "peak RSS above the RSS at compile, plus the weights")}
+
+
+def _budget_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    mib = 2**20
+    predicted, measured = summary["predicted"], summary["measured_peak"]
+    rows = [("memory budget", f"{summary['budget'] / mib:,.1f} MiB")]
+    if predicted is None:
+        return rows + [("predicted peak", "chosen at the first training forward")]
+    rows.append(("predicted peak", f"{predicted['peak'] / mib:,.1f} MiB (weights {predicted['weights'] / mib:,.1f}"
+                                   f" + gradients {predicted['gradients'] / mib:,.1f} + optimizer state "
+                                   f"{predicted['optimizer_state'] / mib:,.1f} + saved {predicted['saved'] / mib:,.1f}"
+                                   f" + transients {predicted['transients'] / mib:,.1f} + runtime overhead "
+                                   f"{predicted['overhead'] / mib:,.1f})"))
+    rows.append(("chosen", f"freeze_ratio {predicted['freeze_ratio']:.3f} ({predicted['trained']} of "
+                           f"{predicted['layers']} layers train), optimizer_state="
+                           f"{predicted['optimizer_state_packing']!r}"))
+    if measured is None:
+        rows.append(("measured peak", "from the third training forward on; not yet"))
+    else:
+        rows.append(("measured peak", f"{measured / mib:,.1f} MiB ({measured / predicted['peak']:.0%} of "
+                                      f"predicted; {summary['measured_by']})"))
+    return rows

@@ -155,9 +155,12 @@ def test_set_frozen_rejects_bad_names(names, error, match):
         ("freeze_ratio", "0.9", TypeError),
         ("schedule", "sometimes", ValueError),
         ("backend", "tensorrt", ValueError),
-        ("memory_budget", 0.0, ValueError),
-        ("memory_budget", 1.5, ValueError),
-        ("memory_budget", "low", TypeError),
+        ("activation_memory_budget", 0.0, ValueError),
+        ("activation_memory_budget", 1.5, ValueError),
+        ("activation_memory_budget", "low", TypeError),
+        ("memory_budget", "16 parsecs", ValueError),
+        ("memory_budget", 0.5, ValueError),
+        ("memory_budget", -1, ValueError),
     ],
 )
 def test_config_names_field_and_value(field, value, error):

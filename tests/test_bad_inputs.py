@@ -117,8 +117,9 @@ CONFIG = [
     for field, value, error in [
         ("freeze_ratio", 1.5, ValueError), ("freeze_ratio", -0.1, ValueError),
         ("freeze_ratio", "0.9", TypeError), ("schedule", "sometimes", ValueError),
-        ("backend", "tensorrt", ValueError), ("memory_budget", 0.0, ValueError),
-        ("memory_budget", "low", TypeError), ("reschedule_every", 0, ValueError),
+        ("backend", "tensorrt", ValueError), ("activation_memory_budget", 0.0, ValueError),
+        ("activation_memory_budget", "low", TypeError), ("memory_budget", "low", ValueError),
+        ("memory_budget", 0.5, ValueError), ("memory_budget", [1], TypeError), ("reschedule_every", 0, ValueError),
         ("seed", -1, ValueError), ("compression", "zip", ValueError),
         ("always_train", "net.0.weight", TypeError),
     ]

@@ -116,3 +116,24 @@ def test_help_gives_every_flag_a_text_and_its_default(capsys):
     for flag, default in (("--batch-size", "16"), ("--seq-len", "128"), ("--freeze-ratio", "0.9"),
                           ("--epochs", "1"), ("--lr", "0.0001"), ("--seed", "0")):
         assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
+
+
+def test_finetune_fits_a_memory_budget(tmp_path):
+    out = tmp_path / "run"
+    cli.main(["finetune", *SMALL, "--memory-budget", "8GiB", "--out", str(out)])
+    results = json.loads((out / "metrics.json").read_text())["slimfit"]
+    fit = results["memory_budget"]
+    assert fit["budget"] == 8 * 2**30
+    assert fit["predicted"]["freeze_ratio"] == 0.0  # 8 GiB holds every layer training at once
+    assert 0 < fit["predicted"]["peak"] <= fit["budget"] and fit["measured_peak"] > 0
+    assert "predicted peak" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--memory-budget", "2GiB", "--freeze-ratio", "0.5"], "drop --freeze-ratio"),
+    (["--memory-budget", "2 parsecs"], "--memory-budget='2 parsecs' is not a size"),
+    (["--memory-budget", "2GiB", "--schedule", "lisa"], "only schedule 'ils' takes"),
+])
+def test_finetune_refuses_a_budget_it_cannot_use(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["finetune", *SMALL, *flags])

@@ -99,8 +99,8 @@ def test_group_of_collapses_to_the_repeated_block():
     assert group_of("") == "(other)"
 
 
-def test_memory_budget_never_adds_bytes_and_keeps_the_numerics():
-    """SlimFitConfig.memory_budget reaches the regions' partitioner: no more bytes
+def test_activation_memory_budget_never_adds_bytes_and_keeps_the_numerics():
+    """SlimFitConfig.activation_memory_budget reaches the regions' partitioner: no more bytes
     saved, the same gradients (recomputation is exact)."""
     import random
 
@@ -110,7 +110,7 @@ def test_memory_budget_never_adds_bytes_and_keeps_the_numerics():
     saved = {}
     for budget in (None, 0.1):
         case = bert(batch=4, seq=32)
-        cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off", memory_budget=budget)
+        cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off", activation_memory_budget=budget)
         frozen = random.Random(0).sample(cm.slimfit.layers, len(cm.slimfit.layers) // 2)
         assert_matches_eager(cm, case, frozen)
         saved[budget] = cm.slimfit.saved_bytes

@@ -1,0 +1,221 @@
+"""Fit a run into SlimFitConfig.memory_budget, and measure the peak it reached.
+
+From the first training forward on, when shapes are known, `FitToBudget`
+gathers the terms of `budget.predict` from the live model (parameter sizes, the regions'
+measured saved bytes, the compiled stash shapes, the process's residue) and
+applies what `budget.choose` returns: the schedule's freeze ratio and the
+optimizer-state packing. It never picks a frozen set itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import re
+import resource
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import budget
+from .optimizer_state import adam_state_nbytes, entry_bytes
+
+if TYPE_CHECKING:
+    from .engine import CapturedGraph, StepRecord
+    from .module import SlimFit
+
+_STATUS = Path("/proc/self/status")
+# Backward holds gradients of activations the size of the largest tensor saved
+# for backward, while freeing what it read: this many at once (docs/budget.md).
+BACKWARD_TRANSIENTS = 2
+# The forward whose residue makes the final choice: compiling leaves garbage
+# that the first backward and step free (MiniLM on CPU: 197 MiB after the
+# second forward, 122 MiB in later steps).
+CHOOSE_AT = 3
+
+
+def host_rss() -> int:
+    """The process's resident set size now, in bytes (0 where /proc is absent)."""
+    try:
+        return int(re.search(r"VmRSS:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0
+
+
+def host_peak() -> int:
+    """The process's highest resident set size since the last `reset_host_peak`."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def reset_host_peak() -> bool:
+    """Set the kernel's high-water mark (VmHWM) to the resident size now; False
+    where the kernel offers no reset (the peak then spans the whole process)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class PeakMeter:
+    """The peak of training memory from the third training forward on (the
+    first compiles, the final choice is made at the third): on a GPU torch.cuda.max_memory_allocated; on the host the
+    process's peak resident size above its size at compile, plus the weights
+    (resident then)."""
+
+    device: torch.device
+    weights: int
+    rss_at_compile: int
+    started: bool = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            reset_host_peak()
+        self.started = True
+
+    def peak(self) -> int | None:
+        if not self.started:
+            return None
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return host_peak() - self.rss_at_compile + self.weights
+
+
+class FitToBudget:
+    """Chooses the freeze ratio and optimizer-state packing of one compiled model
+    at its first training forwards (for good at CHOOSE_AT); measures the peak
+    from there on."""
+
+    def __init__(self, slimfit: "SlimFit", memory_budget: int,
+                 start_optimizer_state: Callable[[str], None]) -> None:
+        self.slimfit = slimfit
+        self.memory_budget = memory_budget
+        self.start_optimizer_state = start_optimizer_state
+        params = list(slimfit.model.parameters())
+        self.device = params[0].device if params else torch.device("cpu")
+        weights = weight_bytes(slimfit.model)
+        self.meter = PeakMeter(self.device, weights, host_rss())
+        self.prediction: budget.Prediction | None = None
+        self.terms_used: budget.BudgetTerms | None = None  # what the prediction was made from
+        self.residue: int | None = None  # the host's resident growth no tensor explains, at the choice
+        self.forwards = 0
+        self._param_ids = {id(p) for p in params}
+        self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+    # -- optimizer hooks (slimfit_fx.module._on_optimizer_steps): which optimizers hold state
+
+    def owns(self, optimizer: torch.optim.Optimizer) -> bool:
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+
+    def before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizers.add(optimizer)
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
+        """The first forward chooses with the residue compiling left then (partly
+        garbage later steps free: the choice errs on the safe side); the next
+        ones choose again with the residue of compiled steps, for good at
+        CHOOSE_AT, from which on the peak is measured."""
+        self.forwards += 1
+        if self.forwards > CHOOSE_AT:
+            return
+        self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
+        self.terms_used = terms = self.terms(graph, record)
+        packings = self.packings()
+        try:
+            self.prediction = budget.choose(terms, self.memory_budget, packings)
+        except budget.BudgetError:
+            # Before the final choice the residue may still shrink: raise only if
+            # even none at all would leave room.
+            bare = budget.floor_of(dataclasses.replace(terms, overhead=0), packings)
+            if self.forwards == CHOOSE_AT or bare.peak > self.memory_budget:
+                raise
+            self.prediction = budget.floor_of(terms, packings)
+        self.apply(self.prediction)
+        if self.forwards == CHOOSE_AT:
+            self.meter.start()
+
+    def packings(self) -> tuple[str, ...]:
+        configured = self.slimfit.config.optimizer_state
+        ladder = budget.PACKINGS + (("offload",) if self.device.type == "cuda" else ())
+        return ladder[ladder.index(configured):] if configured in ladder else (configured,)
+
+    def terms(self, graph: "CapturedGraph", record: "StepRecord") -> budget.BudgetTerms:
+        slimfit = self.slimfit
+        schedule = slimfit.schedule
+        params = dict(slimfit.model.named_parameters())
+        stash = graph.stash_bytes_by_layer()
+        candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
+        layers = tuple(budget.LayerTerms(
+            name=n, gradient=_nbytes(params[n]), stash=stash.get(n, 0),
+            state={p: adam_state_nbytes(params[n].numel(), params[n].element_size(), p)
+                   for p in (*budget.PACKINGS, "offload")})
+            for n in candidates)
+        scheduled = set(candidates)
+        always = [p for n, p in params.items() if p.requires_grad and n not in scheduled
+                  and (n not in slimfit.layers or n in schedule.always_train)]
+        always_stash = sum(stash.get(n, 0) for n in schedule.always_train)
+        static = record.saved_bytes - record.stash_bytes
+        largest_saved = max((t.nbytes or 0 for t in record.saved_tensors()), default=0)
+        return budget.BudgetTerms(
+            weights=self.meter.weights,
+            gradients=sum(_nbytes(p) for p in always),
+            state=sum(adam_state_nbytes(p.numel(), p.element_size()) for p in always),
+            saved=static + always_stash,
+            overhead=self.residue,
+            layers=layers,
+            backward_transients=BACKWARD_TRANSIENTS * largest_saved,
+            largest_always=max((_nbytes(p) for p in always), default=0))
+
+    def first_residue(self, record: "StepRecord") -> int:
+        """Host memory grown since compile that no tensor the prediction counts
+        explains, right after the first forward (compiling included)."""
+        if self.device.type == "cuda":
+            return 0
+        gc.collect()  # what compiling left for the collector is not the runtime's
+        return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes, 0)
+
+    def steady_residue(self, record: "StepRecord") -> int:
+        """The same after the second forward: compiled code, Python objects and
+        the allocator's own, beside saved tensors, gradients and the optimizer
+        state of the optimizers that stepped (state made before compile is in
+        the baseline, so it is not subtracted twice)."""
+        if self.device.type == "cuda":
+            return 0
+        gc.collect()  # compiling's cycles (graphs, fake tensors) wait for a full collection
+        params = list(self.slimfit.model.parameters())
+        grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+        state = sum(entry_bytes(s)[0] for opt in self._optimizers for p, s in opt.state.items()
+                    if id(p) in self._param_ids)
+        return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes - grads - state, 0)
+
+    def apply(self, prediction: budget.Prediction) -> None:
+        # Takes effect at the schedule's next choice: the set this forward ran
+        # with decides which gradients its optimizer step keeps.
+        self.slimfit.schedule.freeze_ratio = prediction.freeze_ratio
+        self.start_optimizer_state(prediction.optimizer_state_packing)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (*model.parameters(), *model.buffers())}
+    return sum(storages.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
