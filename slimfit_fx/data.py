@@ -130,7 +130,7 @@ def load_default_model(num_labels: int):
     return load_classifier(path, num_labels), load_tokenizer(path)
 
 
-DIGITS_VIT = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+DIGITS_VIT = dict(image_size=8, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=3,
                   num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.1,
                   attention_probs_dropout_prob=0.0)
 
@@ -158,7 +158,7 @@ def load_digits(test_share: float = 0.2, seed: int = 0) -> TextClassificationDat
 
 
 def digits_vit(seed: int = 0):
-    """A small ViT for 8x8 digits (patch 2: 16 patches, hidden 64, 4 layers), randomly
+    """A small ViT for 8x8 digits (patch 4: 4 patches, hidden 64, 3 layers), randomly
     initialized from `seed`: there is no pretrained checkpoint, so it trains from scratch."""
     from transformers import ViTConfig, ViTForImageClassification
 
