@@ -39,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     d = FinetuneSettings()
     ft.add_argument("--task", choices=TASKS, default=d.task,
                     help="text: --model on --data-dir; digits: scikit-learn's 8x8 digits with a small "
-                         "ViT trained from random init (no checkpoint; --model, --data-dir, --seq-len "
-                         "and --limit do not apply)")
+                         "ViT trained from random init (no checkpoint; --model, --data-dir and "
+                         "--seq-len do not apply)")
     ft.add_argument("--method", choices=METHODS, default=d.method,
                     help="slimfit: slimfit_fx.compile; eager: plain PyTorch, every layer trains; "
                          "lora: peft LoRA r=8 on the attention linears, the fresh head trains whole")

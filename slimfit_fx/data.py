@@ -135,9 +135,13 @@ DIGITS_VIT = dict(image_size=8, patch_size=4, num_channels=1, hidden_size=64, nu
                   attention_probs_dropout_prob=0.0)
 
 
-def load_digits(test_share: float = 0.2, seed: int = 0) -> TextClassificationData:
+def load_digits(test_share: float = 0.2, seed: int = 0, limit: int | None = None) -> TextClassificationData:
     """scikit-learn's bundled digits (1,797 8x8 grey images, 10 classes) as
-    `pixel_values` in [0, 1], split per class (stratified) with a fixed seed."""
+    `pixel_values` in [0, 1], split per class (stratified) with a fixed seed.
+    `limit` keeps that many images in all, spread over the classes."""
+    if limit is not None and limit < 20:
+        raise ValueError(f"limit={limit} leaves fewer than 2 images (one to train on, one to test) "
+                         "for each of the 10 digits; use limit >= 20")
     _require("sklearn", "scikit-learn")
     from sklearn.datasets import load_digits as load
 
@@ -149,6 +153,7 @@ def load_digits(test_share: float = 0.2, seed: int = 0) -> TextClassificationDat
     for label in range(10):
         index = (labels == label).nonzero().flatten().tolist()
         rng.shuffle(index)
+        index = index[:None if limit is None else limit // 10]
         cut = int(round(len(index) * (1 - test_share)))
         train += index[:cut]
         test += index[cut:]

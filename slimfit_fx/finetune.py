@@ -243,7 +243,11 @@ def load_task(settings: FinetuneSettings):
     is the same on every call); raises SettingsError naming the flag."""
     if settings.task == "digits":
         head = ("classifier.weight", "classifier.bias")  # the rest is random init too: no checkpoint
-        return load_digits(seed=settings.seed), lambda: (digits_vit(settings.seed), frozenset(head))
+        try:
+            data = load_digits(seed=settings.seed, limit=settings.limit)
+        except (ValueError, ImportError) as err:
+            raise SettingsError(_flags(str(err))) from err
+        return data, lambda: (digits_vit(settings.seed), frozenset(head))
     try:
         model_dir = resolve_model_dir(settings.model)
         data_dir = resolve_data_dir(settings.data_dir)
