@@ -58,11 +58,11 @@ TASKS = {
               "step with 90% of the layers frozen and the fresh head always training"),
     "digits": dict(
         title="Accuracy side by side (digits, ViT from random init)", section="accuracy-digits", epochs=8,
-        args=["--task", "digits", "--batch-size", "32", "--lr-schedule", "linear", "--backend", "aot_eager"],
-        lrs={"full": 2e-3, "slimfit": 2e-3, "lora": 2e-3},
+        args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
+        lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
         about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
               "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
-              "exists, so every row starts from scratch; batch 32, AdamW with linear decay to 0; slimfit "
+              "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
               "rows compile with aot_eager, ILS re-ranks after every step with 90% of the layers frozen "
               "and the head always training"),
 }
