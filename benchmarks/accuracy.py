@@ -88,11 +88,16 @@ def row_argv(task: str, row: str, seed: int, epochs: int) -> list[str]:
             "--lr", str(spec["lrs"][lr]), *extra, "--seed", str(seed), "--no-progress"]
 
 
+def is_kept(argv: list[str], out: Path) -> bool:
+    kept = out / "argv.json"
+    return kept.exists() and json.loads(kept.read_text()) == argv and (out / "metrics.json").exists()
+
+
 def run_one(argv: list[str], out: Path) -> dict:
     """The metrics of `argv`'s run in `out`: read back if `out` holds a finished run
     of the same arguments, else run in a process of its own."""
     kept = out / "argv.json"
-    if not (kept.exists() and json.loads(kept.read_text()) == argv and (out / "metrics.json").exists()):
+    if not is_kept(argv, out):
         kept.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -161,10 +166,16 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each run directory under DIR/<task>/<row>/seed-N; a run already kept "
                              "with the same arguments is read back, not rerun")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="run nothing: write the table from the runs --keep holds")
     args = parser.parse_args()
     spec = TASKS[args.task]
     epochs = args.epochs or spec["epochs"]
     rows = args.rows or spec["rows"]
+    if args.kept_only and not args.keep:
+        parser.error("--kept-only reads the runs --keep DIR holds; give --keep")
+    if args.kept_only:  # the section names the command that runs the table, not the one reading it
+        sys.argv.remove("--kept-only")
     runs: dict[str, dict[int, dict]] = {}
     for seed in args.seeds:
         for row in rows:
@@ -172,10 +183,19 @@ def main() -> None:
             slug = "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
             with (nullcontext(args.keep / args.task / slug / f"seed-{seed}") if args.keep
                   else tempfile.TemporaryDirectory()) as out:
+                if args.kept_only and not is_kept(argv, Path(out)):
+                    continue
                 runs.setdefault(row, {})[seed] = run_one(argv, Path(out))
-            body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
-            print(body, flush=True)  # written after every run: a cut-short run keeps what it measured
-            write_section(spec["section"], spec["title"], body)
+            if not args.kept_only:  # written after every run: a cut-short run keeps what it measured
+                report(spec, runs, rows, args, epochs)
+    if args.kept_only:
+        report(spec, runs, rows, args, epochs)
+
+
+def report(spec: dict, runs: dict[str, dict[int, dict]], rows: list[str], args, epochs: int) -> None:
+    body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
+    print(body, flush=True)
+    write_section(spec["section"], spec["title"], body)
 
 
 if __name__ == "__main__":
