@@ -50,6 +50,8 @@ ROWS = {
     "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off"], "slimfit"),
 }
 REFERENCE = "eager full fine-tune"
+# What a compressed kind alone costs: against the same freezing with nothing compressed.
+FREEZING_ONLY = "slimfit freezing only"
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
 # (no attention dropout, fused attention) the attention output instead.
@@ -125,24 +127,32 @@ def _pm(mean: float, se: float, sign: bool = False) -> str:
     return value if math.isnan(se) else f"{value} ± {se:.2f}"
 
 
+def _vs(diffs: list[float]) -> str:
+    return _pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)" if diffs else "no paired seed"
+
+
 def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], task: str, epochs: int) -> str:
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
+    freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
     lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
-             "train s (mean) | peak RSS MiB (max) |", "|---|---:|---:|---:|---:|---:|"]
+             "vs freezing only, points (paired) | train s (mean) | peak RSS MiB (max) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         done = runs.get(row, {})
         if not done:
-            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | |")
+            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | |")
             continue
         accuracy = mean_se([100 * m["accuracy"] for m in done.values()])
-        diffs = paired_difference({s: m["accuracy"] for s, m in done.items()}, reference)
-        vs = "reference" if row == REFERENCE else (_pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)"
-                                                   if diffs else "no paired seed")
+        accuracies = {s: m["accuracy"] for s, m in done.items()}
+        vs = "reference" if row == REFERENCE else _vs(paired_difference(accuracies, reference))
+        vs_freezing = ""  # only slimfit rows with the same ILS freezing compare with it
+        if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in ROWS[row][1]:
+            vs_freezing = _vs(paired_difference(accuracies, freezing))
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
-        lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {seconds:.0f} | "
-                     f"{peak:,.0f} |")
+        lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "
+                     f"{seconds:.0f} | {peak:,.0f} |")
     any_run = next((m for done in runs.values() for m in done.values()), None)
     if any_run is not None:
         test = any_run["test_articles"]

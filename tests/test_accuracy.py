@@ -38,15 +38,18 @@ def _metrics(acc, seconds=10.0, peak=2**30):
 def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
     reference, default = accuracy.REFERENCE, "slimfit default"
     runs = {reference: {0: _metrics(0.90, 20.0), 1: _metrics(0.92, 40.0)},
-            default: {0: _metrics(0.89, 10.0, 2**29), 1: _metrics(0.92, 30.0, 2**30)}}
+            default: {0: _metrics(0.89, 10.0, 2**29), 1: _metrics(0.92, 30.0, 2**30)},
+            accuracy.FREEZING_ONLY: {1: _metrics(0.93)}}
     rows = [reference, default, "LoRA r=8 (peft)"]
     text = accuracy.table(runs, rows, [0, 1, 2], "digits", 8)
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
     # 91.0 ± 1.0: stdev of (90, 92) is sqrt(2), over sqrt(2) seeds
-    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "30", "1,024"]
-    # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; peak is the largest run's
-    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "20", "1,024"]
+    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "30", "1,024"]
+    # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; against freezing only seed 1
+    # alone (-1.0, no SE); peak is the largest run's
+    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)",
+                              "20", "1,024"]
     assert lines["LoRA r=8 (peft)"][:2] == ["0 of 3", "not run"]
     assert "One test example is 0.25 points (400 test examples)" in text
     command = next(line for line in text.splitlines() if line.startswith(f"* {default}:"))
