@@ -205,7 +205,9 @@ def main() -> None:
 def report(spec: dict, runs: dict[str, dict[int, dict]], rows: list[str], args, epochs: int) -> None:
     body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
     print(body, flush=True)
-    write_section(spec["section"], spec["title"], body)
+    other = epochs != spec["epochs"]  # another epoch count gets a section of its own
+    write_section(spec["section"] + (f"-{epochs}-epochs" if other else ""),
+                  spec["title"] + (f", {epochs} epochs" if other else ""), body)
 
 
 if __name__ == "__main__":
