@@ -13,7 +13,8 @@ cut-short run holds paired seeds. Per row the table gives mean accuracy ± its
 standard error over the seeds, the mean difference from the full fine-tune
 over the seeds both hold ± its standard error, mean train seconds and the
 largest peak RSS. Writes its task's section of docs/benchmarks.md after every
-run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N and
+run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
+(DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
 a run whose kept arguments are the very same is read back instead of rerun,
 so seeds and rows can be added later. Only the arguments are compared, not the
 code: empty DIR after changing slimfit_fx.
@@ -187,11 +188,12 @@ def main() -> None:
     if args.kept_only:  # the section names the command that runs the table, not the one reading it
         sys.argv.remove("--kept-only")
     runs: dict[str, dict[int, dict]] = {}
+    folder = args.task + _other_epochs(spec, epochs)
     for seed in args.seeds:
         for row in rows:
             argv = row_argv(args.task, row, seed, epochs)
             slug = "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
-            with (nullcontext(args.keep / args.task / slug / f"seed-{seed}") if args.keep
+            with (nullcontext(args.keep / folder / slug / f"seed-{seed}") if args.keep
                   else tempfile.TemporaryDirectory()) as out:
                 if args.kept_only and not is_kept(argv, Path(out)):
                     continue
@@ -205,9 +207,14 @@ def main() -> None:
 def report(spec: dict, runs: dict[str, dict[int, dict]], rows: list[str], args, epochs: int) -> None:
     body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
     print(body, flush=True)
-    other = epochs != spec["epochs"]  # another epoch count gets a section of its own
-    write_section(spec["section"] + (f"-{epochs}-epochs" if other else ""),
-                  spec["title"] + (f", {epochs} epochs" if other else ""), body)
+    other = _other_epochs(spec, epochs)
+    write_section(spec["section"] + other, spec["title"] + other.replace("-", " ").replace(" ", ", ", 1), body)
+
+
+def _other_epochs(spec: dict, epochs: int) -> str:
+    """"" at the task's epoch count, else "-N-epochs": another count gets a section and
+    a --keep folder of its own, so it never replaces the task's runs."""
+    return "" if epochs == spec["epochs"] else f"-{epochs}-epochs"
 
 
 if __name__ == "__main__":
