@@ -2,22 +2,24 @@
 compressed kind alone), LoRA and LISA, over seeds, on two tasks.
 
     python benchmarks/accuracy.py [--task bbc|digits] [--seeds 0 1 ...] [--rows NAME ...]
-        [--epochs N] [--keep DIR]
+        [--epochs N] [--keep DIR [--kept-only]]
 
 Every (row, seed) is one `slimfit-fx finetune` process, so each row's total
 peak (the process's peak RSS, read by the run itself after training and
 evaluation) is its own. Tasks: "bbc", all-MiniLM-L6-v2 on BBC News (the main
 job); "digits", scikit-learn's digits with a small ViT trained from random
-init (there is no checkpoint). Runs go seed by seed, rows in ROWS order, so a
-cut-short run holds paired seeds. Per row the table gives mean accuracy ± its
-standard error over the seeds, the mean difference from the full fine-tune
-over the seeds both hold ± its standard error, mean train seconds and the
-largest peak RSS. Writes its task's section of docs/benchmarks.md after every
+init (there is no checkpoint). Runs go seed by seed, rows in the task's order,
+so a cut-short run holds paired seeds. Per row the table gives mean accuracy ±
+its standard error over the seeds, the mean difference from the full fine-tune
+over the seeds both hold ± its standard error, for slimfit rows the same
+against freezing only (what one compressed kind alone costs), mean train
+seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
 a run whose kept arguments are the very same is read back instead of rerun,
-so seeds and rows can be added later. Only the arguments are compared, not the
-code: empty DIR after changing slimfit_fx.
+so seeds and rows can be added later; --kept-only writes the table from the
+kept runs and runs nothing. Only the arguments are compared, not the code:
+empty DIR after changing slimfit_fx.
 """
 from __future__ import annotations
 
