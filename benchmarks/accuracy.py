@@ -1,106 +1,222 @@
-"""BBC News accuracy: slimfit (ILS, paper compression) vs eager full fine-tune, per seed.
+"""Accuracy side by side: full fine-tune, slimfit (default, freezing only, each
+compressed kind alone), LoRA and LISA, over seeds, on two tasks.
 
-    python benchmarks/accuracy.py [--seeds 0 1] [--freeze-ratio 0.9] [--epochs 1]
-        [--lr 1e-4] [--eager-lr LR] [--backend aot_eager]
-        [--no-train-new-layers] [--keep runs/accuracy]
+    python benchmarks/accuracy.py [--task bbc|digits] [--seeds 0 1 ...] [--rows NAME ...]
+        [--epochs N] [--keep DIR [--kept-only]]
 
-Each seed runs `slimfit-fx finetune --compare-eager` (same model, data split,
-batch order, head init and epochs for both) and the table reports both
-accuracies, their difference, and the spread over seeds. Writes its section of
-docs/benchmarks.md. With --keep DIR each seed's run directory is kept as
-DIR/seed-N, and a seed whose kept run used the very same finetune arguments is
-read back instead of rerun, so seeds can be added to a table later. Only the
-arguments are compared, not the code: empty DIR after changing slimfit_fx.
+Every (row, seed) is one `slimfit-fx finetune` process, so each row's total
+peak (the process's peak RSS, read by the run itself after training and
+evaluation) is its own. Tasks: "bbc", all-MiniLM-L6-v2 on BBC News (the main
+job); "digits", scikit-learn's digits with a small ViT trained from random
+init (there is no checkpoint). Runs go seed by seed, rows in the task's order,
+so a cut-short run holds paired seeds. Per row the table gives mean accuracy ±
+its standard error over the seeds, the mean difference from the full fine-tune
+over the seeds both hold ± its standard error, for slimfit rows the same
+against freezing only (what one compressed kind alone costs), mean train
+seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
+run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
+(DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
+a run whose kept arguments are the very same is read back instead of rerun,
+so seeds and rows can be added later; --kept-only writes the table from the
+kept runs and runs nothing. Only the arguments are compared, not the code:
+empty DIR after changing slimfit_fx.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 from doc import write_section
 
-from slimfit_fx import capture, cli
+ROOT = Path(__file__).resolve().parent.parent
+# Each row: (method, finetune arguments, learning-rate key in the task's LRS).
+ROWS = {
+    "eager full fine-tune": ("eager", [], "full"),
+    "slimfit default": ("slimfit", [], "slimfit"),
+    "slimfit freezing only": ("slimfit", ["--compression", "off"], "slimfit"),
+    "LoRA r=8 (peft)": ("lora", [], "lora"),
+    "slimfit, Q/K/V int8 alone": ("slimfit", ["--compression", "only-qkv_bits"], "slimfit"),
+    "slimfit, softmax uint8 alone": ("slimfit", ["--compression", "only-softmax_bits"], "slimfit"),
+    "slimfit, attention output int8 alone": ("slimfit", ["--compression", "only-attention_out_bits"], "slimfit"),
+    "slimfit, GELU input 4-bit alone": ("slimfit", ["--compression", "only-gelu_input_bits"], "slimfit"),
+    "slimfit, GELU output int8 alone": ("slimfit", ["--compression", "only-gelu_output_bits"], "slimfit"),
+    "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep"], "slimfit"),
+    "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off"], "slimfit"),
+}
+REFERENCE = "eager full fine-tune"
+# What a compressed kind alone costs: against the same freezing with nothing compressed.
+FREEZING_ONLY = "slimfit freezing only"
+# Each task's kinds are those "paper" compresses on its model (the report's pass
+# counters): MiniLM with attention dropout saves the softmax output, the digits ViT
+# (no attention dropout, fused attention) the attention output instead.
+_COMMON = ["eager full fine-tune", "slimfit default", "slimfit freezing only", "LoRA r=8 (peft)",
+           "slimfit, Q/K/V int8 alone"]
+TASKS = {
+    "bbc": dict(
+        title="Accuracy side by side (BBC News)", section="accuracy", epochs=3,
+        args=["--task", "text", "--batch-size", "16", "--lr-schedule", "linear", "--backend", "inductor"],
+        lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
+        rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
+              "slimfit, GELU output int8 alone", "slimfit, frozen LayerNorm top 10% alone",
+              "LISA (2 blocks, every 20 steps)"],
+        about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
+              "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
+              "step with 90% of the layers frozen and the fresh head always training"),
+    "digits": dict(
+        title="Accuracy side by side (digits, ViT from random init)", section="accuracy-digits", epochs=8,
+        args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
+        lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
+        rows=[*_COMMON, "slimfit, attention output int8 alone", "slimfit, GELU input 4-bit alone",
+              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)"],
+        about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
+              "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
+              "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
+              "rows compile with aot_eager, ILS re-ranks after every step with 90% of the layers frozen "
+              "and the head always training"),
+}
+
+
+def row_argv(task: str, row: str, seed: int, epochs: int) -> list[str]:
+    """`slimfit-fx finetune`'s arguments for one (row, seed) of `task`."""
+    method, extra, lr = ROWS[row]
+    spec = TASKS[task]
+    return ["finetune", *spec["args"], "--method", method, "--epochs", str(epochs),
+            "--lr", str(spec["lrs"][lr]), *extra, "--seed", str(seed), "--no-progress"]
+
+
+def is_kept(argv: list[str], out: Path) -> bool:
+    kept = out / "argv.json"
+    return kept.exists() and json.loads(kept.read_text()) == argv and (out / "metrics.json").exists()
+
+
+def run_one(argv: list[str], out: Path) -> dict:
+    """The metrics of `argv`'s run in `out`: read back if `out` holds a finished run
+    of the same arguments, else run in a process of its own."""
+    kept = out / "argv.json"
+    if not is_kept(argv, out):
+        kept.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(out / "log.txt", "w") as log:
+            subprocess.run([sys.executable, "-m", "slimfit_fx", *argv, "--out", str(out)], env=env,
+                           stdout=log, stderr=subprocess.STDOUT, check=True)
+        kept.write_text(json.dumps(argv))  # written last: only a finished run is reused
+    metrics = json.loads((out / "metrics.json").read_text())
+    return next(v for k, v in metrics.items() if k != "files")
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (nan with fewer than 2 values)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def paired_difference(results: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """Per-seed differences in points for the seeds both hold, in seed order."""
+    return [100 * (results[s] - reference[s]) for s in sorted(results) if s in reference]
+
+
+def _pm(mean: float, se: float, sign: bool = False) -> str:
+    value = f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return value if math.isnan(se) else f"{value} ± {se:.2f}"
+
+
+def _vs(diffs: list[float]) -> str:
+    return _pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)" if diffs else "no paired seed"
+
+
+def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], task: str, epochs: int) -> str:
+    """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
+    reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
+    freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
+    lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
+             "vs freezing only, points (paired) | train s (mean) | peak RSS MiB (max) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        done = runs.get(row, {})
+        if not done:
+            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | |")
+            continue
+        accuracy = mean_se([100 * m["accuracy"] for m in done.values()])
+        accuracies = {s: m["accuracy"] for s, m in done.items()}
+        vs = "reference" if row == REFERENCE else _vs(paired_difference(accuracies, reference))
+        vs_freezing = ""  # only slimfit rows with the same ILS freezing compare with it
+        if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in ROWS[row][1]:
+            vs_freezing = _vs(paired_difference(accuracies, freezing))
+        seconds = statistics.fmean(m["train_seconds"] for m in done.values())
+        peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
+        lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "
+                     f"{seconds:.0f} | {peak:,.0f} |")
+    any_run = next((m for done in runs.values() for m in done.values()), None)
+    if any_run is not None:
+        test = any_run["test_articles"]
+        lines += ["", f"{epochs} epochs. One test example is {100 / test:.2f} points ({test} test examples). "
+                  "Seeds: " + " ".join(map(str, seeds)) + "."]
+    lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
+    for row in rows:
+        argv = row_argv(task, row, 0, epochs)
+        argv[argv.index("--seed") + 1] = "S"
+        lines.append(f"* {row}: `slimfit-fx {shlex.join(argv)}`".replace("'S'", "S"))
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--freeze-ratio", type=float, default=0.9)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--compression", default="paper")
-    parser.add_argument("--lr", type=float, default=1e-4, help="slimfit's AdamW learning rate")
-    parser.add_argument("--eager-lr", type=float, default=None,
-                        help="the full fine-tune's learning rate (default: --lr)")
-    parser.add_argument("--lr-schedule", default="linear", choices=("linear", "constant"),
-                        help="linear: the paper's decay to 0 (the main job's default is constant)")
-    parser.add_argument("--backend", default="inductor")
-    parser.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="ILS never freezes the fresh classification head (default); "
-                             "--no-train-new-layers scores it like any layer, as the paper does")
+    parser.add_argument("--task", choices=tuple(TASKS), default="bbc")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(7)))
+    parser.add_argument("--rows", nargs="+", choices=tuple(ROWS), default=None,
+                        help="rows to run, in this order within each seed (default: the task's)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the task's (bbc 3, digits 8)")
     parser.add_argument("--keep", type=Path, default=None,
-                        help="keep each seed's run directory here; a seed already kept with the "
-                             "same arguments is read back, not rerun")
+                        help="keep each run directory under DIR/<task>/<row>/seed-N; a run already kept "
+                             "with the same arguments is read back, not rerun")
+    parser.add_argument("--kept-only", action="store_true",
+                        help="run nothing: write the table from the runs --keep holds")
     args = parser.parse_args()
-    rows = []
+    spec = TASKS[args.task]
+    epochs = args.epochs or spec["epochs"]
+    rows = args.rows or spec["rows"]
+    if args.kept_only and not args.keep:
+        parser.error("--kept-only reads the runs --keep DIR holds; give --keep")
+    if args.kept_only:  # the section names the command that runs the table, not the one reading it
+        sys.argv.remove("--kept-only")
+    runs: dict[str, dict[int, dict]] = {}
+    folder = args.task + _other_epochs(spec, epochs)
     for seed in args.seeds:
-        argv = ["finetune", "--seed", str(seed), "--freeze-ratio", str(args.freeze_ratio),
-                "--epochs", str(args.epochs), "--compression", args.compression,
-                "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
-                *(["--eager-lr", str(args.eager_lr)] if args.eager_lr is not None else []),
-                "--backend", args.backend, "--compare-eager",
-                "--train-new-layers" if args.train_new_layers else "--no-train-new-layers",
-                "--no-progress"]
-        with (nullcontext(args.keep / f"seed-{seed}") if args.keep
-              else tempfile.TemporaryDirectory()) as out:
-            out = Path(out)
-            kept = out / "argv.json"
-            if not (kept.exists() and json.loads(kept.read_text()) == argv
-                    and (out / "metrics.json").exists()):
-                kept.unlink(missing_ok=True)
-                cli.main([*argv, "--out", str(out)])
-                kept.write_text(json.dumps(argv))  # written last: only a finished run is reused
-            rows.append((seed, json.loads((out / "metrics.json").read_text())))
-        capture.reset_dynamo()
-        body = table(rows, args)  # written after every seed: a cut-short run keeps what it measured
-        print(body)
-        write_section("accuracy", "Accuracy: slimfit vs full fine-tune (BBC News)", body)
+        for row in rows:
+            argv = row_argv(args.task, row, seed, epochs)
+            slug = "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-")
+            with (nullcontext(args.keep / folder / slug / f"seed-{seed}") if args.keep
+                  else tempfile.TemporaryDirectory()) as out:
+                if args.kept_only and not is_kept(argv, Path(out)):
+                    continue
+                runs.setdefault(row, {})[seed] = run_one(argv, Path(out))
+            if not args.kept_only:  # written after every run: a cut-short run keeps what it measured
+                report(spec, runs, rows, args, epochs)
+    if args.kept_only:
+        report(spec, runs, rows, args, epochs)
 
 
-def table(rows, args) -> str:
-    lines = ["| seed | slimfit accuracy | eager accuracy | difference (points) | slimfit train s | "
-             "eager train s | slimfit saved MB/step | eager saved MB/step | compile s | frozen sets |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    diffs = []
-    for seed, r in rows:
-        s, e = r["slimfit"], r["eager"]
-        diffs.append(100 * (s["accuracy"] - e["accuracy"]))
-        lines.append(f"| {seed} | {s['accuracy']:.2%} | {e['accuracy']:.2%} | {diffs[-1]:+.2f} | "
-                     f"{s['train_seconds']:.0f} | {e['train_seconds']:.0f} | {s['saved_bytes'] / 1e6:.1f} | "
-                     f"{e['saved_bytes'] / 1e6:.1f} | {s['compile_seconds']:.1f} | "
-                     f"{s['distinct_frozen_sets']} |")
-    slim = [100 * r["slimfit"]["accuracy"] for _, r in rows]
-    eager = [100 * r["eager"]["accuracy"] for _, r in rows]
-    spread = lambda xs: f"{statistics.mean(xs):.2f} (min {min(xs):.2f}, max {max(xs):.2f})"
-    test = rows[0][1]["slimfit"]["test_articles"]
-    lines += ["", f"Mean over {len(rows)} of {len(args.seeds)} seeds: slimfit {spread(slim)}, eager "
-              f"{spread(eager)}, difference {spread(diffs)} points. One test article is "
-              f"{100 / test:.2f} points ({test} test articles)."]
-    if len(diffs) > 1:  # how far the mean difference itself can move with the seeds drawn
-        sd = statistics.stdev(diffs)
-        lines.append(f"Per-seed difference: standard deviation {sd:.2f} points, standard error of "
-                     f"the mean {sd / len(diffs) ** 0.5:.2f} points.")
-    decay = "decaying linearly to 0" if args.lr_schedule == "linear" else "constant"
-    eager_lr = args.lr if args.eager_lr is None else args.eager_lr
-    head = ("the fresh classification head always trains" if args.train_new_layers
-            else "the fresh classification head scored like any layer")
-    return (f"all-MiniLM-L6-v2 on BBC News, {args.epochs} epoch(s), batch 16, seq 128, "
-            f"AdamW ({decay}); slimfit: lr {args.lr:g}, ILS freezing {args.freeze_ratio:.0%} of the "
-            f"layers ({head}), a new frozen set every step, compression {args.compression!r}, backend "
-            f"{args.backend}; eager: lr {eager_lr:g}, every layer trains.\n\n" + "\n".join(lines))
+def report(spec: dict, runs: dict[str, dict[int, dict]], rows: list[str], args, epochs: int) -> None:
+    body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
+    print(body, flush=True)
+    other = _other_epochs(spec, epochs)
+    write_section(spec["section"] + other, spec["title"] + other.replace("-", " ").replace(" ", ", ", 1), body)
+
+
+def _other_epochs(spec: dict, epochs: int) -> str:
+    """"" at the task's epoch count, else "-N-epochs": another count gets a section and
+    a --keep folder of its own, so it never replaces the task's runs."""
+    return "" if epochs == spec["epochs"] else f"-{epochs}-epochs"
 
 
 if __name__ == "__main__":

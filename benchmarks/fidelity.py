@@ -22,20 +22,21 @@ import slimfit_fx
 from slimfit_fx import capture
 from slimfit_fx.config import COMPRESSION_PRESETS
 from slimfit_fx.data import load_bbc_news, load_classifier, load_tokenizer, resolve_model_dir
-from slimfit_fx.finetune import seeded_frozen_set
+from slimfit_fx.finetune import COMPRESSIONS, seeded_frozen_set
 from slimfit_fx.numerics import gradient_fidelity
 
-PAPER, NOTHING = COMPRESSION_PRESETS["paper"], COMPRESSION_PRESETS["off"]
+PAPER = COMPRESSION_PRESETS["paper"]
 CASES = {
     "off (reference)": "off",
     "paper": "paper",
     "row": "row",
     "extended": "extended",
-    "Q/K/V int8 Q3.4 alone": dataclasses.replace(NOTHING, qkv_bits=8),
-    "softmax uint8 alone": dataclasses.replace(NOTHING, softmax_bits=8),
-    "GELU input 4-bit alone": dataclasses.replace(NOTHING, gelu_input_bits=4),
-    "GELU output int8 Q3.4 alone": dataclasses.replace(NOTHING, gelu_output_bits=8),
-    "frozen LayerNorm top 10% alone": dataclasses.replace(NOTHING, layernorm_keep=0.1),
+    # each kind alone at the paper's format: the configs `finetune --compression only-<field>` runs
+    "Q/K/V int8 Q3.4 alone": COMPRESSIONS["only-qkv_bits"],
+    "softmax uint8 alone": COMPRESSIONS["only-softmax_bits"],
+    "GELU input 4-bit alone": COMPRESSIONS["only-gelu_input_bits"],
+    "GELU output int8 Q3.4 alone": COMPRESSIONS["only-gelu_output_bits"],
+    "frozen LayerNorm top 10% alone": COMPRESSIONS["only-layernorm_keep"],
     "paper, GELU input 8-bit": dataclasses.replace(PAPER, gelu_input_bits=8),
     "paper, GELU input whole": dataclasses.replace(PAPER, gelu_input_bits=None),
     "paper, frozen LayerNorm whole": dataclasses.replace(PAPER, layernorm_keep=None),

@@ -17,9 +17,10 @@ import torch
 import slimfit_fx
 
 from . import zoo
-from .config import COMPRESSION_PRESETS, OPTIMIZER_STATES
+from .config import OPTIMIZER_STATES
 from .data import BUNDLED_MODEL
-from .finetune import LR_SCHEDULES, SCHEDULES, FinetuneSettings, SettingsError, run, seeded_frozen_set
+from .finetune import (COMPRESSIONS, LR_SCHEDULES, METHODS, SCHEDULES, TASKS, FinetuneSettings, SettingsError,
+                       run, seeded_frozen_set)
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -36,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
                         "all-MiniLM-L6-v2 on BBC News) and write a run directory",
                         formatter_class=_Help)
     d = FinetuneSettings()
+    ft.add_argument("--task", choices=TASKS, default=d.task,
+                    help="text: --model on --data-dir; digits: scikit-learn's 8x8 digits with a small "
+                         "ViT trained from random init (no checkpoint; --model, --data-dir and "
+                         "--seq-len do not apply)")
+    ft.add_argument("--method", choices=METHODS, default=d.method,
+                    help="slimfit: slimfit_fx.compile; eager: plain PyTorch, every layer trains; "
+                         "lora: peft LoRA r=8 on the attention linears, the fresh head trains whole")
     ft.add_argument("--model", default=d.model,
                     help=f"{BUNDLED_MODEL!r} (bundled) or a local Hugging Face model directory")
     ft.add_argument("--data-dir", default=None,
@@ -64,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--train-new-layers", action=argparse.BooleanOptionalAction, default=d.train_new_layers,
                     help="ILS never freezes layers the checkpoint did not hold (the fresh head); "
                          "--no-train-new-layers scores them like any layer, as the paper does")
-    ft.add_argument("--compression", choices=tuple(COMPRESSION_PRESETS), default=d.compression,
-                    help="how saved activations are stored (see README)")
+    ft.add_argument("--compression", choices=tuple(COMPRESSIONS), default=d.compression,
+                    help="how saved activations are stored (see README); only-<field>: that one "
+                         "compressed kind at the paper's format, every other kind kept whole")
     ft.add_argument("--backend", choices=("inductor", "aot_eager"), default=d.backend,
                     help="inductor: compiled kernels; aot_eager: slimfit's graphs run op by op "
                          "(no C++ compile)")

@@ -128,3 +128,44 @@ def load_default_model(num_labels: int):
     """all-MiniLM-L6-v2 with a fresh classification head, and its tokenizer."""
     path = resolve_model_dir(BUNDLED_MODEL)
     return load_classifier(path, num_labels), load_tokenizer(path)
+
+
+DIGITS_VIT = dict(image_size=8, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, intermediate_size=128, hidden_dropout_prob=0.1,
+                  attention_probs_dropout_prob=0.0)
+
+
+def load_digits(test_share: float = 0.2, seed: int = 0, limit: int | None = None) -> TextClassificationData:
+    """scikit-learn's bundled digits (1,797 8x8 grey images, 10 classes) as
+    `pixel_values` in [0, 1], split per class (stratified) with a fixed seed.
+    `limit` keeps that many images in all, spread over the classes."""
+    if limit is not None and limit < 20:
+        raise ValueError(f"limit={limit} leaves fewer than 2 images (one to train on, one to test) "
+                         "for each of the 10 digits; use limit >= 20")
+    _require("sklearn", "scikit-learn")
+    from sklearn.datasets import load_digits as load
+
+    digits = load()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in range(10):
+        index = (labels == label).nonzero().flatten().tolist()
+        rng.shuffle(index)
+        index = index[:None if limit is None else limit // 10]
+        cut = int(round(len(index) * (1 - test_share)))
+        train += index[:cut]
+        test += index[cut:]
+    rng.shuffle(train)
+    split = lambda index: {"pixel_values": images[index], "labels": labels[index]}  # noqa: E731
+    return TextClassificationData(split(train), split(test), tuple(str(d) for d in range(10)))
+
+
+def digits_vit(seed: int = 0):
+    """A small ViT for 8x8 digits (patch 4: 4 patches, hidden 64, 3 layers), randomly
+    initialized from `seed`: there is no pretrained checkpoint, so it trains from scratch."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(num_labels=10, **DIGITS_VIT))

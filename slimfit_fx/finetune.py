@@ -7,9 +7,11 @@ into the compiler.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -21,19 +23,35 @@ from torch import nn
 
 import slimfit_fx
 
-from .data import (TextClassificationData, load_classifier_and_new, load_text_folders, load_tokenizer,
-                   resolve_data_dir, resolve_model_dir)
+from .config import COMPRESSION_PRESETS, KIND_FIELDS
+from .data import (TextClassificationData, digits_vit, load_classifier_and_new, load_digits, load_text_folders,
+                   load_tokenizer, resolve_data_dir, resolve_model_dir)
 from .layers import find_layers
 from .memory import eager_saved_bytes
 
 
 LR_SCHEDULES = ("linear", "constant")
+# "text": --model on --data-dir (default: MiniLM on BBC News); "digits": scikit-learn's
+# digits with a small ViT from random init (data.digits_vit), no checkpoint.
+TASKS = ("text", "digits")
+# "slimfit": slimfit_fx.compile; "eager": the same model, every layer trains;
+# "lora": peft LoRA on the attention linears (LORA), the fresh head trains whole.
+METHODS = ("slimfit", "eager", "lora")
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1,
+            target_modules=["query", "key", "value", "attention.output.dense",  # BERT
+                            "q_proj", "k_proj", "v_proj", "o_proj"])  # ViT (transformers 5)
+# The presets, and each compressed kind alone ("only-<field>": that field at its
+# paper value, every other kind kept whole) to find which kind costs accuracy.
+_OFF = COMPRESSION_PRESETS["off"]
+COMPRESSIONS = {**COMPRESSION_PRESETS,
+                **{f"only-{field}": dataclasses.replace(_OFF, **{field: paper})
+                   for field, paper in KIND_FIELDS.items() if paper not in (None, False)}}
 # FinetuneSettings mirrors `slimfit-fx finetune`'s flags; errors name the flag.
 FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "max_length": "--seq-len", "lr": "--lr",
          "eager_lr": "--eager-lr", "lr_schedule": "--lr-schedule", "schedule": "--schedule",
          "limit": "--limit", "freeze_ratio": "--freeze-ratio", "compression": "--compression",
          "backend": "--backend", "seed": "--seed", "optimizer_state": "--optimizer-state",
-         "memory_budget": "--memory-budget"}
+         "memory_budget": "--memory-budget", "task": "--task", "method": "--method"}
 
 
 class SettingsError(ValueError):
@@ -48,6 +66,8 @@ def _flags(message: str) -> str:
 
 @dataclass(frozen=True)
 class FinetuneSettings:
+    task: str = "text"
+    method: str = "slimfit"
     model: str = "all-minilm-l6-v2"
     data_dir: str | None = None  # None: the bundled BBC News
     epochs: int = 1
@@ -96,7 +116,8 @@ class FinetuneSettings:
         if self.memory_budget is not None and self.schedule != "ils":
             raise ValueError(f"memory_budget={self.memory_budget!r} chooses the freeze ratio, which only "
                              f"schedule 'ils' takes (got {self.schedule!r}); use --schedule ils")
-        return slimfit_fx.SlimFitConfig(backend=self.backend, compression=self.compression,
+        compression = COMPRESSIONS.get(self.compression, self.compression)  # unknown: the config says so
+        return slimfit_fx.SlimFitConfig(backend=self.backend, compression=compression,
                                         optimizer_state=self.optimizer_state, **policies[self.schedule])
 
     def check(self) -> None:
@@ -120,6 +141,13 @@ class FinetuneSettings:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.compare_eager and self.method != "slimfit":
+            raise ValueError(f"--compare-eager compares slimfit with eager; it needs method='slimfit', "
+                             f"got method={self.method!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         self.slimfit_config()
@@ -217,9 +245,17 @@ def train(module: nn.Module, data: TextClassificationData, settings: FinetuneSet
     }
 
 
-def run(settings: FinetuneSettings) -> dict[str, Any]:
-    """Fine-tune with slimfit (and eager if `compare_eager`), print and write the results."""
-    settings.check()
+def load_task(settings: FinetuneSettings):
+    """The task's data and a factory `build() -> (model, names of the parameters
+    the checkpoint did not hold)`, seeded by settings.seed (the fresh head's init
+    is the same on every call); raises SettingsError naming the flag."""
+    if settings.task == "digits":
+        head = ("classifier.weight", "classifier.bias")  # the rest is random init too: no checkpoint
+        try:
+            data = load_digits(seed=settings.seed, limit=settings.limit)
+        except (ValueError, ImportError) as err:
+            raise SettingsError(_flags(str(err))) from err
+        return data, lambda: (digits_vit(settings.seed), frozenset(head))
     try:
         model_dir = resolve_model_dir(settings.model)
         data_dir = resolve_data_dir(settings.data_dir)
@@ -227,15 +263,57 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
                                  seed=settings.seed, limit=settings.limit)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise SettingsError(_flags(str(err))) from err
-    model, new_parameters = _with_head(model_dir, settings.seed, len(data.classes))
+    return data, lambda: _with_head(model_dir, settings.seed, len(data.classes))
+
+
+def with_lora(model: nn.Module, new_parameters: frozenset[str]) -> nn.Module:
+    """peft LoRA (`LORA`) on `model`'s attention linears; the modules holding
+    `new_parameters` (the fresh head) train whole (`modules_to_save`)."""
+    try:
+        import peft
+    except ImportError as err:
+        raise SettingsError("--method lora needs peft; install it with `pip install -e '.[peft]'`") from err
+    heads = sorted({name.rsplit(".", 1)[0] for name in new_parameters})
+    return peft.get_peft_model(model, peft.LoraConfig(**LORA, modules_to_save=heads))
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run(settings: FinetuneSettings) -> dict[str, Any]:
+    """Fine-tune with `settings.method` (and eager too if `compare_eager`), print and
+    write the results."""
+    settings.check()
+    data, build = load_task(settings)
+    model, new_parameters = build()
     new_layers = tuple(n for n in find_layers(model) if n in new_parameters)
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and settings.max_length > positions:
+    if settings.task == "text" and positions is not None and settings.max_length > positions:
         raise SettingsError(f"--seq-len {settings.max_length} is longer than {settings.model}'s "
                             f"{positions} positions (max_position_embeddings); use --seq-len <= {positions}")
     if len(data.train["labels"]) < settings.batch_size:
         raise SettingsError(f"only {len(data.train['labels'])} training articles, fewer than one batch "
                             f"of {settings.batch_size}; lower --batch-size or raise --limit")
+    out = Path(settings.out) if settings.out else None
+    name = settings.model if settings.task == "text" else "ViT from random init (digits)"
+    if settings.method != "slimfit":
+        if settings.method == "lora":
+            model = with_lora(model, new_parameters)
+        print(f"model: {name}, method: {settings.method}, classes: {len(data.classes)}, train "
+              f"examples: {len(data.train['labels'])}, test examples: {len(data.test['labels'])}", flush=True)
+        metrics = _train_plain(model, data, settings, settings.method)
+        results: dict[str, Any] = {settings.method: metrics}
+        print(json.dumps(results, indent=2))
+        print(f"test accuracy: {metrics['accuracy']:.2%} ({settings.method}), "
+              f"{metrics['test_articles']} test examples", flush=True)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(
+                {"settings": asdict(settings), "torch": torch.__version__}, indent=2))
+            (out / "metrics.json").write_text(json.dumps(results, indent=2))
+            print(f"wrote {out}/: config.json, metrics.json")
+        return results
     cm = slimfit_fx.compile(model, settings.slimfit_config(new_layers))
     if settings.schedule == "fixed":
         cm.slimfit.set_frozen(seeded_frozen_set(cm.slimfit.layers, settings.freeze_ratio, settings.seed))
@@ -243,7 +321,7 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     ratio = ("" if settings.schedule == "lisa" else
              f" (ratio chosen at the first step to fit --memory-budget {settings.memory_budget})"
              if settings.memory_budget is not None else f" (ratio {settings.freeze_ratio})")
-    print(f"model: {settings.model}, layers: {len(layers)}, schedule: {settings.schedule}{ratio}, "
+    print(f"model: {name}, layers: {len(layers)}, schedule: {settings.schedule}{ratio}, "
           f"compression: {settings.compression}, classes: "
           f"{len(data.classes)}, train articles: {len(data.train['labels'])}, test articles: "
           f"{len(data.test['labels'])}", flush=True)
@@ -252,6 +330,7 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
     print(f"compiling with {settings.backend} during the first step (once; every later frozen set "
           "reuses it) ...", flush=True)
     metrics = train(cm, data, settings, "slimfit", lambda: len(cm.slimfit.frozen) / len(layers))
+    metrics["peak_rss_bytes"] = _peak_rss_bytes()  # before the report and eager add their own
     stats = cm.slimfit.stats
     print(f"compiled in {stats['compile_seconds']:.1f} s", flush=True)
     opt, sample = metrics.pop("optimizer"), metrics.pop("sample")
@@ -273,18 +352,13 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         metrics["memory_budget"] = report.memory_budget
     results: dict[str, Any] = {"slimfit": metrics}
     print(report)
-    out = Path(settings.out) if settings.out else None
     if out is not None:
         cm.train()
         paths = cm.slimfit.save_report(out, optimizer=opt, **sample)
         results["files"] = sorted(str(p) for p in paths.values())
     if settings.compare_eager:
-        eager_model, _ = _with_head(model_dir, settings.seed, len(data.classes))
-        eager = train(eager_model, data, settings, "eager", lr=settings.eager_lr)
-        eager_model.train()
-        eager.pop("optimizer")
-        eager["saved_bytes"] = eager_saved_bytes(eager_model, **eager.pop("sample"))
-        results["eager"] = eager
+        eager_model, _ = build()
+        results["eager"] = _train_plain(eager_model, data, settings, "eager", lr=settings.eager_lr)
         print(side_by_side(results))
     print(json.dumps({k: v for k, v in results.items() if k != "files"}, indent=2))
     accuracy = f"test accuracy: {metrics['accuracy']:.2%} (slimfit"
@@ -298,6 +372,18 @@ def run(settings: FinetuneSettings) -> dict[str, Any]:
         (out / "metrics.json").write_text(json.dumps(results, indent=2))
         print(f"wrote {out}/: config.json, metrics.json, " + ", ".join(Path(p).name for p in results["files"]))
     return results
+
+
+def _train_plain(model: nn.Module, data: TextClassificationData, settings: FinetuneSettings, desc: str,
+                 lr: float | None = None) -> dict[str, Any]:
+    """Train `model` without slimfit; the metrics, with the bytes it saves for backward."""
+    metrics = train(model, data, settings, desc, lr=lr)
+    metrics["peak_rss_bytes"] = _peak_rss_bytes()  # a --compare-eager run's is the larger of both
+    metrics.pop("optimizer")
+    model.train()
+    metrics["saved_bytes"] = eager_saved_bytes(model, **metrics.pop("sample"))
+    metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return metrics
 
 
 def _with_head(model_dir: Path, seed: int, num_labels: int) -> tuple[nn.Module, frozenset[str]]:

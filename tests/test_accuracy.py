@@ -1,0 +1,100 @@
+"""benchmarks/accuracy.py's statistics and table (fast, on made-up metrics), the
+finetune methods and per-kind compression it asks for, and one tiny run of the
+digits task through the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimfit_fx import cli
+from slimfit_fx.config import COMPRESSION_PRESETS
+from slimfit_fx.finetune import COMPRESSIONS, FinetuneSettings, SettingsError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy  # noqa: E402
+
+
+def test_mean_se_is_the_standard_error_of_the_mean():
+    mean, se = accuracy.mean_se([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0
+    assert se == pytest.approx(math.sqrt(((4 + 1 + 0 + 9) / 3) / 4))  # sample stdev / sqrt(n)
+    mean, se = accuracy.mean_se([0.5])
+    assert mean == 0.5 and math.isnan(se)
+
+
+def test_paired_difference_uses_only_seeds_both_hold_in_points():
+    diffs = accuracy.paired_difference({0: 0.90, 1: 0.95, 3: 0.80}, {0: 0.91, 1: 0.95, 2: 0.99})
+    assert diffs == pytest.approx([-1.0, 0.0])  # seed 3 has no reference, seed 2 no row
+
+
+def _metrics(acc, seconds=10.0, peak=2**30):
+    return {"accuracy": acc, "train_seconds": seconds, "peak_rss_bytes": peak, "test_articles": 400}
+
+
+def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
+    reference, default = accuracy.REFERENCE, "slimfit default"
+    runs = {reference: {0: _metrics(0.90, 20.0), 1: _metrics(0.92, 40.0)},
+            default: {0: _metrics(0.89, 10.0, 2**29), 1: _metrics(0.92, 30.0, 2**30)},
+            accuracy.FREEZING_ONLY: {1: _metrics(0.93)}}
+    rows = [reference, default, "LoRA r=8 (peft)"]
+    text = accuracy.table(runs, rows, [0, 1, 2], "digits", 8)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
+    # 91.0 ± 1.0: stdev of (90, 92) is sqrt(2), over sqrt(2) seeds
+    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "30", "1,024"]
+    # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; against freezing only seed 1
+    # alone (-1.0, no SE); peak is the largest run's
+    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)",
+                              "20", "1,024"]
+    assert lines["LoRA r=8 (peft)"][:2] == ["0 of 3", "not run"]
+    assert "One test example is 0.25 points (400 test examples)" in text
+    command = next(line for line in text.splitlines() if line.startswith(f"* {default}:"))
+    assert "--task digits" in command and "--method slimfit" in command and "--seed S " in command
+    assert "--epochs 8" in command
+
+
+def test_every_row_is_a_finetune_command_the_cli_accepts():
+    parser = cli._parser()
+    for task in accuracy.TASKS:
+        for row in accuracy.ROWS:
+            args = parser.parse_args(accuracy.row_argv(task, row, 3, 1))
+            settings = FinetuneSettings(**{k: v for k, v in vars(args).items()
+                                           if k in FinetuneSettings.__dataclass_fields__})
+            settings.check()
+            assert settings.seed == 3
+
+
+def test_single_kind_compressions_hold_one_kind_at_the_paper_format():
+    paper, off = COMPRESSION_PRESETS["paper"], COMPRESSION_PRESETS["off"]
+    only = COMPRESSIONS["only-qkv_bits"]
+    assert only.qkv_bits == paper.qkv_bits == 8 and only.enabled
+    assert [f for f in type(off).__dataclass_fields__ if getattr(only, f) != getattr(off, f)] == ["qkv_bits"]
+    config = FinetuneSettings(compression="only-layernorm_keep").slimfit_config()
+    assert config.compression_config.layernorm_keep == 0.1 and config.compression_config.qkv_bits is None
+
+
+def test_compare_eager_needs_the_slimfit_method():
+    with pytest.raises(SettingsError, match="--compare-eager"):
+        FinetuneSettings(method="lora", compare_eager=True).check()
+    with pytest.raises(SettingsError, match="--method must be one of"):
+        FinetuneSettings(method="adapter").check()
+
+
+@pytest.mark.parametrize("method", ["slimfit", "eager", "lora"])
+def test_digits_task_runs_each_method(tmp_path, method):
+    out = tmp_path / method
+    cli.main(["finetune", "--task", "digits", "--method", method, "--limit", "40", "--batch-size", "8",
+              "--backend", "aot_eager", "--lr", "2e-3", "--no-progress", "--out", str(out)])
+    metrics = json.loads((out / "metrics.json").read_text())[method]
+    assert metrics["steps"] == 3 and metrics["test_articles"] == 10  # 10 digits x (3 train, 1 test); 30 // 8
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["peak_rss_bytes"] > 2**20 * 100  # the process, torch included
+    if method == "lora":  # adapters on the 3 layers' q/k/v/o (rank 8, hidden 64) and the head
+        assert metrics["trainable_parameters"] == 3 * 4 * 8 * (64 + 64) + 64 * 10 + 10
+    if method == "slimfit":
+        assert metrics["always_train"] == ["classifier.weight"]
+        assert metrics["frozen_layers"] > 0
