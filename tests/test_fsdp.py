@@ -197,8 +197,62 @@ def _eager_embedding(rank: int) -> str:
     return "no error"
 
 
+def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
+    """Per-block sharded BERT under ILS: 2 steps, a torch.distributed.checkpoint
+    save (weights and AdamW state, each rank its shards) plus cm.slimfit.state_dict(),
+    2 more steps; then a fresh model, sharded and compiled the same way, loads both
+    and runs the last 2 steps again.
+
+    A layer frozen at every step so far has no optimizer state, which DCP's
+    loader refuses by default (strict) and fills with the state of its own
+    zero-gradient step (step 1, zero moments) otherwise; an uninterrupted run
+    has none, so that state is dropped after loading."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    data = _half_batch("bert", rank)
+    path = os.path.join(out_dir, "checkpoint")
+    options = StateDictOptions(strict=False)
+
+    def run(resume: bool) -> list:
+        model = _case("bert").model
+        cm = _sharded_compile(model, "blocks", schedule="ils", freeze_ratio=0.5)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+        if resume:
+            weights, optim = get_state_dict(model, optimizer, options=options)
+            state = {"model": weights, "optimizer": optim}
+            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"], options=options)
+            saved = {key.split(".", 2)[2].rsplit(".", 1)[0]
+                     for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+                     if key.startswith("optimizer.state.")}
+            for name, p in model.named_parameters():
+                if name not in saved:
+                    optimizer.state.pop(p, None)
+            # after set_state_dict, whose zero-gradient step also went through the schedule's hooks
+            cm.slimfit.load_state_dict(torch.load(path + f".slimfit{rank}.pt", weights_only=True))
+        losses = []
+        for step in range(2 if resume else 4):
+            if not resume and step == 2:
+                weights, optim = get_state_dict(model, optimizer, options=options)
+                dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=path)
+                torch.save(cm.slimfit.state_dict(), path + f".slimfit{rank}.pt")
+            loss = cm(**data).loss
+            loss.backward()
+            frozen = sorted(cm.slimfit.frozen)
+            optimizer.step()
+            optimizer.zero_grad()
+            # the loss, the set it ran with, the parameters with optimizer state after the step
+            losses.append((loss.item(), frozen, sorted(n for n, p in model.named_parameters() if p in optimizer.state)))
+        return losses
+
+    return {"uninterrupted": run(resume=False)[2:], "resumed": run(resume=True)}
+
+
 def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
-               eager_embedding: bool = False) -> None:
+               eager_embedding: bool = False, checkpoint: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -215,6 +269,8 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
             records["diverge"] = _diverging_ranks(rank)
         if eager_embedding:
             records["eager_embedding"] = _eager_embedding(rank)
+        if checkpoint:
+            records["checkpoint"] = _checkpoint_round_trip(rank, out_dir)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(records, f)
     except BaseException:
@@ -223,9 +279,9 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
     exit_rank()
 
 
-def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False):
-    mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge, eager_embedding),
-             nprocs=WORLD, join=True)
+def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpoint=False):
+    mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge, eager_embedding,
+                               checkpoint), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -340,6 +396,19 @@ def test_freezing_a_layer_dynamo_ran_eagerly_is_refused(slow_run):
         message = r["eager_embedding"]
         assert message.startswith("SlimFitError") and "model.embed_tokens.weight" in message, message
         assert "always_train" in message and "fully_shard(model)" in message
+
+
+@needs_dist
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "open: the first loss after resuming repeats exactly, the second differs by ~2e-5: after "
+    "the first resumed step 4 layers that the uninterrupted run holds optimizer state for have "
+    "none (37 vs 41), so the next ILS choice differs; cause not found yet"))
+def test_a_distributed_checkpoint_resumes_with_the_same_losses(tmp_path):
+    records = _spawn(tmp_path, checkpoint=True)
+    for r in records:
+        uninterrupted, resumed = r["checkpoint"]["uninterrupted"], r["checkpoint"]["resumed"]
+        assert [row[0] for row in resumed] == [row[0] for row in uninterrupted], r["checkpoint"]
 
 
 def test_fully_shard_on_the_compiled_module_names_the_modules_to_shard():
