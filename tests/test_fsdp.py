@@ -401,9 +401,10 @@ def test_freezing_a_layer_dynamo_ran_eagerly_is_refused(slow_run):
 @needs_dist
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
-    "open: the first loss after resuming repeats exactly, the second differs by ~2e-5: after "
-    "the first resumed step 4 layers that the uninterrupted run holds optimizer state for have "
-    "none (37 vs 41), so the next ILS choice differs; cause not found yet"))
+    "open: the first loss after resuming repeats exactly, the second differs by ~2e-5. After the "
+    "first resumed step, 4 layers frozen in that step hold AdamW state in the uninterrupted run "
+    "but none in the checkpoint (37 vs 41 parameters with state), and the next ILS choice "
+    "differs; why the saved state lacks them is not found yet"))
 def test_a_distributed_checkpoint_resumes_with_the_same_losses(tmp_path):
     records = _spawn(tmp_path, checkpoint=True)
     for r in records:
