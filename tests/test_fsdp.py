@@ -286,11 +286,11 @@ def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpo
 
 
 # One spawn for the default suite: per-block sharding before compile (the layout
-# users copy from torchtitan), exact with a manual set, ILS and the divergence check.
+# users copy from torchtitan), exact with a manual set, and the divergence check.
 @pytest.fixture(scope="module")
 def blocks_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    return _spawn(out, manual=[("bert", "blocks")], ils=["blocks"], diverge=True), out
+    return _spawn(out, manual=[("bert", "blocks")], diverge=True), out
 
 
 def _single_process_reference(name: str) -> dict[str, torch.Tensor]:
@@ -352,11 +352,6 @@ def _assert_ils(records: list[dict], key: str) -> None:
 
 
 @needs_dist
-def test_ils_under_block_sharding_picks_the_same_sets_from_local_shards(blocks_run):
-    _assert_ils(blocks_run[0], "ils-blocks")
-
-
-@needs_dist
 def test_a_rank_with_another_frozen_set_is_an_error_not_a_hang(blocks_run):
     records, _ = blocks_run
     for rank, r in enumerate(records):
@@ -371,7 +366,8 @@ SLOW_MANUAL = [("bert", "root"), ("bert", "compile_blocks"), ("bert", "compile_r
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_slow")
-    return _spawn(out, manual=SLOW_MANUAL, ils=["root", "compile_blocks", "compile_root"], eager_embedding=True), out
+    return _spawn(out, manual=SLOW_MANUAL, ils=["blocks", "root", "compile_blocks", "compile_root"],
+                  eager_embedding=True), out
 
 
 @needs_dist
@@ -384,7 +380,7 @@ def test_every_layout_trains_like_single_process_eager(slow_run, name, layout):
 
 @needs_dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["root", "compile_blocks", "compile_root"])
+@pytest.mark.parametrize("layout", ["blocks", "root", "compile_blocks", "compile_root"])
 def test_ils_picks_the_same_sets_in_every_layout(slow_run, layout):
     _assert_ils(slow_run[0], f"ils-{layout}")
 
