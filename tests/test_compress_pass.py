@@ -550,7 +550,10 @@ def test_relu_outputs_travel_as_exact_masks():
                                                 slow=[("vit", "inductor"), ("gpt2", "inductor")]))
 def test_dropout_masks_are_bit_packed_and_change_no_gradient(name, backend):
     """Every boolean mask saved for backward travels eight to a byte, and the
-    gradients are bit-identical to the same run with masks kept as bytes."""
+    gradients are those of the same run with masks kept as bytes: bit-identical
+    under aot_eager. Under inductor the unpacking fuses into the kernel that
+    reads the mask, whose reductions (a LayerNorm's bias gradient) may then run
+    in another order than beside a byte mask: equal to float32 rounding."""
     masks_only = dict.fromkeys(KIND_FIELDS)
     runs = {}
     for pack in (False, True):
@@ -571,7 +574,10 @@ def test_dropout_masks_are_bit_packed_and_change_no_gradient(name, backend):
     assert packed.slimfit.saved_bytes < kept.slimfit.saved_bytes
     for param, grad in kept_grads.items():
         assert (grad is None) == (packed_grads[param] is None), param
-        assert grad is None or torch.equal(grad, packed_grads[param]), param
+        if grad is not None and backend == "aot_eager":
+            assert torch.equal(grad, packed_grads[param]), param
+        elif grad is not None:
+            torch.testing.assert_close(packed_grads[param], grad, msg=param)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
