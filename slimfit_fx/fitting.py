@@ -33,10 +33,10 @@ _STATUS = Path("/proc/self/status")
 # Backward holds gradients of activations the size of the largest tensor saved
 # for backward, while freeing what it read: this many at once (docs/budget.md).
 BACKWARD_TRANSIENTS = 2
-# The forward whose residue makes the final choice: compiling leaves garbage
-# that the first backward and step free, and heap pages later steps reuse
-# (MiniLM on CPU, before heap pages were released: 198 MiB after the third
-# forward, 115 MiB at later steps' starts).
+# The forward whose residue makes the final choice: the first one's includes
+# compiling's garbage (MiniLM on CPU: 185 MiB after the third forward against
+# 229 MiB after the first; still 112 MiB at later steps' starts, a gap neither
+# a full collection nor malloc_trim closes, so the prediction is high by it).
 CHOOSE_AT = 3
 
 
