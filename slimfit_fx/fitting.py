@@ -35,7 +35,7 @@ _STATUS = Path("/proc/self/status")
 BACKWARD_TRANSIENTS = 2
 # The forward whose residue makes the final choice: the first one's includes
 # compiling's garbage (MiniLM on CPU: 185 MiB after the third forward against
-# 229 MiB after the first; still 112 MiB at later steps' starts, a gap neither
+# 227 MiB after the first; still 112 MiB at later steps' starts, a gap neither
 # a full collection nor malloc_trim closes, so the prediction is high by it).
 CHOOSE_AT = 3
 
