@@ -12,7 +12,7 @@ state), then timed steps. Measured peak: the process's highest resident set
 size over the timed steps (the kernel's VmHWM, reset through
 /proc/self/clear_refs before each forward and each optimizer step) minus its
 resident size before the model was built, with MALLOC_MMAP_THRESHOLD_=65536 so
-freed tensors leave the resident set at once. "whole run" is the peak up to
+freed tensors leave the resident set at once. "warm-up peak" is the peak up to
 the end of the warm-up (compiling included).
 Writes the table to docs/benchmarks.md (section budget).
 """

@@ -8,6 +8,7 @@ optimizer-state packing. It never picks a frozen set itself.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import re
@@ -32,9 +33,10 @@ _STATUS = Path("/proc/self/status")
 # Backward holds gradients of activations the size of the largest tensor saved
 # for backward, while freeing what it read: this many at once (docs/budget.md).
 BACKWARD_TRANSIENTS = 2
-# The forward whose residue makes the final choice: compiling leaves garbage
-# that the first backward and step free (MiniLM on CPU: 197 MiB after the
-# second forward, 122 MiB in later steps).
+# The forward whose residue makes the final choice: the first one's includes
+# compiling's garbage (MiniLM on CPU: 185 MiB after the third forward against
+# 227 MiB after the first; still 112 MiB at later steps' starts, a gap neither
+# a full collection nor malloc_trim closes, so the prediction is high by it).
 CHOOSE_AT = 3
 
 
@@ -185,7 +187,7 @@ class FitToBudget:
         explains, right after the first forward (compiling included)."""
         if self.device.type == "cuda":
             return 0
-        gc.collect()  # what compiling left for the collector is not the runtime's
+        _release_free_heap()
         return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes, 0)
 
     def steady_residue(self, record: "StepRecord") -> int:
@@ -195,7 +197,7 @@ class FitToBudget:
         the baseline, so it is not subtracted twice)."""
         if self.device.type == "cuda":
             return 0
-        gc.collect()  # compiling's cycles (graphs, fake tensors) wait for a full collection
+        _release_free_heap()
         params = list(self.slimfit.model.parameters())
         grads = sum(_nbytes(p.grad) for p in params if p.grad is not None)
         state = sum(entry_bytes(s)[0] for opt in self._optimizers for p, s in opt.state.items()
@@ -207,6 +209,18 @@ class FitToBudget:
         # with decides which gradients its optimizer step keeps.
         self.slimfit.schedule.freeze_ratio = prediction.freeze_ratio
         self.start_optimizer_state(prediction.optimizer_state_packing)
+
+
+def _release_free_heap() -> None:
+    """Collect compiling's cycles (graphs, fake tensors) and hand the heap pages
+    they freed back to the kernel (glibc's malloc_trim), so the resident size
+    counts what is live: later steps would reuse those pages for their own
+    tensors, which the prediction counts already."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the residue keeps the free pages, on the safe side
+        pass
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
