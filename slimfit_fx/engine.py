@@ -473,8 +473,8 @@ class CapturedGraph:
 
     def stash_bytes_by_layer(self) -> dict[str, int]:
         """Per layer, the bytes its trainable uses stash for the weight gradient in
-        one training forward of this graph, as the compression config stores them,
-        from the compiled shapes. An operand several uses share (Q, K and V's
+        one training forward of this graph (the layers of its latest call), as the
+        compression config stores them, from the compiled shapes. An operand several uses share (Q, K and V's
         input) is split evenly among them."""
         by_layer: Counter = Counter()
         compression = self.engine.config.compression
@@ -488,7 +488,7 @@ class CapturedGraph:
                 for key, shape, dtype in items:
                     packs = fmt is not None and dtype.is_floating_point and len(shape) >= 2
                     nbytes = fmt.nbytes(shape, dtype) if packs else math.prod(shape) * dtype.itemsize
-                    by_layer[region.input_names[tap.weight_input]] += nbytes // users[key]
+                    by_layer[self.call_names[region.input_positions[tap.weight_input]]] += nbytes // users[key]
         return dict(by_layer)
 
     def _names(self, inputs: Any) -> tuple[str | None, ...]:
