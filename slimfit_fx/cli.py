@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                     help="constant: no decay; linear: decay to 0 over the run (the paper's)")
     ft.add_argument("--freeze-ratio", type=float, default=None,
-                    help=f"share of layers frozen (default {d.freeze_ratio}; not with --memory-budget)")
+                    help=f"share of layers frozen; not with --memory-budget (default: {d.freeze_ratio})")
     ft.add_argument("--memory-budget", default=None,
                     help="total memory to fit in, e.g. 2GiB or 1500MB: the freeze ratio (up to 0.95) and, "
                          "where needed, the optimizer-state packing are chosen at the first step; the report "
