@@ -83,6 +83,10 @@ class PeakMeter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            # A process that gave memory back since compiling (an earlier job's
+            # freed heap trimmed) sits below its size then: measure from here
+            # instead, or the peak would read less than the weights alone.
+            self.rss_at_compile = min(self.rss_at_compile, host_rss())
             reset_host_peak()
         self.started = True
 

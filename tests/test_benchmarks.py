@@ -29,11 +29,14 @@ def _rows(text):
 
 
 # Each contender runs in its own process (an import of torch and a compile): the
-# default run smokes eager and slimfit, `pytest -m slow` torch.compile too.
+# default run smokes eager (the script's table, rows file and child process;
+# test_contenders_total_peak_and_breakdown_on_a_tiny_bert runs a slimfit child),
+# `pytest -m slow` slimfit and torch.compile too.
 @pytest.mark.parametrize("contenders", [
-    ["eager", "slimfit"],
+    ["eager"],
+    pytest.param(["eager", "slimfit"], marks=pytest.mark.slow),
     pytest.param(["torch.compile, memory budget 0.1"], marks=pytest.mark.slow),
-], ids=["eager-slimfit", "torch.compile"])
+], ids=["eager", "eager-slimfit", "torch.compile"])
 def test_gpu_benchmark_smoke(tmp_path, contenders):
     kept = tmp_path / "rows.json"
     case = ["--cases", "bert-tiny bs2 seq12"]

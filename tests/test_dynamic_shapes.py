@@ -129,6 +129,7 @@ def test_recompile_limit_is_a_capture_error_that_names_the_cause():
         cm(**bert_batch(2, 15))
 
 
+@pytest.mark.slow  # inductor with dropout and every kind; the default run keeps the aot_eager cases above
 def test_default_compile_with_dropout_trains_batches_of_odd_sizes():
     """compile(model)'s defaults (inductor, ILS, the paper's formats) with dropout
     on: bit-packed dropout masks of every count, not only whole bytes."""
