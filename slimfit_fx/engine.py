@@ -195,8 +195,8 @@ class StepInProgress:
         resident = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.nn.Parameter)}
         kept = []
         for operand in operands:
-            if fmt is not None and isinstance(operand, torch.Tensor) and operand.is_floating_point() \
-                    and operand.dim() >= 2 and operand.untyped_storage().data_ptr() not in resident:
+            if isinstance(operand, torch.Tensor) and _stored_packed(fmt, operand.dtype, operand.dim()) \
+                    and operand.untyped_storage().data_ptr() not in resident:
                 if id(operand) not in packed:
                     packed[id(operand)] = (fmt.pack(operand), operand.shape, operand.dtype)
                     self.stash_counters[f"compressed_{kind}"] += 1
@@ -271,6 +271,12 @@ def _stash_format(config: CompressionConfig | None, tap: regions.WeightTap) -> t
         return None, None
     kind, packing = first_format(config, _STASHED_KINDS.get(tap.producer, ["weight_input"]), None)
     return (None, None) if packing is None else (_COUNTER_NAME.get(kind, kind), packing)
+
+
+def _stored_packed(packing: Packing | None, dtype: torch.dtype, ndim: int) -> bool:
+    """Whether a stashed operand is stored in `packing`'s format: float tensors of
+    two or more dims; anything else (integer inputs, vectors) is kept as it is."""
+    return packing is not None and dtype.is_floating_point and ndim >= 2
 
 
 def _unpack_stashed(packing: Packing, items: list[Any]) -> list[Any]:
@@ -474,8 +480,8 @@ class CapturedGraph:
     def stash_bytes_by_layer(self) -> dict[str, int]:
         """Per layer, the bytes its trainable uses stash for the weight gradient in
         one training forward of this graph (the layers of its latest call), as the
-        compression config stores them, from the compiled shapes. An operand several uses share (Q, K and V's
-        input) is split evenly among them."""
+        compression config stores them, from the compiled shapes. An operand
+        several uses share (Q, K and V's input) is split evenly among them."""
         by_layer: Counter = Counter()
         compression = self.engine.config.compression
         for region in self.fn.modules():
@@ -486,8 +492,8 @@ class CapturedGraph:
             for tap, items in zip(compiled.taps, compiled.stash_operands):
                 _, fmt = _stash_format(compression, tap)
                 for key, shape, dtype in items:
-                    packs = fmt is not None and dtype.is_floating_point and len(shape) >= 2
-                    nbytes = fmt.nbytes(shape, dtype) if packs else math.prod(shape) * dtype.itemsize
+                    nbytes = (fmt.nbytes(shape, dtype) if _stored_packed(fmt, dtype, len(shape))
+                              else math.prod(shape) * dtype.itemsize)
                     by_layer[self.call_names[region.input_positions[tap.weight_input]]] += nbytes // users[key]
         return dict(by_layer)
 
