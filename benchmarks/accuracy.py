@@ -51,6 +51,8 @@ ROWS = {
     "slimfit, GELU output int8 alone": ("slimfit", ["--compression", "only-gelu_output_bits"], "slimfit"),
     "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep"], "slimfit"),
     "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off"], "slimfit"),
+    "slimfit default, int8 frozen optimizer state": ("slimfit", ["--optimizer-state", "int8"], "slimfit"),
+    "slimfit default, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
 }
 REFERENCE = "eager full fine-tune"
 # What a compressed kind alone costs: against the same freezing with nothing compressed.
@@ -60,6 +62,9 @@ FREEZING_ONLY = "slimfit freezing only"
 # (no attention dropout, fused attention) the attention output instead.
 _COMMON = ["eager full fine-tune", "slimfit default", "slimfit freezing only", "LoRA r=8 (peft)",
            "slimfit, Q/K/V int8 alone"]
+# Packed optimizer state of layers frozen for the next step (SlimFitConfig.optimizer_state),
+# each on top of the default: what packing alone costs is the paired difference from it.
+_OPTIMIZER_STATE = ["slimfit default, int8 frozen optimizer state", "slimfit default, bf16 frozen optimizer state"]
 TASKS = {
     "bbc": dict(
         title="Accuracy side by side (BBC News)", section="accuracy", epochs=3,
@@ -67,7 +72,7 @@ TASKS = {
         lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
         rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
               "slimfit, GELU output int8 alone", "slimfit, frozen LayerNorm top 10% alone",
-              "LISA (2 blocks, every 20 steps)"],
+              "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
         about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
               "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
               "step with 90% of the layers frozen and the fresh head always training"),
@@ -76,7 +81,7 @@ TASKS = {
         args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
         lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
         rows=[*_COMMON, "slimfit, attention output int8 alone", "slimfit, GELU input 4-bit alone",
-              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)"],
+              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
         about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
               "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
               "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
