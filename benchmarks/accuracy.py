@@ -12,7 +12,9 @@ init (there is no checkpoint). Runs go seed by seed, rows in the task's order,
 so a cut-short run holds paired seeds. Per row the table gives mean accuracy ±
 its standard error over the seeds, the mean difference from the full fine-tune
 over the seeds both hold ± its standard error, for slimfit rows the same
-against freezing only (what one compressed kind alone costs), mean train
+against freezing only (what one compressed kind alone costs), for the
+packed optimizer-state rows the same against slimfit default (what packing
+alone costs, also stated under the table against that standard error), mean train
 seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
@@ -57,6 +59,8 @@ ROWS = {
 REFERENCE = "eager full fine-tune"
 # What a compressed kind alone costs: against the same freezing with nothing compressed.
 FREEZING_ONLY = "slimfit freezing only"
+# What packing frozen layers' optimizer state costs: against the default it is added to.
+DEFAULT = "slimfit default"
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
 # (no attention dropout, fused attention) the attention output instead.
@@ -139,17 +143,34 @@ def _vs(diffs: list[float]) -> str:
     return _pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)" if diffs else "no paired seed"
 
 
+def _verdict(row: str, diffs: list[float]) -> str:
+    """How `row`'s paired difference from slimfit default compares with its standard error."""
+    mean, se = mean_se(diffs)
+    if math.isnan(se):
+        where = "one seed, no standard error"
+    elif abs(mean) <= se:
+        where = "within one standard error"
+    else:
+        where = f"a {'loss' if mean < 0 else 'gain'} beyond one standard error"
+        if se > 1e-9:  # equal differences on every seed have none to divide by
+            where += f" ({abs(mean) / se:.1f} SE)"
+    return f"{row.removeprefix(DEFAULT + ', ')} {_vs(diffs)}, {where}"
+
+
 def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], task: str, epochs: int) -> str:
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
     freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
+    default = {s: m["accuracy"] for s, m in runs.get(DEFAULT, {}).items()}
     lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
-             "vs freezing only, points (paired) | train s (mean) | peak RSS MiB (max) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "vs freezing only, points (paired) | vs slimfit default, points (paired) | train s (mean) | "
+             "peak RSS MiB (max) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    verdicts = []
     for row in rows:
         done = runs.get(row, {})
         if not done:
-            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | |")
+            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | | |")
             continue
         accuracy = mean_se([100 * m["accuracy"] for m in done.values()])
         accuracies = {s: m["accuracy"] for s, m in done.items()}
@@ -157,15 +178,23 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         vs_freezing = ""  # only slimfit rows with the same ILS freezing compare with it
         if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in ROWS[row][1]:
             vs_freezing = _vs(paired_difference(accuracies, freezing))
+        vs_default = ""  # only the rows that add optimizer-state packing to the default
+        if "--optimizer-state" in ROWS[row][1]:
+            diffs = paired_difference(accuracies, default)
+            vs_default = _vs(diffs)
+            if diffs:
+                verdicts.append(_verdict(row, diffs))
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
         lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "
-                     f"{seconds:.0f} | {peak:,.0f} |")
+                     f"{vs_default} | {seconds:.0f} | {peak:,.0f} |")
     any_run = next((m for done in runs.values() for m in done.values()), None)
     if any_run is not None:
         test = any_run["test_articles"]
         lines += ["", f"{epochs} epochs. One test example is {100 / test:.2f} points ({test} test examples). "
                   "Seeds: " + " ".join(map(str, seeds)) + "."]
+    if verdicts:
+        lines += ["", "Packed frozen optimizer state against slimfit default (paired): " + "; ".join(verdicts) + "."]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

@@ -45,16 +45,46 @@ def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
              for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
     # 91.0 ± 1.0: stdev of (90, 92) is sqrt(2), over sqrt(2) seeds
-    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "30", "1,024"]
+    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "", "30", "1,024"]
     # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; against freezing only seed 1
     # alone (-1.0, no SE); peak is the largest run's
-    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)",
+    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)", "",
                               "20", "1,024"]
     assert lines["LoRA r=8 (peft)"][:2] == ["0 of 3", "not run"]
     assert "One test example is 0.25 points (400 test examples)" in text
     command = next(line for line in text.splitlines() if line.startswith(f"* {default}:"))
     assert "--task digits" in command and "--method slimfit" in command and "--seed S " in command
     assert "--epochs 8" in command
+
+
+def test_optimizer_state_rows_compare_with_slimfit_default_against_their_standard_error():
+    default, int8, bf16 = "slimfit default", *accuracy._OPTIMIZER_STATE
+    runs = {default: {0: _metrics(0.80), 1: _metrics(0.84), 2: _metrics(0.82)},
+            int8: {0: _metrics(0.79), 1: _metrics(0.83), 2: _metrics(0.81)},
+            bf16: {0: _metrics(0.82), 1: _metrics(0.83), 2: _metrics(0.82)},
+            "slimfit freezing only": {0: _metrics(0.78), 1: _metrics(0.85), 2: _metrics(0.81)}}
+    text = accuracy.table(runs, [default, int8, bf16], [0, 1, 2], "digits", 8)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
+    assert lines[default][4] == ""  # the column is only the packed rows'
+    assert lines[int8][3] == "-0.33 ± 0.88 (3 paired)"  # vs freezing only (compression and packing): +1, -2, 0
+    # int8: -1 point on every seed, SE 0: a loss beyond it
+    assert lines[int8][4] == "-1.00 ± 0.00 (3 paired)"
+    # bf16: +2, -1, 0: mean +0.33, SE sqrt(7/3) / sqrt(3) = 0.88
+    assert lines[bf16][4] == "+0.33 ± 0.88 (3 paired)"
+    verdict = next(line for line in text.splitlines() if line.startswith("Packed frozen optimizer state"))
+    assert "int8 frozen optimizer state -1.00 ± 0.00 (3 paired), a loss beyond one standard error;" in verdict
+    assert "bf16 frozen optimizer state +0.33 ± 0.88 (3 paired), within one standard error" in verdict
+
+
+def test_optimizer_state_rows_are_the_default_plus_the_packing_in_both_tasks():
+    for task, spec in accuracy.TASKS.items():
+        assert spec["rows"][-2:] == accuracy._OPTIMIZER_STATE
+        default = accuracy.row_argv(task, "slimfit default", 0, 8)
+        for row, packing in zip(accuracy._OPTIMIZER_STATE, ("int8", "bf16")):
+            argv = accuracy.row_argv(task, row, 0, 8)
+            at = argv.index("--optimizer-state")
+            assert argv[at + 1] == packing and argv[:at] + argv[at + 2:] == default
 
 
 def test_every_row_is_a_finetune_command_the_cli_accepts():
