@@ -1,5 +1,6 @@
 """Accuracy side by side: full fine-tune, slimfit (default, freezing only, each
-compressed kind alone), LoRA and LISA, over seeds, on two tasks.
+compressed kind alone, the default with packed frozen optimizer state), LoRA
+and LISA, over seeds, on two tasks.
 
     python benchmarks/accuracy.py [--task bbc|digits] [--seeds 0 1 ...] [--rows NAME ...]
         [--epochs N] [--keep DIR [--kept-only]]
