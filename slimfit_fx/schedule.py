@@ -25,6 +25,10 @@ from .errors import SlimFitError
 from .policies.base import FreezePolicy, StepView
 
 
+# Elements per slice in change_sum: 4 MiB of float32 per temporary.
+_CHANGE_SLICE = 1 << 20
+
+
 def change_sum(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     """sum(|new - old| / |old|) over the elements, a 0-dim tensor on their device.
 
@@ -33,10 +37,18 @@ def change_sum(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     (0/0); an element that moves off zero adds inf.
     """
     dtype = torch.float64 if new.dtype == torch.float64 else torch.float32
+    old, new = old.reshape(-1), new.reshape(-1)
+    total = torch.zeros((), dtype=dtype, device=new.device)
     with torch.no_grad():
-        change = torch.sub(new.to(dtype), old.to(dtype)).abs_()
-        scale = old.abs().masked_fill_(change == 0, 1)
-        return change.div_(scale).sum(dtype=dtype)
+        # In slices: the temporaries (the change, the scale, a mask) are a few
+        # slices' worth, not 2-3 copies of the largest layer (a vocabulary-sized
+        # embedding) at the optimizer step, where the step's peak is.
+        for start in range(0, new.numel(), _CHANGE_SLICE):
+            o, n = old[start:start + _CHANGE_SLICE], new[start:start + _CHANGE_SLICE]
+            change = torch.sub(n.to(dtype), o.to(dtype)).abs_()
+            scale = o.abs().to(dtype).masked_fill_(change == 0, 1)
+            total += change.div_(scale).sum(dtype=dtype)
+    return total
 
 
 def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -306,6 +306,36 @@ def test_a_score_is_the_mean_over_every_element():
     assert relative_change(big.float(), moved.float()).item() == pytest.approx(0.005, rel=1e-5)
 
 
+def test_a_score_over_a_large_layer_allocates_slices_not_copies():
+    """The score's temporaries stay a slice's size however large the layer (a
+    vocabulary-sized embedding trains at the optimizer step, the step's peak),
+    and slicing changes the sum by float32 rounding only."""
+    from torch.overrides import TorchFunctionMode
+
+    from slimfit_fx import schedule
+
+    class LargestAllocation(TorchFunctionMode):
+        """The most elements one call's new tensor holds (views of an input excluded)."""
+        largest = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, out.numel())
+            return out
+
+    old = torch.randn(int(3.5 * schedule._CHANGE_SLICE), generator=torch.Generator().manual_seed(0))
+    new = old * (1 + 0.01 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1)))
+    new[::7] = old[::7]  # unchanged elements add 0
+    with LargestAllocation() as mode:
+        got = schedule.change_sum(old.reshape(-1, 512), new.reshape(-1, 512))
+    assert mode.largest <= schedule._CHANGE_SLICE
+    expected = ((new.double() - old.double()).abs() / old.double().abs()).sum()
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_score_bookkeeping_is_one_copy_of_the_layers_that_train():
     case = models.mlp()
     cm = ils(case, freeze_ratio=0.5)
