@@ -197,52 +197,67 @@ def _eager_embedding(rank: int) -> str:
     return "no error"
 
 
-def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
-    """Per-block sharded BERT under ILS: 2 steps, a torch.distributed.checkpoint
-    save (weights and AdamW state, each rank its shards) plus cm.slimfit.state_dict(),
-    2 more steps; then a fresh model, sharded the same way, loads the checkpoint,
-    is compiled, loads the slimfit state and runs the last 2 steps again.
+def _load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Load a torch.distributed.checkpoint of weights and optimizer state into a
+    sharded model (before slimfit_fx.compile) the way docs/index.md says.
 
-    The checkpoint is loaded before compiling: DCP's loader makes the optimizer
-    state it loads into with one optimizer step on zero gradients, which a
-    compiled model's schedule would take for an update (dropping the gradients
-    of its frozen layers, so their saved state would not be read). A layer
-    frozen at every step so far has no saved state: the loader is told so
-    (strict=False, partial load), and the state its zero-gradient step made
-    for that layer is dropped, as an uninterrupted run has none."""
+    DCP's loader makes the optimizer state it loads into with one optimizer step on
+    zero gradients, which a compiled model's schedule would take for an update
+    (dropping the gradients of its frozen layers, so their saved state would not be
+    read): hence before compiling. A layer frozen at every step so far has no saved
+    state: the loader is told so (strict=False, partial load), and the state its
+    zero-gradient step made for that layer is dropped, as an uninterrupted run has none."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+    options = StateDictOptions(strict=False)
+    weights, optim = get_state_dict(model, optimizer, options=options)
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"], options=options)
+    saved = {key.split(".", 2)[2].rsplit(".", 1)[0]
+             for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+             if key.startswith("optimizer.state.")}
+    for name, p in model.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
+
+
+def _save_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Each rank writes its shards of the weights and of the optimizer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(strict=False))
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=path)
+
+
+CHECKPOINT_OPTIONS = dict(backend="aot_eager", schedule="ils", freeze_ratio=0.5)
+
+
+def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
+    """Per-block sharded BERT under ILS: 2 steps, a torch.distributed.checkpoint
+    save (weights and AdamW state, each rank its shards) plus cm.slimfit.state_dict(),
+    2 more steps; then a fresh model, sharded the same way, loads the checkpoint,
+    is compiled, loads the slimfit state and runs the last 2 steps again."""
     data = _half_batch("bert", rank)
     path = os.path.join(out_dir, "checkpoint")
-    options = StateDictOptions(strict=False)
-    compile_options = dict(backend="aot_eager", schedule="ils", freeze_ratio=0.5)
 
     def run(resume: bool) -> list:
         model = _case("bert").model
         _shard(model, blocks=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         if resume:
-            weights, optim = get_state_dict(model, optimizer, options=options)
-            state = {"model": weights, "optimizer": optim}
-            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
-            set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"], options=options)
-            saved = {key.split(".", 2)[2].rsplit(".", 1)[0]
-                     for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-                     if key.startswith("optimizer.state.")}
-            for name, p in model.named_parameters():
-                if name not in saved:
-                    optimizer.state.pop(p, None)
-        cm = slimfit_fx.compile(model, **compile_options)
+            _load_checkpoint(model, optimizer, path)
+        cm = slimfit_fx.compile(model, **CHECKPOINT_OPTIONS)
         if resume:
             cm.slimfit.load_state_dict(torch.load(path + f".slimfit{rank}.pt", weights_only=True))
         losses = []
         for step in range(2 if resume else 4):
             if not resume and step == 2:
-                weights, optim = get_state_dict(model, optimizer, options=options)
-                dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=path)
+                _save_checkpoint(model, optimizer, path)
                 torch.save(cm.slimfit.state_dict(), path + f".slimfit{rank}.pt")
             loss = cm(**data).loss
             loss.backward()
@@ -254,6 +269,75 @@ def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
         return losses
 
     return {"uninterrupted": run(resume=False)[2:], "resumed": run(resume=True)}
+
+
+def _slimfit_state(cm: torch.nn.Module) -> dict:
+    """cm.slimfit.state_dict() as JSON: tensors as lists."""
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in cm.slimfit.state_dict().items()}
+
+
+def _resharded_phase(rank: int, world: int, out_dir: str, resume: bool) -> dict:
+    """Per-block sharded BERT under ILS on `world` ranks, each on its rows of the
+    same 4-row batch. Saving (resume=False): 4 steps, with a checkpoint (DCP plus
+    rank 0's cm.slimfit.state_dict()) before the third. Resuming: a fresh model
+    sharded over `world` ranks loads that checkpoint, is compiled, loads the slimfit
+    state and runs the last 2 steps. Records, per step after the checkpoint, the
+    whole batch's loss (the ranks' mean), the frozen set and the slimfit state."""
+    batch = _whole_batch("bert")
+    rows = len(batch["labels"]) // world
+    data = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+    path = os.path.join(out_dir, "checkpoint")
+    model = _case("bert").model
+    _shard(model, blocks=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    if resume:
+        _load_checkpoint(model, optimizer, path)
+    cm = slimfit_fx.compile(model, **CHECKPOINT_OPTIONS)
+    if resume:
+        cm.slimfit.load_state_dict(torch.load(path + ".slimfit.pt", weights_only=True))
+    record: dict = {"loss": [], "frozen": [], "slimfit": [], "optimizer_state": []}
+    for step in range(2 if resume else 4):
+        if not resume and step == 2:
+            _save_checkpoint(model, optimizer, path)
+            if rank == 0:
+                torch.save(cm.slimfit.state_dict(), path + ".slimfit.pt")
+        loss = cm(**data).loss
+        loss.backward()
+        record["frozen"].append(sorted(cm.slimfit.frozen))
+        optimizer.step()
+        optimizer.zero_grad()
+        whole = loss.detach().clone()
+        dist.all_reduce(whole)
+        record["loss"].append(whole.item() / world)
+        record["slimfit"].append(_slimfit_state(cm))
+        record["optimizer_state"].append(sorted(n for n, p in model.named_parameters() if p in optimizer.state))
+    if not resume:
+        for key in record:
+            record[key] = record[key][2:]
+    weights = _full_weights(model)
+    if rank == 0:
+        torch.save(weights, os.path.join(out_dir, f"weights-{world}{'-resumed' if resume else ''}.pt"))
+    return record
+
+
+def _resharded_main(rank: int, world: int, port: int, out_dir: str, resume: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        record = _resharded_phase(rank, world, out_dir, resume)
+        with open(os.path.join(out_dir, f"world{world}-{'resumed' if resume else 'saved'}-rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    exit_rank()
+
+
+def _spawn_world(out, world: int, resume: bool) -> list[dict]:
+    mp.spawn(_resharded_main, args=(world, _free_port(), str(out), resume), nprocs=world, join=True)
+    return [json.loads((out / f"world{world}-{'resumed' if resume else 'saved'}-rank{r}.json").read_text())
+            for r in range(world)]
 
 
 def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
@@ -406,6 +490,54 @@ def test_a_distributed_checkpoint_resumes_with_the_same_losses(tmp_path):
     for r in records:
         uninterrupted, resumed = r["checkpoint"]["uninterrupted"], r["checkpoint"]["resumed"]
         assert resumed == uninterrupted, r["checkpoint"]
+
+
+# Resuming on another world size: the ranks' rows of one 4-row batch, so the whole
+# batch's loss is the same computation in any world size up to float32 summation
+# order (gradients averaged by a reduce-scatter over 1, 2 or 4 partial sums).
+# Measured after the 2 resumed steps: losses equal within 1.2e-7 (one float32 ulp
+# at 1.07), weights within 2.1e-8 (4 ranks) and 3.8e-9 (1 rank); the first
+# resumed step's loss is exact. A resume that lost the optimizer state or the
+# weights is off by more than 1e-4 in the second loss.
+RESHARD_LOSS_TOLERANCE = 1e-6
+# ILS scores are mean(|W_new - W_old| / |W_old|): an element near zero amplifies a
+# summation-order difference in its update. Measured on 4 ranks: one element of
+# layer.1.intermediate.dense.weight is 1.2e-6 (typical ones ~2e-2), its value
+# differs by 3e-9 between the runs, its term (430) by 1.05, the layer's score
+# (0.68, a mean of 1536 terms) by 1.0e-3 relative; every other score within 4e-4
+# (7.5e-5 on 1 rank). What the scores decide, the frozen sets, must match exactly.
+RESHARD_SCORE_RTOL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def saved_on_two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_reshard")
+    return _spawn_world(out, world=2, resume=False), out
+
+
+@needs_dist
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 4])
+def test_a_distributed_checkpoint_resumes_on_another_world_size(saved_on_two_ranks, world):
+    """Saved on 2 ranks, resumed on `world`: the losses, frozen sets, slimfit state
+    and weights of the uninterrupted 2-rank run."""
+    saved, out = saved_on_two_ranks
+    resumed = _spawn_world(out, world=world, resume=True)
+    for r in resumed:
+        assert r["frozen"] == saved[0]["frozen"]
+        assert r["optimizer_state"] == saved[0]["optimizer_state"]
+        torch.testing.assert_close(r["loss"], saved[0]["loss"], rtol=0, atol=RESHARD_LOSS_TOLERANCE)
+        for got, want in zip(r["slimfit"], saved[0]["slimfit"]):
+            # the peak bytes of weight copies one process held: its shards' sizes
+            exact = {k for k in want if k not in ("scores", "snapshot_bytes_peak")}
+            assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+            torch.testing.assert_close(torch.tensor(got["scores"]), torch.tensor(want["scores"]),
+                                       rtol=RESHARD_SCORE_RTOL, atol=0)
+    weights = torch.load(out / f"weights-{world}-resumed.pt", weights_only=True)
+    reference = torch.load(out / "weights-2.pt", weights_only=True)
+    assert weights.keys() == reference.keys()
+    for name, want in reference.items():
+        torch.testing.assert_close(weights[name], want, rtol=0, atol=TOLERANCE, msg=name)
 
 
 def test_fully_shard_on_the_compiled_module_names_the_modules_to_shard():
