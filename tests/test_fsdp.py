@@ -85,10 +85,47 @@ def _shard(model: torch.nn.Module, blocks: bool) -> None:
     fsdp.fully_shard(model)
 
 
+def _shard_like_accelerate(model: torch.nn.Module) -> None:
+    """The fully_shard calls of `Accelerator.prepare(model, optimizer)` under
+    accelerate's FSDP2 plugin (fsdp_version 2, fsdp_auto_wrap_policy
+    TRANSFORMER_BASED_WRAP, fsdp_transformer_layer_cls_to_wrap the block class), as
+    accelerate 1.16 makes them in `fsdp2_prepare_model` (accelerate/utils/fsdp_utils.py):
+    one per module of the wrapped class, bottom up; one on the input embedding
+    (`get_input_embeddings()`, when it is not tied to the output embedding); one on
+    [final norm, output embedding] with reshard_after_forward=False (BERT's sequence
+    classifier has neither: no norm child of `model.bert`, no output embedding); then
+    the root, with FSDP2's default reshard_after_forward. `_prepare_fsdp2`
+    (accelerate/accelerator.py) then gives the optimizer passed with the model the
+    sharded parameters, before anything is compiled: what the optimizer made after
+    sharding here holds. accelerate runs this path on accelerator devices only; on
+    CPU it leaves the FSDP plugin out and wraps the model in DistributedDataParallel."""
+    for block in _blocks(model):
+        fsdp.fully_shard(block, reshard_after_forward=True)
+    fsdp.fully_shard(model.get_input_embeddings(), reshard_after_forward=True)
+    assert model.get_output_embeddings() is None
+    fsdp.fully_shard(model)
+
+
+def _frozen(name: str, layout: str) -> tuple[str, ...]:
+    """The manual frozen set, less a layer the layout runs outside slimfit's graphs:
+    accelerate shards the input embedding on its own, and dynamo runs that
+    nn.Embedding's forward eagerly (see _shard_like_accelerate)."""
+    if layout == "accelerate":
+        return tuple(n for n in FROZEN[name] if n != ACCELERATE_EAGER[name])
+    return FROZEN[name]
+
+
+ACCELERATE_EAGER = {"bert": "bert.embeddings.word_embeddings.weight"}
+GRAPHS_ACCELERATE = 6
+
+
 def _sharded_compile(model: torch.nn.Module, layout: str, **options) -> torch.nn.Module:
     """`layout`: "root" or "blocks" (fully_shard, then compile); "compile_root" or
-    "compile_blocks" (compile, then fully_shard the same modules)."""
-    if not layout.startswith("compile_"):
+    "compile_blocks" (compile, then fully_shard the same modules); "accelerate"
+    (the calls accelerate's FSDP2 plugin makes, then compile)."""
+    if layout == "accelerate":
+        _shard_like_accelerate(model)
+    elif not layout.startswith("compile_"):
         _shard(model, blocks=layout == "blocks")
     cm = slimfit_fx.compile(model, backend="aot_eager", **options)
     if layout.startswith("compile_"):
@@ -106,7 +143,8 @@ def _train_manual(name: str, layout: str, rank: int) -> tuple[dict, dict[str, to
     compression off (its quantized activations change gradients on purpose)."""
     model = _case(name).model
     cm = _sharded_compile(model, layout, schedule="manual", compression="off")
-    cm.slimfit.set_frozen(FROZEN[name])
+    frozen = _frozen(name, layout)
+    cm.slimfit.set_frozen(frozen)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
     data = _half_batch(name, rank)
     record: dict = {"loss": [], "frozen_grads": []}
@@ -114,7 +152,7 @@ def _train_manual(name: str, layout: str, rank: int) -> tuple[dict, dict[str, to
         loss = cm(**data).loss
         loss.backward()
         record["frozen_grads"].append(sorted(n for n, p in cm.named_parameters()
-                                             if n in FROZEN[name] and p.grad is not None))
+                                             if n in frozen and p.grad is not None))
         optimizer.step()
         optimizer.zero_grad()
         record["loss"].append(loss.item())
@@ -127,7 +165,8 @@ def _train_ils(layout: str, rank: int) -> dict:
     """ILS on sharded BERT: each rank sums its shard of every trained layer's score
     and one all_reduce per step adds them up, so the ranks agree and no weight is gathered."""
     model = _case("bert").model
-    cm = _sharded_compile(model, layout, schedule="ils", freeze_ratio=0.5)
+    always_train = (ACCELERATE_EAGER["bert"],) if layout == "accelerate" else ()
+    cm = _sharded_compile(model, layout, schedule="ils", freeze_ratio=0.5, always_train=always_train)
     before = _full_weights(model)
     schedule = cm.slimfit.schedule
     optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
@@ -181,15 +220,18 @@ def _diverging_ranks(rank: int) -> str:
     return "no error"
 
 
-def _eager_embedding(rank: int) -> str:
+def _eager_embedding(rank: int, name: str = "llama", layout: str = "blocks",
+                    embedding: str = "model.embed_tokens.weight") -> str:
     """HF Llama's model forward embeds, then loops over the blocks: a loop dynamo
     cannot split at a sharded block's hooks, so it runs that frame eagerly and the
-    embedding never meets the frozen set. Freezing it must be refused."""
-    model = _case("llama").model
-    cm = _sharded_compile(model, "blocks", schedule="manual", compression="off")
-    cm.slimfit.set_frozen(["model.embed_tokens.weight"])
+    embedding never meets the frozen set. accelerate's layout shards the input
+    embedding on its own, whose torch.nn forward dynamo runs eagerly too. Freezing
+    such an embedding must be refused."""
+    model = _case(name).model
+    cm = _sharded_compile(model, layout, schedule="manual", compression="off")
+    cm.slimfit.set_frozen([embedding])
     optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
-    cm(**_half_batch("llama", rank)).loss.backward()
+    cm(**_half_batch(name, rank)).loss.backward()
     try:
         optimizer.step()
     except SlimFitError as err:
@@ -341,7 +383,8 @@ def _spawn_world(out, world: int, resume: bool) -> list[dict]:
 
 
 def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
-               eager_embedding: bool = False, checkpoint: bool = False) -> None:
+               eager_embedding: bool = False, checkpoint: bool = False,
+               accelerate_embedding: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -358,6 +401,8 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
             records["diverge"] = _diverging_ranks(rank)
         if eager_embedding:
             records["eager_embedding"] = _eager_embedding(rank)
+        if accelerate_embedding:
+            records["accelerate_embedding"] = _eager_embedding(rank, "bert", "accelerate", ACCELERATE_EAGER["bert"])
         if checkpoint:
             records["checkpoint"] = _checkpoint_round_trip(rank, out_dir)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -368,9 +413,10 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
     exit_rank()
 
 
-def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpoint=False):
+def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpoint=False,
+           accelerate_embedding=False):
     mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge, eager_embedding,
-                               checkpoint), nprocs=WORLD, join=True)
+                               checkpoint, accelerate_embedding), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -382,12 +428,12 @@ def blocks_run(tmp_path_factory):
     return _spawn(out, manual=[("bert", "blocks")], diverge=True), out
 
 
-def _single_process_reference(name: str) -> dict[str, torch.Tensor]:
+def _single_process_reference(name: str, frozen: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Eager, frozen parameters requires_grad=False, the whole batch."""
     model = _case(name).model
     data = _whole_batch(name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    with eager_frozen(model, frozenset(FROZEN[name])):
+    with eager_frozen(model, frozenset(frozen)):
         for _ in range(STEPS):
             model(**data).loss.backward()
             optimizer.step()
@@ -401,12 +447,13 @@ def _assert_exact(records: list[dict], out, name: str, layout: str) -> None:
         assert r[key]["frozen_grads"] == [[]] * STEPS, f"frozen layers got gradients: {r[key]['frozen_grads']}"
     assert records[0][key]["loss"] != records[1][key]["loss"]  # different rows: reduce_scatter had work to do
     weights = torch.load(out / f"{key}.pt", weights_only=True)
-    reference = _single_process_reference(name)
+    frozen = _frozen(name, layout)
+    reference = _single_process_reference(name, frozen)
     initial = dict(_case(name).model.named_parameters())
     assert weights.keys() == reference.keys()
     for param, ref in reference.items():
         torch.testing.assert_close(weights[param], ref, rtol=0, atol=TOLERANCE, msg=param)
-        if param in FROZEN[name]:
+        if param in frozen:
             assert torch.equal(weights[param], initial[param]), f"{param} is frozen but moved"
         else:
             assert not torch.equal(weights[param], initial[param]), f"{param} trains but did not move"
@@ -448,6 +495,7 @@ def test_a_rank_with_another_frozen_set_is_an_error_not_a_hang(blocks_run):
         assert "seed" in r["diverge"]
 
 
+ILS_LAYOUTS = ["blocks", "root", "compile_blocks", "compile_root", "accelerate"]
 SLOW_MANUAL = [("bert", "root"), ("bert", "compile_blocks"), ("bert", "compile_root"),
                ("llama", "blocks"), ("llama", "compile_blocks"), ("llama", "root")]
 
@@ -455,8 +503,8 @@ SLOW_MANUAL = [("bert", "root"), ("bert", "compile_blocks"), ("bert", "compile_r
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_slow")
-    return _spawn(out, manual=SLOW_MANUAL, ils=["blocks", "root", "compile_blocks", "compile_root"],
-                  eager_embedding=True), out
+    return _spawn(out, manual=SLOW_MANUAL + [("bert", "accelerate")], ils=ILS_LAYOUTS,
+                  eager_embedding=True, accelerate_embedding=True), out
 
 
 @needs_dist
@@ -469,7 +517,7 @@ def test_every_layout_trains_like_single_process_eager(slow_run, name, layout):
 
 @needs_dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["blocks", "root", "compile_blocks", "compile_root"])
+@pytest.mark.parametrize("layout", ILS_LAYOUTS)
 def test_ils_picks_the_same_sets_in_every_layout(slow_run, layout):
     _assert_ils(slow_run[0], f"ils-{layout}")
 
@@ -490,6 +538,27 @@ def test_a_distributed_checkpoint_resumes_with_the_same_losses(tmp_path):
     for r in records:
         uninterrupted, resumed = r["checkpoint"]["uninterrupted"], r["checkpoint"]["resumed"]
         assert resumed == uninterrupted, r["checkpoint"]
+
+
+@needs_dist
+@pytest.mark.slow
+def test_accelerate_fsdp2_layout_trains_like_single_process_eager(slow_run):
+    """The modules accelerate's FSDP2 plugin shards (`_shard_like_accelerate`), then
+    slimfit_fx.compile: the order docs/index.md gives for accelerate."""
+    records, out = slow_run
+    _assert_exact(records, out, "bert", "accelerate")
+    # The sharded word embedding splits the embeddings' forward too: before its call,
+    # after it, then the blocks' graph and the two pieces after the blocks.
+    assert records[0]["bert-accelerate"]["graphs_captured"] == GRAPHS_ACCELERATE
+
+
+@needs_dist
+@pytest.mark.slow
+def test_freezing_the_embedding_accelerate_shards_on_its_own_is_refused(slow_run):
+    for r in slow_run[0]:
+        message = r["accelerate_embedding"]
+        assert message.startswith("SlimFitError") and ACCELERATE_EAGER["bert"] in message, message
+        assert "sharded on its own" in message and "always_train" in message, message
 
 
 # Resuming on another world size: the ranks' rows of one 4-row batch, so the whole
@@ -542,5 +611,7 @@ def test_a_distributed_checkpoint_resumes_on_another_world_size(saved_on_two_ran
 
 def test_fully_shard_on_the_compiled_module_names_the_modules_to_shard():
     cm = slimfit_fx.compile(_case("bert").model, schedule="manual", backend="aot_eager")
-    with pytest.raises(TypeError, match=r"fully_shard\(block\) for each block, then fully_shard\(model\)"):
+    with pytest.raises(TypeError, match=r"fully_shard\(block\) for each block, then fully_shard\(model\)") as err:
         cm.__class__ = torch.nn.Module
+    # accelerate's FSDP2 prepare(cm, optimizer) meets this error at its fully_shard of the root
+    assert "accelerator.prepare(model, optimizer); cm = slimfit_fx.compile(model)" in str(err.value)
