@@ -10,6 +10,7 @@ weights must still come out as a single-process eager run on the whole batch.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import socket
@@ -239,6 +240,56 @@ def _eager_embedding(rank: int, name: str = "llama", layout: str = "blocks",
     return "no error"
 
 
+def _accelerate_prepare(rank: int, out_dir: str) -> dict:
+    """accelerate's own `Accelerator.prepare(model, optimizer)` under its FSDP2 plugin,
+    then slimfit_fx.compile(model), STEPS steps with the manual frozen set (the
+    order docs/index.md gives); then what prepare(cm, optimizer) raises.
+
+    accelerate takes its FSDP2 path on accelerator devices only: on CPU its state
+    leaves the plugin out (accelerate/state.py sets DistributedType.FSDP and
+    `fsdp_plugin` for MULTI_GPU and other device types, not MULTI_CPU) and prepare
+    wraps the model in DistributedDataParallel. The two values it sets on a GPU
+    machine are set here by hand, so the rest is accelerate's own code."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=["BertLayer"], reshard_after_forward=True)
+    accelerator = Accelerator(fsdp_plugin=plugin, cpu=True)
+    record: dict = {"cpu_distributed_type": str(accelerator.distributed_type)}
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    assert accelerator.is_fsdp2
+
+    model = _case("bert").model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    record["sharded"] = sorted(n for n, m in model.named_modules() if isinstance(m, fsdp.FSDPModule))
+    cm = slimfit_fx.compile(model, backend="aot_eager", schedule="manual", compression="off")
+    frozen = _frozen("bert", "accelerate")
+    cm.slimfit.set_frozen(frozen)
+    data = _half_batch("bert", rank)
+    record["frozen_grads"] = []
+    for _ in range(STEPS):
+        accelerator.backward(cm(**data).loss)
+        record["frozen_grads"].append(sorted(n for n, p in cm.named_parameters() if n in frozen and p.grad is not None))
+        optimizer.step()
+        optimizer.zero_grad()
+    weights = _full_weights(model)
+    if rank == 0:
+        torch.save(weights, os.path.join(out_dir, "bert-accelerate-prepare.pt"))
+
+    cm = slimfit_fx.compile(_case("bert").model, backend="aot_eager")
+    try:
+        accelerator.prepare(cm, torch.optim.AdamW(cm.parameters(), lr=LR))
+        record["prepare_cm"] = "no error"
+    except TypeError as err:
+        record["prepare_cm"] = f"TypeError: {err}"
+    return record
+
+
 def _load_checkpoint(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
     """Load a torch.distributed.checkpoint of weights and optimizer state into a
     sharded model (before slimfit_fx.compile) the way docs/index.md says.
@@ -384,7 +435,7 @@ def _spawn_world(out, world: int, resume: bool) -> list[dict]:
 
 def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
                eager_embedding: bool = False, checkpoint: bool = False,
-               accelerate_embedding: bool = False) -> None:
+               accelerate_embedding: bool = False, accelerate_prepare: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
@@ -405,6 +456,8 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
             records["accelerate_embedding"] = _eager_embedding(rank, "bert", "accelerate", ACCELERATE_EAGER["bert"])
         if checkpoint:
             records["checkpoint"] = _checkpoint_round_trip(rank, out_dir)
+        if accelerate_prepare:  # last: it leaves accelerate's process-wide state set
+            records["accelerate_prepare"] = _accelerate_prepare(rank, out_dir)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(records, f)
     except BaseException:
@@ -414,9 +467,9 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
 
 
 def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpoint=False,
-           accelerate_embedding=False):
+           accelerate_embedding=False, accelerate_prepare=False):
     mp.spawn(_rank_main, args=(_free_port(), str(out), list(manual), list(ils), diverge, eager_embedding,
-                               checkpoint, accelerate_embedding), nprocs=WORLD, join=True)
+                               checkpoint, accelerate_embedding, accelerate_prepare), nprocs=WORLD, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
@@ -504,7 +557,8 @@ SLOW_MANUAL = [("bert", "root"), ("bert", "compile_blocks"), ("bert", "compile_r
 def slow_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_slow")
     return _spawn(out, manual=SLOW_MANUAL + [("bert", "accelerate")], ils=ILS_LAYOUTS,
-                  eager_embedding=True, accelerate_embedding=True), out
+                  eager_embedding=True, accelerate_embedding=True,
+                  accelerate_prepare=importlib.util.find_spec("accelerate") is not None), out
 
 
 @needs_dist
@@ -559,6 +613,28 @@ def test_freezing_the_embedding_accelerate_shards_on_its_own_is_refused(slow_run
         message = r["accelerate_embedding"]
         assert message.startswith("SlimFitError") and ACCELERATE_EAGER["bert"] in message, message
         assert "sharded on its own" in message and "always_train" in message, message
+
+
+@needs_dist
+@pytest.mark.slow
+def test_accelerate_prepare_then_compile_trains_like_single_process_eager(slow_run):
+    """accelerate's own prepare (its FSDP2 path forced on CPU, see _accelerate_prepare),
+    then slimfit_fx.compile; prepare(cm, optimizer) names that order."""
+    pytest.importorskip("accelerate")
+    records, out = slow_run
+    frozen = _frozen("bert", "accelerate")
+    for r in records:
+        got = r["accelerate_prepare"]
+        assert got["cpu_distributed_type"] == "DistributedType.MULTI_CPU"  # what accelerate itself picks on CPU
+        assert got["sharded"] == ["", "bert.embeddings.word_embeddings", "bert.encoder.layer.0", "bert.encoder.layer.1"]
+        assert got["frozen_grads"] == [[]] * STEPS
+        assert got["prepare_cm"].startswith("TypeError") and "accelerator.prepare(model, optimizer)" in got["prepare_cm"]
+    # the same weights as the hand-made calls of _shard_like_accelerate: single-process eager's
+    weights = torch.load(out / "bert-accelerate-prepare.pt", weights_only=True)
+    reference = _single_process_reference("bert", frozen)
+    assert weights.keys() == reference.keys()
+    for param, ref in reference.items():
+        torch.testing.assert_close(weights[param], ref, rtol=0, atol=TOLERANCE, msg=param)
 
 
 # Resuming on another world size: the ranks' rows of one 4-row batch, so the whole
