@@ -1,11 +1,14 @@
 """FSDP2 (`fully_shard`) under slimfit_fx: 2 CPU processes (gloo), each on half the batch.
 
 Layouts, as users write them: `fully_shard` on each block and on the root
-(torchtitan's and accelerate's FSDP2 layout), then `slimfit_fx.compile(model)`,
-or compile first and shard the same modules after; and the root alone. FSDP2
-runs the hooks of sharded blocks under torch._dynamo.disable, so the forward is
-captured in pieces (a block's forward is one graph serving every block); the
-weights must still come out as a single-process eager run on the whole batch.
+(torchtitan's FSDP2 layout), then `slimfit_fx.compile(model)`, or compile first
+and shard the same modules after; the root alone; accelerate's FSDP2 layout
+(the blocks, the input embedding, the root), from its own `prepare` and as the
+fully_shard calls it makes. FSDP2 runs the hooks of sharded blocks under
+torch._dynamo.disable, so the forward is captured in pieces (a block's forward
+is one graph serving every block); the weights must still come out as a
+single-process eager run on the whole batch. Checkpoints
+(torch.distributed.checkpoint) resume on 2 ranks and on another number of ranks.
 """
 from __future__ import annotations
 
@@ -86,6 +89,12 @@ def _shard(model: torch.nn.Module, blocks: bool) -> None:
     fsdp.fully_shard(model)
 
 
+# The layer accelerate's layout runs outside slimfit's graphs (its input embedding,
+# sharded on its own), and how many graphs that layout's forward is captured in.
+ACCELERATE_EAGER = {"bert": "bert.embeddings.word_embeddings.weight"}
+GRAPHS_ACCELERATE = 6
+
+
 def _shard_like_accelerate(model: torch.nn.Module) -> None:
     """The fully_shard calls of `Accelerator.prepare(model, optimizer)` under
     accelerate's FSDP2 plugin (fsdp_version 2, fsdp_auto_wrap_policy
@@ -114,10 +123,6 @@ def _frozen(name: str, layout: str) -> tuple[str, ...]:
     if layout == "accelerate":
         return tuple(n for n in FROZEN[name] if n != ACCELERATE_EAGER[name])
     return FROZEN[name]
-
-
-ACCELERATE_EAGER = {"bert": "bert.embeddings.word_embeddings.weight"}
-GRAPHS_ACCELERATE = 6
 
 
 def _sharded_compile(model: torch.nn.Module, layout: str, **options) -> torch.nn.Module:
