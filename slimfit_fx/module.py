@@ -432,6 +432,8 @@ class LayersOutsideGraphs:
     eager PyTorch: dynamo runs a frame it cannot split (a loop over the blocks
     with code of its own around it, as in HF Llama's model forward) eagerly, and
     an nn.Embedding or nn.Linear called from there never meets the frozen set.
+    So does a torch.nn layer sharded on its own (accelerate's FSDP2 plugin shards
+    the input embedding so): dynamo runs its forward, a frame of torch.nn, eagerly.
     Such a layer shows itself with a gradient while no graph took it as an input.
     """
 
@@ -452,11 +454,17 @@ class LayersOutsideGraphs:
         can_freeze = set(slimfit.frozen) if schedule is None else set(outside) - schedule.always_train
         refused = [n for n in outside if n in can_freeze]
         if refused:
+            owner = refused[0].rpartition(".")[0]
+            if owner in sharded_submodules(slimfit.model):
+                why = (f"it is the weight of {owner!r}, sharded on its own (accelerate's FSDP2 plugin "
+                       "does this to the input embedding), and dynamo runs the forward of such a "
+                       "torch.nn layer eagerly")
+            else:
+                why = ("dynamo ran the code around them eagerly (a frame it could not split at a "
+                       "sharded block's hooks, e.g. a loop over the blocks with an embedding before it)")
             raise SlimFitError(
                 f"{len(refused)} layer(s) ran outside slimfit_fx's compiled graphs ({refused[0]!r} "
-                "first): dynamo ran the code around them eagerly (a frame it could not split at a "
-                "sharded block's hooks, e.g. a loop over the blocks with an embedding before it), "
-                "so freezing them would not stop their gradients. Fix: keep them training "
+                f"first): {why}, so freezing them would not stop their gradients. Fix: keep them training "
                 f"(always_train={tuple(refused)!r}, or leave them out of set_frozen), or shard "
                 "the root module only (fully_shard(model)), which captures the whole forward")
 
@@ -585,7 +593,9 @@ class SlimFitModule(nn.Module):
             "module's class (fully_shard, replicate) go on the model and its blocks, not on the "
             "compiled module: fully_shard(block) for each block, then fully_shard(model), "
             "then cm = slimfit_fx.compile(model) (or the same calls on cm.slimfit.model and "
-            "its blocks after compiling, before the optimizer is made)"
+            "its blocks after compiling, before the optimizer is made). With accelerate's FSDP2 "
+            "plugin, prepare the plain model with its optimizer first, then compile: "
+            "model, optimizer = accelerator.prepare(model, optimizer); cm = slimfit_fx.compile(model)"
         )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
