@@ -1,7 +1,7 @@
 """Total memory a fine-tuning step costs on CPU, per contender, and where slimfit's peak goes.
 
     python benchmarks/contenders.py [--cases NAME ...] [--contenders NAME ...]
-                                    [--steps 2] [--warmup 2]
+                                    [--steps 2] [--warmup 2] [--backend inductor|aot_eager]
 
 Cases: BERT-base at the paper's GLUE shape (bs 32, seq 128) and a larger one
 (bs 32, seq 384); on request a Llama-style LM (`llama-base bs8 seq128`: RMSNorm,
@@ -116,7 +116,7 @@ def _state_bytes(optimizer) -> int:
                for s in optimizer.state.values() for v in s.values() if isinstance(v, (torch.Tensor, PackedState)))
 
 
-def run_one(case: str, name: str, steps: int, warmup: int) -> dict:
+def run_one(case: str, name: str, steps: int, warmup: int, backend: str = "inductor") -> dict:
     """One contender on one case, in this process: the numbers of its rows."""
     import torch
 
@@ -151,9 +151,9 @@ def run_one(case: str, name: str, steps: int, warmup: int) -> dict:
     if contender.kind == "eager":
         module = model
     elif contender.kind == "torch.compile":
-        module = torch.compile(model)
+        module = torch.compile(model, backend=backend)
     else:
-        options = dict(contender.options)
+        options = dict(contender.options, backend=backend)
         if contender.frozen:
             options["schedule"] = "manual"
         module = slimfit_fx.compile(model, **options)
@@ -261,16 +261,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps (the worst one's peak is reported)")
     parser.add_argument("--warmup", type=int, default=2, help="steps before timing (compiles happen here)")
     parser.add_argument("--no-doc", action="store_true", help="print the tables; leave docs/benchmarks.md")
+    parser.add_argument("--backend", choices=("inductor", "aot_eager"), default="inductor",
+                        help="the compiled contenders' backend; aot_eager skips inductor's code generation "
+                             "(a quick check of the script: peaks and times are not a user's run)")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.backend != "inductor" and not (args.no_doc or args.child):
+        parser.error("--backend aot_eager is a quick check of the script, not figures for the docs: add --no-doc")
     if args.child:
-        print(json.dumps(run_one(*args.child, steps=args.steps, warmup=args.warmup)))
+        print(json.dumps(run_one(*args.child, steps=args.steps, warmup=args.warmup, backend=args.backend)))
         return
     for case in args.cases:
         rows: dict[str, dict | str] = {}
         for name in args.contenders:
             rows[name] = run_child([sys.executable, __file__, "--child", case, name, "--steps", str(args.steps),
-                                    "--warmup", str(args.warmup)])
+                                    "--warmup", str(args.warmup), "--backend", args.backend])
             print(f"{case} | {name}: {rows[name]}", flush=True)
         print(table(case, rows) + "\n\nWhere the peak goes (MiB):\n\n" + breakdown(rows), flush=True)
         if not args.no_doc:  # one section per case, written as soon as it is measured
