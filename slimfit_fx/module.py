@@ -128,10 +128,9 @@ class SlimFit:
         self.model = model
         self.config = config
         self.layers: tuple[str, ...] = find_layers(model)
-        parameters = dict(model.named_parameters())
-        layer_parameters = {n: parameters[n] for n in self.layers}
         if config.optimizer_state == "offload":
-            check_offload(parameters)
+            check_offload(dict(model.named_parameters()))
+        layer_parameters = self._layer_parameters()
         self._frozen_before_compile = find_layers(model, requires_grad=False)
         self._aliases = parameter_aliases(model)
         names_by_id = parameter_names_by_identity(model)
@@ -165,20 +164,24 @@ class SlimFit:
             def start_optimizer_state(packing: str) -> None:
                 if self._optimizer_state is None and packing == "full":
                     return
-                if self._optimizer_state is None:
-                    self._optimizer_state = _start_optimizer_state(self, layer_parameters, packing)
+                if self._optimizer_state is None:  # the parameters now (fully_shard may have replaced them)
+                    self._optimizer_state = _start_optimizer_state(self, self._layer_parameters(), packing)
                 else:
                     self._optimizer_state.format = packing
 
             self.fit = _on_optimizer_steps(FitToBudget(self, config.memory_budget, start_optimizer_state))
+
+    def _layer_parameters(self) -> dict[str, nn.Parameter]:
+        """Each layer's parameter object as the model holds it now."""
+        parameters = dict(self.model.named_parameters())
+        return {n: parameters[n] for n in self.layers}
 
     def _parameters_replaced(self) -> None:
         """fully_shard after compile put new parameter objects (DTensor shards) in
         the model: the schedule, the optimizer-state store and the graph-input
         names follow them. Before any optimizer step only: one that stepped
         holds the old objects, and what it learned about them is lost."""
-        parameters = dict(self.model.named_parameters())
-        layer_parameters = {n: parameters[n] for n in self.layers}
+        layer_parameters = self._layer_parameters()
         for part in (self.schedule, self._optimizer_state):
             if part is not None:
                 part.rebind(layer_parameters)
