@@ -344,14 +344,7 @@ def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
     path = os.path.join(out_dir, "checkpoint")
 
     def run(resume: bool) -> list:
-        model = _case("bert").model
-        _shard(model, blocks=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-        if resume:
-            _load_checkpoint(model, optimizer, path)
-        cm = slimfit_fx.compile(model, **CHECKPOINT_OPTIONS)
-        if resume:
-            cm.slimfit.load_state_dict(torch.load(path + f".slimfit{rank}.pt", weights_only=True))
+        model, optimizer, cm = _sharded_bert(path, f".slimfit{rank}.pt" if resume else None)
         losses = []
         for step in range(2 if resume else 4):
             if not resume and step == 2:
@@ -367,6 +360,21 @@ def _checkpoint_round_trip(rank: int, out_dir: str) -> dict:
         return losses
 
     return {"uninterrupted": run(resume=False)[2:], "resumed": run(resume=True)}
+
+
+def _sharded_bert(path: str, slimfit_file: str | None):
+    """Tiny BERT sharded per block, its AdamW and its compiled module; with
+    `slimfit_file`, resumed: weights and optimizer state from the DCP checkpoint
+    at `path` (before compile), the slimfit state from path + slimfit_file."""
+    model = _case("bert").model
+    _shard(model, blocks=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    if slimfit_file is not None:
+        _load_checkpoint(model, optimizer, path)
+    cm = slimfit_fx.compile(model, **CHECKPOINT_OPTIONS)
+    if slimfit_file is not None:
+        cm.slimfit.load_state_dict(torch.load(path + slimfit_file, weights_only=True))
+    return model, optimizer, cm
 
 
 def _slimfit_state(cm: torch.nn.Module) -> dict:
@@ -385,14 +393,7 @@ def _resharded_phase(rank: int, world: int, out_dir: str, resume: bool) -> dict:
     rows = len(batch["labels"]) // world
     data = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
     path = os.path.join(out_dir, "checkpoint")
-    model = _case("bert").model
-    _shard(model, blocks=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    if resume:
-        _load_checkpoint(model, optimizer, path)
-    cm = slimfit_fx.compile(model, **CHECKPOINT_OPTIONS)
-    if resume:
-        cm.slimfit.load_state_dict(torch.load(path + ".slimfit.pt", weights_only=True))
+    model, optimizer, cm = _sharded_bert(path, ".slimfit.pt" if resume else None)
     record: dict = {"loss": [], "frozen": [], "slimfit": [], "optimizer_state": []}
     for step in range(2 if resume else 4):
         if not resume and step == 2:
