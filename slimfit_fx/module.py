@@ -105,6 +105,26 @@ def sharded_submodules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if name and isinstance(m, fsdp.FSDPModule)]
 
 
+def layers_sharded_on_their_own(model: nn.Module, layers: Iterable[str]) -> list[str]:
+    """Of `layers`, those whose module is a torch.nn layer (no submodules) that
+    fully_shard sharded on its own: dynamo runs such a module's forward, a frame
+    of torch.nn behind FSDP2's hooks, eagerly (accelerate's FSDP2 plugin shards
+    the input embedding so)."""
+    own = set(sharded_submodules(model))
+    if not own:
+        return []
+    modules = dict(model.named_modules())
+    found = []
+    for name in layers:
+        owner = name.rpartition(".")[0]
+        module = modules.get(owner)
+        # fully_shard made its class a subclass of the torch.nn one (FSDPEmbedding)
+        if owner in own and module is not None and next(module.children(), None) is None and any(
+                c.__module__.startswith("torch.nn.modules.") for c in type(module).__mro__ if c is not nn.Module):
+            found.append(name)
+    return found
+
+
 def _blocks(model: nn.Module, named: tuple | None) -> tuple[str, ...]:
     if named is not None:
         return named_blocks(model, named)
@@ -488,11 +508,22 @@ def _start_schedule(slimfit: SlimFit, layer_parameters: dict[str, nn.Parameter],
     # The schedule is the frozen set's one writer while it chooses (set_frozen refuses).
     # Under a memory budget the first step freezes the most; the ratio that fits
     # is chosen once that step's shapes are known (FitToBudget).
+    always_train = resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
+                                 who="SlimFitConfig.always_train")
+    outside = [n for n in layers_sharded_on_their_own(slimfit.model, slimfit.layers) if n not in always_train]
+    if outside:
+        warnings.warn(
+            f"{', '.join(map(repr, outside))} belong(s) to torch.nn layers sharded on their own "
+            "(accelerate's FSDP2 plugin shards the input embedding so): dynamo runs such a layer's "
+            "forward eagerly, outside slimfit_fx's graphs, where freezing cannot reach it, so the "
+            f"{policy.name!r} schedule keeps them training (always_train). To let it freeze them, shard "
+            "them with their parent module instead of on their own; to silence this, name them in "
+            "always_train", stacklevel=4)  # _start_schedule, SlimFit, SlimFitModule, compile
+        always_train = always_train | frozenset(outside)
     schedule = Schedule(
         slimfit.layers, layer_parameters, policy,
         freeze_ratio=MAX_FREEZE_RATIO if config.memory_budget is not None else config.freeze_ratio, apply_frozen=engine.frozen_layers.set,
-        always_train=resolve_names(config.always_train, slimfit.layers, slimfit._aliases,
-                                   who="SlimFitConfig.always_train"),
+        always_train=always_train,
         blocks=[b for b in blocks if b],
     )
     return _on_optimizer_steps(schedule)

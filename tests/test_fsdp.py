@@ -697,3 +697,52 @@ def test_fully_shard_on_the_compiled_module_names_the_modules_to_shard():
         cm.__class__ = torch.nn.Module
     # accelerate's FSDP2 prepare(cm, optimizer) meets this error at its fully_shard of the root
     assert "accelerator.prepare(model, optimizer); cm = slimfit_fx.compile(model)" in str(err.value)
+
+
+def _ils_in_accelerate_layout(rank: int, port: int, out_dir: str) -> None:
+    """ILS (slimfit_fx.compile's default schedule) on BERT sharded the way
+    accelerate's FSDP2 plugin shards it, with no always_train given: the
+    warning at compile, the frozen set of each step, the error if any."""
+    import warnings
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    record: dict = {"frozen": [], "error": None}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cm = _sharded_compile(_case("bert").model, "accelerate", freeze_ratio=0.9, compression="off")
+        record["warnings"] = [str(w.message) for w in caught]
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+        data = _half_batch("bert", rank)
+        try:
+            for _ in range(ILS_STEPS):
+                record["frozen"].append(sorted(cm.slimfit.frozen))
+                cm(**data).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        except SlimFitError as err:
+            record["error"] = str(err)
+        with open(os.path.join(out_dir, f"ils-accelerate-rank{rank}.json"), "w") as f:
+            json.dump(record, f)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    exit_rank()
+
+
+@needs_dist
+@pytest.mark.slow
+def test_ils_keeps_training_the_embedding_accelerate_shards_on_its_own(tmp_path):
+    """The layer freezing cannot reach under accelerate's layout is kept training
+    by the schedule, with a warning that names it, instead of an error at the
+    first optimizer step; every other layer is still scheduled."""
+    mp.spawn(_ils_in_accelerate_layout, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    embedding = ACCELERATE_EAGER["bert"]
+    for rank in range(WORLD):
+        record = json.loads((tmp_path / f"ils-accelerate-rank{rank}.json").read_text())
+        assert record["error"] is None, record["error"]
+        assert any(embedding in w and "always_train" in w for w in record["warnings"]), record["warnings"]
+        assert len(record["frozen"]) == ILS_STEPS and all(record["frozen"]), record["frozen"]
+        assert not any(embedding in frozen for frozen in record["frozen"]), record["frozen"]
