@@ -277,6 +277,19 @@ def layernorm1p_mlp(seed: int = 0, batch: int = 4) -> Case:
     return _classifier_case(model, seed, (batch, 16))
 
 
+def llama_lora(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    """A tiny Llama wrapped by peft (LoRA r=8 on q/k/v/o): the adapters are the
+    layers, the base weights (its RMSNorms' among them) never train. lora_B is
+    drawn at random, not zeros, so lora_A's gradients are not all zero."""
+    import peft
+
+    case = llama(seed, batch, seq)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    case.model = peft.get_peft_model(case.model, lora)
+    return case
+
+
 def deberta_v2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     """DeBERTa-v2's disentangled attention: besides Q @ K^T, content-to-position
     (Q times the projected relative positions) and position-to-content terms,
@@ -304,4 +317,5 @@ PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "opt": opt, "quick_gelu_mlp": quick_gelu_mlp,
     "final_norm_regression": final_norm_regression, "convpool": convpool,
     "relu2_mlp": relu2_mlp, "layernorm1p_mlp": layernorm1p_mlp, "deberta_v2": deberta_v2,
+    "llama_lora": llama_lora,
 }
