@@ -1,10 +1,11 @@
 """Compression coverage across model families: saved bytes and gradient fidelity.
 
-    python benchmarks/families.py [--backend aot_eager|inductor] [--only llama,t5]
+    python benchmarks/families.py [--backend aot_eager|inductor] [--only llama,t5] [--freeze-ratio R]
 
 Tiny random-init configs of HF model families (decoder LMs, encoders,
-encoder-decoders, vision, conv), the first half of `cm.slimfit.layers` frozen,
-one step. Saved bytes are what the step holds from forward to backward
+encoder-decoders, vision, conv), the first half of `cm.slimfit.layers` frozen
+(with --freeze-ratio R: the seeded draw of int(R * layers) layers, the head
+training, that `slimfit_fx.finetune.seeded_frozen_set` makes), one step. Saved bytes are what the step holds from forward to backward
 (parameters and inputs excluded); "eager" is eager PyTorch with the same frozen
 set. Gradient cosine is against that eager step. The last column lists what
 "paper" left uncompressed with a reason (`skipped_*`, `kept_whole_*` counters).
@@ -21,6 +22,8 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import zoo
+from slimfit_fx.finetune import seeded_frozen_set
+from slimfit_fx.layers import find_layers
 from slimfit_fx.memory import eager_frozen, eager_saved_bytes
 from slimfit_fx.numerics import gradient_fidelity
 
@@ -118,6 +121,29 @@ def whisper():
     return WhisperForConditionalGeneration(config), {"input_features": features, "labels": _ids(seq=8, seed=1)}
 
 
+def deberta_v2():
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    # disentangled attention: content-to-position and position-to-content terms;
+    # problem_type set: its default loss gathers the labelled rows (nonzero, a graph break)
+    config = DebertaV2Config(vocab_size=64, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                             max_relative_positions=16, position_buckets=8, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, num_labels=3,
+                             problem_type="single_label_classification", **SMALL)
+    return DebertaV2ForSequenceClassification(config), {"input_ids": _ids(), "labels": torch.tensor([0, 2])}
+
+
+def llama_lora():
+    import peft
+
+    # LoRA r=8 on the attention linears; lora_B drawn at random (not zeros) so
+    # lora_A's gradients are not all zero and the cosine can see them
+    model, batch = zoo.llama_tiny()
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return peft.get_peft_model(model, lora), batch
+
+
 def resnet():
     from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -129,6 +155,7 @@ FAMILIES = {
     "bert": bert, "distilbert": distilbert, "vit": vit, "swin": swin, "clip-vision": clip_vision,
     "gpt2": gpt2, "opt": zoo.opt_tiny, "llama": zoo.llama_tiny, "qwen2": zoo.qwen2_tiny, "mistral": zoo.mistral_tiny,
     "gemma": gemma, "nemotron": nemotron, "t5": t5, "bart": bart, "whisper": whisper, "resnet": resnet,
+    "deberta-v2": deberta_v2, "llama-lora": llama_lora,
 }
 
 
@@ -173,14 +200,17 @@ def compare(grads, reference) -> float:
     return gradient_fidelity(grads, reference)[0]
 
 
-def measure(name: str, backend: str) -> dict:
+def measure(name: str, backend: str, freeze_ratio: float | None = None) -> dict:
     torch.manual_seed(0)
     model, batch = FAMILIES[name]()
     model.train()
     if hasattr(model, "loss_type") and "labels" in batch and "input_ids" in batch and model.loss_type is None:
         model.loss_type = "ForCausalLM"
     layers = slimfit_fx.compile(copy.deepcopy(model), backend="aot_eager").slimfit.layers
-    frozen = frozenset(layers[: len(layers) // 2])
+    if freeze_ratio is None:
+        frozen = frozenset(layers[: len(layers) // 2])
+    else:
+        frozen = frozenset(seeded_frozen_set(find_layers(model), freeze_ratio, seed=0))
     eager = eager_saved_bytes(model, frozen=frozen, **batch)
     with eager_frozen(model, frozen):
         reference = grads_of(model, batch)
@@ -204,16 +234,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", default="aot_eager", choices=("aot_eager", "inductor"))
     parser.add_argument("--only", default="", help="comma-separated families (default: all)")
+    parser.add_argument("--freeze-ratio", type=float, default=None,
+                        help="freeze the seeded draw of this share of the layers (default: the first half)")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(FAMILIES)
-    lines = [f"Tiny random-init configs, first half of the layers frozen, one step, backend {args.backend}; "
+    how = ("first half of the layers frozen" if args.freeze_ratio is None
+           else f"a seeded {args.freeze_ratio:.0%} of the layers frozen")
+    lines = [f"Tiny random-init configs, {how}, one step, backend {args.backend}; "
              f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "",
              "| family | layers | eager saved KiB | freeze only | paper | of which trainable inputs | extended "
              "| cosine paper | cosine extended | packed by \"paper\" | left whole by \"paper\" |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name in names:
         try:
-            r = measure(name, args.backend)
+            r = measure(name, args.backend, args.freeze_ratio)
         except Exception as err:  # one family's failure is a row, not the end of the table
             lines.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} |")
             print(lines[-1], flush=True)
@@ -227,7 +261,7 @@ def main() -> None:
                      f"{r['extended'][1]:.5f} | {packed} | {left} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)
-    if not args.only:
+    if not args.only and args.freeze_ratio is None:
         command = "python benchmarks/families.py" + (f" --backend {args.backend}" if args.backend != "aot_eager" else "")
         DOC.write_text("# Compression across model families\n\nCommand: `" + command + "`\n\n"
                        "Ratios are saved bytes against eager with the same frozen set.\n\n" + text + "\n\n"

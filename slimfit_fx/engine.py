@@ -421,8 +421,13 @@ class CapturedGraph:
                 value = value.detach()
             example.append(value)
         input_names = (*names, *([None] * len(taps)))
+        # Layer weights enter detached (their gradients are tapped out); parameters
+        # that are no layer because they never train (requires_grad=False: a peft
+        # model's base weights, its norms among them) get no gradient either.
+        never_trained = {n for n, value in zip(names, example)
+                         if n is not None and isinstance(value, torch.Tensor) and not value.requires_grad}
         ctx = PassContext(input_names=input_names,
-                          frozen=frozenset(n for n, w in zip(names, is_weight) if w),
+                          frozen=frozenset(n for n, w in zip(names, is_weight) if w) | never_trained,
                           compression=config.compression, in_block=block is not None,
                           stashed_outputs=len(tapped.graph.output_node().args[0]) - num_outputs,
                           activation_inputs=activations)

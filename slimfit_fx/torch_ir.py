@@ -31,10 +31,16 @@ MODULE_STACK = "nn_module_stack"
 _ROOT_MODULE = re.compile(r"^L\[(?:'self'|'args'\]\[0)\]\.?")
 
 
+# A submodule reached through its parent's `_modules`: `._modules['layer']`, or
+# `.__dict__['_modules']['base_model']` where a wrapper's __getattr__ hands it
+# out (peft's PeftModel and LoraModel forward to the model they wrap).
+_SUBMODULE = re.compile(r"\.(?:__dict__\['_modules'\]|_modules)\['([^']+)'\]")
+
+
 def module_name(path: str) -> str:
     """A dynamo module path (`L['self'].encoder._modules['layer']`) as a
     `named_modules()` name (`encoder.layer`); "" for the model itself."""
-    return _ROOT_MODULE.sub("", re.sub(r"\._modules\['([^']+)'\]", r".\1", str(path)))
+    return _ROOT_MODULE.sub("", _SUBMODULE.sub(r".\1", str(path)))
 
 
 def module_path(node: fx.Node) -> list[str]:

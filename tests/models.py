@@ -277,6 +277,36 @@ def layernorm1p_mlp(seed: int = 0, batch: int = 4) -> Case:
     return _classifier_case(model, seed, (batch, 16))
 
 
+def llama_lora(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    """A tiny Llama wrapped by peft (LoRA r=8 on q/k/v/o): the adapters are the
+    layers, the base weights (its RMSNorms' among them) never train. lora_B is
+    drawn at random, not zeros, so lora_A's gradients are not all zero."""
+    import peft
+
+    case = llama(seed, batch, seq)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    case.model = peft.get_peft_model(case.model, lora)
+    return case
+
+
+def deberta_v2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    """DeBERTa-v2's disentangled attention: besides Q @ K^T, content-to-position
+    (Q times the projected relative positions) and position-to-content terms,
+    each gathered per query and added to the scores; a boolean mask (masked_fill)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=2, relative_attention=True, pos_att_type=["c2p", "p2c"],
+                             max_relative_positions=16, position_buckets=8, hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=0.0, num_labels=3,
+                             problem_type="single_label_classification")  # no nonzero in the loss
+    ids = torch.randint(0, 64, (batch, seq), generator=_seeded(seed))
+    labels = torch.randint(0, 3, (batch,), generator=_seeded(seed + 1))
+    return Case(DebertaV2ForSequenceClassification(config).train(), {"input_ids": ids, "labels": labels}, hf_loss)
+
+
 FACTORIES: dict[str, Callable[..., Case]] = {
     "bert": bert, "vit": vit, "gpt2": gpt2, "mlp": mlp, "convnet": convnet,
 }
@@ -286,5 +316,6 @@ PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "llama": llama, "llama_eager_attention": llama_eager_attention, "qwen2": qwen2, "mistral": mistral,
     "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "opt": opt, "quick_gelu_mlp": quick_gelu_mlp,
     "final_norm_regression": final_norm_regression, "convpool": convpool,
-    "relu2_mlp": relu2_mlp, "layernorm1p_mlp": layernorm1p_mlp,
+    "relu2_mlp": relu2_mlp, "layernorm1p_mlp": layernorm1p_mlp, "deberta_v2": deberta_v2,
+    "llama_lora": llama_lora,
 }

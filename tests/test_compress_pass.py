@@ -535,8 +535,8 @@ def test_bad_norm_guard_is_refused():
 
 def test_relu_outputs_travel_as_exact_masks():
     """OPT's ReLU FFN: backward reads each ReLU output only through
-    threshold_backward, so a bool mask stands in for it and gradients stay exact
-    (every other kind off)."""
+    threshold_backward, so a mask of one bit per element stands in for it and
+    gradients stay exact (every other kind off)."""
     relu_only = dataclasses.replace(COMPRESSION_PRESETS["off"], relu_output_mask=True)
     case, cm = compile_case("opt", relu_only, frozen=_half)
     from .harness import assert_matches_eager
@@ -544,7 +544,8 @@ def test_relu_outputs_travel_as_exact_masks():
     assert_matches_eager(cm, case, cm.slimfit.frozen)
     counters = cm.slimfit.last_step.counters
     assert counters["compressed_relu_output"] == 2, counters  # one per block
-    assert counters["bytes_after_compression"] * 4 == counters["bytes_before_compression"], counters
+    # (20, 48) fp32 outputs, 3,840 bytes each, in 120
+    assert counters["bytes_after_compression"] * 32 == counters["bytes_before_compression"], counters
 
 @pytest.mark.parametrize("name, backend", cases(TRANSFORMERS, ["aot_eager", "inductor"],
                                                 slow=[("vit", "inductor"), ("gpt2", "inductor")]))
@@ -663,3 +664,27 @@ def test_the_log_softmax_over_a_vocabulary_is_rerun_in_backward_not_saved(backen
             and _view_root(n).op != "placeholder"]
     assert not wide, wide
     assert cm.slimfit.saved_bytes < eager_saved_bytes(case.model, **case.batch, frozen=cm.slimfit.frozen)
+
+
+def test_disentangled_attention_score_terms_are_packed_as_attention_operands():
+    """DeBERTa-v2 (every layer trains, only qkv_bits on): the matmuls of its c2p
+    and p2c terms reach the softmax through a gather, a scale, the sum of the
+    score terms and a masked_fill, so Q, K, K^T / scale and the projected
+    relative positions are attention operands (int8 Q3.4), 6 per block, and
+    the positions' projections are stored once, before the repeat over the batch."""
+    qkv_only = dataclasses.replace(COMPRESSION_PRESETS["off"], qkv_bits=8)
+    case, cm = compile_case("deberta_v2", qkv_only, frozen=lambda layers: [])
+    _, _, grads = step(cm, case)
+    counters = cm.slimfit.last_step.counters
+    assert counters["compressed_qkv"] == 12, counters
+    assert not any(k.startswith(("skipped_unmatched_repeat", "skipped_unmatched_div")) for k in counters), counters
+    positions = [t for t in cm.slimfit.last_step.saved_tensors()
+                 if "qkv" in t.changed_by and t.shape == (1, 16, 32)]
+    assert len(positions) == 4, positions  # pos_key and pos_query per block, int8, before the repeat
+    # 12 tensors of 2,560 or 4,096 fp32 bytes (the positions repeated over the
+    # batch) stored in a quarter of that, less half for the positions
+    assert counters["bytes_before_compression"] == 8 * 2560 + 4 * 4096, counters
+    assert counters["bytes_after_compression"] * 4 == counters["bytes_before_compression"] - 4 * 2048, counters
+    _, _, ref_grads = eager_step(case.model, case, frozenset())
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
+    assert cosine >= COSINE_FLOOR and sqnr >= SQNR_FLOOR_DB, (cosine, sqnr)

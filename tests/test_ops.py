@@ -411,6 +411,8 @@ def _op_samples():
         (S.prune_topk, (x[:, ::2], 0.3)),
         (S.prune_topk, (empty, 0.5)),
         (S.unprune_topk, (values, indices, [4, 7], torch.float32)),
+        (S.positive_mask, (x,)),
+        (S.from_positive_mask, (ops.positive_mask(x), [4, 7], torch.bfloat16)),
     ]
 
 

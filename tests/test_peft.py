@@ -9,9 +9,10 @@ import torch
 
 import slimfit_fx
 from slimfit_fx import capture
+from slimfit_fx.numerics import gradient_fidelity
 
 from . import models
-from .harness import assert_matches_eager, step
+from .harness import assert_matches_eager, eager_step, step
 
 peft = pytest.importorskip("peft")
 
@@ -149,3 +150,24 @@ def test_lora_under_bf16_autocast_with_paper_compression():
     assert counters.get("compressed_qkv") == 6 and counters.get("compressed_gelu_input") == 2, counters
     torch.testing.assert_close(loss, ref_loss)
     assert_gradients_close(grads, ref_grads)
+
+
+def test_base_norms_that_never_train_are_pruned_as_frozen_norms():
+    """A peft Llama under "paper", every adapter training: the base RMSNorms'
+    weights have requires_grad=False, so no step forms their gradients and their
+    inputs in the blocks are stored pruned, as a frozen norm's are (they were
+    taken for trainable norms and kept whole). Block 0's first norm saves no
+    input: nothing before it needs a gradient. Lossy like any pruned norm:
+    measured cosine 0.988 against eager here, where every adapter's gradient
+    passes through pruned norms; the floor is the suite's for pruned norms."""
+    from .test_compress_pass import LAYERNORM_COSINE_FLOOR
+
+    case = models.llama_lora()
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="paper")
+    _, _, grads = step(cm, case)
+    counters = cm.slimfit.last_step.counters
+    assert counters["compressed_rmsnorm_input"] == 3, counters
+    assert counters["kept_whole_rmsnorm_input_outside_blocks"] == 1, counters  # the final norm
+    assert not any(k.startswith("skipped_unmatched_add") for k in counters), counters
+    _, _, ref_grads = eager_step(case.model, case, frozenset())
+    assert gradient_fidelity(grads, ref_grads)[0] >= LAYERNORM_COSINE_FLOOR

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 @dataclass
 class PassContext:
     """input_names[i]: canonical parameter name of graph input i, or None for
-    buffers and user inputs. frozen: the layers whose gradients this graph does not
-    compute. compression: how saved activations are stored (None: as they are)."""
+    buffers and user inputs. frozen: the parameters whose gradients this graph does
+    not compute (layer weights, whose gradients are tapped out of it, and
+    parameters with requires_grad=False). compression: how saved activations are
+    stored (None: as they are)."""
 
     input_names: tuple[str | None, ...]
     frozen: frozenset[str]

@@ -190,14 +190,22 @@ def _holds_probabilities(node: fx.Node) -> bool:
 
 
 _MATMULS = {aten.bmm.default, aten.mm.default}
-# Between Q @ K^T and its softmax: scaling, the additive mask, views and casts.
-_SCORE_ARITHMETIC = _SAME_VALUES | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor}
+# Between Q @ K^T and its softmax: scaling, the additive mask or a boolean one
+# (masked_fill, decomposed to where), views and casts, and the gather that picks
+# each query's relative-position scores from a query-by-position product
+# (DeBERTa's disentangled attention: its c2p and p2c terms).
+_SCORE_ARITHMETIC = _SAME_VALUES | {aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor,
+                                    aten.masked_fill.Scalar, aten.where.self, aten.gather.default}
+# Ops from a query-by-position product to the softmax: gather, its transpose
+# (p2c), the scale, the sum of the score terms, a view to heads, the mask.
+_SCORE_HOPS = 8
 
 
 def _is_attention_operand(node: fx.Node) -> bool:
     """Q, K or V of attention written out as matmuls (eager attention, or fused
     attention's math path): an operand of a matmul whose product reaches a softmax
-    (Q, K), or whose other operand holds the probabilities (V). Both operands of
+    (Q, K, and the projected relative positions a disentangled attention's score
+    terms multiply them by), or whose other operand holds the probabilities (V). Both operands of
     such a matmul are activations: a matmul with a weight (a graph input) is a
     layer, such as a classifier or LM head whose logits reach a log-softmax."""
     for n in _through_copies_down(_through_copies_up(node)):
@@ -208,7 +216,7 @@ def _is_attention_operand(node: fx.Node) -> bool:
             if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in (n, *others)):
                 continue
             if any(_holds_probabilities(o) for o in others) \
-                    or _reaches(user, SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST}, 6, _SCORE_ARITHMETIC):
+                    or _reaches(user, SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST}, _SCORE_HOPS, _SCORE_ARITHMETIC):
                 return True
     return False
 

@@ -117,7 +117,9 @@ KINDS: tuple[Kind, ...] = (
          format="rowwise"),
     Kind("relu_output", "relu_output_mask", True,
          "A ReLU's backward reads its saved output only as out > 0: stored as that "
-         "bool mask, exact, a quarter of fp32's bytes (ReLU FFNs: OPT; conv nets). Packed "
+         "mask, one bit per element, exact, a thirty-second of fp32's bytes (ReLU FFNs: "
+         "OPT; conv nets); the layer reading the output keeps it whole only while it "
+         "trains (its weight gradient's input). Packed "
          "also where the output is handed to the next region (a conv net's blocks), "
          "which keeps it only if its layer trains.",
          format="positive_mask", when_returned=True),

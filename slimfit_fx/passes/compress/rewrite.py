@@ -240,7 +240,7 @@ def _rebuild(backward: fx.GraphModule, placeholder: fx.Node, plan: Rebuild, firs
 # Ops that copy, view or repeat values: an elementwise format commutes with them.
 _COPY_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
              aten.transpose.int, aten.t.default, aten.detach.default, aten.unsqueeze.default,
-             aten.squeeze.dim, aten.expand.default, aten.clone.default}
+             aten.squeeze.dim, aten.expand.default, aten.clone.default, aten.repeat.default}
 
 
 def _copy_source(saved: fx.Node, fmt: Packing, user_outputs: set[str],
