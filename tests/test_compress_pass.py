@@ -712,9 +712,10 @@ def test_unscaled_attention_scores_keep_q_and_k_per_row():
 def test_scaled_attention_keeps_the_papers_q3_4():
     """Attention that scales its scores keeps Q/K/V as the paper's Q3.4: BERT
     multiplies Q @ K^T by 1/sqrt(d), DeBERTa divides K^T by a 0-dim sqrt(d)
-    before the product."""
+    before the product, OPT multiplies Q by 1/sqrt(d) before a fused attention
+    that takes scale=1.0."""
     qkv_only = dataclasses.replace(COMPRESSION_PRESETS["off"], qkv_bits=8)
-    for name in ("bert", "deberta_v2"):
+    for name in ("bert", "deberta_v2", "opt"):
         case, cm = compile_case(name, qkv_only, frozen=lambda layers: [])
         step(cm, case)
         counters = cm.slimfit.last_step.counters

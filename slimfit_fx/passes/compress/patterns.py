@@ -16,10 +16,10 @@ import torch
 from torch import fx
 
 from ... import capture
-from ...torch_ir import (ATTENTION_BACKWARD, argument_position, BATCH_NORM_BACKWARD, BATCH_NORM_BACKWARD_INPUT,
+from ...torch_ir import (ATTENTION_BACKWARD, BATCH_NORM_BACKWARD, BATCH_NORM_BACKWARD_INPUT,
                          DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
                          DECOMPOSED_SOFTMAX_LAST, LAYER_NORM_BACKWARD, LAYER_NORM_BACKWARD_INPUT,
-                         LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES)
+                         LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES, argument_position, is_aten_op)
 from .registry import KINDS
 
 aten = torch.ops.aten
@@ -486,18 +486,26 @@ def _qkv(site: Site) -> bool:
 
 
 def _unscaled_fused_qk(site: Site) -> bool:
-    """Backward reads this saved tensor only as Q or K of fused attention
-    backwards that take scale=1.0 (T5's cross-attention)."""
-    names = {site.node.name}
+    """Backward reads this saved tensor only as fused attention backwards' Q/K/V,
+    and in the forward it is Q or K of fused attentions that take scale=1.0 and
+    whose Q and K were not scaled before (T5's cross-attention; OPT multiplies Q
+    by 1/sqrt(d) before a fused attention with scale=1.0)."""
     users = site.backward_users
-    if not users or not all(_reads_qkv(u, names) for u in users):
+    if not users or not all(_reads_qkv(u, {site.node.name}) for u in users):
         return False
-    for u in users:
-        q, k, _ = ATTENTION_BACKWARD[u.target].qkv
-        position = argument_position(u.target, "scale")
-        scale = u.kwargs.get("scale", u.args[position] if position is not None and position < len(u.args)
-                             else None)
-        if scale != 1.0 or not any(getattr(u.args[i], "name", None) in names for i in (q, k)):
+    root = _through_copies_up(site.node)
+    attentions = [u for n in _through_copies_down(root) for u in n.users
+                  if is_aten_op(u) and argument_position(u.target, "query") is not None
+                  and argument_position(u.target, "key") is not None
+                  and argument_position(u.target, "scale") is not None]
+    if not attentions:
+        return False
+    for attention in attentions:
+        values = {name: attention.kwargs.get(name, attention.args[i] if i < len(attention.args) else None)
+                  for name in ("query", "key", "scale")
+                  for i in [argument_position(attention.target, name)]}
+        q, k = (_through_copies_up(values[n]) if isinstance(values[n], fx.Node) else None for n in ("query", "key"))
+        if values["scale"] != 1.0 or root not in (q, k) or any(n is None or _scales(n) for n in (q, k)):
             return False
     return True
 
