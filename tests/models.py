@@ -290,6 +290,19 @@ def llama_lora(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     return case
 
 
+def t5(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
+    """T5: attention scores reach the softmax unscaled (1/sqrt(d) is folded into
+    W_q's initialisation) with a relative position bias; ReLU FFN, RMSNorm."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+                      dropout_rate=0.0, use_cache=False, decoder_start_token_id=0)
+    ids = torch.randint(0, 64, (batch, seq), generator=_seeded(seed))
+    labels = torch.randint(0, 64, (batch, 8), generator=_seeded(seed + 1))
+    return Case(T5ForConditionalGeneration(config).train(), {"input_ids": ids, "labels": labels}, hf_loss)
+
+
 def deberta_v2(seed: int = 0, batch: int = 2, seq: int = 10) -> Case:
     """DeBERTa-v2's disentangled attention: besides Q @ K^T, content-to-position
     (Q times the projected relative positions) and position-to-content terms,
@@ -317,5 +330,5 @@ PATTERN_FACTORIES: dict[str, Callable[..., Case]] = {
     "swiglu": swiglu, "geglu": geglu, "silu_mlp": silu_mlp, "opt": opt, "quick_gelu_mlp": quick_gelu_mlp,
     "final_norm_regression": final_norm_regression, "convpool": convpool,
     "relu2_mlp": relu2_mlp, "layernorm1p_mlp": layernorm1p_mlp, "deberta_v2": deberta_v2,
-    "llama_lora": llama_lora,
+    "llama_lora": llama_lora, "t5": t5,
 }

@@ -19,7 +19,7 @@ from ... import capture
 from ...torch_ir import (ATTENTION_BACKWARD, BATCH_NORM_BACKWARD, BATCH_NORM_BACKWARD_INPUT,
                          DECOMPOSED_SOFTMAX_EXP, DECOMPOSED_SOFTMAX_FIRST,
                          DECOMPOSED_SOFTMAX_LAST, LAYER_NORM_BACKWARD, LAYER_NORM_BACKWARD_INPUT,
-                         LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES)
+                         LAYER_NORM_BACKWARD_WEIGHT, SOFTMAXES, argument_position, is_aten_op)
 from .registry import KINDS
 
 aten = torch.ops.aten
@@ -220,6 +220,40 @@ def _is_attention_operand(node: fx.Node) -> bool:
                 return True
     return False
 
+
+
+def _scales(node: fx.Node) -> bool:
+    """`node` multiplies or divides by a scalar other than 1: a number, or a 0-dim
+    tensor (sqrt(d) made at run time). The math path of scaled_dot_product_attention
+    multiplies Q and K by the square root of its `scale`, 1.0 for T5."""
+    if node.op != "call_function" or node.target not in (aten.mul.Tensor, aten.div.Tensor,
+                                                         aten.mul.Scalar, aten.div.Scalar):
+        return False
+    return any((not isinstance(a, fx.Node) and a != 1) or (isinstance(a, fx.Node) and isinstance(
+        a.meta.get("val"), torch.Tensor) and a.meta["val"].dim() == 0) for a in node.args)
+
+
+def _is_unscaled_score_operand(node: fx.Node) -> bool:
+    """Q or K of attention whose scores reach the softmax with no scale: neither
+    the product's way to the softmax (through _SCORE_ARITHMETIC) nor either
+    operand (Q pre-scaled, as BART does) multiplies or divides by a scalar."""
+    for n in _through_copies_down(_through_copies_up(node)):
+        for user in n.users:
+            if user.target not in _MATMULS:
+                continue
+            operands = [a for a in user.args if isinstance(a, fx.Node)]
+            if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in operands):
+                continue
+            seen, frontier, reached = [], [user], False
+            for _ in range(_SCORE_HOPS):
+                frontier = [u for f in frontier for u in f.users]
+                reached = reached or any(u.target in SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST} for u in frontier)
+                frontier = [u for u in frontier if u.target in _SCORE_ARITHMETIC]
+                seen += frontier
+            if reached and not any(_scales(s) for s in seen) \
+                    and not any(_scales(_through_copies_up(a)) for a in operands):
+                return True
+    return False
 
 
 def _is_rsqrt(node) -> bool:
@@ -451,6 +485,35 @@ def _qkv(site: Site) -> bool:
     return _is_attention_operand(site.node) and not _holds_probabilities(site.node)
 
 
+def _unscaled_fused_qk(site: Site) -> bool:
+    """Backward reads this saved tensor only as fused attention backwards' Q/K/V,
+    and in the forward it is Q or K of fused attentions that take scale=1.0 and
+    whose Q and K were not scaled before (T5's cross-attention; OPT multiplies Q
+    by 1/sqrt(d) before a fused attention with scale=1.0)."""
+    users = site.backward_users
+    if not users or not all(_reads_qkv(u, {site.node.name}) for u in users):
+        return False
+    root = _through_copies_up(site.node)
+    attentions = [u for n in _through_copies_down(root) for u in n.users
+                  if is_aten_op(u) and argument_position(u.target, "query") is not None
+                  and argument_position(u.target, "key") is not None
+                  and argument_position(u.target, "scale") is not None]
+    if not attentions:
+        return False
+    for attention in attentions:
+        values = {name: attention.kwargs.get(name, attention.args[i] if i < len(attention.args) else None)
+                  for name in ("query", "key", "scale")
+                  for i in [argument_position(attention.target, name)]}
+        q, k = (_through_copies_up(values[n]) if isinstance(values[n], fx.Node) else None for n in ("query", "key"))
+        if values["scale"] != 1.0 or root not in (q, k) or any(n is None or _scales(n) for n in (q, k)):
+            return False
+    return True
+
+
+def _qkv_unscaled(site: Site) -> bool:
+    return _qkv(site) and (_unscaled_fused_qk(site) or _is_unscaled_score_operand(site.node))
+
+
 def _attention_out(site: Site) -> bool:
     users = site.backward_users
     return bool(users) and all(_reads_out(u, {site.node.name}) for u in users)
@@ -536,6 +599,7 @@ MATCHERS: dict[str, Callable[[Site], bool]] = {
     "layernorm_input": _frozen_layernorm_input,
     "rmsnorm_input": _frozen_rmsnorm_input,
     "kv_grouped": _grouped_kv,
+    "qkv_unscaled": _qkv_unscaled,
     "qkv": _qkv,
     "attention_out": _attention_out,
     "softmax": lambda site: _is_softmax_output(site.node),

@@ -83,6 +83,14 @@ KINDS: tuple[Kind, ...] = (
          "heads: qkv's format, stored once per kv head (before the repeat, as every "
          "fixed-point format is stored at the tensor it copies) and repeated again in backward.",
          format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
+    Kind("qkv_unscaled", "qkv_bits", 8,
+         "Q and K of attention whose scores reach the softmax unscaled (T5 and its "
+         "lineage fold 1/sqrt(d) into W_q's initialisation instead): Q is about "
+         "sqrt(d) times smaller than where the scores are scaled, and Q3.4's fixed step "
+         "of 1/16 rounds much of it away (tiny T5, every layer training, only Q/K/V "
+         "packed: gradient cosine 0.9980 with Q3.4, 0.99984 with Q and K per row; "
+         "tests/test_compress_pass.py). int8 with a per-row scale; V keeps qkv's format.",
+         format="fixed_point"),
     Kind("qkv", "qkv_bits", 8,
          "Attention matmul operands: the paper's int8 Q3.4 (range +-8, step 1/16).",
          format="fixed_point", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
