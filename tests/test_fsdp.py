@@ -419,18 +419,25 @@ def _resharded_phase(rank: int, world: int, out_dir: str, resume: bool) -> dict:
     return record
 
 
-def _resharded_main(rank: int, world: int, port: int, out_dir: str, resume: bool) -> None:
+def _in_process_group(rank: int, world: int, port: int, path: str, work) -> None:
+    """Run `work()` as rank `rank` of a `world`-rank gloo group and write the dict
+    it returns to `path` as JSON; a rank that fails destroys the group and raises."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     torch.set_num_threads(1)
     try:
-        record = _resharded_phase(rank, world, out_dir, resume)
-        with open(os.path.join(out_dir, f"world{world}-{'resumed' if resume else 'saved'}-rank{rank}.json"), "w") as f:
+        record = work()
+        with open(path, "w") as f:
             json.dump(record, f)
     except BaseException:
         dist.destroy_process_group()
         raise
     exit_rank()
+
+
+def _resharded_main(rank: int, world: int, port: int, out_dir: str, resume: bool) -> None:
+    path = os.path.join(out_dir, f"world{world}-{'resumed' if resume else 'saved'}-rank{rank}.json")
+    _in_process_group(rank, world, port, path, lambda: _resharded_phase(rank, world, out_dir, resume))
 
 
 def _spawn_world(out, world: int, resume: bool) -> list[dict]:
@@ -442,10 +449,7 @@ def _spawn_world(out, world: int, resume: bool) -> list[dict]:
 def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, diverge: bool,
                eager_embedding: bool = False, checkpoint: bool = False,
                accelerate_embedding: bool = False, accelerate_prepare: bool = False) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    try:
+    def work() -> dict:
         records: dict = {}
         for name, layout in manual:
             record, weights = _train_manual(name, layout, rank)
@@ -464,12 +468,9 @@ def _rank_main(rank: int, port: int, out_dir: str, manual: list, ils: list, dive
             records["checkpoint"] = _checkpoint_round_trip(rank, out_dir)
         if accelerate_prepare:  # last: it leaves accelerate's process-wide state set
             records["accelerate_prepare"] = _accelerate_prepare(rank, out_dir)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(records, f)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_rank()
+        return records
+
+    _in_process_group(rank, WORLD, port, os.path.join(out_dir, f"rank{rank}.json"), work)
 
 
 def _spawn(out, manual=(), ils=(), diverge=False, eager_embedding=False, checkpoint=False,
@@ -705,11 +706,8 @@ def _ils_in_accelerate_layout(rank: int, port: int, out_dir: str) -> None:
     warning at compile, the frozen set of each step, the error if any."""
     import warnings
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
-    torch.set_num_threads(1)
-    record: dict = {"frozen": [], "error": None}
-    try:
+    def work() -> dict:
+        record: dict = {"frozen": [], "error": None}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cm = _sharded_compile(_case("bert").model, "accelerate", freeze_ratio=0.9, compression="off")
@@ -724,12 +722,9 @@ def _ils_in_accelerate_layout(rank: int, port: int, out_dir: str) -> None:
                 optimizer.zero_grad()
         except SlimFitError as err:
             record["error"] = str(err)
-        with open(os.path.join(out_dir, f"ils-accelerate-rank{rank}.json"), "w") as f:
-            json.dump(record, f)
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    exit_rank()
+        return record
+
+    _in_process_group(rank, WORLD, port, os.path.join(out_dir, f"ils-accelerate-rank{rank}.json"), work)
 
 
 @needs_dist
