@@ -208,6 +208,17 @@ def _is_attention_operand(node: fx.Node) -> bool:
     terms multiply them by), or whose other operand holds the probabilities (V). Both operands of
     such a matmul are activations: a matmul with a weight (a graph input) is a
     layer, such as a classifier or LM head whose logits reach a log-softmax."""
+    for user, _, others in _activation_matmuls(node):
+        if any(_holds_probabilities(o) for o in others) \
+                or _reaches(user, SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST}, _SCORE_HOPS, _SCORE_ARITHMETIC):
+            return True
+    return False
+
+
+def _activation_matmuls(node: fx.Node):
+    """(matmul, operand, other operands) for each matmul `node` (or a copy of it)
+    is an operand of whose operands are all activations: a matmul with a graph
+    input (a weight) is a layer, not attention."""
     for n in _through_copies_down(_through_copies_up(node)):
         for user in n.users:
             if user.target not in _MATMULS:
@@ -215,10 +226,7 @@ def _is_attention_operand(node: fx.Node) -> bool:
             others = [a for a in user.args if isinstance(a, fx.Node) and a is not n]
             if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in (n, *others)):
                 continue
-            if any(_holds_probabilities(o) for o in others) \
-                    or _reaches(user, SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST}, _SCORE_HOPS, _SCORE_ARITHMETIC):
-                return True
-    return False
+            yield user, n, others
 
 
 
@@ -237,22 +245,16 @@ def _is_unscaled_score_operand(node: fx.Node) -> bool:
     """Q or K of attention whose scores reach the softmax with no scale: neither
     the product's way to the softmax (through _SCORE_ARITHMETIC) nor either
     operand (Q pre-scaled, as BART does) multiplies or divides by a scalar."""
-    for n in _through_copies_down(_through_copies_up(node)):
-        for user in n.users:
-            if user.target not in _MATMULS:
-                continue
-            operands = [a for a in user.args if isinstance(a, fx.Node)]
-            if any(_view_root(_through_copies_up(a)).op == "placeholder" for a in operands):
-                continue
-            seen, frontier, reached = [], [user], False
-            for _ in range(_SCORE_HOPS):
-                frontier = [u for f in frontier for u in f.users]
-                reached = reached or any(u.target in SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST} for u in frontier)
-                frontier = [u for u in frontier if u.target in _SCORE_ARITHMETIC]
-                seen += frontier
-            if reached and not any(_scales(s) for s in seen) \
-                    and not any(_scales(_through_copies_up(a)) for a in operands):
-                return True
+    for user, n, others in _activation_matmuls(node):
+        seen, frontier, reached = [], [user], False
+        for _ in range(_SCORE_HOPS):
+            frontier = [u for f in frontier for u in f.users]
+            reached = reached or any(u.target in SOFTMAXES | {DECOMPOSED_SOFTMAX_FIRST} for u in frontier)
+            frontier = [u for u in frontier if u.target in _SCORE_ARITHMETIC]
+            seen += frontier
+        if reached and not any(_scales(s) for s in seen) \
+                and not any(_scales(_through_copies_up(a)) for a in (n, *others)):
+            return True
     return False
 
 
