@@ -7,9 +7,10 @@ training forward and applies the `Prediction` `choose` returns.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import SlimFitError
@@ -104,7 +105,14 @@ class BudgetTerms:
 
 @dataclass(frozen=True)
 class Prediction:
-    """A predicted peak and its parts, for `trained` of the layers training at once."""
+    """A predicted peak and its parts.
+
+    `trained` layers fit whichever of them train (the parts are those of the
+    costliest `trained`). Where `limit` is set, the schedule asks its policy for
+    `most_trained` (a freeze ratio of `freeze_ratio`) and freezes more of each
+    choice until the layers that train keep the peak within `limit` (`admits`):
+    `filled` is what the layers beyond `trained` may add, and `peak` the limit.
+    """
 
     peak: int
     weights: int
@@ -117,13 +125,19 @@ class Prediction:
     layers: int
     freeze_ratio: float
     optimizer_state_packing: str
+    most_trained: int
+    limit: int | None = None
+    filled: int = 0
 
     def __str__(self) -> str:
+        filled = (f" + layers the schedule trains beyond those, within the limit, {format_bytes(self.filled)}"
+                  if self.limit is not None else "")
+        count = (f"{self.trained} to {self.most_trained}" if self.limit is not None else str(self.trained))
         return (f"{format_bytes(self.peak)} = weights {format_bytes(self.weights)} + gradients "
                 f"{format_bytes(self.gradients)} + optimizer state {format_bytes(self.optimizer_state)} + "
                 f"max(saved activations {format_bytes(self.saved)} + backward transients, optimizer step "
-                f"temporaries) {format_bytes(self.transients)} + runtime overhead {format_bytes(self.overhead)} "
-                f"(freeze_ratio {self.freeze_ratio:.3f}: {self.trained} of {self.layers} layers train; "
+                f"temporaries) {format_bytes(self.transients)} + runtime overhead {format_bytes(self.overhead)}"
+                f"{filled} (freeze_ratio {self.freeze_ratio:.3f}: {count} of {self.layers} layers train; "
                 f"optimizer_state={self.optimizer_state_packing!r})")
 
 
@@ -140,25 +154,59 @@ def ratio_for(frozen: int, layers: int) -> float:
 def predict(terms: BudgetTerms, trained: int, packing: str = "full") -> Prediction:
     """The peak with `trained` layers training at once, frozen layers' optimizer
     state held as `packing`. Which layers train changes every step, so the
-    peak is that of the costliest `trained` of them together. Weights,
-    optimizer state, gradients and the runtime's own are held throughout;
-    on top, the larger of what backward holds (saved tensors, its transients)
-    and what the optimizer step makes (temporaries of the largest parameter it
-    updates): backward frees saved tensors before the step runs."""
+    peak is that of the costliest `trained` of them together."""
     count = len(terms.layers)
     if not 0 <= trained <= count:
         raise ValueError(f"trained must be in [0, {count}], got {trained}")
     costly = sorted(terms.layers, key=lambda layer: layer.extra(packing), reverse=True)[:trained]
-    gradients = terms.gradients + sum(layer.gradient for layer in costly)
-    saved = terms.saved + sum(layer.stash for layer in costly)
+    return predict_set(terms, costly, packing)
+
+
+def predict_set(terms: BudgetTerms, training: Collection[LayerTerms], packing: str = "full") -> Prediction:
+    """The peak with exactly the layers `training` training. Weights, optimizer
+    state, gradients and the runtime's own are held throughout; on top, the
+    larger of what backward holds (saved tensors, its transients) and what the
+    optimizer step makes (temporaries of the largest parameter it updates):
+    backward frees saved tensors before the step runs."""
+    count = len(terms.layers)
+    gradients = terms.gradients + sum(layer.gradient for layer in training)
+    saved = terms.saved + sum(layer.stash for layer in training)
     state = terms.state + sum(layer.state[packing] for layer in terms.layers) + \
-        sum(layer.state["full"] - layer.state[packing] for layer in costly)
-    largest = max([terms.largest_always, *(layer.gradient for layer in costly)])
+        sum(layer.state["full"] - layer.state[packing] for layer in training)
+    largest = max([terms.largest_always, *(layer.gradient for layer in training)])
     transients = max(saved + terms.backward_transients, STEP_TEMPORARIES * largest) - saved
     peak = terms.weights + gradients + state + saved + transients + terms.overhead
     return Prediction(peak=peak, weights=terms.weights, gradients=gradients, optimizer_state=state, saved=saved,
-                      overhead=terms.overhead, transients=transients, trained=trained, layers=count,
-                      freeze_ratio=ratio_for(count - trained, count), optimizer_state_packing=packing)
+                      overhead=terms.overhead, transients=transients, trained=len(training), most_trained=len(training), layers=count,
+                      freeze_ratio=ratio_for(count - len(training), count), optimizer_state_packing=packing)
+
+
+def admits(terms: BudgetTerms, prediction: Prediction) -> Callable[[Iterable[str]], bool] | None:
+    """Whether the layers named would keep the peak within `prediction.limit`
+    (with its packing), for the schedule to cap each step's choice by; None where
+    the prediction sets no limit (any choice fits)."""
+    if prediction.limit is None:
+        return None
+    by_name = {layer.name: layer for layer in terms.layers}
+    packing, limit = prediction.optimizer_state_packing, prediction.limit
+    return lambda names: predict_set(terms, [by_name[n] for n in names], packing).peak <= limit
+
+
+def fill(terms: BudgetTerms, prediction: Prediction, budget: int) -> Prediction:
+    """`prediction` with room for more layers where cheaper ones fit: the most
+    layers that fit at all (the cheapest of them) become `most_trained`, and the
+    schedule trims each choice to `budget` (`admits`). Without this, a budget
+    would keep room all run for the costliest layers training together (a
+    vocabulary-sized embedding beside the largest others), which the schedule
+    rarely picks."""
+    packing, count = prediction.optimizer_state_packing, len(terms.layers)
+    cheap = sorted(terms.layers, key=lambda layer: layer.extra(packing))
+    most = next((m for m in range(count, prediction.trained, -1)
+                 if predict_set(terms, cheap[:m], packing).peak <= budget), prediction.trained)
+    if most == prediction.trained:
+        return prediction
+    return dataclasses.replace(prediction, most_trained=most, freeze_ratio=ratio_for(count - most, count),
+                               limit=budget, filled=budget - prediction.peak, peak=budget)
 
 
 def floor_of(terms: BudgetTerms, packings: Sequence[str] = PACKINGS,
@@ -170,17 +218,26 @@ def floor_of(terms: BudgetTerms, packings: Sequence[str] = PACKINGS,
 
 def choose(terms: BudgetTerms, budget: int, packings: Sequence[str] = PACKINGS,
            max_freeze_ratio: float = MAX_FREEZE_RATIO) -> Prediction:
-    """The prediction that trains the most layers within `budget` bytes, with the
-    weakest packing of `packings` (weakest first) that fits at that count, and
-    at most `max_freeze_ratio` of the layers frozen. Raises BudgetError, stating
-    the floor, where nothing fits."""
+    """The prediction that trains the most layers per step within `budget` bytes,
+    with at most `max_freeze_ratio` of the layers frozen. Per packing of
+    `packings` (weakest first): the most layers that fit whichever of them train
+    (at least the floor's count), filled up to the budget (`fill`); the packing
+    whose fill trains the most wins (then: the most whichever train), the
+    weakest among equals. Raises
+    BudgetError, stating the floor, where nothing fits."""
     count = len(terms.layers)
     least = count - int(max_freeze_ratio * count)
-    for trained in range(count, least - 1, -1):
-        for packing in packings:
-            prediction = predict(terms, trained, packing)
-            if prediction.peak <= budget:
-                return prediction
+    best: Prediction | None = None
+    for packing in packings:
+        fits = (predict(terms, trained, packing) for trained in range(count, least - 1, -1))
+        guaranteed = next((prediction for prediction in fits if prediction.peak <= budget), None)
+        if guaranteed is None:
+            continue
+        filled = fill(terms, guaranteed, budget)
+        if best is None or (filled.most_trained, filled.trained) > (best.most_trained, best.trained):
+            best = filled
+    if best is not None:
+        return best
     floor = floor_of(terms, packings, max_freeze_ratio)
     raise BudgetError(
         f"memory_budget={budget} ({format_bytes(budget)}) is below the floor of this run: at "

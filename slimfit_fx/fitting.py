@@ -111,6 +111,8 @@ class FitToBudget:
         params = list(slimfit.model.parameters())
         self.device = params[0].device if params else torch.device("cpu")
         weights = weight_bytes(slimfit.model)
+        if self.device.type == "cpu":
+            _page_in(slimfit.model)
         self.meter = PeakMeter(self.device, weights, host_rss())
         self.prediction: budget.Prediction | None = None
         self.terms_used: budget.BudgetTerms | None = None  # what the prediction was made from
@@ -211,7 +213,9 @@ class FitToBudget:
     def apply(self, prediction: budget.Prediction) -> None:
         # Takes effect at the schedule's next choice: the set this forward ran
         # with decides which gradients its optimizer step keeps.
-        self.slimfit.schedule.freeze_ratio = prediction.freeze_ratio
+        schedule = self.slimfit.schedule
+        schedule.freeze_ratio = prediction.freeze_ratio
+        schedule.admits = budget.admits(self.terms_used, prediction)
         self.start_optimizer_state(prediction.optimizer_state_packing)
 
 
@@ -225,6 +229,21 @@ def _release_free_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the residue keeps the free pages, on the safe side
         pass
+
+
+def _page_in(model: torch.nn.Module) -> None:
+    """Read every parameter and buffer once, so that the resident size taken at
+    compile holds them: weights loaded from a safetensors file are often a lazy
+    map of it (transformers maps float32 checkpoints), paged in only by the first
+    forward, which the residue would then count a second time beside the weights."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            t = t.detach()
+            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard, no collective
+            if t.device.type != "cpu" or not t.numel() or not t.dtype.is_floating_point:
+                continue
+            # one element a page; a strided view reads all of it
+            (t.view(-1)[:: max(1, 4096 // t.element_size())] if t.is_contiguous() else t).sum()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

@@ -208,14 +208,18 @@ def _budget_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("memory budget", f"{summary['budget'] / mib:,.1f} MiB")]
     if predicted is None:
         return rows + [("predicted peak", "chosen at the first training forward")]
+    capped = predicted.get("limit") is not None
     rows.append(("predicted peak", f"{predicted['peak'] / mib:,.1f} MiB (weights {predicted['weights'] / mib:,.1f}"
                                    f" + gradients {predicted['gradients'] / mib:,.1f} + optimizer state "
                                    f"{predicted['optimizer_state'] / mib:,.1f} + saved {predicted['saved'] / mib:,.1f}"
                                    f" + transients {predicted['transients'] / mib:,.1f} + runtime overhead "
-                                   f"{predicted['overhead'] / mib:,.1f})"))
-    rows.append(("chosen", f"freeze_ratio {predicted['freeze_ratio']:.3f} ({predicted['trained']} of "
-                           f"{predicted['layers']} layers train), optimizer_state="
-                           f"{predicted['optimizer_state_packing']!r}"))
+                                   f"{predicted['overhead'] / mib:,.1f}"
+                                   + (f" + further layers within the limit {predicted['filled'] / mib:,.1f}"
+                                      if capped else "") + ")"))
+    count = f"{predicted['trained']} to {predicted['most_trained']}" if capped else f"{predicted['trained']}"
+    rows.append(("chosen", f"freeze_ratio {predicted['freeze_ratio']:.3f} ({count} of {predicted['layers']} layers "
+                           "train" + (", each step's set capped at the budget" if capped else "") +
+                           f"), optimizer_state={predicted['optimizer_state_packing']!r}"))
     if measured is None:
         rows.append(("measured peak", "from the third training forward on; not yet"))
     else:

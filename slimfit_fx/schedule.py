@@ -14,6 +14,7 @@ in one transfer.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -97,6 +98,10 @@ class Schedule:
     `always_train` are never frozen; `freeze_ratio` (None: the policy decides)
     of the rest is how many the policy freezes, kept where they leave room.
 
+    `admits` (set by memory_budget; None: no cap) caps what trains at once: where
+    the layers a choice leaves training fail it, the schedule asks the policy
+    again with more frozen, the fewest more that pass.
+
     Until the first optimizer step every layer is scheduled. From then on only
     the layers some optimizer that stepped holds are (`held`): a layer in no
     optimizer never moves, so a policy judging by change would keep it training
@@ -112,6 +117,7 @@ class Schedule:
         self.policy = policy
         self.always_train = frozenset(always_train)
         self.freeze_ratio = freeze_ratio
+        self.admits: Callable[[frozenset[str]], bool] | None = None
         self.blocks = tuple(tuple(b) for b in blocks)
         self.apply_frozen = apply_frozen
         self.step = 0
@@ -194,17 +200,41 @@ class Schedule:
                         num_frozen=self.num_frozen, frozen=self.frozen,
                         changes=changes if self.observes_weight_change else None,
                         must_choose=must_choose, blocks=self.blocks)
+        chosen = self._ask(view)
+        if chosen is not None and self.admits is not None and view.num_frozen is not None:
+            chosen = self._within_cap(view, chosen)
+        return None if chosen is None else chosen | self.not_held
+
+    def _ask(self, view: StepView) -> frozenset[str] | None:
         chosen = self.policy.choose(view)
         if chosen is None:
             return None
         chosen = frozenset(chosen)
-        stray = chosen - set(candidates)
+        stray = chosen - set(view.candidates)
         if stray:
             raise SlimFitError(
                 f"freeze policy {self.name!r} chose to freeze {sorted(stray)[:3]}, which are not among "
                 "the candidates it was shown (always_train layers, layers in no optimizer and "
                 "non-layers are not). Fix the policy's choose() to return a subset of view.candidates")
-        return chosen | self.not_held
+        return chosen
+
+    def _within_cap(self, view: StepView, chosen: frozenset[str]) -> frozenset[str]:
+        """`chosen`, or where the layers it leaves training fail `admits`, the
+        policy's choice at the fewest more frozen that pass (a bisection: for ILS
+        each larger count freezes a superset). Asking again is allowed: a policy's
+        choice depends on the step and what it observed, not on the calls."""
+        candidates = frozenset(view.candidates)
+        if self.admits(candidates - chosen):
+            return chosen
+        low, high, best = len(chosen), len(candidates), candidates
+        while high - low > 1:
+            middle = (low + high) // 2
+            attempt = self._ask(dataclasses.replace(view, num_frozen=middle, must_choose=True))
+            if attempt is not None and self.admits(candidates - attempt):
+                high, best = middle, attempt
+            else:
+                low = middle
+        return best
 
     def _set(self, frozen: frozenset[str]) -> None:
         if frozen != self.frozen:

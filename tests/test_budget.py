@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import slimfit_fx
 from slimfit_fx import budget
-from slimfit_fx.budget import BudgetError, BudgetTerms, LayerTerms, choose, parse_bytes, predict
+from slimfit_fx.budget import BudgetError, BudgetTerms, LayerTerms, choose, parse_bytes, predict, predict_set
 from slimfit_fx.optimizer_state import INT8_CODE, adam_state_nbytes, entry_bytes, moment_nbytes, pack, state_bytes
 
 from .models import bert
@@ -86,32 +86,74 @@ def test_predict_sums_the_costliest_layers():
     assert two.freeze_ratio == pytest.approx(10 / 12) and int(two.freeze_ratio * 12) == 10
 
 
+def _cheapest(terms: BudgetTerms, count: int, packing: str) -> list[LayerTerms]:
+    return sorted(terms.layers, key=lambda layer: layer.extra(packing))[:count]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(1, 10**6), min_size=1, max_size=40),
        st.lists(st.integers(0, 10**8), min_size=2, max_size=8))
 def test_the_chosen_ratio_falls_as_the_budget_grows(sizes, extras):
     terms = _terms(sizes)
     count = len(sizes)
-    floor = predict(terms, count - int(budget.MAX_FREEZE_RATIO * count), "int8").peak
+    least = count - int(budget.MAX_FREEZE_RATIO * count)
+    floor = predict(terms, least, "int8").peak
     chosen = [choose(terms, floor + extra) for extra in sorted(extras)]
     for smaller, larger in zip(chosen, chosen[1:]):
-        assert larger.trained >= smaller.trained
+        assert (larger.most_trained, larger.trained) >= (smaller.most_trained, smaller.trained)
         assert larger.freeze_ratio <= smaller.freeze_ratio
     for extra, prediction in zip(sorted(extras), chosen):
-        assert prediction.peak <= floor + extra
+        limit, packing = floor + extra, prediction.optimizer_state_packing
+        assert prediction.peak <= limit
         assert prediction.freeze_ratio <= budget.MAX_FREEZE_RATIO
-        if prediction.trained < count:  # one more layer, under any packing, would not fit
-            assert all(predict(terms, prediction.trained + 1, p).peak > floor + extra for p in budget.PACKINGS)
+        assert int(prediction.freeze_ratio * count) == count - prediction.most_trained
+        # any `trained` layers fit; `most_trained` fit where they are the cheapest
+        assert least <= prediction.trained <= prediction.most_trained
+        assert predict(terms, prediction.trained, packing).peak <= limit
+        assert predict_set(terms, _cheapest(terms, prediction.most_trained, packing), packing).peak <= limit
+        if prediction.most_trained < count:  # one more layer, under any packing, would not fit
+            assert all(predict_set(terms, _cheapest(terms, prediction.most_trained + 1, p), p).peak > limit
+                       for p in budget.PACKINGS)
+        if prediction.most_trained > prediction.trained:  # the schedule trims each choice to the budget
+            assert prediction.limit == limit == prediction.peak
+        else:
+            assert prediction.limit is None and prediction == predict(terms, prediction.trained, packing)
 
 
-def test_the_weakest_packing_that_fits_is_chosen():
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 10**6), min_size=2, max_size=30), st.floats(0.0, 1.0), st.data())
+def test_what_the_cap_admits_fits_the_budget(sizes, share, data):
+    terms = _terms(sizes)
+    count = len(sizes)
+    floor = predict(terms, count - int(budget.MAX_FREEZE_RATIO * count), "int8").peak
+    top = predict(terms, count, "full").peak
+    limit = int(floor + share * (top - floor))
+    prediction = choose(terms, limit)
+    admits = budget.admits(terms, prediction)
+    if prediction.limit is None:
+        assert admits is None
+        return
+    names = [layer.name for layer in terms.layers]
+    by_name = {layer.name: layer for layer in terms.layers}
+    packing = prediction.optimizer_state_packing
+    for _ in range(5):
+        picked = data.draw(st.lists(st.sampled_from(names), unique=True, max_size=prediction.most_trained))
+        peak = predict_set(terms, [by_name[n] for n in picked], packing).peak
+        assert admits(picked) == (peak <= limit)
+        if len(picked) <= prediction.trained:  # the guaranteed count fits whichever layers
+            assert admits(picked)
+
+
+def test_the_packing_that_trains_the_most_per_step_is_chosen():
     terms = _terms(SIZES)
+    everything = predict(terms, len(SIZES), "full")
+    assert choose(terms, everything.peak) == everything  # every packing trains all: the weakest
     full, int8 = predict(terms, 3, "full"), predict(terms, 3, "int8")
     assert int8.peak < full.peak
-    assert choose(terms, full.peak).optimizer_state_packing == "full"
     got = choose(terms, int8.peak)
-    assert (got.trained, got.optimizer_state_packing) == (3, "int8")
-    assert choose(terms, int8.peak, packings=("full",)).trained < 3
+    assert got.optimizer_state_packing == "int8" and got.trained == 3 and got.most_trained > 3
+    plain = choose(terms, int8.peak, packings=("full",))
+    assert plain.trained < 3 and plain.most_trained <= got.most_trained
 
 
 def test_below_the_floor_the_error_states_the_floor():
@@ -204,3 +246,18 @@ def test_a_run_under_a_budget_resumes_from_its_state():
     resumed = slimfit_fx.compile(bert(batch=4, seq=16).model, backend="aot_eager", memory_budget="4GiB")
     resumed.slimfit.load_state_dict(state)  # saved at the ratio 4 GiB chose, not the first step's 0.95
     assert resumed.slimfit.frozen == cm.slimfit.frozen
+
+
+def test_weights_mapped_from_a_file_are_resident_from_compile(tmp_path):
+    """A checkpoint loaded as a lazy map of its file (transformers maps float32
+    safetensors) pages its weights in at the first forward; the budget's baseline
+    at compile reads them in first, or the residue would count them beside the
+    weights (MiniLM: 81 MiB of a 183 MiB residue)."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(64 * 2**20))
+    mapped = torch.from_file(str(path), shared=False, size=16 * 2**20, dtype=torch.float32)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096, bias=False))
+    model[0].weight = torch.nn.Parameter(mapped.view(4096, 4096))
+    before = slimfit_fx.fitting.host_rss()
+    cm = slimfit_fx.compile(model, backend="aot_eager", memory_budget="4GiB")
+    assert cm.slimfit.fit.meter.rss_at_compile - before >= 60 * 2**20

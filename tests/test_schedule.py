@@ -661,3 +661,28 @@ def test_freeze_ratio_defaults_under_ils_and_manual_takes_none():
     assert manual.freeze_ratio is None and manual.replace(schedule="ils").freeze_ratio == 0.9
     cm = slimfit_fx.compile(models.mlp().model, slimfit_fx.SlimFitConfig(backend="aot_eager"), schedule="manual")
     assert cm.slimfit.config.freeze_ratio is None and cm.slimfit.frozen == frozenset()
+
+
+def test_a_cap_freezes_the_fewest_more_of_the_policys_ranking():
+    """With `admits` set (memory_budget sets it), each step's trained layers pass
+    it, and the frozen set is ILS's lowest scores at the fewest more than
+    num_frozen that pass: the cap trims the ranking from the bottom."""
+    case = models.bert()
+    cm = ils(case, freeze_ratio=0.25)
+    schedule = cm.slimfit.schedule
+    sizes = {n: p.numel() for n, p in schedule.parameters.items()}
+    cap = sum(sizes.values()) * 0.3
+    schedule.admits = lambda names: sum(sizes[n] for n in names) <= cap
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    trimmed = 0
+    for _ in range(8):
+        train(cm, case, optimizer, 1)
+        candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
+        order = [cm.slimfit.layers[i] for i in torch.argsort(schedule.policy.scores, stable=True).tolist()
+                 if cm.slimfit.layers[i] in candidates]
+        fewest = next(f for f in range(schedule.num_frozen, len(order) + 1)
+                      if schedule.admits(set(order[f:])))
+        trimmed += fewest > schedule.num_frozen
+        assert schedule.frozen == set(order[:fewest]) | schedule.not_held
+        assert sum(sizes[n] for n in set(candidates) - schedule.frozen) <= cap
+    assert trimmed  # the cap bit on some step
