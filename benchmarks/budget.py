@@ -76,7 +76,7 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
     import torch
 
     import slimfit_fx
-    from slimfit_fx import budget
+    from slimfit_fx import budget, fitting
 
     zoo_name, kwargs = CASES[case]
     build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
@@ -108,8 +108,12 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
     least = count - int(budget.MAX_FREEZE_RATIO * count)
     top = [max(r["forward"], r["backward"], r["step"]) for r in phases]
     worst = phases[warmup + top[warmup:].index(max(top[warmup:]))]
+    masks = cm.slimfit.schedule.history[-steps:]
     return dict(
         measured=max(top[warmup:]), whole_run=max(top[:warmup]),
+        # the budget is in force from the step after its final choice (the third forward's)
+        after_choice=max(top[fitting.CHOOSE_AT:] or top[-1:]),
+        trained_per_step=sum(len(cm.slimfit.layers) - bin(m).count("1") for m in masks) / len(masks),
         phases=worst, residue=fit.residue, prediction=dataclasses.asdict(fit.prediction),
         floor=budget.predict(terms, least, "int8").peak, top=budget.predict(terms, count, "full").peak,
         optimizer_state=cm.slimfit.optimizer_state_bytes(optimizer).held,
@@ -117,21 +121,29 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
 
 
 def table(rows: dict[tuple[str, int], dict | str]) -> str:
-    lines = ["| case | budget MiB | freeze ratio | optimizer state | predicted MiB | measured MiB | "
-             "measured / predicted | within budget | warm-up peak (compiling) MiB | residue predicted / "
-             "measured MiB |",
-             "|---|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    lines = ["| case | budget MiB | freeze ratio | optimizer state | layers trained per timed step | predicted MiB | "
+             "measured MiB | measured / predicted | within budget | from the choice on MiB (/ predicted) | "
+             "warm-up peak (compiling) MiB | residue predicted / measured MiB |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for (case, b), r in rows.items():
         if isinstance(r, str):
-            lines.append(f"| {case} | {b / MIB:,.0f} | {r} |" + " |" * 7)
+            lines.append(f"| {case} | {b / MIB:,.0f} | {r} |" + " |" * 9)
             continue
         p = r["prediction"]
-        lines.append(f"| {case} | {b / MIB:,.0f} | {p['freeze_ratio']:.3f} ({p['trained']}/{p['layers']} train) | "
-                     f"{p['optimizer_state_packing']} | {p['peak'] / MIB:,.0f} | {r['measured'] / MIB:,.0f} | "
-                     f"{r['measured'] / p['peak']:.2f} | {'yes' if r['measured'] <= b else 'NO'} | "
+        lines.append(f"| {case} | {b / MIB:,.0f} | {p['freeze_ratio']:.3f} ({_trained(p)}/{p['layers']} train) | "
+                     f"{p['optimizer_state_packing']} | {r['trained_per_step']:.1f} | {p['peak'] / MIB:,.0f} | "
+                     f"{r['measured'] / MIB:,.0f} | {r['measured'] / p['peak']:.2f} | "
+                     f"{'yes' if max(r['measured'], r['after_choice']) <= b else 'NO'} | "
+                     f"{r['after_choice'] / MIB:,.0f} ({r['after_choice'] / p['peak']:.2f}) | "
                      f"{r['whole_run'] / MIB:,.0f} | {r['residue'] / MIB:,.0f} / "
                      f"{r['phases']['unexplained'] / MIB:,.0f} |")
     return "\n".join(lines)
+
+
+def _trained(p: dict) -> str:
+    """How many layers train per step: `trained` to `most_trained` where each
+    step's set is capped at the budget."""
+    return f"{p['trained']}" if p.get("limit") is None else f"{p['trained']}-{p['most_trained']}"
 
 
 def parts(rows: dict[tuple[str, int], dict | str]) -> str:

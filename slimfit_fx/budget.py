@@ -162,17 +162,20 @@ def predict(terms: BudgetTerms, trained: int, packing: str = "full") -> Predicti
     return predict_set(terms, costly, packing)
 
 
-def predict_set(terms: BudgetTerms, training: Collection[LayerTerms], packing: str = "full") -> Prediction:
+def predict_set(terms: BudgetTerms, training: Collection[LayerTerms], packing: str = "full",
+                packed: int | None = None) -> Prediction:
     """The peak with exactly the layers `training` training. Weights, optimizer
     state, gradients and the runtime's own are held throughout; on top, the
     larger of what backward holds (saved tensors, its transients) and what the
     optimizer step makes (temporaries of the largest parameter it updates):
-    backward frees saved tensors before the step runs."""
+    backward frees saved tensors before the step runs. `packed`: every layer's
+    state under `packing`, where the caller has summed it already."""
     count = len(terms.layers)
+    if packed is None:
+        packed = sum(layer.state[packing] for layer in terms.layers)
     gradients = terms.gradients + sum(layer.gradient for layer in training)
     saved = terms.saved + sum(layer.stash for layer in training)
-    state = terms.state + sum(layer.state[packing] for layer in terms.layers) + \
-        sum(layer.state["full"] - layer.state[packing] for layer in training)
+    state = terms.state + packed + sum(layer.state["full"] - layer.state[packing] for layer in training)
     largest = max([terms.largest_always, *(layer.gradient for layer in training)])
     transients = max(saved + terms.backward_transients, STEP_TEMPORARIES * largest) - saved
     peak = terms.weights + gradients + state + saved + transients + terms.overhead
@@ -189,7 +192,8 @@ def admits(terms: BudgetTerms, prediction: Prediction) -> Callable[[Iterable[str
         return None
     by_name = {layer.name: layer for layer in terms.layers}
     packing, limit = prediction.optimizer_state_packing, prediction.limit
-    return lambda names: predict_set(terms, [by_name[n] for n in names], packing).peak <= limit
+    packed = sum(layer.state[packing] for layer in terms.layers)
+    return lambda names: predict_set(terms, [by_name[n] for n in names], packing, packed).peak <= limit
 
 
 def fill(terms: BudgetTerms, prediction: Prediction, budget: int) -> Prediction:

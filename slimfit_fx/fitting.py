@@ -144,15 +144,15 @@ class FitToBudget:
         self.terms_used = terms = self.terms(graph, record)
         packings = self.packings()
         try:
-            self.prediction = budget.choose(terms, self.memory_budget, packings)
+            prediction = budget.choose(terms, self.memory_budget, packings)
         except budget.BudgetError:
             # Before the final choice the residue may still shrink: raise only if
             # even none at all would leave room.
             bare = budget.floor_of(dataclasses.replace(terms, overhead=0), packings)
             if self.forwards == CHOOSE_AT or bare.peak > self.memory_budget:
                 raise
-            self.prediction = budget.floor_of(terms, packings)
-        self.apply(self.prediction)
+            prediction = budget.floor_of(terms, packings)
+        self.apply(prediction)
         if self.forwards == CHOOSE_AT:
             self.meter.start()
 
@@ -211,6 +211,9 @@ class FitToBudget:
         return max(host_rss() - self.meter.rss_at_compile - record.saved_bytes - grads - state, 0)
 
     def apply(self, prediction: budget.Prediction) -> None:
+        """Put `prediction` in force (made from `terms_used`): the one writer of
+        the choice the report shows and the schedule follows."""
+        self.prediction = prediction
         # Takes effect at the schedule's next choice: the set this forward ran
         # with decides which gradients its optimizer step keeps.
         schedule = self.slimfit.schedule

@@ -99,8 +99,8 @@ class Schedule:
     of the rest is how many the policy freezes, kept where they leave room.
 
     `admits` (set by memory_budget; None: no cap) caps what trains at once: where
-    the layers a choice leaves training fail it, the schedule asks the policy
-    again with more frozen, the fewest more that pass.
+    the layers a choice leaves training fail it, the schedule trains down the
+    policy's ranking, skipping the layers that would break it (`_within_cap`).
 
     Until the first optimizer step every layer is scheduled. From then on only
     the layers some optimizer that stepped holds are (`held`): a layer in no
@@ -219,13 +219,24 @@ class Schedule:
         return chosen
 
     def _within_cap(self, view: StepView, chosen: frozenset[str]) -> frozenset[str]:
-        """`chosen`, or where the layers it leaves training fail `admits`, the
-        policy's choice at the fewest more frozen that pass (a bisection: for ILS
-        each larger count freezes a superset). Asking again is allowed: a policy's
+        """`chosen`, or where the layers it leaves training fail `admits`, a set
+        that passes: with a policy that ranks (`rank`), down its ranking, each
+        layer that still passes joined to those before it, at most as many as
+        `chosen` leaves training; otherwise the policy's choice at the fewest
+        more frozen that pass (a bisection). Asking again is allowed: a policy's
         choice depends on the step and what it observed, not on the calls."""
         candidates = frozenset(view.candidates)
         if self.admits(candidates - chosen):
             return chosen
+        rank = getattr(self.policy, "rank", None)
+        if rank is not None:
+            room, training = len(candidates - chosen), []
+            for name in rank(view):
+                if len(training) == room:
+                    break
+                if self.admits([*training, name]):
+                    training.append(name)
+            return candidates - frozenset(training)
         low, high, best = len(chosen), len(candidates), candidates
         while high - low > 1:
             middle = (low + high) // 2

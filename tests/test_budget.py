@@ -261,3 +261,30 @@ def test_weights_mapped_from_a_file_are_resident_from_compile(tmp_path):
     before = slimfit_fx.fitting.host_rss()
     cm = slimfit_fx.compile(model, backend="aot_eager", memory_budget="4GiB")
     assert cm.slimfit.fit.meter.rss_at_compile - before >= 60 * 2**20
+
+
+def test_a_budget_between_the_bounds_caps_every_steps_trained_set():
+    """A budget the costliest layers together would break, though cheaper ones
+    fit: the schedule trains more than the safe count where they fit and never a
+    set whose predicted peak passes the budget; the report says so."""
+    case = bert(batch=4, seq=16)
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="4GiB")
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    _train(cm, case, optimizer, 3)
+    fit, schedule = cm.slimfit.fit, cm.slimfit.schedule
+    terms = fit.terms_used
+    count = len(terms.layers)
+    safe = predict(terms, count // 2, "full").peak  # the costliest half fit
+    prediction = choose(terms, safe, packings=("full",))
+    assert prediction.limit == safe and prediction.trained < prediction.most_trained
+    fit.apply(prediction)
+    by_name = {layer.name: layer for layer in terms.layers}
+    sizes = []
+    for _ in range(6):
+        _train(cm, case, optimizer, 1)
+        training = [by_name[n] for n in schedule.scheduled if n not in schedule.frozen and n in by_name]
+        assert predict_set(terms, training, "full").peak <= safe
+        sizes.append(len(training))
+    assert max(sizes) > prediction.trained  # more than the safe count trained where cheaper layers fit
+    assert re.search(rf"{prediction.trained} to {prediction.most_trained} of {count} layers train, each step's "
+                     "set capped at the budget", str(cm.slimfit.report()))

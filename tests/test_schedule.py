@@ -663,26 +663,71 @@ def test_freeze_ratio_defaults_under_ils_and_manual_takes_none():
     assert cm.slimfit.config.freeze_ratio is None and cm.slimfit.frozen == frozenset()
 
 
-def test_a_cap_freezes_the_fewest_more_of_the_policys_ranking():
-    """With `admits` set (memory_budget sets it), each step's trained layers pass
-    it, and the frozen set is ILS's lowest scores at the fewest more than
-    num_frozen that pass: the cap trims the ranking from the bottom."""
+def _capped(cm, share: float) -> dict[str, int]:
+    """Set a cap on the compiled model's schedule: the layers training at once hold
+    at most `share` of the parameters' elements. Returns each layer's size."""
+    schedule = cm.slimfit.schedule
+    sizes = {n: p.numel() for n, p in schedule.parameters.items()}
+    cap = sum(sizes.values()) * share
+    schedule.admits = lambda names: sum(sizes[n] for n in names) <= cap
+    return sizes
+
+
+def test_a_cap_trains_down_the_policys_ranking_skipping_what_breaks_it():
+    """With `admits` set (memory_budget sets it), each step trains down ILS's
+    ranking, highest score first, skipping a layer that would break the cap,
+    up to the count freeze_ratio leaves; a set that passes is ILS's own."""
     case = models.bert()
     cm = ils(case, freeze_ratio=0.25)
     schedule = cm.slimfit.schedule
-    sizes = {n: p.numel() for n, p in schedule.parameters.items()}
-    cap = sum(sizes.values()) * 0.3
-    schedule.admits = lambda names: sum(sizes[n] for n in names) <= cap
+    sizes = _capped(cm, 0.3)
     optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
-    trimmed = 0
+    skipped = 0
     for _ in range(8):
         train(cm, case, optimizer, 1)
         candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
-        order = [cm.slimfit.layers[i] for i in torch.argsort(schedule.policy.scores, stable=True).tolist()
-                 if cm.slimfit.layers[i] in candidates]
-        fewest = next(f for f in range(schedule.num_frozen, len(order) + 1)
-                      if schedule.admits(set(order[f:])))
-        trimmed += fewest > schedule.num_frozen
-        assert schedule.frozen == set(order[:fewest]) | schedule.not_held
-        assert sum(sizes[n] for n in set(candidates) - schedule.frozen) <= cap
-    assert trimmed  # the cap bit on some step
+        ranked = [cm.slimfit.layers[i] for i in torch.argsort(schedule.policy.scores, stable=True).tolist()[::-1]
+                  if cm.slimfit.layers[i] in candidates]
+        room = len(candidates) - schedule.num_frozen
+        if schedule.admits(ranked[:room]):
+            expected = ranked[:room]
+        else:
+            expected = []
+            for name in ranked:
+                if len(expected) < room and schedule.admits([*expected, name]):
+                    expected.append(name)
+            skipped += 1
+        assert set(candidates) - schedule.frozen == set(expected)
+        assert sum(sizes[n] for n in expected) <= sum(sizes.values()) * 0.3
+    assert skipped  # the cap bit on some step
+
+
+class FirstInModelOrder:
+    """Freezes the first num_frozen candidates in model order; ranks nothing."""
+
+    name = "first-in-model-order"
+    observes_weight_change = False
+    default_freeze_ratio = 0.5
+
+    def choose(self, view):
+        return frozenset(view.candidates[: view.num_frozen])
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_cap_on_a_policy_that_does_not_rank_freezes_the_fewest_more():
+    case = models.bert()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule=FirstInModelOrder(), freeze_ratio=0.25)
+    schedule = cm.slimfit.schedule
+    _capped(cm, 0.3)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, 2)
+    candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
+    fewest = next(f for f in range(schedule.num_frozen, len(candidates) + 1)
+                  if schedule.admits(candidates[f:]))
+    assert fewest > schedule.num_frozen  # the cap bit
+    assert schedule.frozen == set(candidates[:fewest]) | schedule.not_held

@@ -71,6 +71,12 @@ class FreezePolicy(Protocol):
     policy object takes its options as arguments, so the config refuses them);
     `reschedule_every`: steps between choices, for the report; `chooses =
     False`: no schedule runs and `cm.slimfit.set_frozen` picks the set.
+
+    Optional method: `rank(view)`, every candidate from the one most worth
+    training to the least, where `choose` freezes the last `num_frozen` of
+    that order. A cap on what trains at once (memory_budget) then trains down
+    that order, skipping a layer that would break the cap and taking the next;
+    without it, the cap asks `choose` again with more frozen.
     """
 
     name: str

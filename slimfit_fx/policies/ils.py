@@ -49,15 +49,28 @@ class ILS:
             self.scores = torch.rand(len(layers), dtype=torch.float64, generator=self.generator) * INITIAL_SCORE
 
     def choose(self, view: StepView) -> frozenset[str] | None:
+        self._observe(view)
+        if view.step % self.reschedule_every and not view.must_choose:
+            return None
+        ranked = self.rank(view)
+        return frozenset(ranked[len(ranked) - view.num_frozen:])
+
+    def rank(self, view: StepView) -> list[str]:
+        """The candidates from the highest score to the lowest (ties: the later
+        layer first, so the earlier one freezes first): the last `num_frozen`
+        are the ones `choose` freezes."""
+        self._observe(view)
+        candidates = set(view.candidates)
+        order = torch.argsort(self.scores, stable=True).tolist()[::-1]
+        return [view.layers[i] for i in order if view.layers[i] in candidates]
+
+    def _observe(self, view: StepView) -> None:
+        """Take the scores of the layers that trained (the same changes again are
+        the same scores)."""
         self._bind(view.layers)
         if view.changes:
             self.scores[[self._index[n] for n in view.changes]] = torch.tensor(
                 list(view.changes.values()), dtype=torch.float64)
-        if view.step % self.reschedule_every and not view.must_choose:
-            return None
-        candidates = set(view.candidates)
-        order = [i for i in torch.argsort(self.scores, stable=True).tolist() if view.layers[i] in candidates]
-        return frozenset(view.layers[i] for i in order[: view.num_frozen])
 
     def state_dict(self) -> dict[str, Any]:
         return {"scores": self.scores.clone(), "generator": self.generator.get_state()}
