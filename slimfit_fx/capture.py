@@ -240,7 +240,7 @@ def inline_ops(gm: fx.GraphModule, kernels: dict) -> fx.GraphModule:
             args, kwargs = pytree.tree_unflatten(values, spec)
             return fn(*args, **kwargs)
 
-        traced = make_fx(torch.func.functionalize(kernel, remove="mutations_and_views"),
+        traced = make_fx(torch.func.functionalize(kernel, remove="mutations"),
                          decomposition_table=decompositions,
                          tracing_mode="symbolic" if symbolic else "fake")(
             *(flat[i].meta["val"] for i in where))
