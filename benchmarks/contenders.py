@@ -45,6 +45,7 @@ MIB = 2**20
 CASES: dict[str, tuple[str, dict]] = {
     "bert-base bs32 seq128": ("bert-base", dict(batch=32, seq=128)),
     "bert-base bs32 seq384": ("bert-base", dict(batch=32, seq=384)),
+    "bert-base bs128 seq128": ("bert-base", dict(batch=128, seq=128)),  # on request: eager peaks near 16 GiB
     "llama-base bs8 seq128": ("llama-base", dict(batch=8, seq=128)),  # RMSNorm, SwiGLU, RoPE, GQA; on request
     "bert-tiny bs2 seq12": ("bert-tiny", {}),  # the tests' smoke case, not in the default list
 }
