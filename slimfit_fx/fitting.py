@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
 from . import budget
 from .optimizer_state import adam_state_nbytes, entry_bytes
@@ -141,7 +142,7 @@ class FitToBudget:
         if self.forwards > CHOOSE_AT:
             return
         self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
-        self.terms_used = terms = self.terms(graph, record)
+        self.terms_used = terms = _agreed(self.terms(graph, record), self.device)
         packings = self.packings()
         try:
             prediction = budget.choose(terms, self.memory_budget, packings)
@@ -220,6 +221,25 @@ class FitToBudget:
         schedule.freeze_ratio = prediction.freeze_ratio
         schedule.admits = budget.admits(self.terms_used, prediction)
         self.start_optimizer_state(prediction.optimizer_state_packing)
+
+
+def _agreed(terms: budget.BudgetTerms, device: torch.device) -> budget.BudgetTerms:
+    """`terms` with what each rank measured (saved bytes, residue, stashes) at
+    its largest over the ranks, under torch.distributed: every rank then makes
+    the same choice and caps each step the same way, so DDP and FSDP ranks keep
+    training the same layers (one all_reduce of a few numbers, at each of the
+    first CHOOSE_AT forwards)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return terms
+    fields = ("weights", "gradients", "state", "saved", "overhead", "backward_transients", "largest_always")
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    values = torch.tensor([getattr(terms, f) for f in fields] + [layer.stash for layer in terms.layers],
+                          dtype=torch.int64, device=on)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    values = values.tolist()
+    stashes = values[len(fields):]
+    layers = tuple(dataclasses.replace(layer, stash=stash) for layer, stash in zip(terms.layers, stashes))
+    return dataclasses.replace(terms, layers=layers, **dict(zip(fields, values)))
 
 
 def _release_free_heap() -> None:

@@ -72,3 +72,44 @@ def test_every_rank_holds_the_same_frozen_set_every_step(tmp_path):
     assert len({tuple(s) for s in ranks[0]["frozen"]}) > 1  # the set did change
     assert ranks[0]["loss"] != ranks[1]["loss"]  # different data, so DDP had work to do
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def _budget_rank_main(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    torch.set_num_threads(1)
+    try:
+        case = models.bert(seed=0)
+        data = models.bert(seed=100 + rank).batch
+        cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="4GiB")
+        ddp = torch.nn.parallel.DistributedDataParallel(cm, find_unused_parameters=True)
+        optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-3)
+        # rank 1 holds 64 MiB more than rank 0 from here on: its residue differs
+        held = torch.ones(16 * 2**20) if rank == 1 else None
+        record = {"frozen": []}
+        for _ in range(4):
+            ddp(**data).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            record["frozen"].append(sorted(cm.slimfit.frozen))
+        fit = cm.slimfit.fit
+        record.update(terms=repr(fit.terms_used), prediction=repr(fit.prediction), residue=fit.residue,
+                      held=0 if held is None else held.numel())
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            f.write(json.dumps(record))
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    exit_rank()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+def test_a_memory_budget_chooses_the_same_on_every_rank(tmp_path):
+    """Each rank measures its own residue; the budget's terms are agreed (the
+    largest of each) before choosing, so every rank follows the same cap."""
+    mp.spawn(_budget_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[1]["residue"] - ranks[0]["residue"] > 32 * 2**20  # what each measured differed
+    assert ranks[0]["terms"] == ranks[1]["terms"]
+    assert ranks[0]["prediction"] == ranks[1]["prediction"]
+    assert ranks[0]["frozen"] == ranks[1]["frozen"]
