@@ -230,8 +230,13 @@ class Schedule:
             return chosen
         rank = getattr(self.policy, "rank", None)
         if rank is not None:
-            room, training = len(candidates - chosen), []
-            for name in rank(view):
+            room, training, ranked = len(candidates - chosen), [], list(rank(view))
+            stray = set(ranked) - candidates
+            if stray:
+                raise SlimFitError(
+                    f"freeze policy {self.name!r} ranked {sorted(stray)[:3]}, which are not among the "
+                    "candidates it was shown. Fix the policy's rank() to order view.candidates only")
+            for name in ranked:
                 if len(training) == room:
                     break
                 if self.admits([*training, name]):

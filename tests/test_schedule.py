@@ -731,3 +731,19 @@ def test_a_cap_on_a_policy_that_does_not_rank_freezes_the_fewest_more():
                   if schedule.admits(candidates[f:]))
     assert fewest > schedule.num_frozen  # the cap bit
     assert schedule.frozen == set(candidates[:fewest]) | schedule.not_held
+
+
+class RanksAStranger(FirstInModelOrder):
+    name = "ranks-a-stranger"
+
+    def rank(self, view):
+        return ["not.a.layer", *view.candidates]
+
+
+def test_a_ranking_outside_the_candidates_is_refused_under_a_cap():
+    case = models.bert()
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", schedule=RanksAStranger(), freeze_ratio=0.25)
+    _capped(cm, 0.3)
+    optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
+    with pytest.raises(slimfit_fx.SlimFitError, match=r"ranked \['not\.a\.layer'\].*rank\(\)"):
+        train(cm, case, optimizer, 2)
