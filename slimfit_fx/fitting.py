@@ -3,8 +3,9 @@
 From the first training forward on, when shapes are known, `FitToBudget`
 gathers the terms of `budget.predict` from the live model (parameter sizes, the regions'
 measured saved bytes, the compiled stash shapes, the process's residue) and
-applies what `budget.choose` returns: the schedule's freeze ratio and the
-optimizer-state packing. It never picks a frozen set itself.
+applies what `budget.choose` returns: the schedule's freeze ratio, its cap on
+what trains at once (`budget.admits`) and the optimizer-state packing. It never
+picks a frozen set itself.
 """
 from __future__ import annotations
 
