@@ -193,7 +193,18 @@ def admits(terms: BudgetTerms, prediction: Prediction) -> Callable[[Iterable[str
     by_name = {layer.name: layer for layer in terms.layers}
     packing, limit = prediction.optimizer_state_packing, prediction.limit
     packed = sum(layer.state[packing] for layer in terms.layers)
-    return lambda names: predict_set(terms, [by_name[n] for n in names], packing, packed).peak <= limit
+
+    def fits(names: Iterable[str]) -> bool:
+        try:
+            training = [by_name[n] for n in names]
+        except KeyError as err:
+            raise BudgetError(
+                f"layer {err.args[0]!r} joined an optimizer after memory_budget made its choice (at the "
+                "third training forward), so its bytes are in no prediction. Fix: create every optimizer "
+                "over the layers it will train before training starts") from None
+        return predict_set(terms, training, packing, packed).peak <= limit
+
+    return fits
 
 
 def fill(terms: BudgetTerms, prediction: Prediction, budget: int) -> Prediction:

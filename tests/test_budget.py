@@ -288,3 +288,12 @@ def test_a_budget_between_the_bounds_caps_every_steps_trained_set():
     assert max(sizes) > prediction.trained  # more than the safe count trained where cheaper layers fit
     assert re.search(rf"{prediction.trained} to {prediction.most_trained} of {count} layers train, each step's "
                      "set capped at the budget", str(cm.slimfit.report()))
+
+
+def test_the_cap_refuses_a_layer_no_prediction_counted():
+    terms = _terms(SIZES)
+    prediction = choose(terms, predict(terms, 3, "int8").peak)
+    admits = budget.admits(terms, prediction)
+    assert admits(["l0"])
+    with pytest.raises(BudgetError, match=r"'late\.weight' joined an optimizer after memory_budget.*Fix: create"):
+        admits(["l0", "late.weight"])
