@@ -117,7 +117,7 @@ class Schedule:
         self.policy = policy
         self.always_train = frozenset(always_train)
         self.freeze_ratio = freeze_ratio
-        self.admits: Callable[[frozenset[str]], bool] | None = None
+        self.admits: Callable[[Iterable[str]], bool] | None = None
         self.blocks = tuple(tuple(b) for b in blocks)
         self.apply_frozen = apply_frozen
         self.step = 0
