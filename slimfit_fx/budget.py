@@ -109,9 +109,10 @@ class Prediction:
 
     `trained` layers fit whichever of them train (the parts are those of the
     costliest `trained`). Where `limit` is set, the schedule asks its policy for
-    `most_trained` (a freeze ratio of `freeze_ratio`) and freezes more of each
-    choice until the layers that train keep the peak within `limit` (`admits`):
-    `filled` is what the layers beyond `trained` may add, and `peak` the limit.
+    `most_trained` (a freeze ratio of `freeze_ratio`) and, where the layers a
+    choice leaves training would pass `limit` (`admits`), trains fewer of them
+    (Schedule._within_cap): `filled` is what the layers beyond `trained` may
+    add, and `peak` the limit.
     """
 
     peak: int
@@ -180,7 +181,8 @@ def predict_set(terms: BudgetTerms, training: Collection[LayerTerms], packing: s
     transients = max(saved + terms.backward_transients, STEP_TEMPORARIES * largest) - saved
     peak = terms.weights + gradients + state + saved + transients + terms.overhead
     return Prediction(peak=peak, weights=terms.weights, gradients=gradients, optimizer_state=state, saved=saved,
-                      overhead=terms.overhead, transients=transients, trained=len(training), most_trained=len(training), layers=count,
+                      overhead=terms.overhead, transients=transients, trained=len(training),
+                      most_trained=len(training), layers=count,
                       freeze_ratio=ratio_for(count - len(training), count), optimizer_state_packing=packing)
 
 
@@ -216,8 +218,9 @@ def fill(terms: BudgetTerms, prediction: Prediction, budget: int) -> Prediction:
     rarely picks."""
     packing, count = prediction.optimizer_state_packing, len(terms.layers)
     cheap = sorted(terms.layers, key=lambda layer: layer.extra(packing))
+    packed = sum(layer.state[packing] for layer in terms.layers)
     most = next((m for m in range(count, prediction.trained, -1)
-                 if predict_set(terms, cheap[:m], packing).peak <= budget), prediction.trained)
+                 if predict_set(terms, cheap[:m], packing, packed).peak <= budget), prediction.trained)
     if most == prediction.trained:
         return prediction
     return dataclasses.replace(prediction, most_trained=most, freeze_ratio=ratio_for(count - most, count),

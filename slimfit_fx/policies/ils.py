@@ -52,7 +52,7 @@ class ILS:
         self._observe(view)
         if view.step % self.reschedule_every and not view.must_choose:
             return None
-        ranked = self.rank(view)
+        ranked = self._ranked(view)
         return frozenset(ranked[len(ranked) - view.num_frozen:])
 
     def rank(self, view: StepView) -> list[str]:
@@ -60,6 +60,9 @@ class ILS:
         layer first, so the earlier one freezes first): the last `num_frozen`
         are the ones `choose` freezes."""
         self._observe(view)
+        return self._ranked(view)
+
+    def _ranked(self, view: StepView) -> list[str]:
         candidates = set(view.candidates)
         order = torch.argsort(self.scores, stable=True).tolist()[::-1]
         return [view.layers[i] for i in order if view.layers[i] in candidates]
