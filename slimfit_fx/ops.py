@@ -24,6 +24,11 @@ __all__ = [
     "Q3_4_INT8",
     "SOFTMAX_UINT8",
     "GELU_INT4",
+    "DerivativeBins",
+    "derivative_bins",
+    "fit_derivative_bins",
+    "quantize_binned",
+    "dequantize_binned",
     "quantize_fixed",
     "dequantize_fixed",
     "quantize_rowwise",
@@ -97,7 +102,9 @@ class FixedPoint:
 # The SlimFit paper's formats (arXiv 2305.18513 and its authors' code).
 Q3_4_INT8 = FixedPoint(bits=8, frac_bits=4, signed=True)  # Q, K, V, FFN-output input: +-8, step 1/16
 SOFTMAX_UINT8 = FixedPoint(bits=8, frac_bits=8, signed=False)  # probabilities: [0, 255/256]
-GELU_INT4 = FixedPoint(bits=4, frac_bits=1, signed=True)  # GELU input: [-4, 3.5], step 0.5
+# GELU input: [-4, 3.5], step 0.5. slimfit_fx stores 4-bit GELU and SiLU inputs as
+# derivative bins instead (below); this is the paper's, for comparison.
+GELU_INT4 = FixedPoint(bits=4, frac_bits=1, signed=True)
 
 
 def pack_nibbles(nibbles: Tensor) -> Tensor:
@@ -219,6 +226,172 @@ def dequantize_fixed(
         codes = q.reshape(-1).to(dtype)
     # Exact in fp16/bf16 too: an at-most-8-bit code times a power of two.
     return (codes * fmt.step).reshape(shape)
+
+
+# ---- derivative bins ------------------------------------------------------------
+# Backward reads a GELU's or SiLU's input only through the derivative act'(x). So
+# 4 bits store which of 16 intervals x lies in, with the intervals and one value
+# of act' per interval chosen to minimize the L2 error of that piecewise-constant
+# act' (few-bit backward: Novikov et al., ICML 2023). Unpacking gives, for each
+# interval, a point x_hat inside it where act'(x_hat) is that value, so the
+# graph's own backward (gelu_backward, or its decomposition) reads x_hat and
+# multiplies by the optimal value: no op of backward changes. The paper's 4-bit
+# fixed point (steps of 0.5 over [-4, 3.5]) rounds x to the nearest step, which
+# misses GELU' by up to 0.195; these bins by at most 0.064, for the same bytes.
+
+
+def _gelu_derivative(x: Tensor) -> Tensor:
+    return 0.5 * (1 + torch.erf(x * 0.5**0.5)) + x * torch.exp(-0.5 * x * x) * (2 * math.pi) ** -0.5
+
+
+def _silu_derivative(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+# act' by activation name, as registry.Kind.derivative names it.
+DERIVATIVES = {"gelu": _gelu_derivative, "silu": _silu_derivative}
+# Both derivatives are within 1e-5 of their limits 0 and 1 outside +-12 (GELU's
+# outside +-5): the grid covers where they change.
+_BIN_GRID = (-12.0, 12.0, 2401)
+
+
+@dataclass(frozen=True)
+class DerivativeBins:
+    """A 16-interval codebook for act'(x), act one of DERIVATIVES.
+
+    boundaries: 15 increasing float32 values; x's code is how many are < x.
+    levels: act' on each interval (its mean over the interval: the L2-optimal constant).
+    representatives: per interval, a float32 x_hat inside it with act'(x_hat) nearest its level.
+    max_error: sup over x of |act'(x) - act'(x_hat of x's interval)|, on a grid of step 1e-3.
+    """
+
+    activation: str
+    boundaries: tuple[float, ...]
+    levels: tuple[float, ...]
+    representatives: tuple[float, ...]
+    max_error: float
+
+    def codes(self, x: Tensor) -> Tensor:
+        """Each element's interval, 0..15 (nan: 0), as int64; exact comparisons in float64."""
+        bounds = torch.tensor(self.boundaries, dtype=torch.float64, device=x.device)
+        return torch.bucketize(x.double().nan_to_num(nan=-math.inf), bounds)
+
+
+def fit_derivative_bins(activation: str, levels: int = 16) -> DerivativeBins:
+    """The L2-optimal `levels`-interval piecewise-constant fit of act' over the
+    line (uniform weight: nothing assumes the data's range), by dynamic
+    programming over a grid of step 0.01 on [-12, 12] (about a second).
+    DERIVATIVE_BINS holds its result for each of DERIVATIVES, so that nothing
+    runs it while a graph is traced (tests/test_ops.py checks they agree)."""
+    if activation not in DERIVATIVES:
+        raise ValueError(f"no derivative for activation {activation!r}; known: {sorted(DERIVATIVES)}")
+    derivative = DERIVATIVES[activation]
+    lo, hi, n = _BIN_GRID
+    grid = torch.linspace(lo, hi, n, dtype=torch.float64)
+    d = derivative(grid)
+    # Prefix sums of 1, d and d^2 give any run's squared error about its mean in O(1).
+    zero = torch.zeros(1, dtype=torch.float64)
+    count = torch.arange(n + 1, dtype=torch.float64)
+    total, squares = torch.cat((zero, d.cumsum(0))), torch.cat((zero, (d * d).cumsum(0)))
+    starts, ends = torch.arange(n + 1)[:, None], torch.arange(n + 1)[None, :]
+    runs = (ends - starts).clamp_min(1).double()
+    cost = squares[ends] - squares[starts] - (total[ends] - total[starts]) ** 2 / runs
+    cost = torch.where(starts < ends, cost, math.inf)
+    # best[j]: least error of points [0, j) in m runs; cut[m][j]: where the last run starts
+    best = torch.full((n + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    cuts = []
+    for _ in range(levels):
+        best, start = (best[:, None] + cost).min(0)
+        cuts.append(start)
+    edges, j = [n], n
+    for start in reversed(cuts):
+        j = int(start[j])
+        edges.append(j)
+    edges = edges[::-1]
+    step = (hi - lo) / (n - 1)
+    boundaries = tuple(float(torch.tensor(float(grid[e]) - step / 2, dtype=torch.float32)) for e in edges[1:-1])
+    means = [float((total[b] - total[a]) / (b - a)) for a, b in zip(edges[:-1], edges[1:])]
+    # Representatives on a grid 10x finer, inside each interval (the end ones up to +-12).
+    fine = torch.linspace(lo, hi, 10 * (n - 1) + 1, dtype=torch.float32).double()
+    fine_codes = torch.bucketize(fine, torch.tensor(boundaries, dtype=torch.float64))
+    fine_d = derivative(fine)
+    representatives = []
+    for code, mean in enumerate(means):
+        inside = fine_codes == code
+        miss = torch.where(inside, (fine_d - mean).abs(), math.inf)
+        representatives.append(float(fine[miss.argmin()]))
+    check = torch.linspace(lo, hi, int((hi - lo) / 1e-3) + 1, dtype=torch.float64)
+    rep_d = derivative(torch.tensor(representatives, dtype=torch.float64))
+    bins = DerivativeBins(activation, boundaries, tuple(means), tuple(representatives), 0.0)
+    max_error = float((derivative(check) - rep_d[bins.codes(check)]).abs().max())
+    return DerivativeBins(activation, boundaries, tuple(means), tuple(representatives), max_error)
+
+
+# fit_derivative_bins(name) for each of DERIVATIVES; levels and max_error to 1e-6.
+DERIVATIVE_BINS = {
+    "gelu": DerivativeBins(
+        "gelu",
+        boundaries=(-2.694999933242798, -2.055000066757202, -0.9350000023841858, -0.6850000023841858,
+                    -0.48500001430511475, -0.3149999976158142, -0.1550000011920929, 0.004999999888241291,
+                    0.1550000011920929, 0.3149999976158142, 0.48500001430511475, 0.6850000023841858,
+                    0.9350000023841858, 2.055000066757202, 2.694999933242798),
+        levels=(-0.001019, -0.049204, -0.109421, -0.02178, 0.083791, 0.197948, 0.316288, 0.440397,
+                0.563576, 0.683712, 0.802052, 0.916209, 1.02178, 1.109421, 1.049204, 1.001019),
+        representatives=(-3.804999589920044, -2.357999563217163, -1.1339994668960571, -0.8049994707107544,
+                         -0.5829994678497314, -0.3989994525909424, -0.23399944603443146, -0.07499943673610687,
+                         0.07999943196773529, 0.23399944603443146, 0.3989994525909424, 0.5829994678497314,
+                         0.8049994707107544, 1.1339994668960571, 2.357999563217163, 3.804999589920044),
+        max_error=0.062958),
+    "silu": DerivativeBins(
+        "silu",
+        boundaries=(-5.304999828338623, -3.755000114440918, -1.5049999952316284, -1.0850000381469727,
+                    -0.7649999856948853, -0.4950000047683716, -0.24500000476837158, -0.004999999888241291,
+                    0.23499999940395355, 0.48500001430511475, 0.7649999856948853, 1.0850000381469727,
+                    1.5049999952316284, 3.755000114440918, 5.304999828338623),
+        levels=(-0.003902, -0.038478, -0.083365, -0.001427, 0.097167, 0.205444, 0.319584, 0.437811,
+                0.557237, 0.675748, 0.792449, 0.902833, 1.001427, 1.083365, 1.038478, 1.003902),
+        representatives=(-7.400999546051025, -4.477999687194824, -3.1399996280670166, -1.2849994897842407,
+                         -0.9209994673728943, -0.627999484539032, -0.3689994513988495, -0.12499943375587463,
+                         0.1149994358420372, 0.35899946093559265, 0.6229994893074036, 0.9209994673728943,
+                         1.2849994897842407, 3.1399996280670166, 4.477999687194824, 7.400999546051025),
+        max_error=0.059837),
+}
+
+
+def derivative_bins(activation: str) -> DerivativeBins:
+    """The 16-interval codebook of act' for `activation` (a key of DERIVATIVES)."""
+    if activation not in DERIVATIVE_BINS:
+        raise ValueError(f"no derivative bins for activation {activation!r}; known: {sorted(DERIVATIVE_BINS)}")
+    return DERIVATIVE_BINS[activation]
+
+
+def quantize_binned(x: Tensor, boundaries: list[float]) -> Tensor:
+    """4-bit codes, how many of `boundaries` (increasing, at most 15) each element
+    of x exceeds (nan: 0), flattened and packed two per byte by pack_nibbles.
+    Compared in float32 or wider, so codes are exact for float32 boundaries."""
+    _check_float_dtype("x.dtype", x.dtype)
+    if len(boundaries) > 15:
+        raise ValueError(f"4-bit codes hold at most 15 boundaries, got {len(boundaries)}")
+    wide = x.contiguous().to(torch.promote_types(x.dtype, torch.float32))
+    codes = torch.zeros_like(wide, dtype=torch.uint8)
+    for bound in boundaries:
+        codes = codes + (wide > bound).to(torch.uint8)
+    return pack_nibbles(codes)
+
+
+def dequantize_binned(q: Tensor, values: list[float], shape: list[int], dtype: torch.dtype) -> Tensor:
+    """Inverse of quantize_binned as backward reads it: `values[code]` as `dtype`, shaped `shape`."""
+    _check_float_dtype("dtype", dtype)
+    _check_codes(q, 4, shape)
+    if not 1 <= len(values) <= 16:
+        raise ValueError(f"4-bit codes index 1 to 16 values, got {len(values)}")
+    codes = unpack_nibbles(q, math.prod(shape))
+    out = torch.full_like(codes, values[-1], dtype=dtype)
+    for code, value in enumerate(values[:-1]):
+        out = torch.where(codes == code, value, out)
+    return out.reshape(shape)
 
 
 # ---- row-wise scale -----------------------------------------------------------
@@ -407,6 +580,14 @@ def _fake_dequantize_fixed(q, bits, frac_bits, signed, shape, dtype):
     return q.new_empty(shape, dtype=dtype)
 
 
+def _fake_quantize_binned(x, boundaries):
+    return x.new_empty((_packed_numel(x.numel()),), dtype=torch.uint8)
+
+
+def _fake_dequantize_binned(q, values, shape, dtype):
+    return q.new_empty(shape, dtype=dtype)
+
+
 def _fake_quantize_rowwise(x, bits):
     _check_bits(bits)
     if bits == 4:
@@ -453,6 +634,8 @@ _register(pack_bits, _fake_pack_bits)
 _register(unpack_bits, _fake_unpack_bits)
 _register(quantize_fixed, _fake_quantize_fixed)
 _register(dequantize_fixed, _fake_dequantize_fixed)
+_register(quantize_binned, _fake_quantize_binned)
+_register(dequantize_binned, _fake_dequantize_binned)
 _register(quantize_rowwise, _fake_quantize_rowwise)
 _register(dequantize_rowwise, _fake_dequantize_rowwise)
 _register(prune_topk, _fake_prune_topk)

@@ -109,7 +109,8 @@ def test_compression_packs_bf16_saves_and_unpacks_bf16(name, compression):
         assert tag["bytes_after"] < tag["bytes_before"]
     unpacked = [n for n in last.graph_nodes("backward")
                 if n.target in (torch.ops.slimfit.dequantize_fixed.default,
-                                torch.ops.slimfit.dequantize_rowwise.default)]
+                                torch.ops.slimfit.dequantize_rowwise.default,
+                                torch.ops.slimfit.dequantize_binned.default)]
     # GPT-2's tanh GELU output is rebuilt from its input: one more unpack each
     # (pruned LayerNorms are restored by unprune_topk, not a dequantize)
     pruned = packed_count(counters, "layernorm", "layernorm_input")

@@ -32,11 +32,15 @@ class Kind:
     format: the name of the format it is stored in (formats.FORMATS), which
         validates the field's values: "fixed_point" (bits 4 or 8, per-row scale
         under scale="row"), "rowwise" (bits 4 or 8, always a per-row scale),
-        "topk" (share of each row kept), "positive_mask" or "bit_pack" (True or False).
-    fixed: for "fixed_point", the power-of-two format per width; a width with
-        none is stored with a per-row scale.
+        "topk" (share of each row kept), "positive_mask" or "bit_pack" (True or False),
+        "derivative_bins" (bits 4 or 8: 4 bits fitted to an activation's derivative,
+        8 bits the kind's fixed point).
+    fixed: for "fixed_point" (and "derivative_bins" at 8 bits), the power-of-two
+        format per width; a width with none is stored with a per-row scale.
     stored_as: "self" (the saved tensor), or "layernorm_x_hat" (the normalized
         x_hat of the native_layer_norm reading it, rebuilt to its input in backward).
+    derivative: for "derivative_bins", the activation (ops.DERIVATIVES) whose
+        derivative is all backward reads of the tensor.
     why: the numerics argument for the format.
     when_returned: packed even where the forward also returns the tensor (handed
         to the next region): a format this small adds little if something
@@ -52,6 +56,7 @@ class Kind:
     fixed: Mapping[int, ops.FixedPoint] = field(default_factory=dict)
     stored_as: str = "self"
     when_returned: bool = False
+    derivative: str | None = None
 
 
 # In precedence order: a saved tensor matching several kinds is stored as the
@@ -132,15 +137,19 @@ KINDS: tuple[Kind, ...] = (
          "which keeps it only if its layer trains.",
          format="positive_mask", when_returned=True),
     Kind("gelu_input", "gelu_input_bits", 4,
-         "GELU's derivative varies only over about [-3, 3] and is flat outside: "
-         "4-bit steps of 0.5 over [-4, 3.5] (the paper's).",
-         format="fixed_point", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+         "Backward reads a GELU's input only through GELU'(x), which varies over about "
+         "[-3, 3] and is flat outside. The paper's 4 bits as 16 intervals fitted to GELU' "
+         "(few-bit backward), each read back as its point where GELU' is the interval's "
+         "best constant: GELU' off by at most 0.063, where the paper's steps of 0.5 over "
+         "[-4, 3.5] miss it by up to 0.195. The tanh approximation and quick-GELU read "
+         "the same points (their derivatives differ from GELU's by little).",
+         format="derivative_bins", fixed={8: ops.Q3_4_INT8}, derivative="gelu"),
     Kind("silu_input", "silu_input_bits", 4,
-         "SiLU's derivative s(x)(1 + x(1 - s(x))) changes over about [-5, 5] like GELU's "
-         "and stays within 0.1 of its limits 0 and 1 outside [-4, 3.5]: GELU's 4-bit "
-         "steps of 0.5 over [-4, 3.5]. Only where backward needs the derivative alone "
-         "(a gate product's SiLU input is a gate_operand).",
-         format="fixed_point", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}),
+         "SiLU's derivative s(x)(1 + x(1 - s(x))) changes over about [-6, 6] like GELU's: "
+         "16 intervals fitted to SiLU' as GELU's are to GELU' (SiLU' off by at most 0.060). "
+         "Only where backward needs the derivative alone (a gate product's SiLU input is a "
+         "gate_operand).",
+         format="derivative_bins", fixed={8: ops.Q3_4_INT8}, derivative="silu"),
     Kind("gelu_output", "gelu_output_bits", 8,
          "The FFN output dense's input, read for its weight gradient when it "
          "trains: the paper's int8 Q3.4.",

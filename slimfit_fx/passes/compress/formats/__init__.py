@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Format, Packing
 from .bit_pack import BIT_PACK
+from .derivative_bins import DERIVATIVE_BINS
 from .fixed_point import FIXED_POINT
 from .positive_mask import POSITIVE_MASK
 from .rowwise import ROWWISE
@@ -19,6 +20,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     TOPK,
     POSITIVE_MASK,
     BIT_PACK,
+    DERIVATIVE_BINS,
 )}
 
 
