@@ -13,7 +13,11 @@ size over the timed steps (the kernel's VmHWM, reset through
 /proc/self/clear_refs before each forward and each optimizer step) minus its
 resident size before the model was built, with MALLOC_MMAP_THRESHOLD_=65536 so
 freed tensors leave the resident set at once. "warm-up peak" is the peak up to
-the end of the warm-up (compiling included).
+the end of the warm-up (compiling included). "predicted for the sets trained"
+is the largest prediction for a set the schedule trained after the choice
+(`cm.slimfit.fit.sets_peak`): where each step's set is capped at the budget,
+"predicted" is the cap, which bounds any set, and this is what the sets that ran
+were predicted to need.
 Writes the table to docs/benchmarks.md (section budget).
 """
 from __future__ import annotations
@@ -114,7 +118,7 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
         # the budget is in force from the step after its final choice (the third forward's)
         after_choice=max(top[fitting.CHOOSE_AT:] or top[-1:]),
         trained_per_step=sum(len(cm.slimfit.layers) - bin(m).count("1") for m in masks) / len(masks),
-        phases=worst, residue=fit.residue, prediction=dataclasses.asdict(fit.prediction),
+        phases=worst, residue=fit.residue, prediction=dataclasses.asdict(fit.prediction), sets_peak=fit.sets_peak,
         floor=budget.predict(terms, least, "int8").peak, top=budget.predict(terms, count, "full").peak,
         optimizer_state=cm.slimfit.optimizer_state_bytes(optimizer).held,
         compile_s=cm.slimfit.stats["compile_seconds"])
@@ -122,17 +126,20 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
 
 def table(rows: dict[tuple[str, int], dict | str]) -> str:
     lines = ["| case | budget MiB | freeze ratio | optimizer state | layers trained per timed step | predicted MiB | "
-             "measured MiB | measured / predicted | within budget | from the choice on MiB (/ predicted) | "
+             "measured MiB | measured / predicted | predicted for the sets trained MiB (measured / it) | "
+             "within budget | from the choice on MiB (/ predicted) | "
              "warm-up peak (compiling) MiB | residue predicted / measured MiB |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for (case, b), r in rows.items():
         if isinstance(r, str):
-            lines.append(f"| {case} | {b / MIB:,.0f} | {r} |" + " |" * 9)
+            lines.append(f"| {case} | {b / MIB:,.0f} | {r} |" + " |" * 10)
             continue
         p = r["prediction"]
+        sets = r.get("sets_peak")
+        sets = f"{sets / MIB:,.0f} ({r['measured'] / sets:.2f})" if sets else "-"
         lines.append(f"| {case} | {b / MIB:,.0f} | {p['freeze_ratio']:.3f} ({_trained(p)}/{p['layers']} train) | "
                      f"{p['optimizer_state_packing']} | {r['trained_per_step']:.1f} | {p['peak'] / MIB:,.0f} | "
-                     f"{r['measured'] / MIB:,.0f} | {r['measured'] / p['peak']:.2f} | "
+                     f"{r['measured'] / MIB:,.0f} | {r['measured'] / p['peak']:.2f} | {sets} | "
                      f"{'yes' if max(r['measured'], r['after_choice']) <= b else 'NO'} | "
                      f"{r['after_choice'] / MIB:,.0f} ({r['after_choice'] / p['peak']:.2f}) | "
                      f"{r['whole_run'] / MIB:,.0f} | {r['residue'] / MIB:,.0f} / "

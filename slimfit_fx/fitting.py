@@ -119,6 +119,10 @@ class FitToBudget:
         self.prediction: budget.Prediction | None = None
         self.terms_used: budget.BudgetTerms | None = None  # what the prediction was made from
         self.residue: int | None = None  # the host's resident growth no tensor explains, at the choice
+        # The largest prediction for the set a forward ran with, over the
+        # forwards the meter measures: what the sets that trained were predicted
+        # to need, where `prediction.peak` bounds any set the cap admits.
+        self.sets_peak: int | None = None
         self.forwards = 0
         self._param_ids = {id(p) for p in params}
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
@@ -141,6 +145,7 @@ class FitToBudget:
         CHOOSE_AT, from which on the peak is measured."""
         self.forwards += 1
         if self.forwards > CHOOSE_AT:
+            self._predict_ran_set()
             return
         self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
         self.terms_used = terms = _agreed(self.terms(graph, record), self.device)
@@ -157,6 +162,14 @@ class FitToBudget:
         self.apply(prediction)
         if self.forwards == CHOOSE_AT:
             self.meter.start()
+            self._predict_ran_set()
+
+    def _predict_ran_set(self) -> None:
+        """Keep the largest predicted peak of the set this forward ran with."""
+        frozen = self.slimfit.frozen
+        training = [layer for layer in self.terms_used.layers if layer.name not in frozen]
+        peak = budget.predict_set(self.terms_used, training, self.prediction.optimizer_state_packing).peak
+        self.sets_peak = peak if self.sets_peak is None else max(self.sets_peak, peak)
 
     def packings(self) -> tuple[str, ...]:
         configured = self.slimfit.config.optimizer_state
@@ -216,6 +229,7 @@ class FitToBudget:
         """Put `prediction` in force (made from `terms_used`): the one writer of
         the choice the report shows and the schedule follows."""
         self.prediction = prediction
+        self.sets_peak = None
         # Takes effect at the schedule's next choice: the set this forward ran
         # with decides which gradients its optimizer step keeps.
         schedule = self.slimfit.schedule

@@ -198,6 +198,7 @@ def _budget_summary(slimfit: "SlimFit") -> dict[str, Any] | None:
         return None
     prediction = None if fit.prediction is None else dataclasses.asdict(fit.prediction)
     return {"budget": fit.memory_budget, "predicted": prediction, "measured_peak": fit.meter.peak(),
+            "predicted_for_sets_trained": fit.sets_peak,
             "measured_by": ("torch.cuda.max_memory_allocated" if fit.device.type == "cuda" else
                             "peak RSS above the RSS at compile, plus the weights")}
 
@@ -220,9 +221,14 @@ def _budget_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("chosen", f"freeze_ratio {predicted['freeze_ratio']:.3f} ({count} of {predicted['layers']} layers "
                            "train" + (", each step's set capped at the budget" if capped else "") +
                            f"), optimizer_state={predicted['optimizer_state_packing']!r}"))
+    sets = summary.get("predicted_for_sets_trained")
+    if capped and sets is not None:
+        rows.append(("predicted for the sets trained", f"{sets / mib:,.1f} MiB (the largest prediction for a "
+                                                       "set that trained since the choice; the cap bounds any set)"))
     if measured is None:
         rows.append(("measured peak", "from the third training forward on; not yet"))
     else:
+        of_sets = f", {measured / sets:.0%} of predicted for the sets trained" if capped and sets else ""
         rows.append(("measured peak", f"{measured / mib:,.1f} MiB ({measured / predicted['peak']:.0%} of "
-                                      f"predicted; {summary['measured_by']})"))
+                                      f"predicted{of_sets}; {summary['measured_by']})"))
     return rows

@@ -279,15 +279,25 @@ def test_a_budget_between_the_bounds_caps_every_steps_trained_set():
     assert prediction.limit == safe and prediction.trained < prediction.most_trained
     fit.apply(prediction)
     by_name = {layer.name: layer for layer in terms.layers}
-    sizes = []
+    sizes, ran = [], []
+
+    def training():
+        return [by_name[n] for n in schedule.scheduled if n not in schedule.frozen and n in by_name]
+
     for _ in range(6):
+        ran.append(predict_set(terms, training(), "full").peak)  # the set this step's forward runs with
         _train(cm, case, optimizer, 1)
-        training = [by_name[n] for n in schedule.scheduled if n not in schedule.frozen and n in by_name]
-        assert predict_set(terms, training, "full").peak <= safe
-        sizes.append(len(training))
+        assert predict_set(terms, training(), "full").peak <= safe
+        sizes.append(len(training()))
     assert max(sizes) > prediction.trained  # more than the safe count trained where cheaper layers fit
+    # the report's prediction for the sets that trained is the largest of theirs
+    assert fit.sets_peak == max(ran)
+    text = str(cm.slimfit.report())
     assert re.search(rf"{prediction.trained} to {prediction.most_trained} of {count} layers train, each step's "
-                     "set capped at the budget", str(cm.slimfit.report()))
+                     "set capped at the budget", text)
+    assert re.search(rf"predicted for the sets trained\s+{max(ran) / 2**20:,.1f} MiB", text)
+    assert re.search(r"measured peak\s+[\d,.]+ MiB \(\d+% of predicted, \d+% of predicted for the sets trained",
+                     text)
 
 
 def test_the_cap_refuses_a_layer_no_prediction_counted():
