@@ -9,21 +9,17 @@ import torch
 from torch import Tensor
 
 from .... import ops
-from .base import Format, Packing, check_bits, numel
-from .fixed_point import FIXED_POINT
+from .base import Packing, numel
+from .fixed_point import FIXED_POINT, FixedPointFormat
 
 
-class DerivativeBinsFormat(Format):
+class DerivativeBinsFormat(FixedPointFormat):
+    """Takes the fixed point's settings; 8 bits are stored as the fixed point."""
+
     name = "derivative_bins"
     description = ("4 bits naming which of 16 intervals of x it lies in, fitted so a constant act' per "
                    "interval is closest to act' (L2); comes back as the interval's point where act' is "
                    "that constant. 8 bits: the kind's fixed point (codes clamp(round(x * 2^f)))")
-    allowed = "4, 8 or None (an int)"
-    at_copy_source = True
-    examples = (4, 8)
-
-    def check(self, field: str, value: object) -> None:
-        check_bits(field, value)
 
     def packing(self, setting, kind, config, val=None) -> Packing:
         if setting != 4:
