@@ -35,7 +35,7 @@ CASES = {
     "Q/K/V int8 Q3.4 alone": COMPRESSIONS["only-qkv_bits"],
     "softmax uint8 alone": COMPRESSIONS["only-softmax_bits"],
     "GELU input 4-bit alone": COMPRESSIONS["only-gelu_input_bits"],
-    "GELU output int8 Q3.4 alone": COMPRESSIONS["only-gelu_output_bits"],
+    "GELU output float8 alone": COMPRESSIONS["only-gelu_output_bits"],
     "frozen LayerNorm top 10% alone": COMPRESSIONS["only-layernorm_keep"],
     "paper, GELU input 8-bit": dataclasses.replace(PAPER, gelu_input_bits=8),
     "paper, GELU input whole": dataclasses.replace(PAPER, gelu_input_bits=None),

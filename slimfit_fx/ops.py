@@ -29,6 +29,9 @@ __all__ = [
     "fit_derivative_bins",
     "quantize_binned",
     "dequantize_binned",
+    "FLOAT8_MAX",
+    "quantize_float8",
+    "dequantize_float8",
     "quantize_fixed",
     "dequantize_fixed",
     "quantize_rowwise",
@@ -394,6 +397,30 @@ def dequantize_binned(q: Tensor, values: list[float], shape: list[int], dtype: t
     return out.reshape(shape)
 
 
+# ---- float8 ---------------------------------------------------------------------
+# One byte as float8 e4m3 (torch.float8_e4m3fn): 3 mantissa bits, so values keep
+# their relative precision whatever their size. A GELU's output is mostly small
+# with a tail past 20: the paper's Q3.4 clips the tail at 7.94 and rounds the
+# bulk to 1/16 (MiniLM's GELU outputs come back at 16-24 dB), e4m3 keeps both
+# (31.5 dB), in the same byte and with no scale. Stored as its bits in uint8.
+
+FLOAT8_MAX = 448.0  # e4m3fn's largest finite value; it has no inf
+
+
+def quantize_float8(x: Tensor) -> Tensor:
+    """x as float8 e4m3, rounded to nearest even, as uint8 bits of x's shape.
+    Values past +-448 and +-inf saturate to +-448; nan stays nan."""
+    _check_float_dtype("x.dtype", x.dtype)
+    return x.contiguous().clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def dequantize_float8(q: Tensor, shape: list[int], dtype: torch.dtype) -> Tensor:
+    """Inverse of quantize_float8: the e4m3 values as `dtype` (exact in fp32, fp16 and bf16)."""
+    _check_float_dtype("dtype", dtype)
+    _check_codes(q, 8, shape)
+    return q.reshape(shape).view(torch.float8_e4m3fn).to(dtype)
+
+
 # ---- row-wise scale -----------------------------------------------------------
 # Symmetric, one fp32 scale per last-dim row, scale = max|x| / qmax (not rounded
 # to a power of two): rounding the scale up would cost ~3 dB of SQNR on average
@@ -588,6 +615,14 @@ def _fake_dequantize_binned(q, values, shape, dtype):
     return q.new_empty(shape, dtype=dtype)
 
 
+def _fake_quantize_float8(x):
+    return x.new_empty(x.shape, dtype=torch.uint8)
+
+
+def _fake_dequantize_float8(q, shape, dtype):
+    return q.new_empty(shape, dtype=dtype)
+
+
 def _fake_quantize_rowwise(x, bits):
     _check_bits(bits)
     if bits == 4:
@@ -636,6 +671,8 @@ _register(quantize_fixed, _fake_quantize_fixed)
 _register(dequantize_fixed, _fake_dequantize_fixed)
 _register(quantize_binned, _fake_quantize_binned)
 _register(dequantize_binned, _fake_dequantize_binned)
+_register(quantize_float8, _fake_quantize_float8)
+_register(dequantize_float8, _fake_dequantize_float8)
 _register(quantize_rowwise, _fake_quantize_rowwise)
 _register(dequantize_rowwise, _fake_dequantize_rowwise)
 _register(prune_topk, _fake_prune_topk)

@@ -275,6 +275,45 @@ def test_derivative_bins_refuse_what_they_cannot_hold():
         ops.dequantize_binned(torch.zeros(2, dtype=torch.uint8), [0.0] * 17, [3], torch.float32)
 
 
+# ---- float8 -------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(shape=shapes, dtype=dtypes, value_range=value_ranges, noncontiguous=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_float8_round_trip(shape, dtype, value_range, noncontiguous, seed):
+    x = sample(shape, dtype, value_range, seed, -500.0, 500.0, noncontiguous)
+    before = x.clone()
+    q = ops.quantize_float8(x)
+    x_hat = ops.dequantize_float8(q, list(x.shape), dtype)
+    assert torch.equal(x, before)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    assert x_hat.dtype == dtype and x_hat.shape == x.shape
+    # within 1/16 of itself (2^-10 absolute below e4m3's smallest normal 2^-6); past 448, saturated
+    clamped = x.double().clamp(-ops.FLOAT8_MAX, ops.FLOAT8_MAX)
+    assert ((clamped - x_hat.double()).abs() <= (clamped.abs() * 2**-4).clamp_min(2**-10)).all()
+    assert torch.equal(ops.quantize_float8(x_hat), q)  # e4m3 values come back exactly
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_float8_saturates_inf_and_keeps_nan(dtype):
+    x = torch.tensor([math.inf, -math.inf, math.nan, 1e4, -1e4, 0.5, 2.0**-9], dtype=dtype)
+    x_hat = ops.dequantize_float8(ops.quantize_float8(x), [7], dtype)
+    want = torch.tensor([448.0, -448.0, math.nan, 448.0, -448.0, 0.5, 2.0**-9], dtype=dtype)
+    torch.testing.assert_close(x_hat, want, equal_nan=True, rtol=0, atol=0)
+
+
+def test_float8_keeps_a_gelu_outputs_tail_that_q3_4_clips():
+    """A GELU output with a tail past Q3.4's 7.94 (pretrained FFNs reach 20+):
+    e4m3 stays >= 28 dB, Q3.4 falls below 20 dB."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(64, 1536, generator=g) * 1.5 - 1.0)
+    x.view(-1)[torch.randperm(x.numel(), generator=g)[:40]] = 20.0
+    fp8 = ops.dequantize_float8(ops.quantize_float8(x), list(x.shape), x.dtype)
+    q34 = ops.dequantize_fixed(ops.quantize_fixed(x, 8, 4, True), 8, 4, True, list(x.shape), x.dtype)
+    assert sqnr_db(x, fp8) >= 28.0 and sqnr_db(x, q34) < 20.0
+
+
 # ---- 4-bit packing ------------------------------------------------------------
 
 
@@ -481,9 +520,14 @@ def _round_trip_binned(x):
     return S.dequantize_binned(q, list(bins.representatives), list(x.shape), x.dtype)
 
 
+def _round_trip_float8(x):
+    return S.dequantize_float8(S.quantize_float8(x), list(x.shape), x.dtype)
+
+
 def _round_trip_all(x):
     # A tuple, not a sum: inductor adds bf16 tensors in fp32, eager does not.
-    return _round_trip_fixed(x), _round_trip_rowwise(x), _round_trip_prune(x), _round_trip_binned(x)
+    return (_round_trip_fixed(x), _round_trip_rowwise(x), _round_trip_prune(x), _round_trip_binned(x),
+            _round_trip_float8(x))
 
 
 def _eager_all(x):
@@ -494,7 +538,8 @@ def _eager_all(x):
     bins = ops.derivative_bins("silu")
     binned = ops.dequantize_binned(ops.quantize_binned(x, list(bins.boundaries)), list(bins.representatives),
                                    shape, x.dtype)
-    return fixed, rowwise, pruned, binned
+    float8 = ops.dequantize_float8(ops.quantize_float8(x), shape, x.dtype)
+    return fixed, rowwise, pruned, binned, float8
 
 
 def assert_all_equal(got, want):
@@ -512,6 +557,9 @@ def _op_samples():
     bins = ops.derivative_bins("gelu")
     boundaries, representatives = list(bins.boundaries), list(bins.representatives)
     return [
+        (S.quantize_float8, (x * 100, )),
+        (S.quantize_float8, (x.t().to(torch.bfloat16),)),
+        (S.dequantize_float8, (ops.quantize_float8(x), [4, 7], torch.float16)),
         (S.quantize_binned, (x * 2, boundaries)),
         (S.quantize_binned, (x.t().to(torch.bfloat16), boundaries)),
         (S.dequantize_binned, (ops.quantize_binned(x, boundaries), representatives, [4, 7], torch.float16)),
@@ -559,7 +607,8 @@ def test_fake_kernels_give_symbolic_shapes():
     assert isinstance(quantized.meta["val"].shape[0], torch.SymInt)
 
 
-@pytest.mark.parametrize("fn", [_round_trip_fixed, _round_trip_rowwise, _round_trip_prune, _round_trip_binned])
+@pytest.mark.parametrize("fn", [_round_trip_fixed, _round_trip_rowwise, _round_trip_prune, _round_trip_binned,
+                                _round_trip_float8])
 def test_aot_eager_matches_eager(fn):
     x = torch.randn(6, 33).t()  # inductor may pass non-contiguous inputs too
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)

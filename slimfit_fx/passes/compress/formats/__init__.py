@@ -10,6 +10,7 @@ from .base import Format, Packing
 from .bit_pack import BIT_PACK
 from .derivative_bins import DERIVATIVE_BINS
 from .fixed_point import FIXED_POINT
+from .float8 import FLOAT8
 from .positive_mask import POSITIVE_MASK
 from .rowwise import ROWWISE
 from .topk import TOPK
@@ -21,6 +22,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     POSITIVE_MASK,
     BIT_PACK,
     DERIVATIVE_BINS,
+    FLOAT8,
 )}
 
 
