@@ -53,6 +53,7 @@ ROWS = {
     "slimfit, GELU input 4-bit alone": ("slimfit", ["--compression", "only-gelu_input_bits"], "slimfit"),
     "slimfit, GELU output 8-bit alone": ("slimfit", ["--compression", "only-gelu_output_bits"], "slimfit"),
     "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep"], "slimfit"),
+    "slimfit, frozen norms float8 (norms-float8)": ("slimfit", ["--compression", "norms-float8"], "slimfit"),
     "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off"], "slimfit"),
     "slimfit default, int8 frozen optimizer state": ("slimfit", ["--optimizer-state", "int8"], "slimfit"),
     "slimfit default, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
@@ -77,7 +78,7 @@ TASKS = {
         lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
         rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
               "slimfit, GELU output 8-bit alone", "slimfit, frozen LayerNorm top 10% alone",
-              "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
+              "slimfit, frozen norms float8 (norms-float8)", "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
         about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
               "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
               "step with 90% of the layers frozen and the fresh head always training"),

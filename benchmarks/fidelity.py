@@ -37,9 +37,12 @@ CASES = {
     "GELU input 4-bit alone": COMPRESSIONS["only-gelu_input_bits"],
     "GELU output float8 alone": COMPRESSIONS["only-gelu_output_bits"],
     "frozen LayerNorm top 10% alone": COMPRESSIONS["only-layernorm_keep"],
+    "frozen LayerNorm float8 alone": dataclasses.replace(COMPRESSIONS["only-layernorm_keep"], layernorm_keep=None,
+                                                         layernorm_bits=8),
     "paper, GELU input 8-bit": dataclasses.replace(PAPER, gelu_input_bits=8),
     "paper, GELU input whole": dataclasses.replace(PAPER, gelu_input_bits=None),
     "paper, frozen LayerNorm whole": dataclasses.replace(PAPER, layernorm_keep=None),
+    "norms-float8 (paper, frozen LayerNorm float8)": "norms-float8",
 }
 
 

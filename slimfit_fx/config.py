@@ -88,6 +88,7 @@ COMPRESSION_PRESETS = {
     "paper": CompressionConfig(),
     "row": CompressionConfig(scale="row"),
     "extended": CompressionConfig(weight_input_bits=8),
+    "norms-float8": CompressionConfig(layernorm_bits=8),
     "off": CompressionConfig(**dict.fromkeys(KIND_FIELDS)),
 }
 BACKENDS = ("inductor", "aot_eager")
@@ -117,9 +118,11 @@ class SlimFitConfig:
     seed: seeds the scheduler's initial random scores ("ils" only, like
         reschedule_every; a policy object takes its seed as an argument).
     compression: how static activations are stored between forward and backward:
-        "paper" (the paper's formats), "row" (the same widths with per-row
+        "paper" (the paper's widths), "row" (the same widths with per-row
         scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
-        see CompressionConfig.weight_input_bits), "off", or a CompressionConfig.
+        see CompressionConfig.weight_input_bits), "norms-float8" ("paper" with
+        frozen norms' x_hat in float8 instead of its top 10%, see
+        CompressionConfig.layernorm_bits), "off", or a CompressionConfig.
     memory_budget: total training memory to fit in, in bytes: an int or a
         string with a unit ("16GiB", "2GB", "512MiB"; B, KB, MB, GB, TB are
         powers of 1000, KiB, MiB, GiB, TiB of 1024). At the first training

@@ -217,6 +217,28 @@ def test_layernorms_in_blocks_are_pruned_whatever_trains_and_final_norms_never()
     assert outside and not any(packed_count(c.counters, "layernorm", "layernorm_input") for c in outside)
     assert gradient_fidelity(grads, ref_grads)[0] >= LAYERNORM_COSINE_FLOOR
 
+@pytest.mark.parametrize("name", [*TRANSFORMERS, "llama"])
+def test_frozen_norms_in_float8_replace_the_pruning_and_keep_the_gradient(name):
+    """layernorm_bits=8 stores every frozen norm's x_hat (RMSNorm: its input) as
+    float8 in place of the top 10%, final norms included (nothing is dropped, so
+    norm_guard has nothing to guard): closer to eager than the pruning, at 1 byte
+    an entry."""
+    first_trains = lambda layers: layers[1:]  # noqa: E731  (the gradient passes every norm to reach it)
+    both = dataclasses.replace(_layernorm_only(0.1), layernorm_bits=8)
+    case, cm = compile_case(name, both, frozen=first_trains)
+    _, _, grads = step(cm, case)
+    _, _, ref_grads = eager_step(case.model, case, cm.slimfit.frozen)
+    counters = cm.slimfit.last_step.counters
+    quantized = packed_count(counters, "layernorm_8bit", "layernorm_input_8bit", "rmsnorm_input_8bit")
+    assert quantized >= 4 and not packed_count(counters, "layernorm", "layernorm_input", "rmsnorm_input"), counters
+    assert not [k for k in counters if k.startswith("kept_whole_")], counters
+    assert counters["bytes_after_compression"] == counters["bytes_before_compression"] // 4  # fp32 -> 1 byte
+    cosine, sqnr = gradient_fidelity(grads, ref_grads)
+    case, pruned = compile_case(name, _layernorm_only(0.1), frozen=first_trains)
+    _, _, pruned_grads = step(pruned, case)
+    assert sqnr > gradient_fidelity(pruned_grads, ref_grads)[1] and cosine >= 0.9999, (cosine, sqnr)
+
+
 def test_gradient_fidelity_scores_and_refuses_different_parameters():
     g = {"a": torch.tensor([1.0, 2.0]), "b": None}
     assert gradient_fidelity(g, g)[0] == pytest.approx(1.0)

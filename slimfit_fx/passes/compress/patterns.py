@@ -597,6 +597,9 @@ def _is_bool_mask(site: Site) -> bool:
 
 MATCHERS: dict[str, Callable[[Site], bool]] = {
     "mask": _is_bool_mask,
+    "layernorm_8bit": _frozen_layernorm,
+    "layernorm_input_8bit": _frozen_layernorm_input,
+    "rmsnorm_input_8bit": _frozen_rmsnorm_input,
     "layernorm": _frozen_layernorm,
     "layernorm_input": _frozen_layernorm_input,
     "rmsnorm_input": _frozen_rmsnorm_input,

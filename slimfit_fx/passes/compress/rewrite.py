@@ -48,6 +48,9 @@ def _guard_norms(kinds: list[str], site: Site, config, ctx: PassContext) -> list
     pruned = [k for k in kinds if lookup(BY_NAME[k].format).prunes]
     if not pruned or config.norm_guard == "none" or getattr(config, BY_NAME[pruned[0]].field) is None:
         return kinds
+    stored_as = next(k for k in kinds if getattr(config, BY_NAME[k].field) is not None)
+    if stored_as not in pruned:  # stored whole-shaped by a kind before the pruning (layernorm_bits)
+        return kinds
     if not ctx.in_block:
         why = "outside_blocks"
     elif config.norm_guard == "bypass" and not norm_has_bypass(site):
