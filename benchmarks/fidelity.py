@@ -29,6 +29,7 @@ PAPER = COMPRESSION_PRESETS["paper"]
 CASES = {
     "off (reference)": "off",
     "paper": "paper",
+    "paper-exact (the paper's GELU formats)": "paper-exact",
     "row": "row",
     "extended": "extended",
     # each kind alone at the paper's format: the configs `finetune --compression only-<field>` runs

@@ -37,6 +37,8 @@ def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:
             raise ValueError(f"CompressionConfig.scale must be one of {SCALES}, got {self.scale!r}")
         if self.norm_guard not in NORM_GUARDS:
             raise ValueError(f"CompressionConfig.norm_guard must be one of {NORM_GUARDS}, got {self.norm_guard!r}")
+        if not isinstance(self.paper_formats, bool):
+            raise ValueError(f"CompressionConfig.paper_formats must be True or False, got {self.paper_formats!r}")
 
     def enabled(self) -> bool:
         return any(getattr(self, name) not in (None, False) for name in fields)
@@ -48,7 +50,8 @@ def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:
         "CompressionConfig",
         [*((name, int | float | None, dataclasses.field(default=paper)) for name, (paper, _) in fields.items()),
          ("scale", str, dataclasses.field(default="fixed")),
-         ("norm_guard", str, dataclasses.field(default="blocks"))],
+         ("norm_guard", str, dataclasses.field(default="blocks")),
+         ("paper_formats", bool, dataclasses.field(default=False))],
         frozen=True,
 
         namespace={
@@ -74,6 +77,10 @@ def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:
                 "where the block's whole gradient passes through the norm); \"none\" prunes\n"
                 "every frozen norm. Kept-whole norms are counted as\n"
                 "kept_whole_<kind>_outside_blocks / kept_whole_<kind>_no_bypass.\n\n"
+                "paper_formats: True stores the GELU and SiLU inputs and the GELU output in the\n"
+                "paper's own fixed point (4-bit steps of 0.5; Q3.4) instead of derivative bins and\n"
+                "float8 (same bytes, closer gradients); for reproducing the paper (preset\n"
+                "\"paper-exact\").\n\n"
                 + described),
             "__post_init__": check,
             "enabled": property(enabled),
@@ -89,6 +96,7 @@ COMPRESSION_PRESETS = {
     "row": CompressionConfig(scale="row"),
     "extended": CompressionConfig(weight_input_bits=8),
     "norms-float8": CompressionConfig(layernorm_bits=8),
+    "paper-exact": CompressionConfig(paper_formats=True),
     "off": CompressionConfig(**dict.fromkeys(KIND_FIELDS)),
 }
 BACKENDS = ("inductor", "aot_eager")
@@ -118,7 +126,8 @@ class SlimFitConfig:
     seed: seeds the scheduler's initial random scores ("ils" only, like
         reschedule_every; a policy object takes its seed as an argument).
     compression: how static activations are stored between forward and backward:
-        "paper" (the paper's widths), "row" (the same widths with per-row
+        "paper" (the paper's widths), "paper-exact" (its formats too: see
+        CompressionConfig.paper_formats), "row" (the same widths with per-row
         scales), "extended" ("paper" plus trainable layers' inputs 8-bit per-row,
         see CompressionConfig.weight_input_bits), "norms-float8" ("paper" with
         frozen norms' x_hat in float8 instead of its top 10%, see

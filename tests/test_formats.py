@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from slimfit_fx import engine, ops, regions
-from slimfit_fx.config import KIND_FIELDS, CompressionConfig, compression_config_class
+from slimfit_fx.config import COMPRESSION_PRESETS, KIND_FIELDS, CompressionConfig, compression_config_class
 from slimfit_fx.passes.compress import FORMATS, KINDS, Format, Kind, Packing, format_for, formats
 from slimfit_fx.passes.compress.formats.base import check_flag
 from slimfit_fx.passes.compress.registry import config_fields
@@ -84,6 +84,27 @@ def test_fixed_point_falls_back_to_a_row_scale_where_the_kind_has_no_width():
     assert fixed.quantize_op == torch.ops.slimfit.quantize_fixed.default and fixed.quantize_args == (8, 4, True)
     assert format_for(config(k_bits=4), kind).format is FORMATS["rowwise"]
     assert format_for(config(k_bits=8, scale="row"), kind).format is FORMATS["rowwise"]
+
+
+def test_paper_formats_restore_the_papers_fixed_point_for_gelu_and_silu():
+    """By default the GELU/SiLU inputs are derivative bins and the GELU output float8;
+    paper_formats=True (preset "paper-exact") stores them as the paper did."""
+    default, exact = CompressionConfig(), COMPRESSION_PRESETS["paper-exact"]
+    assert exact == CompressionConfig(paper_formats=True)
+    for kind in ("gelu_input", "silu_input"):
+        assert format_for(default, kind).format is FORMATS["derivative_bins"]
+        packing = format_for(exact, kind)
+        assert packing.format is FORMATS["fixed_point"] and packing.quantize_args == (4, 1, True)
+        assert format_for(CompressionConfig(paper_formats=True, scale="row"), kind).format is FORMATS["rowwise"]
+    assert format_for(default, "gelu_output").format is FORMATS["float8"]
+    packing = format_for(exact, "gelu_output")
+    assert packing.format is FORMATS["fixed_point"] and packing.quantize_args == (8, 4, True)
+    # every other kind is stored alike
+    for kind in KINDS:
+        if kind.name not in ("gelu_input", "silu_input", "gelu_output"):
+            assert format_for(default, kind) == format_for(exact, kind), kind.name
+    with pytest.raises(ValueError, match="paper_formats must be True or False"):
+        CompressionConfig(paper_formats=1)
 
 
 def test_kinds_sharing_a_field_share_its_format():

@@ -36,8 +36,9 @@ class Kind:
         "derivative_bins" (bits 4 or 8: 4 bits fitted to an activation's derivative,
         8 bits the kind's fixed point), "float8" (bits 8: float8 e4m3; 4: the
         kind's fixed point).
-    fixed: for "fixed_point" (and "derivative_bins" at 8 bits), the power-of-two
-        format per width; a width with none is stored with a per-row scale.
+    fixed: for "fixed_point" (and "derivative_bins" and "float8" where they store
+        the fixed point: at the other width, or under paper_formats), the
+        power-of-two format per width; a width with none is stored with a per-row scale.
     stored_as: "self" (the saved tensor), or "layernorm_x_hat" (the normalized
         x_hat of the native_layer_norm reading it, rebuilt to its input in backward).
     derivative: for "derivative_bins", the activation (ops.DERIVATIVES) whose
@@ -160,20 +161,20 @@ KINDS: tuple[Kind, ...] = (
          "best constant: GELU' off by at most 0.063, where the paper's steps of 0.5 over "
          "[-4, 3.5] miss it by up to 0.195. The tanh approximation and quick-GELU read "
          "the same points (their derivatives differ from GELU's by little).",
-         format="derivative_bins", fixed={8: ops.Q3_4_INT8}, derivative="gelu"),
+         format="derivative_bins", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}, derivative="gelu"),
     Kind("silu_input", "silu_input_bits", 4,
          "SiLU's derivative s(x)(1 + x(1 - s(x))) changes over about [-6, 6] like GELU's: "
          "16 intervals fitted to SiLU' as GELU's are to GELU' (SiLU' off by at most 0.060). "
          "Only where backward needs the derivative alone (a gate product's SiLU input is a "
          "gate_operand).",
-         format="derivative_bins", fixed={8: ops.Q3_4_INT8}, derivative="silu"),
+         format="derivative_bins", fixed={4: ops.GELU_INT4, 8: ops.Q3_4_INT8}, derivative="silu"),
     Kind("gelu_output", "gelu_output_bits", 8,
          "The FFN output dense's input, read for its weight gradient when it trains. "
          "Mostly small, with a tail past 20 in pretrained models: the paper's int8 Q3.4 "
          "clips the tail at 7.94 and rounds the rest to 1/16 (MiniLM's GELU outputs: "
          "16-24 dB); float8 e4m3 keeps every value within 1/16 of itself (31.5 dB), in "
          "the same byte.",
-         format="float8", fixed={4: _Q2_1_INT4}),
+         format="float8", fixed={8: ops.Q3_4_INT8, 4: _Q2_1_INT4}),
     Kind("weight_input", "weight_input_bits", None,
          "What trainable layers' weight gradients read; inputs of different layers "
          "share no range, so always a per-row scale.",

@@ -22,7 +22,7 @@ class DerivativeBinsFormat(FixedPointFormat):
                    "that constant. 8 bits: the kind's fixed point (codes clamp(round(x * 2^f)))")
 
     def packing(self, setting, kind, config, val=None) -> Packing:
-        if setting != 4:
+        if setting != 4 or config.paper_formats:
             return FIXED_POINT.packing(setting, kind, config, val)
         bins = ops.derivative_bins(kind.derivative)
         return Packing(torch.ops.slimfit.quantize_binned.default, (bins.boundaries,),

@@ -1,5 +1,6 @@
 """One byte as float8 e4m3: relative precision at any size, no scale. At 4
-bits, or under scale="row", the kind's fixed point (or a per-row scale).
+bits, under scale="row" or under paper_formats, the kind's fixed point (or a
+per-row scale).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Float8Format(FixedPointFormat):
                    "4 bits: the kind's fixed point")
 
     def packing(self, setting, kind, config, val=None) -> Packing:
-        if setting != 8 or config.scale == "row":
+        if setting != 8 or config.scale == "row" or config.paper_formats:
             return FIXED_POINT.packing(setting, kind, config, val)
         return Packing(torch.ops.slimfit.quantize_float8.default, (),
                        torch.ops.slimfit.dequantize_float8.default, (), "float8 e4m3", kind.stored_as, self)
