@@ -58,7 +58,7 @@ def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:
             "__module__": __name__,
             "__doc__": (
                 "How each kind of static activation is stored between forward and backward;\n"
-                "None keeps it in its own dtype. Defaults are the paper's formats.\n\n"
+                "None keeps it in its own dtype. Defaults are the paper's widths (paper_formats: its formats too).\n\n"
                 "scale: \"fixed\" is the paper's power-of-two fixed point with no scale (Q3.4 for\n"
                 "8-bit signed, steps of 1/256 for softmax); \"row\" stores a per-row fp32 scale\n"
                 "(finer, 4 more bytes per row). Kinds with no fixed format (weight inputs) always\n"

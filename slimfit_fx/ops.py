@@ -378,10 +378,12 @@ def quantize_binned(x: Tensor, boundaries: list[float]) -> Tensor:
     if len(boundaries) > 15:
         raise ValueError(f"4-bit codes hold at most 15 boundaries, got {len(boundaries)}")
     wide = x.contiguous().to(torch.promote_types(x.dtype, torch.float32))
-    codes = torch.zeros_like(wide, dtype=torch.uint8)
+    # Counted in int32: inductor's CPU code adds uint8 tensors element by element
+    # (tiny BERT's GELU input: 4.8 ms), int32 in vector lanes (86 us).
+    codes = torch.zeros_like(wide, dtype=torch.int32)
     for bound in boundaries:
-        codes = codes + (wide > bound).to(torch.uint8)
-    return pack_nibbles(codes)
+        codes = codes + (wide > bound).to(torch.int32)
+    return pack_nibbles(codes.to(torch.uint8))
 
 
 def dequantize_binned(q: Tensor, values: list[float], shape: list[int], dtype: torch.dtype) -> Tensor:
@@ -390,11 +392,12 @@ def dequantize_binned(q: Tensor, values: list[float], shape: list[int], dtype: t
     _check_codes(q, 4, shape)
     if not 1 <= len(values) <= 16:
         raise ValueError(f"4-bit codes index 1 to 16 values, got {len(values)}")
-    codes = unpack_nibbles(q, math.prod(shape))
-    out = torch.full_like(codes, values[-1], dtype=dtype)
+    # Compared as float32, for the same reason as quantize_binned (1.2 ms as uint8, 83 us).
+    codes = unpack_nibbles(q, math.prod(shape)).to(torch.float32)
+    out = torch.full_like(codes, values[-1])
     for code, value in enumerate(values[:-1]):
         out = torch.where(codes == code, value, out)
-    return out.reshape(shape)
+    return out.to(dtype).reshape(shape)
 
 
 # ---- float8 ---------------------------------------------------------------------
