@@ -293,9 +293,8 @@ def fit_derivative_bins(activation: str, levels: int = 16) -> DerivativeBins:
     lo, hi, n = _BIN_GRID
     grid = torch.linspace(lo, hi, n, dtype=torch.float64)
     d = derivative(grid)
-    # Prefix sums of 1, d and d^2 give any run's squared error about its mean in O(1).
+    # Prefix sums of d and d^2 give any run's squared error about its mean in O(1).
     zero = torch.zeros(1, dtype=torch.float64)
-    count = torch.arange(n + 1, dtype=torch.float64)
     total, squares = torch.cat((zero, d.cumsum(0))), torch.cat((zero, (d * d).cumsum(0)))
     starts, ends = torch.arange(n + 1)[:, None], torch.arange(n + 1)[None, :]
     runs = (ends - starts).clamp_min(1).double()

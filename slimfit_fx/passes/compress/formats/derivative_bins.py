@@ -1,7 +1,7 @@
 """What an activation's backward reads of its input, act'(x), in 4 bits: which
 of 16 intervals x lies in, the intervals and each one's value of act' fitted to
 act' (ops.derivative_bins), unpacked to a point of the interval where act' takes
-that value. At 8 bits, or for a kind with no derivative, the kind's fixed point.
+that value. At 8 bits, or under paper_formats, the kind's fixed point.
 """
 from __future__ import annotations
 
@@ -10,20 +10,17 @@ from torch import Tensor
 
 from .... import ops
 from .base import Packing, numel
-from .fixed_point import FIXED_POINT, FixedPointFormat
+from .fixed_point import OneWidthFormat
 
 
-class DerivativeBinsFormat(FixedPointFormat):
-    """Takes the fixed point's settings; 8 bits are stored as the fixed point."""
-
+class DerivativeBinsFormat(OneWidthFormat):
     name = "derivative_bins"
     description = ("4 bits naming which of 16 intervals of x it lies in, fitted so a constant act' per "
                    "interval is closest to act' (L2); comes back as the interval's point where act' is "
                    "that constant. 8 bits: the kind's fixed point (codes clamp(round(x * 2^f)))")
+    width = 4
 
-    def packing(self, setting, kind, config, val=None) -> Packing:
-        if setting != 4 or config.paper_formats:
-            return FIXED_POINT.packing(setting, kind, config, val)
+    def own_packing(self, kind) -> Packing:
         bins = ops.derivative_bins(kind.derivative)
         return Packing(torch.ops.slimfit.quantize_binned.default, (bins.boundaries,),
                        torch.ops.slimfit.dequantize_binned.default, (bins.representatives,),

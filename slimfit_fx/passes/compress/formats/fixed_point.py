@@ -50,3 +50,23 @@ class FixedPointFormat(Format):
 
 
 FIXED_POINT = FixedPointFormat()
+
+
+class OneWidthFormat(FixedPointFormat):
+    """Takes the fixed point's settings and stores one width, `width`, its own way
+    (`own_packing`); the other width, and every width under paper_formats, as
+    the kind's fixed point."""
+
+    width: int = 0
+
+    def keeps_fixed(self, setting, config) -> bool:
+        return setting != self.width or config.paper_formats
+
+    def own_packing(self, kind) -> Packing:
+        raise NotImplementedError
+
+    def packing(self, setting, kind, config, val=None) -> Packing:
+        if self.keeps_fixed(setting, config):
+            return FIXED_POINT.packing(setting, kind, config, val)
+        return self.own_packing(kind)
+

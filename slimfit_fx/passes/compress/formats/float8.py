@@ -9,23 +9,25 @@ from torch import Tensor
 
 from .... import ops
 from .base import Packing, numel
-from .fixed_point import FIXED_POINT, FixedPointFormat
+from .fixed_point import OneWidthFormat
 
 # e4m3's smallest normal: below it values are subnormal, with an absolute step of 2^-9
 _SMALLEST_NORMAL = 2.0**-6
 
 
-class Float8Format(FixedPointFormat):
-    """Takes the fixed point's settings; 4 bits (and scale="row") are stored as the fixed point."""
+class Float8Format(OneWidthFormat):
+    """Under scale="row" too, the kind's fixed point (a per-row scale where it has none)."""
 
     name = "float8"
     description = ("8 bits as float8 e4m3 (3 mantissa bits): values within +-448 come back within 1/16 "
                    "of themselves (within 2^-10 below 2^-6), values past it saturate; no scale. "
                    "4 bits: the kind's fixed point")
+    width = 8
 
-    def packing(self, setting, kind, config, val=None) -> Packing:
-        if setting != 8 or config.scale == "row" or config.paper_formats:
-            return FIXED_POINT.packing(setting, kind, config, val)
+    def keeps_fixed(self, setting, config) -> bool:
+        return super().keeps_fixed(setting, config) or config.scale == "row"
+
+    def own_packing(self, kind) -> Packing:
         return Packing(torch.ops.slimfit.quantize_float8.default, (),
                        torch.ops.slimfit.dequantize_float8.default, (), "float8 e4m3", kind.stored_as, self)
 
