@@ -27,6 +27,7 @@ __all__ = [
     "DerivativeBins",
     "derivative_bins",
     "fit_derivative_bins",
+    "bin_codes",
     "quantize_binned",
     "dequantize_binned",
     "FLOAT8_MAX",
@@ -276,9 +277,15 @@ class DerivativeBins:
     max_error: float
 
     def codes(self, x: Tensor) -> Tensor:
-        """Each element's interval, 0..15 (nan: 0), as int64; exact comparisons in float64."""
-        bounds = torch.tensor(self.boundaries, dtype=torch.float64, device=x.device)
-        return torch.bucketize(x.double().nan_to_num(nan=-math.inf), bounds)
+        """Each element's interval (bin_codes)."""
+        return bin_codes(x, self.boundaries)
+
+
+def bin_codes(x: Tensor, boundaries: Sequence[float]) -> Tensor:
+    """How many of `boundaries` (increasing) each element of x exceeds, nan: 0, as
+    int64: what quantize_binned stores, computed with exact float64 comparisons."""
+    bounds = torch.tensor(boundaries, dtype=torch.float64, device=x.device)
+    return torch.bucketize(x.double().nan_to_num(nan=-math.inf), bounds)
 
 
 def fit_derivative_bins(activation: str, levels: int = 16) -> DerivativeBins:
@@ -317,7 +324,7 @@ def fit_derivative_bins(activation: str, levels: int = 16) -> DerivativeBins:
     means = [float((total[b] - total[a]) / (b - a)) for a, b in zip(edges[:-1], edges[1:])]
     # Representatives on a grid 10x finer, inside each interval (the end ones up to +-12).
     fine = torch.linspace(lo, hi, 10 * (n - 1) + 1, dtype=torch.float32).double()
-    fine_codes = torch.bucketize(fine, torch.tensor(boundaries, dtype=torch.float64))
+    fine_codes = bin_codes(fine, boundaries)
     fine_d = derivative(fine)
     representatives = []
     for code, mean in enumerate(means):
@@ -326,8 +333,7 @@ def fit_derivative_bins(activation: str, levels: int = 16) -> DerivativeBins:
         representatives.append(float(fine[miss.argmin()]))
     check = torch.linspace(lo, hi, int((hi - lo) / 1e-3) + 1, dtype=torch.float64)
     rep_d = derivative(torch.tensor(representatives, dtype=torch.float64))
-    bins = DerivativeBins(activation, boundaries, tuple(means), tuple(representatives), 0.0)
-    max_error = float((derivative(check) - rep_d[bins.codes(check)]).abs().max())
+    max_error = float((derivative(check) - rep_d[bin_codes(check, boundaries)]).abs().max())
     return DerivativeBins(activation, boundaries, tuple(means), tuple(representatives), max_error)
 
 

@@ -48,9 +48,8 @@ def _guard_norms(kinds: list[str], site: Site, config, ctx: PassContext) -> list
     pruned = [k for k in kinds if lookup(BY_NAME[k].format).prunes]
     if not pruned or config.norm_guard == "none" or getattr(config, BY_NAME[pruned[0]].field) is None:
         return kinds
-    stored_as = next(k for k in kinds if getattr(config, BY_NAME[k].field) is not None)
-    if stored_as not in pruned:  # stored whole-shaped by a kind before the pruning (layernorm_bits)
-        return kinds
+    if first_format(config, kinds, site.node.meta.get("val"))[0] not in pruned:
+        return kinds  # a kind ahead of the pruning stores it whole-shaped (layernorm_bits)
     if not ctx.in_block:
         why = "outside_blocks"
     elif config.norm_guard == "bypass" and not norm_has_bypass(site):

@@ -37,8 +37,7 @@ class DerivativeBinsFormat(OneWidthFormat):
             return 0.0
         boundaries, = packing.quantize_args
         representatives, = packing.dequantize_args
-        codes = torch.bucketize(x.double().nan_to_num(nan=-float("inf")), torch.tensor(boundaries, dtype=torch.float64))
-        want = torch.tensor(representatives, dtype=x.dtype)[codes]
+        want = torch.tensor(representatives, dtype=x.dtype, device=x.device)[ops.bin_codes(x, boundaries)]
         return (unpacked.double() - want.double()).abs().max().item()
 
     def bound(self, packing: Packing, dtype) -> float:
