@@ -169,7 +169,8 @@ class SlimFitConfig:
         root on a log scale, SGD momentum linear; tensors under 4,096 elements
         stay plain); "offload" moves it to pinned host memory (CUDA models only).
         A layer's state is unpacked before the optimizer step it trains in;
-        `optimizer.state_dict()` returns it plain. See `cm.slimfit.optimizer_state_bytes`.
+        `optimizer.state_dict()` returns it plain. Under FSDP2 (`fully_shard`)
+        each rank packs its own shard of the state. See `cm.slimfit.optimizer_state_bytes`.
     """
 
     freeze_ratio: float | None = None

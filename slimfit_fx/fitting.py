@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import budget
 from .optimizer_state import adam_state_nbytes, entry_bytes
+from .shards import local
 
 if TYPE_CHECKING:
     from .engine import CapturedGraph, StepRecord
@@ -276,8 +277,7 @@ def _page_in(model: torch.nn.Module) -> None:
     forward, which the residue would then count a second time beside the weights."""
     with torch.no_grad():
         for t in (*model.parameters(), *model.buffers()):
-            t = t.detach()
-            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this rank's shard, no collective
+            t = local(t)  # a DTensor: this rank's shard, no collective
             if t.device.type != "cpu" or not t.numel() or not t.dtype.is_floating_point:
                 continue
             # one element a page; a strided view reads all of it

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SlimFitError
+from .shards import is_dtensor, local
 
 # State entries packed, and the int8 code each takes (see CODES below): Adam's
 # moments on log scales, SGD's momentum linear. Every other entry (Adam's `step`,
@@ -156,9 +157,27 @@ INT8_CODES = {
 }
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How a DTensor (fully_shard) spreads over ranks: a packed state holds this
+    rank's shard, and unpacking wraps it back, with no collective."""
+
+    mesh: object  # torch.distributed.device_mesh.DeviceMesh
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def wrap(self, shard: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(shard, self.mesh, self.placements, run_check=False,
+                                  shape=self.shape, stride=self.stride)
+
+
 @dataclass
 class PackedState:
-    """One optimizer state tensor held small while its layer is frozen."""
+    """One optimizer state tensor held small while its layer is frozen; of a
+    DTensor, this rank's shard (`shape` is the shard's)."""
 
     format: str  # "bf16", "int8" or "offload"
     parts: tuple[torch.Tensor, ...]
@@ -166,6 +185,7 @@ class PackedState:
     dtype: torch.dtype
     device: torch.device
     code: str = ""  # for "int8": a key of INT8_CODES
+    sharding: Sharding | None = None
 
     @property
     def nbytes(self) -> int:
@@ -177,15 +197,21 @@ class PackedState:
 
     def unpack(self) -> torch.Tensor:
         if self.format == "bf16":
-            return self.parts[0].to(self.dtype)
-        if self.format == "offload":
-            return self.parts[0].to(self.device, non_blocking=True)
-        return INT8_CODES[self.code][1](*self.parts, self.shape, self.dtype)
+            shard = self.parts[0].to(self.dtype)
+        elif self.format == "offload":
+            shard = self.parts[0].to(self.device, non_blocking=True)
+        else:
+            shard = INT8_CODES[self.code][1](*self.parts, self.shape, self.dtype)
+        return shard if self.sharding is None else self.sharding.wrap(shard)
 
 
 def pack(t: torch.Tensor, format: str, code: str = "signed_linear") -> PackedState:
     """`t` held as `format` ("int8" in the INT8_CODES `code`); `PackedState.unpack`
-    gives it back (exactly for "offload")."""
+    gives it back (exactly for "offload"). A DTensor packs its local shard."""
+    if is_dtensor(t):
+        shard = pack(t.to_local(), format, code)
+        shard.sharding = Sharding(t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))
+        return shard
     if format == "bf16":
         parts = (t.to(torch.bfloat16),)
     elif format == "int8":
@@ -219,8 +245,11 @@ PACKED_ITEMSIZE = {"bf16": 2, "int8": 1, "offload": 0}
 
 
 def _packable(key: str, value: object, format: str) -> bool:
-    # Plain tensors only: a DTensor shard (fully_shard) or a tensor subclass an
-    # optimizer keeps (torchao's 8-bit states) stays as it is.
+    # Plain tensors and DTensors (fully_shard) whose shard is plain, judged by the
+    # shard this rank holds; a tensor subclass an optimizer keeps (torchao's 8-bit
+    # states) stays as it is.
+    if is_dtensor(value):
+        value = value.to_local()
     return (key in INT8_CODE and type(value) is torch.Tensor
             and value.is_floating_point() and value.numel() >= MIN_PACKED_NUMEL
             and value.element_size() > PACKED_ITEMSIZE[format])
@@ -293,13 +322,15 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> OptimizerStateBytes:
 
 def entry_bytes(entry: Mapping[str, object]) -> tuple[int, int]:
     """One parameter's state: bytes held in the parameters' memory now (packed
-    tensors at their packed size, offloaded ones not at all), and plain."""
+    tensors at their packed size, offloaded ones not at all), and plain; of a
+    DTensor, this rank's shard."""
     held = plain = 0
     for value in entry.values():
         if isinstance(value, PackedState):
             held += 0 if value.format == "offload" else value.nbytes
             plain += value.plain_nbytes
         elif isinstance(value, torch.Tensor):
+            value = local(value)
             held += value.numel() * value.element_size()
             plain += value.numel() * value.element_size()
     return held, plain

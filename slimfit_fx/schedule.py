@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SlimFitError
+from .shards import is_dtensor, local
 from .policies.base import FreezePolicy, StepView
 
 
@@ -58,26 +59,12 @@ def relative_change(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return change_sum(old, new).double() / old.numel()
 
 
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The elements of `p` this process holds: its shard of a DTensor (fully_shard)."""
-    p = p.detach()
-    return p.to_local() if _is_dtensor(p) else p
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    if not dist.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(p, DTensor)
-
-
 def _shard_groups(p: torch.Tensor) -> tuple[Any, ...]:
     """The process groups a sum over `p`'s local elements must be summed over to
     cover the whole tensor once: those of the mesh dimensions it is sharded on
     (a replicated dimension holds the same elements on every rank). () for a
     plain tensor."""
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return ()
     mesh = p.device_mesh
     return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements)
@@ -300,7 +287,7 @@ class Schedule:
                 if self.layers[index] in computed_under:
                     p.grad = None
                 elif p.grad is not None and observes:
-                    self._snapshots[index] = _local(p).clone() if copy is None else copy
+                    self._snapshots[index] = local(p).clone() if copy is None else copy
         self.held = frozenset(held) if self.held is None else self.held | held
         self._count_held()
 
@@ -377,7 +364,7 @@ class Schedule:
         for name in self.layers:
             p = self.parameters[name]
             for group in _shard_groups(p):
-                groups.setdefault(id(group), (group, _local(p).device))
+                groups.setdefault(id(group), (group, local(p).device))
         frozen = self.frozen
         digest = hashlib.blake2b(self._mask(frozen).to_bytes(len(self.layers) // 8 + 1, "little"),
                                  digest_size=7).digest()
@@ -400,12 +387,12 @@ class Schedule:
 
     def _take_reference(self) -> None:
         """Copy the layers that train, for `manual_step` (and the first optimizer step)."""
-        self._reference = {self._index[n]: _local(self.parameters[n]).clone()
+        self._reference = {self._index[n]: local(self.parameters[n]).clone()
                            for n in self.layers if n not in self.frozen}
         self._count_held()
 
     def _moved_since_reference(self) -> bool:
-        moved = self._summed({i: torch.ne(ref, _local(self.parameters[self.layers[i]])).sum().reshape(1)
+        moved = self._summed({i: torch.ne(ref, local(self.parameters[self.layers[i]])).sum().reshape(1)
                               for i, ref in self._reference.items()})
         return any(changed for changed, in moved.values())
 
@@ -419,7 +406,7 @@ class Schedule:
         """Each layer's mean(|W - before| / |before|) over its whole tensor, by name."""
         rows = {}
         for i, old in before.items():
-            new = _local(self.parameters[self.layers[i]])
+            new = local(self.parameters[self.layers[i]])
             count = torch.full((), new.numel(), dtype=torch.float64, device=new.device)
             rows[i] = torch.stack([change_sum(old, new).double(), count])
         return {self.layers[i]: total / count if count else 0.0
