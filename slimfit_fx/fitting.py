@@ -9,7 +9,6 @@ picks a frozen set itself.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import re
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from . import budget
 from .optimizer_state import adam_state_nbytes, entry_bytes
+from .host import trim_heap
 from .shards import local
 
 if TYPE_CHECKING:
@@ -264,10 +264,7 @@ def _release_free_heap() -> None:
     counts what is live: later steps would reuse those pages for their own
     tensors, which the prediction counts already."""
     gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the residue keeps the free pages, on the safe side
-        pass
+    trim_heap()  # not glibc: the residue keeps the free pages, on the safe side
 
 
 def _page_in(model: torch.nn.Module) -> None:

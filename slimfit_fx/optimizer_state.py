@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import host
 from .errors import SlimFitError
 from .shards import is_dtensor, local
 
@@ -57,6 +58,15 @@ _SQRT_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=
 _SIGNED_TABLE = torch.cat([torch.zeros(1), torch.exp2(
     (torch.arange(1, 128, dtype=torch.float32) - 127) / SIGNED_LEVELS)])
 
+
+# Packing frees the float moments it packs, and unpacking allocates them again
+# when the layer trains. On the host, glibc serves those from its heap and keeps
+# the pages they free resident, so over hundreds of steps the process grows past
+# what keeping the state whole costs (MiniLM on BBC News, 3 epochs: peak RSS +70
+# MiB on average over 6 seeds). Once this many bytes were freed by packing, the
+# heap's free pages go back to the kernel (host.trim_heap; about 25 ms on that
+# run's heap, every few steps). A GPU's caching allocator keeps its blocks anyway.
+TRIM_AFTER_BYTES = 32 * 2**20
 
 # Blocks per pass: packing a 90 MiB embedding's moments adds a few MiB of
 # temporaries (1M elements at a time), not float32 copies of the whole tensor.
@@ -351,6 +361,7 @@ class FrozenLayerState:
         self.frozen = frozen
         self._param_ids = {id(p) for p in self.parameters.values()}
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._host_bytes_freed = 0  # by packing host tensors since the heap was last trimmed
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
         return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
@@ -404,6 +415,9 @@ class FrozenLayerState:
         after the first one stepped)."""
         for opt in list(self._optimizers):
             self.pack_frozen(opt)
+        if self._host_bytes_freed >= TRIM_AFTER_BYTES:
+            host.trim_heap()
+            self._host_bytes_freed = 0
 
     def pack_frozen(self, optimizer: torch.optim.Optimizer) -> None:
         if self.format == "full":  # switched off (a memory budget's later choice): pack nothing more
@@ -416,3 +430,5 @@ class FrozenLayerState:
             for key, value in list(entry.items()):
                 if _packable(key, value, self.format):
                     entry[key] = pack(value, self.format, INT8_CODE[key])
+                    if value.device.type == "cpu":
+                        self._host_bytes_freed += entry[key].plain_nbytes

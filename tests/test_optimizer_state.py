@@ -351,3 +351,21 @@ def test_optimizer_state_bytes_wants_an_optimizer():
     cm = slimfit_fx.compile(models.mlp().model, backend="aot_eager")
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         cm.slimfit.optimizer_state_bytes(object())
+
+
+@pytest.mark.usefixtures("pack_every_size")
+def test_packing_on_the_host_hands_the_freed_pages_back(monkeypatch):
+    """Packed moments free their float tensors; once TRIM_AFTER_BYTES were freed
+    the heap is trimmed (here after every step that packed, at a 1-byte
+    threshold), never with nothing packed or below the threshold."""
+    trims: list[int] = []
+    monkeypatch.setattr(optimizer_state.host, "trim_heap", lambda: trims.append(1))
+    monkeypatch.setattr(optimizer_state, "TRIM_AFTER_BYTES", 1)
+    _train_manual("int8", steps=4)
+    assert len(trims) == 4  # every step froze layers that trained in it
+    trims.clear()
+    _train_manual("full", steps=4)
+    assert trims == []
+    monkeypatch.setattr(optimizer_state, "TRIM_AFTER_BYTES", 2**40)
+    _train_manual("int8", steps=4)
+    assert trims == []
