@@ -1,6 +1,6 @@
-"""Accuracy side by side: full fine-tune, slimfit (default, freezing only, each
-compressed kind alone, the default with packed frozen optimizer state), LoRA
-and LISA, over seeds, on two tasks.
+"""Accuracy side by side: full fine-tune, slimfit (default, with its frozen
+layers' optimizer state kept whole, freezing only, each compressed kind alone),
+LoRA and LISA, over seeds, on two tasks.
 
     python benchmarks/accuracy.py [--task bbc|digits] [--seeds 0 1 ...] [--rows NAME ...]
         [--epochs N] [--keep DIR [--kept-only]]
@@ -14,7 +14,8 @@ so a cut-short run holds paired seeds. Per row the table gives mean accuracy ±
 its standard error over the seeds, the mean difference from the full fine-tune
 over the seeds both hold ± its standard error, for slimfit rows the same
 against freezing only (what one compressed kind alone costs), for the
-packed optimizer-state rows the same against slimfit default (what packing
+default (int8 frozen optimizer state) and the other variants of it the same
+against slimfit with the state kept whole (what packing, or another format,
 alone costs, also stated under the table against that standard error), mean train
 seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
@@ -42,35 +43,45 @@ from doc import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 # Each row: (method, finetune arguments, learning-rate key in the task's LRS).
+# The frozen layers' optimizer state kept whole (the default before "int8"): the
+# rows that compare activation storage and schedules all keep it so, so that
+# one thing differs between a row and the row it is compared with.
+FULL_STATE = ["--optimizer-state", "full"]
 ROWS = {
     "eager full fine-tune": ("eager", [], "full"),
     "slimfit default": ("slimfit", [], "slimfit"),
-    "slimfit freezing only": ("slimfit", ["--compression", "off"], "slimfit"),
+    "slimfit, full optimizer state": ("slimfit", FULL_STATE, "slimfit"),
+    "slimfit freezing only": ("slimfit", ["--compression", "off", *FULL_STATE], "slimfit"),
     "LoRA r=8 (peft)": ("lora", [], "lora"),
-    "slimfit, Q/K/V int8 alone": ("slimfit", ["--compression", "only-qkv_bits"], "slimfit"),
-    "slimfit, softmax uint8 alone": ("slimfit", ["--compression", "only-softmax_bits"], "slimfit"),
-    "slimfit, attention output int8 alone": ("slimfit", ["--compression", "only-attention_out_bits"], "slimfit"),
-    "slimfit, GELU input 4-bit alone": ("slimfit", ["--compression", "only-gelu_input_bits"], "slimfit"),
-    "slimfit, GELU output 8-bit alone": ("slimfit", ["--compression", "only-gelu_output_bits"], "slimfit"),
-    "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep"], "slimfit"),
-    "slimfit, frozen norms float8 (norms-float8)": ("slimfit", ["--compression", "norms-float8"], "slimfit"),
-    "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off"], "slimfit"),
-    "slimfit default, int8 frozen optimizer state": ("slimfit", ["--optimizer-state", "int8"], "slimfit"),
-    "slimfit default, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
+    "slimfit, Q/K/V int8 alone": ("slimfit", ["--compression", "only-qkv_bits", *FULL_STATE], "slimfit"),
+    "slimfit, softmax uint8 alone": ("slimfit", ["--compression", "only-softmax_bits", *FULL_STATE], "slimfit"),
+    "slimfit, attention output int8 alone": ("slimfit", ["--compression", "only-attention_out_bits", *FULL_STATE],
+                                             "slimfit"),
+    "slimfit, GELU input 4-bit alone": ("slimfit", ["--compression", "only-gelu_input_bits", *FULL_STATE], "slimfit"),
+    "slimfit, GELU output 8-bit alone": ("slimfit", ["--compression", "only-gelu_output_bits", *FULL_STATE],
+                                         "slimfit"),
+    "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep", *FULL_STATE],
+                                                "slimfit"),
+    "slimfit, frozen norms float8 (norms-float8)": ("slimfit", ["--compression", "norms-float8", *FULL_STATE],
+                                                    "slimfit"),
+    "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off", *FULL_STATE],
+                                        "slimfit"),
+    "slimfit, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
 }
 REFERENCE = "eager full fine-tune"
 # What a compressed kind alone costs: against the same freezing with nothing compressed.
 FREEZING_ONLY = "slimfit freezing only"
-# What packing frozen layers' optimizer state costs: against the default it is added to.
 DEFAULT = "slimfit default"
+# What packing the frozen layers' optimizer state costs (the default's int8, bf16),
+# or another format of the default's activations: against the default with the
+# state kept whole.
+FULL_STATE_DEFAULT = "slimfit, full optimizer state"
+AGAINST_FULL_STATE = [DEFAULT, "slimfit, bf16 frozen optimizer state", "slimfit, frozen norms float8 (norms-float8)"]
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
 # (no attention dropout, fused attention) the attention output instead.
-_COMMON = ["eager full fine-tune", "slimfit default", "slimfit freezing only", "LoRA r=8 (peft)",
-           "slimfit, Q/K/V int8 alone"]
-# Packed optimizer state of layers frozen for the next step (SlimFitConfig.optimizer_state),
-# each on top of the default: what packing alone costs is the paired difference from it.
-_OPTIMIZER_STATE = ["slimfit default, int8 frozen optimizer state", "slimfit default, bf16 frozen optimizer state"]
+_COMMON = ["eager full fine-tune", "slimfit default", FULL_STATE_DEFAULT, "slimfit freezing only",
+           "LoRA r=8 (peft)", "slimfit, Q/K/V int8 alone"]
 TASKS = {
     "bbc": dict(
         title="Accuracy side by side (BBC News)", section="accuracy", epochs=3,
@@ -78,7 +89,8 @@ TASKS = {
         lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
         rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
               "slimfit, GELU output 8-bit alone", "slimfit, frozen LayerNorm top 10% alone",
-              "slimfit, frozen norms float8 (norms-float8)", "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
+              "slimfit, frozen norms float8 (norms-float8)", "LISA (2 blocks, every 20 steps)",
+              "slimfit, bf16 frozen optimizer state"],
         about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
               "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
               "step with 90% of the layers frozen and the fresh head always training"),
@@ -87,7 +99,8 @@ TASKS = {
         args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
         lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
         rows=[*_COMMON, "slimfit, attention output int8 alone", "slimfit, GELU input 4-bit alone",
-              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)", *_OPTIMIZER_STATE],
+              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)",
+              "slimfit, bf16 frozen optimizer state"],
         about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
               "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
               "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
@@ -146,7 +159,8 @@ def _vs(diffs: list[float]) -> str:
 
 
 def _verdict(row: str, diffs: list[float]) -> str:
-    """How `row`'s paired difference from slimfit default compares with its standard error."""
+    """How `row`'s paired difference from the default with the optimizer state
+    kept whole compares with its standard error."""
     mean, se = mean_se(diffs)
     if math.isnan(se):
         where = "one seed, no standard error"
@@ -156,16 +170,20 @@ def _verdict(row: str, diffs: list[float]) -> str:
         where = f"a {'loss' if mean < 0 else 'gain'} beyond one standard error"
         if se > 1e-9:  # equal differences on every seed have none to divide by
             where += f" ({abs(mean) / se:.1f} SE)"
-    return f"{row.removeprefix(DEFAULT + ', ')} {_vs(diffs)}, {where}"
+    return f"{row.removeprefix('slimfit, ')} {_vs(diffs)}, {where}"
+
+
+def _has(args: list[str], part: list[str]) -> bool:
+    return any(args[i:i + len(part)] == part for i in range(len(args)))
 
 
 def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], task: str, epochs: int) -> str:
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
     freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
-    default = {s: m["accuracy"] for s, m in runs.get(DEFAULT, {}).items()}
+    full_state = {s: m["accuracy"] for s, m in runs.get(FULL_STATE_DEFAULT, {}).items()}
     lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
-             "vs freezing only, points (paired) | vs slimfit default, points (paired) | train s (mean) | "
+             "vs freezing only, points (paired) | vs optimizer state whole, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = []
@@ -177,12 +195,13 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         accuracy = mean_se([100 * m["accuracy"] for m in done.values()])
         accuracies = {s: m["accuracy"] for s, m in done.items()}
         vs = "reference" if row == REFERENCE else _vs(paired_difference(accuracies, reference))
-        vs_freezing = ""  # only slimfit rows with the same ILS freezing compare with it
-        if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in ROWS[row][1]:
+        vs_freezing = ""  # only slimfit rows with the same ILS freezing and state compare with it
+        args = ROWS[row][1]
+        if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in args and _has(args, FULL_STATE):
             vs_freezing = _vs(paired_difference(accuracies, freezing))
-        vs_default = ""  # only the rows that add optimizer-state packing to the default
-        if "--optimizer-state" in ROWS[row][1]:
-            diffs = paired_difference(accuracies, default)
+        vs_default = ""  # only the default and its variants against it with the state whole
+        if row in AGAINST_FULL_STATE:
+            diffs = paired_difference(accuracies, full_state)
             vs_default = _vs(diffs)
             if diffs:
                 verdicts.append(_verdict(row, diffs))
@@ -196,7 +215,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         lines += ["", f"{epochs} epochs. One test example is {100 / test:.2f} points ({test} test examples). "
                   "Seeds: " + " ".join(map(str, seeds)) + "."]
     if verdicts:
-        lines += ["", "Packed frozen optimizer state against slimfit default (paired): " + "; ".join(verdicts) + "."]
+        lines += ["", "Against slimfit with the optimizer state whole (paired): " + "; ".join(verdicts) + "."]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

@@ -162,12 +162,12 @@ class SlimFitConfig:
         None (the default) finds them: children of a ModuleList/Sequential that
         share a class. () compiles the whole model as one region, on purpose.
     optimizer_state: how the optimizer state of layers frozen for the next step
-        is held (torch.optim Adam/AdamW moments and SGD momentum): "full" (the
-        default) leaves it as the optimizer keeps it; "bf16" casts it to
-        bfloat16; "int8" packs it blockwise in 8 bits (one float32 scale per 256
+        is held (torch.optim Adam/AdamW moments and SGD momentum): "int8" (the
+        default) packs it blockwise in 8 bits (one float32 scale per 256
         elements: exp_avg as sign and log magnitude, exp_avg_sq as its square
         root on a log scale, SGD momentum linear; tensors under 4,096 elements
-        stay plain); "offload" moves it to pinned host memory (CUDA models only).
+        stay plain); "bf16" casts it to bfloat16; "full" leaves it as the
+        optimizer keeps it (lossless); "offload" moves it to pinned host memory (CUDA models only).
         A layer's state is unpacked before the optimizer step it trains in;
         `optimizer.state_dict()` returns it plain. Under FSDP2 (`fully_shard`)
         each rank packs its own shard of the state. See `cm.slimfit.optimizer_state_bytes`.
@@ -183,7 +183,7 @@ class SlimFitConfig:
     activation_memory_budget: float | None = None
     always_train: tuple[str, ...] = ()
     blocks: tuple[str | type, ...] | None = None
-    optimizer_state: str = "full"
+    optimizer_state: str = "int8"
 
     def __new__(cls, *args: object, **fields: object) -> "SlimFitConfig":
         # Before dataclass's __init__, whose "unexpected keyword argument" names no fix.

@@ -88,7 +88,7 @@ class FinetuneSettings:
     # SlimFitConfig.always_train. False scores them like any layer, as the paper does.
     train_new_layers: bool = True
     compression: str = "paper"
-    optimizer_state: str = "full"  # SlimFitConfig.optimizer_state
+    optimizer_state: str = "int8"  # SlimFitConfig.optimizer_state
     # SlimFitConfig.memory_budget ("2GiB"): "ils" then picks the freeze ratio (and,
     # where needed, the optimizer-state packing) that fits, instead of freeze_ratio
     memory_budget: str | int | None = None

@@ -35,56 +35,70 @@ def _metrics(acc, seconds=10.0, peak=2**30):
     return {"accuracy": acc, "train_seconds": seconds, "peak_rss_bytes": peak, "test_articles": 400}
 
 
+def _lines(text: str) -> dict[str, list[str]]:
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
+
+
 def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
-    reference, default = accuracy.REFERENCE, "slimfit default"
+    reference, full_state = accuracy.REFERENCE, accuracy.FULL_STATE_DEFAULT
     runs = {reference: {0: _metrics(0.90, 20.0), 1: _metrics(0.92, 40.0)},
-            default: {0: _metrics(0.89, 10.0, 2**29), 1: _metrics(0.92, 30.0, 2**30)},
+            full_state: {0: _metrics(0.89, 10.0, 2**29), 1: _metrics(0.92, 30.0, 2**30)},
             accuracy.FREEZING_ONLY: {1: _metrics(0.93)}}
-    rows = [reference, default, "LoRA r=8 (peft)"]
+    rows = [reference, full_state, "LoRA r=8 (peft)", accuracy.DEFAULT]
     text = accuracy.table(runs, rows, [0, 1, 2], "digits", 8)
-    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
+    lines = _lines(text)
     # 91.0 ± 1.0: stdev of (90, 92) is sqrt(2), over sqrt(2) seeds
     assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "", "30", "1,024"]
     # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; against freezing only seed 1
     # alone (-1.0, no SE); peak is the largest run's
-    assert lines[default] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)", "",
-                              "20", "1,024"]
+    assert lines[full_state] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)", "",
+                                 "20", "1,024"]
     assert lines["LoRA r=8 (peft)"][:2] == ["0 of 3", "not run"]
     assert "One test example is 0.25 points (400 test examples)" in text
-    command = next(line for line in text.splitlines() if line.startswith(f"* {default}:"))
+    command = next(line for line in text.splitlines() if line.startswith(f"* {full_state}:"))
     assert "--task digits" in command and "--method slimfit" in command and "--seed S " in command
-    assert "--epochs 8" in command
+    assert "--epochs 8" in command and "--optimizer-state full" in command
+    default = next(line for line in text.splitlines() if line.startswith(f"* {accuracy.DEFAULT}:"))
+    assert "--optimizer-state" not in default  # the default is whatever compile(model) does
 
 
-def test_optimizer_state_rows_compare_with_slimfit_default_against_their_standard_error():
-    default, int8, bf16 = "slimfit default", *accuracy._OPTIMIZER_STATE
-    runs = {default: {0: _metrics(0.80), 1: _metrics(0.84), 2: _metrics(0.82)},
-            int8: {0: _metrics(0.79), 1: _metrics(0.83), 2: _metrics(0.81)},
+def test_the_default_and_its_variants_compare_with_the_state_kept_whole_against_their_standard_error():
+    full, default, bf16 = accuracy.FULL_STATE_DEFAULT, accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state"
+    runs = {full: {0: _metrics(0.80), 1: _metrics(0.84), 2: _metrics(0.82)},
+            default: {0: _metrics(0.79), 1: _metrics(0.83), 2: _metrics(0.81)},
             bf16: {0: _metrics(0.82), 1: _metrics(0.83), 2: _metrics(0.82)},
-            "slimfit freezing only": {0: _metrics(0.78), 1: _metrics(0.85), 2: _metrics(0.81)}}
-    text = accuracy.table(runs, [default, int8, bf16], [0, 1, 2], "digits", 8)
-    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| row")}
-    assert lines[default][4] == ""  # the column is only the packed rows'
-    assert lines[int8][3] == "-0.33 ± 0.88 (3 paired)"  # vs freezing only (compression and packing): +1, -2, 0
-    # int8: -1 point on every seed, SE 0: a loss beyond it
-    assert lines[int8][4] == "-1.00 ± 0.00 (3 paired)"
+            accuracy.FREEZING_ONLY: {0: _metrics(0.78), 1: _metrics(0.85), 2: _metrics(0.81)}}
+    lines = _lines(text := accuracy.table(runs, [full, default, bf16], [0, 1, 2], "digits", 8))
+    assert lines[full][4] == ""  # the column is only the default's and its variants'
+    assert lines[full][3] == "+0.67 ± 0.88 (3 paired)"  # vs freezing only, the same state: +2, -1, +1
+    assert lines[default][3] == ""  # packed state and compression both differ from freezing only
+    # the default (int8 state): -1 point on every seed, SE 0: a loss beyond it
+    assert lines[default][4] == "-1.00 ± 0.00 (3 paired)"
     # bf16: +2, -1, 0: mean +0.33, SE sqrt(7/3) / sqrt(3) = 0.88
     assert lines[bf16][4] == "+0.33 ± 0.88 (3 paired)"
-    verdict = next(line for line in text.splitlines() if line.startswith("Packed frozen optimizer state"))
-    assert "int8 frozen optimizer state -1.00 ± 0.00 (3 paired), a loss beyond one standard error;" in verdict
+    verdict = next(line for line in text.splitlines() if line.startswith("Against slimfit with the optimizer"))
+    assert "slimfit default -1.00 ± 0.00 (3 paired), a loss beyond one standard error;" in verdict
     assert "bf16 frozen optimizer state +0.33 ± 0.88 (3 paired), within one standard error" in verdict
 
 
-def test_optimizer_state_rows_are_the_default_plus_the_packing_in_both_tasks():
+def test_rows_differ_from_the_row_they_are_compared_with_in_one_setting():
+    """The default runs compile(model)'s own optimizer state; the full-state and
+    bf16 rows add that one flag to it; every other slimfit row keeps the state
+    whole, as the full-state row and freezing only do."""
+    full = accuracy.FULL_STATE
     for task, spec in accuracy.TASKS.items():
-        assert spec["rows"][-2:] == accuracy._OPTIMIZER_STATE
-        default = accuracy.row_argv(task, "slimfit default", 0, 8)
-        for row, packing in zip(accuracy._OPTIMIZER_STATE, ("int8", "bf16")):
+        default = accuracy.row_argv(task, accuracy.DEFAULT, 0, 8)
+        assert "--optimizer-state" not in default
+        for row, packing in ((accuracy.FULL_STATE_DEFAULT, "full"), ("slimfit, bf16 frozen optimizer state", "bf16")):
+            assert row in spec["rows"]
             argv = accuracy.row_argv(task, row, 0, 8)
             at = argv.index("--optimizer-state")
             assert argv[at + 1] == packing and argv[:at] + argv[at + 2:] == default
+        for row in spec["rows"]:
+            method, args, _ = accuracy.ROWS[row]
+            if method == "slimfit" and row not in (accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state"):
+                assert accuracy._has(args, full), row
 
 
 def test_every_row_is_a_finetune_command_the_cli_accepts():
