@@ -81,6 +81,8 @@ def _blocks(flat: torch.Tensor) -> torch.Tensor:
 def _quantize(x: torch.Tensor, quantize_blocks, code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     flat = x.detach().reshape(-1)
     count = -(-flat.numel() // BLOCK)
+    if count <= CHUNK_BLOCKS:  # one pass: its codes and scales are the result
+        return quantize_blocks(_blocks(flat))
     codes = torch.empty(count, BLOCK, dtype=code_dtype, device=x.device)
     scale = torch.empty(count, dtype=torch.float32, device=x.device)
     for first in range(0, count, CHUNK_BLOCKS):
@@ -258,9 +260,11 @@ def _packable(key: str, value: object, format: str) -> bool:
     # Plain tensors and DTensors (fully_shard) whose shard is plain, judged by the
     # shard this rank holds; a tensor subclass an optimizer keeps (torchao's 8-bit
     # states) stays as it is.
+    if key not in INT8_CODE or not isinstance(value, torch.Tensor):  # packed already, or `step`
+        return False
     if is_dtensor(value):
         value = value.to_local()
-    return (key in INT8_CODE and type(value) is torch.Tensor
+    return (type(value) is torch.Tensor
             and value.is_floating_point() and value.numel() >= MIN_PACKED_NUMEL
             and value.element_size() > PACKED_ITEMSIZE[format])
 
