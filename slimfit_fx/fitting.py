@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from . import budget
-from .optimizer_state import adam_state_nbytes, entry_bytes
 from .host import trim_heap
+from .optimizer_state import adam_state_nbytes, entry_bytes
 from .shards import local
 
 if TYPE_CHECKING:

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import SlimFitError
-from .shards import is_dtensor, local
 from .policies.base import FreezePolicy, StepView
+from .shards import is_dtensor, local
 
 
 # Elements per slice in change_sum: 4 MiB of float32 per temporary.
