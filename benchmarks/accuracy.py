@@ -99,8 +99,8 @@ TASKS = {
         args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
         lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
         rows=[*_COMMON, "slimfit, attention output int8 alone", "slimfit, GELU input 4-bit alone",
-              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)",
-              "slimfit, bf16 frozen optimizer state"],
+              "slimfit, frozen LayerNorm top 10% alone", "slimfit, frozen norms float8 (norms-float8)",
+              "LISA (2 blocks, every 20 steps)", "slimfit, bf16 frozen optimizer state"],
         about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
               "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
               "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
