@@ -128,6 +128,10 @@ class FitToBudget:
         self._param_ids = {id(p) for p in params}
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
+    def rebind(self) -> None:
+        """Follow the model to new parameter objects (fully_shard after compile)."""
+        self._param_ids = {id(p) for p in self.slimfit.model.parameters()}
+
     # -- optimizer hooks (slimfit_fx.module._on_optimizer_steps): which optimizers hold state
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:

@@ -205,6 +205,9 @@ class SlimFit:
         for part in (self.schedule, self._optimizer_state):
             if part is not None:
                 part.rebind(layer_parameters)
+        self._outside_graphs.rebind()
+        if self.fit is not None:
+            self.fit.rebind()
         self._engine.config.names_by_id.update(parameter_names_by_identity(self.model))
 
     @property
@@ -462,10 +465,16 @@ class LayersOutsideGraphs:
 
     def __init__(self, slimfit: "SlimFit") -> None:
         self.slimfit = weakref.proxy(slimfit)
+        self.rebind()
+
+    def rebind(self) -> None:
+        """Follow the model to new parameter objects (fully_shard after compile)."""
+        # Kept, not gathered per step: walking the model's modules twice a step
+        # cost tiny BERT's step 0.5 ms (2.5%).
+        self._param_ids = {id(p) for p in self.slimfit.model.parameters()}
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        ids = {id(p) for p in self.slimfit.model.parameters()}
-        return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         slimfit = self.slimfit

@@ -57,6 +57,19 @@ LEVELS = 10
 _SQRT_TABLE = torch.cat([torch.zeros(1), torch.exp2((torch.arange(1, 256, dtype=torch.float32) - 255) / LEVELS)])
 _SIGNED_TABLE = torch.cat([torch.zeros(1), torch.exp2(
     (torch.arange(1, 128, dtype=torch.float32) - 127) / SIGNED_LEVELS)])
+# sign(code) * _SIGNED_TABLE[|code|] by the code's byte read as uint8 (two's
+# complement: 128..255 are -128..-1; -128 is never written): one lookup unpacks.
+_SIGNED_BYTE_TABLE = torch.cat([_SIGNED_TABLE, torch.zeros(1), -_SIGNED_TABLE[1:].flip(0)])
+_TINY = torch.finfo(torch.float32).tiny
+_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A code table on `device`, copied there once."""
+    key = (name, device)
+    if key not in _tables:
+        _tables[key] = {"sqrt": _SQRT_TABLE, "signed": _SIGNED_BYTE_TABLE}[name].to(device)
+    return _tables[key]
 
 
 # Packing frees the float moments it packs, and unpacking allocates them again
@@ -74,8 +87,11 @@ CHUNK_BLOCKS = 4096
 
 
 def _blocks(flat: torch.Tensor) -> torch.Tensor:
-    """A flat float tensor as rows of BLOCK, zero-padded, in float32."""
-    return torch.nn.functional.pad(flat.float(), (0, -flat.numel() % BLOCK)).view(-1, BLOCK)
+    """A flat float tensor as rows of BLOCK, zero-padded, in float32 (a view of
+    a float32 `flat` of whole blocks: the block functions never write to it)."""
+    pad = -flat.numel() % BLOCK
+    flat = flat.float()
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, BLOCK)
 
 
 def _quantize(x: torch.Tensor, quantize_blocks, code_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,6 +110,8 @@ def _quantize(x: torch.Tensor, quantize_blocks, code_dtype: torch.dtype) -> tupl
 def _dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype,
                 dequantize_blocks) -> torch.Tensor:
     numel = math.prod(shape)
+    if codes.shape[0] <= CHUNK_BLOCKS and numel == codes.numel():  # one pass, no padding to cut off
+        return dequantize_blocks(codes, scale).to(dtype).view(shape)
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     for first in range(0, codes.shape[0], CHUNK_BLOCKS):
         last = min(first + CHUNK_BLOCKS, codes.shape[0])
@@ -111,19 +129,24 @@ def _quantize_signed_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return codes, scale
 
 
+# The block functions below run in place on their own temporaries: on a small
+# model a step packs a few tensors of a few thousand elements, and the cost is
+# the count of ops, not their arithmetic.
 def _quantize_sqrt_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     root = blocks.sqrt()
     scale = root.amax(dim=1)
-    ratio = root / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    codes = torch.round(255 + LEVELS * torch.log2(ratio)).clamp_(1, 255)
-    return torch.where(ratio > 0, codes, torch.zeros_like(codes)).to(torch.uint8), scale
+    ratio = root.div_(scale.clamp_min(_TINY)[:, None])
+    zero = ratio == 0
+    codes = ratio.log2_().mul_(LEVELS).add_(255).round_().clamp_(1, 255).masked_fill_(zero, 0)
+    return codes.to(torch.uint8), scale
 
 
 def _quantize_signed_log_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = blocks.abs().amax(dim=1)
-    ratio = blocks.abs() / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    codes = torch.round(127 + SIGNED_LEVELS * torch.log2(ratio)).clamp_(0, 127)  # log2(0) = -inf -> 0
-    return (codes * blocks.sign()).to(torch.int8), scale
+    magnitude = blocks.abs()
+    scale = magnitude.amax(dim=1)
+    ratio = magnitude.div_(scale.clamp_min(_TINY)[:, None])
+    codes = ratio.log2_().mul_(SIGNED_LEVELS).add_(127).round_().clamp_(0, 127)  # log2(0) = -inf -> 0
+    return codes.mul_(blocks.sign()).to(torch.int8), scale
 
 
 def quantize_signed_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,9 +168,8 @@ def quantize_signed_log8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_signed_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
                            dtype: torch.dtype) -> torch.Tensor:
-    table = _SIGNED_TABLE.to(codes.device)
-    return _dequantize(codes, scale, shape, dtype,
-                       lambda c, s: table[c.abs().long()] * c.sign() * s[:, None])
+    table = _table("signed", codes.device)
+    return _dequantize(codes, scale, shape, dtype, lambda c, s: table[c.view(torch.uint8).long()] * s[:, None])
 
 
 def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +180,7 @@ def quantize_sqrt_log8(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_sqrt_log8(codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size,
                          dtype: torch.dtype) -> torch.Tensor:
-    table = _SQRT_TABLE.to(codes.device)
+    table = _table("sqrt", codes.device)
     return _dequantize(codes, scale, shape, dtype, lambda c, s: (table[c.long()] * s[:, None]).square())
 
 

@@ -747,3 +747,26 @@ def test_a_ranking_outside_the_candidates_is_refused_under_a_cap():
     optimizer = torch.optim.SGD(cm.parameters(), lr=1e-2)
     with pytest.raises(slimfit_fx.SlimFitError, match=r"ranked \['not\.a\.layer'\].*rank\(\)"):
         train(cm, case, optimizer, 2)
+
+
+def test_an_optimizer_step_walks_no_module_tree(monkeypatch):
+    # The step hooks run every step; on a small model walking the module tree
+    # to find the model's parameters cost 2.5% of each step. The hooks keep the
+    # identities they need and refresh them only when the parameters are replaced.
+    case = models.mlp()
+    cm = ils(case, optimizer_state="int8")
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+    train(cm, case, optimizer, steps=2)
+    walks = []
+    original = torch.nn.Module.named_modules
+
+    def counted(self, *args, **kwargs):
+        walks.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    case.loss(cm(**case.batch)).backward()
+    monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+    optimizer.step()
+    monkeypatch.undo()
+    assert walks == []
+    assert cm.slimfit.schedule.step == 3  # the hooks did run
