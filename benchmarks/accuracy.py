@@ -1,6 +1,6 @@
 """Accuracy side by side: full fine-tune, slimfit (default, with its frozen
-layers' optimizer state kept whole, freezing only, each compressed kind alone),
-LoRA and LISA, over seeds, on two tasks.
+layers' optimizer state kept whole, with the paper's norm pruning, freezing
+only, each compressed kind alone), LoRA and LISA, over seeds, on two tasks.
 
     python benchmarks/accuracy.py [--task bbc|digits] [--seeds 0 1 ...] [--rows NAME ...]
         [--epochs N] [--keep DIR [--kept-only]]
@@ -13,10 +13,11 @@ init (there is no checkpoint). Runs go seed by seed, rows in the task's order,
 so a cut-short run holds paired seeds. Per row the table gives mean accuracy ±
 its standard error over the seeds, the mean difference from the full fine-tune
 over the seeds both hold ± its standard error, for slimfit rows the same
-against freezing only (what one compressed kind alone costs), for the
-default (int8 frozen optimizer state) and the other variants of it the same
-against slimfit with the state kept whole (what packing, or another format,
-alone costs, also stated under the table against that standard error), mean train
+against freezing only (what one compressed kind alone costs), for a row
+that changes one setting of another (the default's int8 frozen optimizer state
+against it kept whole, the paper's norm pruning against float8 norms) the same
+against that row (what the setting alone costs, also stated under the table
+against that standard error), mean train
 seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
@@ -47,10 +48,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # rows that compare activation storage and schedules all keep it so, so that
 # one thing differs between a row and the row it is compared with.
 FULL_STATE = ["--optimizer-state", "full"]
+# The paper's pruning of frozen norms (the default stores them in float8).
+PAPER = ["--compression", "paper"]
 ROWS = {
     "eager full fine-tune": ("eager", [], "full"),
     "slimfit default": ("slimfit", [], "slimfit"),
     "slimfit, full optimizer state": ("slimfit", FULL_STATE, "slimfit"),
+    "slimfit, paper's norm pruning": ("slimfit", PAPER, "slimfit"),
+    "slimfit, paper's norm pruning, full optimizer state": ("slimfit", [*PAPER, *FULL_STATE], "slimfit"),
     "slimfit freezing only": ("slimfit", ["--compression", "off", *FULL_STATE], "slimfit"),
     "LoRA r=8 (peft)": ("lora", [], "lora"),
     "slimfit, Q/K/V int8 alone": ("slimfit", ["--compression", "only-qkv_bits", *FULL_STATE], "slimfit"),
@@ -62,8 +67,6 @@ ROWS = {
                                          "slimfit"),
     "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep", *FULL_STATE],
                                                 "slimfit"),
-    "slimfit, frozen norms float8 (norms-float8)": ("slimfit", ["--compression", "norms-float8", *FULL_STATE],
-                                                    "slimfit"),
     "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off", *FULL_STATE],
                                         "slimfit"),
     "slimfit, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
@@ -72,15 +75,22 @@ REFERENCE = "eager full fine-tune"
 # What a compressed kind alone costs: against the same freezing with nothing compressed.
 FREEZING_ONLY = "slimfit freezing only"
 DEFAULT = "slimfit default"
-# What packing the frozen layers' optimizer state costs (the default's int8, bf16),
-# or another format of the default's activations: against the default with the
-# state kept whole.
 FULL_STATE_DEFAULT = "slimfit, full optimizer state"
-AGAINST_FULL_STATE = [DEFAULT, "slimfit, bf16 frozen optimizer state", "slimfit, frozen norms float8 (norms-float8)"]
+# Rows that change one setting of another row, and that row: packing the frozen
+# layers' optimizer state (the default's int8, bf16) against the default with
+# the state kept whole; the paper's norm pruning against the default's float8
+# norms, with each optimizer state.
+VARIES = {
+    DEFAULT: FULL_STATE_DEFAULT,
+    "slimfit, bf16 frozen optimizer state": FULL_STATE_DEFAULT,
+    "slimfit, paper's norm pruning": DEFAULT,
+    "slimfit, paper's norm pruning, full optimizer state": FULL_STATE_DEFAULT,
+}
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
 # (no attention dropout, fused attention) the attention output instead.
-_COMMON = ["eager full fine-tune", "slimfit default", FULL_STATE_DEFAULT, "slimfit freezing only",
+_COMMON = ["eager full fine-tune", "slimfit default", FULL_STATE_DEFAULT, "slimfit, paper's norm pruning",
+           "slimfit, paper's norm pruning, full optimizer state", "slimfit freezing only",
            "LoRA r=8 (peft)", "slimfit, Q/K/V int8 alone"]
 TASKS = {
     "bbc": dict(
@@ -89,8 +99,7 @@ TASKS = {
         lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
         rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
               "slimfit, GELU output 8-bit alone", "slimfit, frozen LayerNorm top 10% alone",
-              "slimfit, frozen norms float8 (norms-float8)", "LISA (2 blocks, every 20 steps)",
-              "slimfit, bf16 frozen optimizer state"],
+              "LISA (2 blocks, every 20 steps)", "slimfit, bf16 frozen optimizer state"],
         about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
               "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
               "step with 90% of the layers frozen and the fresh head always training"),
@@ -99,8 +108,8 @@ TASKS = {
         args=["--task", "digits", "--batch-size", "64", "--lr-schedule", "linear", "--backend", "aot_eager"],
         lrs={"full": 3e-3, "slimfit": 3e-3, "lora": 3e-3},
         rows=[*_COMMON, "slimfit, attention output int8 alone", "slimfit, GELU input 4-bit alone",
-              "slimfit, frozen LayerNorm top 10% alone", "slimfit, frozen norms float8 (norms-float8)",
-              "LISA (2 blocks, every 20 steps)", "slimfit, bf16 frozen optimizer state"],
+              "slimfit, frozen LayerNorm top 10% alone", "LISA (2 blocks, every 20 steps)",
+              "slimfit, bf16 frozen optimizer state"],
         about="scikit-learn's digits (1,438 train / 359 test 8x8 images, stratified per seed), a ViT "
               "(patch 4, hidden 64, 3 layers, 4 heads, MLP 128) trained from random init: no checkpoint "
               "exists, so every row starts from scratch; batch 64, AdamW with linear decay to 0; slimfit "
@@ -159,8 +168,8 @@ def _vs(diffs: list[float]) -> str:
 
 
 def _verdict(row: str, diffs: list[float]) -> str:
-    """How `row`'s paired difference from the default with the optimizer state
-    kept whole compares with its standard error."""
+    """How `row`'s paired difference from the row it varies compares with its
+    standard error."""
     mean, se = mean_se(diffs)
     if math.isnan(se):
         where = "one seed, no standard error"
@@ -181,9 +190,8 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
     freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
-    full_state = {s: m["accuracy"] for s, m in runs.get(FULL_STATE_DEFAULT, {}).items()}
     lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
-             "vs freezing only, points (paired) | vs optimizer state whole, points (paired) | train s (mean) | "
+             "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = []
@@ -199,23 +207,24 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         args = ROWS[row][1]
         if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in args and _has(args, FULL_STATE):
             vs_freezing = _vs(paired_difference(accuracies, freezing))
-        vs_default = ""  # only the default and its variants against it with the state whole
-        if row in AGAINST_FULL_STATE:
-            diffs = paired_difference(accuracies, full_state)
-            vs_default = _vs(diffs)
+        vs_varied = ""  # only a row that changes one setting of another row
+        if row in VARIES:
+            varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
+            diffs = paired_difference(accuracies, varied)
+            vs_varied = f"{_vs(diffs)} vs {VARIES[row].removeprefix('slimfit, ')}"
             if diffs:
-                verdicts.append(_verdict(row, diffs))
+                verdicts.append(_verdict(row, diffs) + f" against {VARIES[row].removeprefix('slimfit, ')}")
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
         lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "
-                     f"{vs_default} | {seconds:.0f} | {peak:,.0f} |")
+                     f"{vs_varied} | {seconds:.0f} | {peak:,.0f} |")
     any_run = next((m for done in runs.values() for m in done.values()), None)
     if any_run is not None:
         test = any_run["test_articles"]
         lines += ["", f"{epochs} epochs. One test example is {100 / test:.2f} points ({test} test examples). "
                   "Seeds: " + " ".join(map(str, seeds)) + "."]
     if verdicts:
-        lines += ["", "Against slimfit with the optimizer state whole (paired): " + "; ".join(verdicts) + "."]
+        lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

@@ -23,7 +23,7 @@ from torch import nn
 
 import slimfit_fx
 
-from .config import COMPRESSION_PRESETS, KIND_FIELDS
+from .config import COMPRESSION_PRESETS, DEFAULT_COMPRESSION, KIND_FIELDS
 from .data import (TextClassificationData, digits_vit, load_classifier_and_new, load_digits, load_text_folders,
                    load_tokenizer, resolve_data_dir, resolve_model_dir)
 from .layers import find_layers
@@ -87,7 +87,7 @@ class FinetuneSettings:
     # "ils" never freezes the layers the checkpoint did not hold (the fresh head):
     # SlimFitConfig.always_train. False scores them like any layer, as the paper does.
     train_new_layers: bool = True
-    compression: str = "paper"
+    compression: str = DEFAULT_COMPRESSION
     optimizer_state: str = "int8"  # SlimFitConfig.optimizer_state
     # SlimFitConfig.memory_budget ("2GiB"): "ils" then picks the freeze ratio (and,
     # where needed, the optimizer-state packing) that fits, instead of freeze_ratio

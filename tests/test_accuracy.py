@@ -63,41 +63,56 @@ def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
     assert "--optimizer-state" not in default  # the default is whatever compile(model) does
 
 
-def test_the_default_and_its_variants_compare_with_the_state_kept_whole_against_their_standard_error():
+def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
     full, default, bf16 = accuracy.FULL_STATE_DEFAULT, accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state"
+    pruning = "slimfit, paper's norm pruning"
     runs = {full: {0: _metrics(0.80), 1: _metrics(0.84), 2: _metrics(0.82)},
             default: {0: _metrics(0.79), 1: _metrics(0.83), 2: _metrics(0.81)},
             bf16: {0: _metrics(0.82), 1: _metrics(0.83), 2: _metrics(0.82)},
+            pruning: {0: _metrics(0.78), 1: _metrics(0.83)},
             accuracy.FREEZING_ONLY: {0: _metrics(0.78), 1: _metrics(0.85), 2: _metrics(0.81)}}
-    lines = _lines(text := accuracy.table(runs, [full, default, bf16], [0, 1, 2], "digits", 8))
-    assert lines[full][4] == ""  # the column is only the default's and its variants'
+    lines = _lines(text := accuracy.table(runs, [full, default, bf16, pruning], [0, 1, 2], "digits", 8))
+    assert lines[full][4] == ""  # it varies no row here
     assert lines[full][3] == "+0.67 ± 0.88 (3 paired)"  # vs freezing only, the same state: +2, -1, +1
     assert lines[default][3] == ""  # packed state and compression both differ from freezing only
     # the default (int8 state): -1 point on every seed, SE 0: a loss beyond it
-    assert lines[default][4] == "-1.00 ± 0.00 (3 paired)"
+    assert lines[default][4] == "-1.00 ± 0.00 (3 paired) vs full optimizer state"
     # bf16: +2, -1, 0: mean +0.33, SE sqrt(7/3) / sqrt(3) = 0.88
-    assert lines[bf16][4] == "+0.33 ± 0.88 (3 paired)"
-    verdict = next(line for line in text.splitlines() if line.startswith("Against slimfit with the optimizer"))
-    assert "slimfit default -1.00 ± 0.00 (3 paired), a loss beyond one standard error;" in verdict
+    assert lines[bf16][4] == "+0.33 ± 0.88 (3 paired) vs full optimizer state"
+    # the paper's pruning against the default it varies: -1, 0 on the seeds both hold
+    assert lines[pruning][4] == "-0.50 ± 0.50 (2 paired) vs slimfit default"
+    verdict = next(line for line in text.splitlines() if line.startswith("Against the row each varies"))
+    assert ("slimfit default -1.00 ± 0.00 (3 paired), a loss beyond one standard error "
+            "against full optimizer state;") in verdict
     assert "bf16 frozen optimizer state +0.33 ± 0.88 (3 paired), within one standard error" in verdict
+    assert "paper's norm pruning -0.50 ± 0.50 (2 paired), within one standard error against slimfit default" in verdict
 
 
 def test_rows_differ_from_the_row_they_are_compared_with_in_one_setting():
-    """The default runs compile(model)'s own optimizer state; the full-state and
-    bf16 rows add that one flag to it; every other slimfit row keeps the state
-    whole, as the full-state row and freezing only do."""
+    """The default runs compile(model)'s own optimizer state and compression; the
+    full-state, bf16 and paper-pruning rows add one flag to it (the paper's
+    pruning with the state whole two: it varies the full-state row); every other
+    slimfit row keeps the state whole, as the full-state row and freezing only do."""
     full = accuracy.FULL_STATE
     for task, spec in accuracy.TASKS.items():
         default = accuracy.row_argv(task, accuracy.DEFAULT, 0, 8)
-        assert "--optimizer-state" not in default
-        for row, packing in ((accuracy.FULL_STATE_DEFAULT, "full"), ("slimfit, bf16 frozen optimizer state", "bf16")):
+        assert "--optimizer-state" not in default and "--compression" not in default
+        for row, flag, value in ((accuracy.FULL_STATE_DEFAULT, "--optimizer-state", "full"),
+                                 ("slimfit, bf16 frozen optimizer state", "--optimizer-state", "bf16"),
+                                 ("slimfit, paper's norm pruning", "--compression", "paper")):
             assert row in spec["rows"]
             argv = accuracy.row_argv(task, row, 0, 8)
-            at = argv.index("--optimizer-state")
-            assert argv[at + 1] == packing and argv[:at] + argv[at + 2:] == default
+            at = argv.index(flag)
+            assert argv[at + 1] == value and argv[:at] + argv[at + 2:] == default
+        for row, varied in accuracy.VARIES.items():
+            assert row in spec["rows"] and varied in spec["rows"]
+            one, other = accuracy.row_argv(task, row, 0, 8), accuracy.row_argv(task, varied, 0, 8)
+            extra = [a for a in one if a not in other] + [a for a in other if a not in one]
+            assert len(extra) in (1, 2), (row, extra)  # one flag's value, or one flag and its value
         for row in spec["rows"]:
             method, args, _ = accuracy.ROWS[row]
-            if method == "slimfit" and row not in (accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state"):
+            if method == "slimfit" and row not in (accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state",
+                                                   "slimfit, paper's norm pruning"):
                 assert accuracy._has(args, full), row
 
 
