@@ -12,9 +12,12 @@ parameter has optimizer state before the first step (as after every layer has
 trained once), so all sides pay the same optimizer: AdamW, or torchao's 8-bit
 AdamW in the rows that say so (`pip install -e '.[bench]'`), which are compared
 with eager on that optimizer too. slimfit's default packs the AdamW moments
-of the layers frozen for the next step in 8 bits (`optimizer_state="int8"`);
-the rows that say "full optimizer state" keep them whole
-(`optimizer_state="full"`, the default before it was "int8"), and so do the
+of the layers frozen for the next step in 8 bits (`optimizer_state="int8"`)
+and stores frozen norms' x_hat in float8 (`compression="norms-float8"`); the
+rows that say "paper compression" prune those norms to their top 10% per row
+as the paper does (`compression="paper"`, the default before "norms-float8"),
+the rows that say "full optimizer state" keep the moments whole
+(`optimizer_state="full"`, the default before "int8"), and so do the
 fixed-set rows, which compare how activations are stored. Total peak: the process's
 highest resident set size over the timed steps (the kernel's VmHWM, reset
 through /proc/self/clear_refs, so nothing samples and nothing competes with
@@ -68,29 +71,35 @@ class Contender:
 # The frozen layers' AdamW state kept whole, as it was by default before
 # optimizer_state="int8": what the fixed-set rows compare activations under.
 FULL_STATE = dict(optimizer_state="full")
+# The paper's pruning of frozen norms, the default before "norms-float8": every
+# row but the default names the compression it runs.
+PAPER = dict(compression="paper")
 CONTENDERS = {c.name: c for c in (
     Contender("eager, full fine-tune", "eager"),
     Contender("eager, slimfit's frozen set", "eager", frozen=True),
     Contender("torch.compile", "torch.compile"),
     Contender("torch.compile, memory budget 0.1", "torch.compile", memory_budget=0.1),
     Contender("slimfit default (ILS every step)", "slimfit"),
-    Contender("slimfit, full optimizer state (ILS every step)", "slimfit", options=FULL_STATE),
+    Contender("slimfit, paper compression (ILS every step)", "slimfit", options=PAPER),
+    Contender("slimfit, paper compression, full optimizer state (ILS every step)", "slimfit",
+              options=dict(**PAPER, **FULL_STATE)),
     Contender("slimfit, fixed set, compression off", "slimfit", frozen=True,
               options=dict(compression="off", **FULL_STATE)),
-    Contender("slimfit, fixed set, paper", "slimfit", frozen=True, options=FULL_STATE),
+    Contender("slimfit, fixed set, paper", "slimfit", frozen=True, options=dict(**PAPER, **FULL_STATE)),
     Contender("slimfit, fixed set, extended", "slimfit", frozen=True,
               options=dict(compression="extended", **FULL_STATE)),
     Contender("slimfit, fixed set, paper + memory budget 0.1", "slimfit", frozen=True,
-              options=dict(activation_memory_budget=0.1, **FULL_STATE)),
+              options=dict(activation_memory_budget=0.1, **PAPER, **FULL_STATE)),
     Contender("eager, full fine-tune, 8-bit AdamW", "eager", optimizer="adamw8bit"),
-    Contender("slimfit default, 8-bit AdamW", "slimfit", optimizer="adamw8bit"),
+    Contender("slimfit, paper compression, 8-bit AdamW", "slimfit", optimizer="adamw8bit", options=PAPER),
     Contender("eager, full fine-tune, gradient checkpointing", "eager", checkpointing=True),
-    Contender("slimfit, full optimizer state, gradient checkpointing", "slimfit", checkpointing=True,
-              options=FULL_STATE),
+    Contender("slimfit, paper compression, full optimizer state, gradient checkpointing", "slimfit",
+              checkpointing=True, options=dict(**PAPER, **FULL_STATE)),
 )}
 # Rows measured on request (--contenders): checkpointing trades a forward's
 # recompute for memory, a different bargain from the default rows'.
-ON_REQUEST = ("eager, full fine-tune, gradient checkpointing", "slimfit, full optimizer state, gradient checkpointing")
+ON_REQUEST = ("eager, full fine-tune, gradient checkpointing",
+              "slimfit, paper compression, full optimizer state, gradient checkpointing")
 RATIO = 0.9
 STATUS = Path("/proc/self/status")
 

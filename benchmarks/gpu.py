@@ -8,8 +8,9 @@ Cases: BERT-base bs 32 seq 128 (the paper's GLUE shape), ViT-B/16 bs 128 at
 dropout 0.1, fp32, AdamW over every parameter. Contenders: eager PyTorch,
 torch.compile, torch.compile with activation_memory_budget 0.1, and slimfit's
 default `slimfit_fx.compile(model)` (ILS after every optimizer step, 90% of the
-layers frozen, the paper's compression, frozen layers' AdamW state held in 8
-bits), and the same with that state kept whole (`optimizer_state="full"`). Each contender runs in
+layers frozen, the paper's compression with frozen norms in float8, frozen
+layers' AdamW state held in 8 bits), and the same with that state kept whole
+(`optimizer_state="full"`). Each contender runs in
 its own process, so no peak mixes with another's. After `--warmup` steps
 (enough for ILS to have trained every layer once, so AdamW holds state for
 every parameter, as eager's does) the allocator's cache is emptied, the peak

@@ -134,8 +134,9 @@ def _blocks(model: nn.Module, named: tuple | None) -> tuple[str, ...]:
             f"slimfit_fx found no repeated blocks in {type(model).__name__} (no ModuleList or "
             "Sequential holding two children of one class with parameters), so it compiles the "
             "whole model as one region: no compiled code is shared between layers (compile time "
-            "grows with depth) and norms are kept whole (norm_guard='blocks' prunes them inside "
-            "blocks only). Fix: name the blocks, e.g. slimfit_fx.compile(model, "
+            "grows with depth) and, where frozen norms are pruned (compression='paper'), they "
+            "are kept whole (norm_guard='blocks' prunes them inside blocks only). Fix: name the "
+            "blocks, e.g. slimfit_fx.compile(model, "
             "blocks=('layers.*',)) or blocks=(MyBlock,); blocks=() keeps one region and silences "
             "this warning", stacklevel=5)  # _blocks, SlimFit, SlimFitModule, compile, the caller
     return found

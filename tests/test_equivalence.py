@@ -86,7 +86,12 @@ def test_per_step_switch_sequences_on_bert_match_eager(data):
 def _switch_sequences_match_eager(model_name, data):
     case = FACTORIES[model_name]()
     reference = copy.deepcopy(case.model)
-    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off")
+    # Compression off and the frozen layers' optimizer state kept whole: both are
+    # lossy by design under the defaults (an SGD momentum packed to int8 while its
+    # layer is frozen moves the weight by ~1e-4 when it trains again); what they
+    # cost is the accuracy table's. This property is the compiled steps' own.
+    cm = slimfit_fx.compile(case.model, schedule="manual", backend="aot_eager", compression="off",
+                            optimizer_state="full")
     layers = cm.slimfit.layers
     sets = data.draw(st.lists(st.sets(st.sampled_from(layers)), min_size=2, max_size=5), label="sets")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (case.model, reference)]
