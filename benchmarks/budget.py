@@ -6,9 +6,10 @@ Each case first runs a probe (its own process, a budget nothing exceeds) that
 reads the prediction's terms, then picks two budgets between the floor (95%
 frozen, int8 optimizer state) and the peak of training every layer: 35% and
 80% of the way up. Each budget runs in a process of its own:
-`slimfit_fx.compile(model, memory_budget=B, compression="paper")` (the paper's
-norm pruning, the default when these tables were measured; the prediction reads
-the compiled regions' own saved bytes, whatever the compression), then AdamW on it, warm-up steps
+`slimfit_fx.compile(model, memory_budget=B, compression=C)` (`--compression`:
+"paper", the paper's norm pruning, by default, as the tables below it in the
+docs ran; the prediction reads the compiled regions' own saved bytes, whatever
+the compression), then AdamW on it, warm-up steps
 (the first compiles; by their end every layer has trained and holds optimizer
 state), then timed steps. Measured peak: the process's highest resident set
 size over the timed steps (the kernel's VmHWM, reset through
@@ -75,7 +76,7 @@ def build(name: str, **kwargs):
     return llama_small(**kwargs) if name == "llama-small" else zoo.build(name, **kwargs)
 
 
-def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str) -> dict:
+def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str, compression: str) -> dict:
     """One budget on one case, in this process."""
     import dataclasses
 
@@ -88,7 +89,7 @@ def run_one(case: str, memory_budget: int, steps: int, warmup: int, backend: str
     build(zoo_name, seed=0, **kwargs)  # imports the model's code; the baseline counts no module import
     baseline = rss()
     model, batch = build(zoo_name, seed=0, **kwargs)
-    cm = slimfit_fx.compile(model, memory_budget=memory_budget, backend=backend, compression="paper")
+    cm = slimfit_fx.compile(model, memory_budget=memory_budget, backend=backend, compression=compression)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-5)
     weights = sum(p.untyped_storage().nbytes() for p in model.parameters())
     phases = []
@@ -179,18 +180,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8,
                         help="steps before timing (compiles happen here; every layer trains once)")
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--compression", default="paper",
+                        help="compile's compression (the budget sections ran \"paper\"; the default is norms-float8)")
     parser.add_argument("--section", default="budget", help="docs/benchmarks.md section to write")
     parser.add_argument("--no-doc", action="store_true", help="print the table; leave docs/benchmarks.md")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "BUDGET"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend]
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", args.backend,
+              "--compression", args.compression]
     if args.child:
-        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.steps, args.warmup, args.backend)))
+        print(json.dumps(run_one(args.child[0], int(args.child[1]), args.steps, args.warmup, args.backend,
+                                 args.compression)))
         return
     rows: dict[tuple[str, int], dict | str] = {}
     for case in args.cases:
         probe = run_child([sys.executable, __file__, "--child", case, str(2**40), "--steps", "1", "--warmup", "2",
-                           "--backend", args.backend])
+                           "--backend", args.backend, "--compression", args.compression])
         print(f"{case} | probe: {probe}", flush=True)
         if isinstance(probe, str):
             rows[(case, 0)] = probe
@@ -199,7 +204,8 @@ def main() -> None:
             b = int(probe["floor"] + share * (probe["top"] - probe["floor"]))
             rows[(case, b)] = run_child([sys.executable, __file__, "--child", case, str(b), *common])
             print(f"{case} | {b / MIB:,.0f} MiB: {rows[(case, b)]}", flush=True)
-    text = (f"{__doc__.split(chr(10) * 2, 2)[2].strip()}\n\nBackend {args.backend}; warm-up {args.warmup} "
+    text = (f"{__doc__.split(chr(10) * 2, 2)[2].strip()}\n\nBackend {args.backend}, compression "
+            f"{args.compression!r}; warm-up {args.warmup} "
             f"steps, {args.steps} timed.\n\n{table(rows)}\n\nThe prediction's parts (MiB):\n\n{parts(rows)}")
     print(text, flush=True)
     if not args.no_doc:
