@@ -211,9 +211,10 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
             diffs = paired_difference(accuracies, varied)
-            vs_varied = f"{_vs(diffs)} vs {VARIES[row].removeprefix('slimfit, ')}"
+            name = VARIES[row].removeprefix("slimfit, ")
+            vs_varied = f"{_vs(diffs)} vs {name}"
             if diffs:
-                verdicts.append(_verdict(row, diffs) + f" against {VARIES[row].removeprefix('slimfit, ')}")
+                verdicts.append(_verdict(row, diffs) + f" against {name}")
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
         lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "

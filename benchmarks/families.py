@@ -159,6 +159,10 @@ FAMILIES = {
 }
 
 
+# The presets measured per family; "norms-float8" is compile(model)'s default.
+COMPRESSIONS = ("off", "paper", "norms-float8", "extended")
+
+
 NOTES = """"freeze only" is slimfit with compression off: what a region saves and
 what it stashes for the trainable layers' weight gradients, each storage counted
 once, as eager counts. Below 1.00x where backward reads a tensor for its shape
@@ -219,7 +223,7 @@ def measure(name: str, backend: str, freeze_ratio: float | None = None) -> dict:
     with eager_frozen(model, frozen):
         reference = grads_of(model, batch)
     row = {"layers": len(layers), "eager": eager}
-    for compression in ("off", "paper", "norms-float8", "extended"):
+    for compression in COMPRESSIONS:
         cm = slimfit_fx.compile(copy.deepcopy(model), schedule="manual", backend=backend, compression=compression)
         cm.slimfit.set_frozen(frozen)
         grads = grads_of(cm, batch)
@@ -257,7 +261,7 @@ def main() -> None:
             lines.append(f"| {name} | failed: {type(err).__name__}: {str(err).splitlines()[0][:120]} |")
             print(lines[-1], flush=True)
             continue
-        ratio = {c: r[c][0] / r["eager"] for c in ("off", "paper", "norms-float8", "extended")}
+        ratio = {c: r[c][0] / r["eager"] for c in COMPRESSIONS}
         packed = ", ".join(f"{k} {v}" for k, v in sorted(r["packed"].items())) or "-"
         left = ", ".join(f"{k} {v}" for k, v in sorted(r["left"].items())) or "-"
         lines.append(f"| {name} | {r['layers']} | {r['eager'] / 1024:.1f} | {ratio['off']:.2f}x | "

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import budget
 from .host import trim_heap
-from .optimizer_state import adam_state_nbytes, entry_bytes
+from .optimizer_state import adam_state_nbytes, entry_bytes, holds_any
 from .shards import local
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ class FitToBudget:
     # -- optimizer hooks (slimfit_fx.module._on_optimizer_steps): which optimizers hold state
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+        return holds_any(optimizer, self._param_ids)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizers.add(optimizer)

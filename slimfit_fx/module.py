@@ -24,7 +24,7 @@ from .config import SlimFitConfig
 from .errors import AlreadyCompiledError, CaptureError, SlimFitError
 from .graphs import RegionGraphs
 from .memory import MemoryBreakdown, eager_saved_bytes, memory_breakdown
-from .optimizer_state import FrozenLayerState, OptimizerStateBytes, check_offload, state_bytes
+from .optimizer_state import FrozenLayerState, OptimizerStateBytes, check_offload, holds_any, state_bytes
 from .layers import find_layers, parameter_aliases, parameter_names_by_identity, resolve_names
 from .report import Report, build_report
 from .policies import FreezePolicy, build_policy
@@ -475,7 +475,7 @@ class LayersOutsideGraphs:
         self._param_ids = {id(p) for p in self.slimfit.model.parameters()}
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+        return holds_any(optimizer, self._param_ids)
 
     def before_step(self, optimizer: torch.optim.Optimizer) -> None:
         slimfit = self.slimfit

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -372,6 +372,13 @@ def entry_bytes(entry: Mapping[str, object]) -> tuple[int, int]:
     return held, plain
 
 
+def holds_any(optimizer: torch.optim.Optimizer, ids: Collection[int]) -> bool:
+    """Whether `optimizer` holds a parameter whose id() is in `ids`: how each
+    step hook (schedule, state store, budget, outside-graph check) tells its
+    model's optimizers from others."""
+    return any(id(p) in ids for g in optimizer.param_groups for p in g["params"])
+
+
 class FrozenLayerState:
     """Packs and unpacks the optimizer state of one model's layers.
 
@@ -390,7 +397,7 @@ class FrozenLayerState:
         self._host_bytes_freed = 0  # by packing host tensors since the heap was last trimmed
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+        return holds_any(optimizer, self._param_ids)
 
     def rebind(self, parameters: Mapping[str, torch.nn.Parameter]) -> None:
         """Follow the layers to new parameter objects (fully_shard applied after

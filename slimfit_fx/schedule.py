@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import SlimFitError
+from .optimizer_state import holds_any
 from .policies.base import FreezePolicy, StepView
 from .shards import is_dtensor, local
 
@@ -246,7 +247,7 @@ class Schedule:
     # -- optimizer hooks -----------------------------------------------------------
 
     def owns(self, optimizer: torch.optim.Optimizer) -> bool:
-        return any(id(p) in self._param_ids for g in optimizer.param_groups for p in g["params"])
+        return holds_any(optimizer, self._param_ids)
 
     def rebind(self, parameters: dict[str, torch.nn.Parameter]) -> None:
         """Follow the layers to new parameter objects (fully_shard applied after
