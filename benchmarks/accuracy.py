@@ -24,7 +24,11 @@ run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 a run whose kept arguments are the very same is read back instead of rerun,
 so seeds and rows can be added later; --kept-only writes the table from the
 kept runs and runs nothing. Only the arguments are compared, not the code:
-empty DIR after changing slimfit_fx.
+empty DIR after changing slimfit_fx. `--keep benchmarks/runs` keeps them in the
+repository (.gitignore leaves out the plots and full reports), so a table can
+grow by seeds over several sittings and anyone can rewrite it with --kept-only.
+With --section NAME the table goes to a section of its own, so a table of some
+rows (--rows) leaves the task's full table in place.
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ ROWS = {
                                          "slimfit"),
     "slimfit, frozen LayerNorm top 10% alone": ("slimfit", ["--compression", "only-layernorm_keep", *FULL_STATE],
                                                 "slimfit"),
+    "slimfit, frozen norms float8 alone": ("slimfit", ["--compression", "only-layernorm_bits", *FULL_STATE],
+                                           "slimfit"),
     "LISA (2 blocks, every 20 steps)": ("slimfit", ["--schedule", "lisa", "--compression", "off", *FULL_STATE],
                                         "slimfit"),
     "slimfit, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
@@ -99,7 +105,7 @@ TASKS = {
         lrs={"full": 1e-4, "slimfit": 3e-4, "lora": 1e-3},
         rows=[*_COMMON, "slimfit, softmax uint8 alone", "slimfit, GELU input 4-bit alone",
               "slimfit, GELU output 8-bit alone", "slimfit, frozen LayerNorm top 10% alone",
-              "LISA (2 blocks, every 20 steps)", "slimfit, bf16 frozen optimizer state"],
+              "slimfit, frozen norms float8 alone", "LISA (2 blocks, every 20 steps)", "slimfit, bf16 frozen optimizer state"],
         about="all-MiniLM-L6-v2 (pretrained) with a fresh 5-class head on BBC News, batch 16, seq 128, "
               "AdamW with linear decay to 0; slimfit rows compile with inductor, ILS re-ranks after every "
               "step with 90% of the layers frozen and the fresh head always training"),
@@ -167,6 +173,14 @@ def _vs(diffs: list[float]) -> str:
     return _pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)" if diffs else "no paired seed"
 
 
+def _vs_loss(done: dict[int, dict], other: dict[int, dict]) -> str:
+    """The paired difference in test loss (x1000) over the seeds both runs recorded
+    it for, to put beside the accuracy's; "" where none did (runs before test_loss)."""
+    losses = {s: m["test_loss"] for s, m in other.items() if "test_loss" in m}
+    diffs = [1000 * (done[s]["test_loss"] - losses[s]) for s in sorted(done) if s in losses and "test_loss" in done[s]]
+    return f"; loss {_pm(*mean_se(diffs), sign=True)}" if diffs else ""
+
+
 def _verdict(row: str, diffs: list[float]) -> str:
     """How `row`'s paired difference from the row it varies compares with its
     standard error."""
@@ -190,40 +204,46 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
     freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
-    lines = ["| row | seeds | accuracy % (mean ± SE) | vs full fine-tune, points (paired mean ± SE) | "
+    lines = ["| row | seeds | accuracy % (mean ± SE) | test loss x1000 (mean ± SE) | "
+             "vs full fine-tune, points (paired mean ± SE) | "
              "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     verdicts = []
     for row in rows:
         done = runs.get(row, {})
         if not done:
-            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | | |")
+            lines.append(f"| {row} | 0 of {len(seeds)} | not run | | | | | | |")
             continue
         accuracy = mean_se([100 * m["accuracy"] for m in done.values()])
         accuracies = {s: m["accuracy"] for s, m in done.items()}
-        vs = "reference" if row == REFERENCE else _vs(paired_difference(accuracies, reference))
+        losses = [1000 * m["test_loss"] for m in done.values() if "test_loss" in m]
+        loss = _pm(*mean_se(losses)) if losses else ""
+        vs = ("reference" if row == REFERENCE else
+              _vs(paired_difference(accuracies, reference)) + _vs_loss(done, runs.get(REFERENCE, {})))
         vs_freezing = ""  # only slimfit rows with the same ILS freezing and state compare with it
         args = ROWS[row][1]
         if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in args and _has(args, FULL_STATE):
-            vs_freezing = _vs(paired_difference(accuracies, freezing))
+            vs_freezing = _vs(paired_difference(accuracies, freezing)) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
             diffs = paired_difference(accuracies, varied)
             name = VARIES[row].removeprefix("slimfit, ")
-            vs_varied = f"{_vs(diffs)} vs {name}"
+            vs_varied = f"{_vs(diffs)}{_vs_loss(done, runs.get(VARIES[row], {}))} vs {name}"
             if diffs:
                 verdicts.append(_verdict(row, diffs) + f" against {name}")
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
-        lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {vs} | {vs_freezing} | "
+        lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {loss} | {vs} | {vs_freezing} | "
                      f"{vs_varied} | {seconds:.0f} | {peak:,.0f} |")
     any_run = next((m for done in runs.values() for m in done.values()), None)
     if any_run is not None:
         test = any_run["test_articles"]
         lines += ["", f"{epochs} epochs. One test example is {100 / test:.2f} points ({test} test examples). "
-                  "Seeds: " + " ".join(map(str, seeds)) + "."]
+                  "Seeds: " + " ".join(map(str, seeds)) + ". Test loss: the mean cross-entropy over the test "
+                  "examples, x1000 (lower is better); \"loss\" after a paired difference in points is the paired "
+                  "difference in it, over the seeds whose runs recorded it."]
     if verdicts:
         lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
@@ -244,6 +264,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep each run directory under DIR/<task>/<row>/seed-N; a run already kept "
                              "with the same arguments is read back, not rerun")
+    parser.add_argument("--section", default=None,
+                        help="the docs/benchmarks.md section to write (default: the task's); a table of some "
+                             "rows (--rows) in a section of its own leaves the task's full table in place")
     parser.add_argument("--kept-only", action="store_true",
                         help="run nothing: write the table from the runs --keep holds")
     args = parser.parse_args()
@@ -275,7 +298,9 @@ def report(spec: dict, runs: dict[str, dict[int, dict]], rows: list[str], args, 
     body = spec["about"] + ".\n\n" + table(runs, rows, args.seeds, args.task, epochs)
     print(body, flush=True)
     other = _other_epochs(spec, epochs)
-    write_section(spec["section"] + other, spec["title"] + other.replace("-", " ").replace(" ", ", ", 1), body)
+    section = args.section or spec["section"] + other
+    title = spec["title"] + other.replace("-", " ").replace(" ", ", ", 1)
+    write_section(section, title + (f" ({section})" if args.section else ""), body)
 
 
 def _other_epochs(spec: dict, epochs: int) -> str:

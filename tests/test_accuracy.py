@@ -31,8 +31,9 @@ def test_paired_difference_uses_only_seeds_both_hold_in_points():
     assert diffs == pytest.approx([-1.0, 0.0])  # seed 3 has no reference, seed 2 no row
 
 
-def _metrics(acc, seconds=10.0, peak=2**30):
-    return {"accuracy": acc, "train_seconds": seconds, "peak_rss_bytes": peak, "test_articles": 400}
+def _metrics(acc, seconds=10.0, peak=2**30, loss=None):
+    metrics = {"accuracy": acc, "train_seconds": seconds, "peak_rss_bytes": peak, "test_articles": 400}
+    return metrics if loss is None else {**metrics, "test_loss": loss}
 
 
 def _lines(text: str) -> dict[str, list[str]]:
@@ -49,10 +50,10 @@ def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
     text = accuracy.table(runs, rows, [0, 1, 2], "digits", 8)
     lines = _lines(text)
     # 91.0 ± 1.0: stdev of (90, 92) is sqrt(2), over sqrt(2) seeds
-    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "reference", "", "", "30", "1,024"]
+    assert lines[reference] == ["2 of 3", "91.00 ± 1.00", "", "reference", "", "", "30", "1,024"]
     # per-seed differences -1.0 and 0.0: mean -0.5, SE 0.5; against freezing only seed 1
     # alone (-1.0, no SE); peak is the largest run's
-    assert lines[full_state] == ["2 of 3", "90.50 ± 1.50", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)", "",
+    assert lines[full_state] == ["2 of 3", "90.50 ± 1.50", "", "-0.50 ± 0.50 (2 paired)", "-1.00 (1 paired)", "",
                                  "20", "1,024"]
     assert lines["LoRA r=8 (peft)"][:2] == ["0 of 3", "not run"]
     assert "One test example is 0.25 points (400 test examples)" in text
@@ -61,6 +62,18 @@ def test_table_reports_mean_se_paired_difference_time_peak_and_commands():
     assert "--epochs 8" in command and "--optimizer-state full" in command
     default = next(line for line in text.splitlines() if line.startswith(f"* {accuracy.DEFAULT}:"))
     assert "--optimizer-state" not in default  # the default is whatever compile(model) does
+
+
+def test_test_loss_is_paired_beside_accuracy_over_the_seeds_that_recorded_it():
+    reference, full_state = accuracy.REFERENCE, accuracy.FULL_STATE_DEFAULT
+    runs = {reference: {0: _metrics(0.90, loss=0.30), 1: _metrics(0.92, loss=0.20), 2: _metrics(0.91)},
+            full_state: {0: _metrics(0.89, loss=0.33), 1: _metrics(0.92, loss=0.24), 2: _metrics(0.90, loss=0.1)},
+            accuracy.FREEZING_ONLY: {0: _metrics(0.90)}}
+    lines = _lines(accuracy.table(runs, [reference, full_state], [0, 1, 2], "digits", 8))
+    assert lines[reference][2] == "250.00 ± 50.00"  # x1000, over the two runs that have it
+    # loss differences +30, +40 (x1000) on seeds 0 and 1; seed 2's reference has none
+    assert lines[full_state][3] == "-0.67 ± 0.33 (3 paired); loss +35.00 ± 5.00"
+    assert lines[full_state][4] == "-1.00 (1 paired)"  # freezing only recorded no loss
 
 
 def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
@@ -72,15 +85,15 @@ def test_a_row_that_varies_another_compares_with_it_against_its_standard_error()
             pruning: {0: _metrics(0.78), 1: _metrics(0.83)},
             accuracy.FREEZING_ONLY: {0: _metrics(0.78), 1: _metrics(0.85), 2: _metrics(0.81)}}
     lines = _lines(text := accuracy.table(runs, [full, default, bf16, pruning], [0, 1, 2], "digits", 8))
-    assert lines[full][4] == ""  # it varies no row here
-    assert lines[full][3] == "+0.67 ± 0.88 (3 paired)"  # vs freezing only, the same state: +2, -1, +1
-    assert lines[default][3] == ""  # packed state and compression both differ from freezing only
+    assert lines[full][5] == ""  # it varies no row here
+    assert lines[full][4] == "+0.67 ± 0.88 (3 paired)"  # vs freezing only, the same state: +2, -1, +1
+    assert lines[default][4] == ""  # packed state and compression both differ from freezing only
     # the default (int8 state): -1 point on every seed, SE 0: a loss beyond it
-    assert lines[default][4] == "-1.00 ± 0.00 (3 paired) vs full optimizer state"
+    assert lines[default][5] == "-1.00 ± 0.00 (3 paired) vs full optimizer state"
     # bf16: +2, -1, 0: mean +0.33, SE sqrt(7/3) / sqrt(3) = 0.88
-    assert lines[bf16][4] == "+0.33 ± 0.88 (3 paired) vs full optimizer state"
+    assert lines[bf16][5] == "+0.33 ± 0.88 (3 paired) vs full optimizer state"
     # the paper's pruning against the default it varies: -1, 0 on the seeds both hold
-    assert lines[pruning][4] == "-0.50 ± 0.50 (2 paired) vs slimfit default"
+    assert lines[pruning][5] == "-0.50 ± 0.50 (2 paired) vs slimfit default"
     verdict = next(line for line in text.splitlines() if line.startswith("Against the row each varies"))
     assert ("slimfit default -1.00 ± 0.00 (3 paired), a loss beyond one standard error "
             "against full optimizer state;") in verdict
@@ -134,6 +147,10 @@ def test_single_kind_compressions_hold_one_kind_at_the_paper_format():
     assert [f for f in type(off).__dataclass_fields__ if getattr(only, f) != getattr(off, f)] == ["qkv_bits"]
     config = FinetuneSettings(compression="only-layernorm_keep").slimfit_config()
     assert config.compression_config.layernorm_keep == 0.1 and config.compression_config.qkv_bits is None
+    # the default's float8 norms, which the paper has no value for, alone
+    only = COMPRESSIONS["only-layernorm_bits"]
+    assert [f for f in type(off).__dataclass_fields__ if getattr(only, f) != getattr(off, f)] == ["layernorm_bits"]
+    assert only.layernorm_bits == COMPRESSION_PRESETS["norms-float8"].layernorm_bits == 8
 
 
 def test_compare_eager_needs_the_slimfit_method():
@@ -151,6 +168,8 @@ def test_digits_task_runs_each_method(tmp_path, method):
     metrics = json.loads((out / "metrics.json").read_text())[method]
     assert metrics["steps"] == 3 and metrics["test_articles"] == 10  # 10 digits x (3 train, 1 test); 30 // 8
     assert 0.0 <= metrics["accuracy"] <= 1.0
+    # mean cross-entropy over 10 classes after 3 steps from random init: near ln(10)
+    assert 0.5 < metrics["test_loss"] < 5.0
     assert metrics["peak_rss_bytes"] > 2**20 * 100  # the process, torch included
     if method == "lora":  # adapters on the 3 layers' q/k/v/o (rank 8, hidden 64) and the head
         assert metrics["trainable_parameters"] == 3 * 4 * 8 * (64 + 64) + 64 * 10 + 10
