@@ -102,6 +102,9 @@ class Region(torch.nn.Module):
         for slot in slots:
             if slot is not None:
                 step.stash(slot, slot.tap.operands(args, stashed), args, packed, engine.config.compression)
+        if engine.config.after_training_forward is not None:  # the byte budget's per-layer stash
+            for tap in compiled.taps:
+                step.read_by(names[self.input_positions[tap.weight_input]], tap.operands(args, stashed))
         result = outputs[:compiled.num_outputs]
         return tuple(result) if compiled.returns_tuple else result[0]
 
@@ -183,6 +186,31 @@ class StepInProgress:
     calls: list[tuple["Region", list[tuple[int, bool]]]] = field(default_factory=list)
     stash_bytes: dict[int, int] = field(default_factory=dict)
     stash_counters: Counter = field(default_factory=Counter)
+    # By the storage of a stashed operand as forward made it: the storages kept
+    # for it (itself, or its packed form), and, where the byte budget asks
+    # (`read_by`), every layer whose use reads it, frozen or not
+    stash_sources: dict[int, set[int]] = field(default_factory=dict)
+    stash_readers: dict[int, set[str]] = field(default_factory=dict)
+    layer_sources: dict[str, set[int]] = field(default_factory=dict)
+
+    def read_by(self, layer: str, operands: list[Any]) -> None:
+        """Note that `layer`'s use reads `operands` for its weight gradient."""
+        sources = self.layer_sources.setdefault(layer, set())
+        for operand in operands:
+            if isinstance(operand, torch.Tensor) and not isinstance(operand, torch.nn.Parameter):
+                ptr = operand.untyped_storage().data_ptr()
+                sources.add(ptr)
+                self.stash_readers.setdefault(ptr, set()).add(layer)
+
+    def stash_by_layer(self, uncounted: set[int]) -> dict[str, int]:
+        """Per layer whose every operand some trainable use stashed this step, its
+        share of the bytes kept for them, each storage split evenly among the
+        layers that read it (as `CapturedGraph.stash_bytes_by_layer` splits by
+        shape), storages in `uncounted` (held anyway) free. Needs `read_by`."""
+        kept = {src: sum(self.stash_bytes.get(ptr, 0) for ptr in stored if ptr not in uncounted)
+                for src, stored in self.stash_sources.items()}
+        return {layer: sum(kept[src] // len(self.stash_readers[src]) for src in sources)
+                for layer, sources in self.layer_sources.items() if all(src in kept for src in sources)}
 
     def stash(self, slot: TapSlot, operands: list[Any], args: tuple, packed: dict[int, Any],
               compression: CompressionConfig | None) -> None:
@@ -203,11 +231,14 @@ class StepInProgress:
                 kept.append(packed[id(operand)])
             else:
                 kept.append(operand)
-        for item in kept:
+        for operand, item in zip(operands, kept):
+            stored = self.stash_sources.setdefault(operand.untyped_storage().data_ptr(), set()) \
+                if isinstance(operand, torch.Tensor) else set()
             for t in (item[0] if isinstance(item, tuple) else (item,)):
                 storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
                 if storage is not None and storage.data_ptr() not in resident:
                     self.stash_bytes[storage.data_ptr()] = storage.nbytes()
+                    stored.add(storage.data_ptr())
         slot.operands = kept
         if fmt is not None:
             slot.unpack = functools.partial(_unpack_stashed, fmt)
@@ -295,6 +326,9 @@ class StepRecord:
     stash_bytes: int
     calls: list[tuple[Region, list[tuple[int, bool]]]]
     stash_counters: dict[str, int] = field(default_factory=dict)
+    # measured, per layer whose stash this step held (StepInProgress.stash_by_layer);
+    # empty unless the byte budget asked
+    stash_by_layer: dict[str, int] = field(default_factory=dict)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -531,7 +565,8 @@ class CapturedGraph:
             stash_only = {ptr: n for ptr, n in step.stash_bytes.items() if ptr not in held and ptr not in inputs}
             steps.last_step = StepRecord(frozen=frozen, saved_bytes=sum(held.values()) + sum(stash_only.values()),
                                          stash_bytes=sum(stash_only.values()), calls=step.calls,
-                                         stash_counters=dict(step.stash_counters))
+                                         stash_counters=dict(step.stash_counters),
+                                         stash_by_layer=step.stash_by_layer(held.keys() | inputs))
         finally:
             steps.current = StepInProgress()
             steps.last_training_call_end = time.perf_counter()

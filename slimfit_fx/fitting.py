@@ -2,7 +2,8 @@
 
 From the first training forward on, when shapes are known, `FitToBudget`
 gathers the terms of `budget.predict` from the live model (parameter sizes, the regions'
-measured saved bytes, the compiled stash shapes, the process's residue) and
+measured saved and stashed bytes, the compiled stash shapes where a layer has
+not trained yet, the process's residue) and
 applies what `budget.choose` returns: the schedule's freeze ratio, its cap on
 what trains at once (`budget.admits`) and the optimizer-state packing. It never
 picks a frozen set itself.
@@ -125,6 +126,8 @@ class FitToBudget:
         # to need, where `prediction.peak` bounds any set the cap admits.
         self.sets_peak: int | None = None
         self.forwards = 0
+        # per layer, the stash a forward measured it holding (StepRecord.stash_by_layer)
+        self.measured_stash: dict[str, int] = {}
         self._param_ids = {id(p) for p in params}
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
@@ -153,6 +156,7 @@ class FitToBudget:
             self._predict_ran_set()
             return
         self.residue = self.first_residue(record) if self.forwards == 1 else self.steady_residue(record)
+        self.measured_stash.update(record.stash_by_layer)
         self.terms_used = terms = _agreed(self.terms(graph, record), self.device)
         packings = self.packings()
         try:
@@ -185,7 +189,10 @@ class FitToBudget:
         slimfit = self.slimfit
         schedule = slimfit.schedule
         params = dict(slimfit.model.named_parameters())
-        stash = graph.stash_bytes_by_layer()
+        # Measured where a forward stashed a layer's operands: what they keep,
+        # each storage once, free where a region saves it anyway or it is a graph
+        # input, a view's whole storage; else from the compiled shapes.
+        stash = {**graph.stash_bytes_by_layer(), **self.measured_stash}
         candidates = [n for n in schedule.scheduled if n not in schedule.always_train]
         layers = tuple(budget.LayerTerms(
             name=n, gradient=_nbytes(params[n]), stash=stash.get(n, 0),

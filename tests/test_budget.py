@@ -187,14 +187,10 @@ def _train(cm, case, optimizer, steps):
         optimizer.zero_grad(set_to_none=True)
 
 
-def test_weights_and_optimizer_terms_equal_live_bytes_and_the_report_shows_both_peaks():
+@pytest.mark.parametrize("compression", ["norms-float8", "paper", "off"])
+def test_weights_and_optimizer_terms_equal_live_bytes_and_the_report_shows_both_peaks(compression):
     case = bert(batch=4, seq=16)
-    # "paper": with the norms in float8 (the default) the embedding norm's output,
-    # which "paper" saves whole and the first block's trainable layers stash for
-    # free, is stashed on its own, and the stash prediction, which does not know
-    # which region inputs a region saves whole, reads 5% low here (139,952 against
-    # 147,124 bytes); the 2% below holds for the paper's compression.
-    cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="4GiB", compression="paper")
+    cm = slimfit_fx.compile(case.model, backend="aot_eager", memory_budget="4GiB", compression=compression)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
     _train(cm, case, optimizer, 3)
     fit = cm.slimfit.fit
@@ -207,14 +203,21 @@ def test_weights_and_optimizer_terms_equal_live_bytes_and_the_report_shows_both_
     assert prediction.optimizer_state == state_bytes(optimizer).held
     step = cm.slimfit.last_step
     assert fit.terms_used.saved == step.saved_bytes - step.stash_bytes  # the regions' saved bytes, measured
-    # every layer trains: its stash, predicted from the compiled shapes, is what the step stashed
-    assert prediction.saved == pytest.approx(step.saved_bytes, rel=0.02)
+    # every layer trains: its stash, measured per layer at the choosing forwards, is
+    # what the step stashed, each storage once: free where a region saves it anyway
+    # (with compression off, 7 of this model's 11 hidden states; predicted from the
+    # compiled shapes it read 24% high), a view's whole storage (the pooler's first
+    # token: the last hidden state; from the shapes 5% low under float8 norms). Off
+    # by the bytes an even split among a storage's readers rounds away.
+    assert abs(prediction.saved - step.saved_bytes) <= 16
+    before = fit.meter.peak()
     text = str(cm.slimfit.report())
+    after = fit.meter.peak()  # the process may reach a new peak while the report is built
     predicted = re.search(r"predicted peak\s+([\d,.]+) MiB", text)
     measured = re.search(r"measured peak\s+([\d,.]+) MiB \((\d+)% of predicted", text)
     assert predicted and measured, text
     assert float(predicted.group(1).replace(",", "")) == pytest.approx(prediction.peak / 2**20, abs=0.05)
-    assert float(measured.group(1).replace(",", "")) == pytest.approx(fit.meter.peak() / 2**20, abs=0.05)
+    assert before / 2**20 - 0.05 <= float(measured.group(1).replace(",", "")) <= after / 2**20 + 0.05
     assert fit.meter.peak() > weights
     assert slimfit_fx.report.Report.from_json(cm.slimfit.report().to_json()).memory_budget["budget"] == 4 * 2**30
 
