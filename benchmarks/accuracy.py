@@ -173,12 +173,27 @@ def _vs(diffs: list[float]) -> str:
     return _pm(*mean_se(diffs), sign=True) + f" ({len(diffs)} paired)" if diffs else "no paired seed"
 
 
-def _vs_loss(done: dict[int, dict], other: dict[int, dict]) -> str:
-    """The paired difference in test loss (x1000) over the seeds both runs recorded
-    it for, to put beside the accuracy's; "" where none did (runs before test_loss)."""
+def _loss_diffs(done: dict[int, dict], other: dict[int, dict]) -> list[float]:
+    """Per-seed differences in test loss (x1000) over the seeds both runs recorded it for."""
     losses = {s: m["test_loss"] for s, m in other.items() if "test_loss" in m}
-    diffs = [1000 * (done[s]["test_loss"] - losses[s]) for s in sorted(done) if s in losses and "test_loss" in done[s]]
+    return [1000 * (done[s]["test_loss"] - losses[s]) for s in sorted(done) if s in losses and "test_loss" in done[s]]
+
+
+def _vs_loss(done: dict[int, dict], other: dict[int, dict]) -> str:
+    """The paired difference in test loss, to put beside the accuracy's; "" where
+    no seed has it on both sides (runs from before test_loss)."""
+    diffs = _loss_diffs(done, other)
     return f"; loss {_pm(*mean_se(diffs), sign=True)}" if diffs else ""
+
+
+def _loss_verdict(diffs: list[float]) -> str:
+    """How a paired test-loss difference compares with its standard error (higher loss is worse)."""
+    mean, se = mean_se(diffs)
+    if math.isnan(se) or se < 1e-12:
+        return f"test loss {_pm(mean, se, sign=True)}"
+    where = "within one standard error" if abs(mean) <= se else \
+        f"{'higher' if mean > 0 else 'lower'} by {abs(mean) / se:.1f} SE"
+    return f"test loss {_pm(mean, se, sign=True)}, {where}"
 
 
 def _verdict(row: str, diffs: list[float]) -> str:
@@ -209,7 +224,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
              "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts = []
+    verdicts, kinds = [], []
     for row in rows:
         done = runs.get(row, {})
         if not done:
@@ -225,6 +240,10 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         args = ROWS[row][1]
         if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in args and _has(args, FULL_STATE):
             vs_freezing = _vs(paired_difference(accuracies, freezing)) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
+            diffs = paired_difference(accuracies, freezing)
+            if diffs:
+                loss_diffs = _loss_diffs(done, runs.get(FREEZING_ONLY, {}))
+                kinds.append(_verdict(row, diffs) + (f"; {_loss_verdict(loss_diffs)}" if loss_diffs else ""))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
@@ -246,6 +265,8 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
                   "difference in it, over the seeds whose runs recorded it."]
     if verdicts:
         lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
+    if kinds:
+        lines += ["", "Against freezing only (paired; test loss x1000):", "", *(f"* {k}" for k in kinds)]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

@@ -74,6 +74,11 @@ def test_test_loss_is_paired_beside_accuracy_over_the_seeds_that_recorded_it():
     # loss differences +30, +40 (x1000) on seeds 0 and 1; seed 2's reference has none
     assert lines[full_state][3] == "-0.67 ± 0.33 (3 paired); loss +35.00 ± 5.00"
     assert lines[full_state][4] == "-1.00 (1 paired)"  # freezing only recorded no loss
+    runs[accuracy.FREEZING_ONLY] = {0: _metrics(0.90, loss=0.30), 1: _metrics(0.93, loss=0.22)}
+    text = accuracy.table(runs, [reference, full_state], [0, 1, 2], "digits", 8)
+    # against freezing only: -1, -1 points; loss +30, +20: mean +25, SE 5, 5.0 SE higher
+    assert ("* full optimizer state -1.00 ± 0.00 (2 paired), a loss beyond one standard error; "
+            "test loss +25.00 ± 5.00, higher by 5.0 SE") in text
 
 
 def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
