@@ -196,6 +196,27 @@ def _loss_verdict(diffs: list[float]) -> str:
     return f"test loss {_pm(mean, se, sign=True)}, {where}"
 
 
+# Student's t, two-sided 95%, by degrees of freedom (seeds - 1): a paired mean
+# over few seeds has an interval far wider than 2 standard errors.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def interval95(diffs: list[float]) -> tuple[float, float] | None:
+    """The 95% interval of the mean of `diffs` (t with len - 1 degrees of freedom,
+    the next smaller tabled count where it is not tabled); None under 2 values."""
+    if len(diffs) < 2:
+        return None
+    mean, se = mean_se(diffs)
+    t = T95[max(df for df in T95 if df <= len(diffs) - 1)] if len(diffs) - 1 <= 30 else 1.96
+    return mean - t * se, mean + t * se
+
+
+def _interval(diffs: list[float]) -> str:
+    bounds = interval95(diffs)
+    return "" if bounds is None else f", 95% interval {bounds[0]:+.2f} to {bounds[1]:+.2f}"
+
+
 def _verdict(row: str, diffs: list[float]) -> str:
     """How `row`'s paired difference from the row it varies compares with its
     standard error."""
@@ -243,7 +264,8 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             diffs = paired_difference(accuracies, freezing)
             if diffs:
                 loss_diffs = _loss_diffs(done, runs.get(FREEZING_ONLY, {}))
-                kinds.append(_verdict(row, diffs) + (f"; {_loss_verdict(loss_diffs)}" if loss_diffs else ""))
+                kinds.append(_verdict(row, diffs) + _interval(diffs)
+                             + (f"; {_loss_verdict(loss_diffs)}{_interval(loss_diffs)}" if loss_diffs else ""))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}

@@ -77,8 +77,21 @@ def test_test_loss_is_paired_beside_accuracy_over_the_seeds_that_recorded_it():
     runs[accuracy.FREEZING_ONLY] = {0: _metrics(0.90, loss=0.30), 1: _metrics(0.93, loss=0.22)}
     text = accuracy.table(runs, [reference, full_state], [0, 1, 2], "digits", 8)
     # against freezing only: -1, -1 points; loss +30, +20: mean +25, SE 5, 5.0 SE higher
-    assert ("* full optimizer state -1.00 ± 0.00 (2 paired), a loss beyond one standard error; "
-            "test loss +25.00 ± 5.00, higher by 5.0 SE") in text
+    # 95% intervals with t at 1 degree of freedom (12.706): +25 ± 63.53
+    assert ("* full optimizer state -1.00 ± 0.00 (2 paired), a loss beyond one standard error, "
+            "95% interval -1.00 to -1.00; test loss +25.00 ± 5.00, higher by 5.0 SE, "
+            "95% interval -38.53 to +88.53") in text
+
+
+def test_the_95_percent_interval_uses_student_t_for_the_seeds_it_has():
+    assert accuracy.interval95([1.0]) is None
+    low, high = accuracy.interval95([0.0, 2.0])  # mean 1, SE 1, t(1) 12.706
+    assert (low, high) == pytest.approx((1 - 12.706, 1 + 12.706))
+    diffs = [0.0, -3.0, -2.0, -3.0, -1.0, -3.0, 4.0]  # 7 seeds: t(6) 2.447
+    mean, se = accuracy.mean_se(diffs)
+    assert accuracy.interval95(diffs) == pytest.approx((mean - 2.447 * se, mean + 2.447 * se))
+    # 12 seeds, 11 degrees of freedom, not tabled: t(10) 2.228, the wider
+    assert accuracy.interval95([0.0, 1.0] * 6)[1] - 0.5 == pytest.approx(2.228 * accuracy.mean_se([0.0, 1.0] * 6)[1])
 
 
 def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
