@@ -214,7 +214,11 @@ def interval95(diffs: list[float]) -> tuple[float, float] | None:
 
 def _interval(diffs: list[float]) -> str:
     bounds = interval95(diffs)
-    return "" if bounds is None else f", 95% interval {bounds[0]:+.2f} to {bounds[1]:+.2f}"
+    if bounds is None:
+        return ""
+    if bounds[1] - bounds[0] < 1e-9:  # the same on every seed: no spread to size an interval from
+        return ", the same on every seed (no interval)"
+    return f", 95% interval {bounds[0]:+.2f} to {bounds[1]:+.2f}"
 
 
 def _verdict(row: str, diffs: list[float]) -> str:

@@ -79,7 +79,7 @@ def test_test_loss_is_paired_beside_accuracy_over_the_seeds_that_recorded_it():
     # against freezing only: -1, -1 points; loss +30, +20: mean +25, SE 5, 5.0 SE higher
     # 95% intervals with t at 1 degree of freedom (12.706): +25 ± 63.53
     assert ("* full optimizer state -1.00 ± 0.00 (2 paired), a loss beyond one standard error, "
-            "95% interval -1.00 to -1.00; test loss +25.00 ± 5.00, higher by 5.0 SE, "
+            "the same on every seed (no interval); test loss +25.00 ± 5.00, higher by 5.0 SE, "
             "95% interval -38.53 to +88.53") in text
 
 
