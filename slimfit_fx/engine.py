@@ -102,7 +102,7 @@ class Region(torch.nn.Module):
         for slot in slots:
             if slot is not None:
                 step.stash(slot, slot.tap.operands(args, stashed), args, packed, engine.config.compression)
-        if engine.config.after_training_forward is not None:  # the byte budget's per-layer stash
+        if engine.config.measures_stash():  # the byte budget's per-layer stash, while it chooses
             for tap in compiled.taps:
                 step.read_by(names[self.input_positions[tap.weight_input]], tap.operands(args, stashed))
         result = outputs[:compiled.num_outputs]
@@ -128,6 +128,9 @@ class EngineConfig:
     refresh_names: Callable[[], None] = lambda: None
     # called after every training forward with its graph and StepRecord (the byte budget's)
     after_training_forward: Callable[["CapturedGraph", "StepRecord"], None] | None = None
+    # whether this training forward should note who reads each stashed operand
+    # (StepInProgress.read_by): only while the byte budget still chooses
+    measures_stash: Callable[[], bool] = lambda: False
 
 
 class FrozenLayers:
@@ -206,7 +209,9 @@ class StepInProgress:
         """Per layer whose every operand some trainable use stashed this step, its
         share of the bytes kept for them, each storage split evenly among the
         layers that read it (as `CapturedGraph.stash_bytes_by_layer` splits by
-        shape), storages in `uncounted` (held anyway) free. Needs `read_by`."""
+        shape), storages in `uncounted` (held anyway) free. Empty without `read_by`."""
+        if not self.layer_sources:
+            return {}
         kept = {src: sum(self.stash_bytes.get(ptr, 0) for ptr in stored if ptr not in uncounted)
                 for src, stored in self.stash_sources.items()}
         return {layer: sum(kept[src] // len(self.stash_readers[src]) for src in sources)

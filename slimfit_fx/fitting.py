@@ -146,6 +146,11 @@ class FitToBudget:
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         pass
 
+    @property
+    def choosing(self) -> bool:
+        """Whether the next training forward still chooses (and measures the stash)."""
+        return self.forwards < CHOOSE_AT
+
     def after_training_forward(self, graph: "CapturedGraph", record: "StepRecord") -> None:
         """The first forward chooses with the residue compiling left then (partly
         garbage later steps free: the choice errs on the safe side); the next

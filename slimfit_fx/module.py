@@ -165,6 +165,7 @@ class SlimFit:
             compression=config.compression_config,
             activation_memory_budget=config.activation_memory_budget,
             after_training_forward=None if config.memory_budget is None else _fit_callback(self),
+            measures_stash=(lambda: False) if config.memory_budget is None else _fit_choosing(self),
         ))
         policy = build_policy(config)
         # Before the schedule's hooks, which drop the gradients of frozen layers.
@@ -558,6 +559,17 @@ def _fit_callback(slimfit: SlimFit):
             live.fit.after_training_forward(graph, record)
 
     return after_training_forward
+
+
+def _fit_choosing(slimfit: SlimFit):
+    """Whether the byte budget still chooses at the next training forward, holding `slimfit` weakly."""
+    ref = weakref.ref(slimfit)
+
+    def choosing() -> bool:
+        live = ref()
+        return live is not None and live.fit is not None and live.fit.choosing
+
+    return choosing
 
 
 def _on_optimizer_steps(target):
