@@ -264,8 +264,8 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
         vs_freezing = ""  # only slimfit rows with the same ILS freezing and state compare with it
         args = ROWS[row][1]
         if row != FREEZING_ONLY and ROWS[row][0] == "slimfit" and "--schedule" not in args and _has(args, FULL_STATE):
-            vs_freezing = _vs(paired_difference(accuracies, freezing)) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             diffs = paired_difference(accuracies, freezing)
+            vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
                 loss_diffs = _loss_diffs(done, runs.get(FREEZING_ONLY, {}))
                 kinds.append(_verdict(row, diffs) + _interval(diffs)
