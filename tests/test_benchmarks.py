@@ -4,6 +4,7 @@ and benchmarks/contenders.py on a tiny BERT (one process per contender, total
 peak and its breakdown)."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -74,7 +75,47 @@ def test_contenders_total_peak_and_breakdown_on_a_tiny_bert():
     assert [r[0].strip() for r in totals] == names == [r[0].strip() for r in parts], done.stdout
     for total, part in zip(totals, parts):
         numbers = [float(x.replace(",", "")) for x in part[1:]]
-        weights, state, rest, keeps, transients, backward, grads, temporaries, peak = numbers
+        weights, state, rest, keeps, transients, backward, grads, unpacked, temporaries, peak = numbers
         assert peak == float(total[1].replace(",", "")) > 0, done.stdout
         assert weights + state + rest <= peak + 1, done.stdout  # MiB cells round
+    # eager's state is whole all along (bytes from the printed rows: the table rounds to MiB)
+    rows = [ast.literal_eval(line.split(": ", 1)[1])
+            for line in done.stdout.splitlines() if line.startswith("bert-tiny bs2 seq12 | ")]
     assert totals[1][-1].strip() != "-" and totals[0][-1].strip() == "-", done.stdout  # compile s
+    assert rows[0]["state_unpacked"] == 0, done.stdout
+
+
+def test_contenders_counts_the_state_unpacked_for_a_step():
+    """The breakdown's "state unpacked for the step": exactly the float32 moments of
+    a layer that was frozen (its state packed) and trains again, less their packed form."""
+    import torch
+
+    import slimfit_fx
+    from slimfit_fx import zoo
+    from slimfit_fx.optimizer_state import PackedState
+
+    sys.path.insert(0, str(CONTENDERS.parent))
+    try:
+        import contenders
+    finally:
+        sys.path.remove(str(CONTENDERS.parent))
+    model, batch = zoo.build("bert-tiny", seed=0)
+    cm = slimfit_fx.compile(model, schedule="manual", backend="aot_eager")
+    layer = max(cm.slimfit.layers, key=lambda n: model.get_parameter(n).numel())  # named by its weight
+    weight = model.get_parameter(layer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> int:
+        cm(**batch).loss.backward()
+        _, unpacked = contenders.step_measuring_state(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        return unpacked
+
+    assert step() == 0  # first step: the state is made whole
+    cm.slimfit.set_frozen([layer])
+    assert step() == 0  # the layer is frozen: its moments are packed after this step
+    packed = sum(v.nbytes for v in optimizer.state[weight].values() if isinstance(v, PackedState))
+    assert packed > 0
+    cm.slimfit.set_frozen([])
+    assert step() == 2 * weight.numel() * 4 - packed  # trains again: both moments unpacked
+    assert step() == 0  # still training: nothing packed to unpack
