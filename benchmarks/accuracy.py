@@ -63,6 +63,8 @@ ROWS = {
     "slimfit freezing only": ("slimfit", ["--compression", "off", *FULL_STATE], "slimfit"),
     "LoRA r=8 (peft)": ("lora", [], "lora"),
     "slimfit, Q/K/V int8 alone": ("slimfit", ["--compression", "only-qkv_bits", *FULL_STATE], "slimfit"),
+    "slimfit, Q/K/V int8 per-row scale alone": ("slimfit", ["--compression", "only-qkv_bits-row", *FULL_STATE],
+                                                "slimfit"),
     "slimfit, softmax uint8 alone": ("slimfit", ["--compression", "only-softmax_bits", *FULL_STATE], "slimfit"),
     "slimfit, attention output int8 alone": ("slimfit", ["--compression", "only-attention_out_bits", *FULL_STATE],
                                              "slimfit"),
@@ -91,13 +93,15 @@ VARIES = {
     "slimfit, bf16 frozen optimizer state": FULL_STATE_DEFAULT,
     "slimfit, paper's norm pruning": DEFAULT,
     "slimfit, paper's norm pruning, full optimizer state": FULL_STATE_DEFAULT,
+    # the same width with a per-row scale against the paper's fixed point (Q3.4)
+    "slimfit, Q/K/V int8 per-row scale alone": "slimfit, Q/K/V int8 alone",
 }
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
 # (no attention dropout, fused attention) the attention output instead.
 _COMMON = ["eager full fine-tune", "slimfit default", FULL_STATE_DEFAULT, "slimfit, paper's norm pruning",
            "slimfit, paper's norm pruning, full optimizer state", "slimfit freezing only",
-           "LoRA r=8 (peft)", "slimfit, Q/K/V int8 alone"]
+           "LoRA r=8 (peft)", "slimfit, Q/K/V int8 alone", "slimfit, Q/K/V int8 per-row scale alone"]
 TASKS = {
     "bbc": dict(
         title="Accuracy side by side (BBC News)", section="accuracy", epochs=3,

@@ -20,6 +20,8 @@ NORM_GUARDS = ("blocks", "bypass", "none")
 # CompressionConfig's per-kind fields and their "paper" values, from the kinds
 # compress_saved knows; each field's format validates its values.
 KIND_FIELDS: dict[str, int | float | None] = {name: paper for name, (paper, _) in config_fields().items()}
+# the fields stored in the paper's fixed point, which scale="row" turns per-row
+FIXED_POINT_FIELDS = tuple(name for name, (_, fmt) in config_fields().items() if fmt.name == "fixed_point")
 
 
 def compression_config_class(kinds: tuple[Kind, ...] = KINDS) -> type:

@@ -23,7 +23,7 @@ from torch import nn
 
 import slimfit_fx
 
-from .config import COMPRESSION_PRESETS, DEFAULT_COMPRESSION, KIND_FIELDS
+from .config import COMPRESSION_PRESETS, DEFAULT_COMPRESSION, FIXED_POINT_FIELDS, KIND_FIELDS
 from .data import (TextClassificationData, digits_vit, load_classifier_and_new, load_digits, load_text_folders,
                    load_tokenizer, resolve_data_dir, resolve_model_dir)
 from .layers import find_layers
@@ -42,14 +42,18 @@ LORA = dict(r=8, lora_alpha=16, lora_dropout=0.1,
                             "q_proj", "k_proj", "v_proj", "o_proj"])  # ViT (transformers 5)
 # The presets, and each compressed kind alone ("only-<field>": that field at its
 # paper value, or the default's where the paper has none, such as the default's
-# float8 norms; every other kind kept whole) to find which kind costs accuracy.
+# float8 norms; every other kind kept whole) to find which kind costs accuracy;
+# "only-<field>-row" is the same with a per-row scale (scale="row") for a field
+# whose format is the paper's fixed point, to tell its format's cost from its width's.
 _OFF = COMPRESSION_PRESETS["off"]
 _DEFAULT = COMPRESSION_PRESETS[DEFAULT_COMPRESSION]
+_ALONE = {field: dataclasses.replace(_OFF, **{field: value})
+          for field, paper in KIND_FIELDS.items()
+          if (value := paper if paper not in (None, False) else getattr(_DEFAULT, field)) not in (None, False)}
 COMPRESSIONS = {**COMPRESSION_PRESETS,
-                **{f"only-{field}": dataclasses.replace(_OFF, **{field: value})
-                   for field, paper in KIND_FIELDS.items()
-                   if (value := paper if paper not in (None, False) else getattr(_DEFAULT, field))
-                   not in (None, False)}}
+                **{f"only-{field}": config for field, config in _ALONE.items()},
+                **{f"only-{field}-row": dataclasses.replace(config, scale="row")
+                   for field, config in _ALONE.items() if field in FIXED_POINT_FIELDS}}
 # FinetuneSettings mirrors `slimfit-fx finetune`'s flags; errors name the flag.
 FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "max_length": "--seq-len", "lr": "--lr",
          "eager_lr": "--eager-lr", "lr_schedule": "--lr-schedule", "schedule": "--schedule",

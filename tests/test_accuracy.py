@@ -169,6 +169,11 @@ def test_single_kind_compressions_hold_one_kind_at_the_paper_format():
     only = COMPRESSIONS["only-layernorm_bits"]
     assert [f for f in type(off).__dataclass_fields__ if getattr(only, f) != getattr(off, f)] == ["layernorm_bits"]
     assert only.layernorm_bits == COMPRESSION_PRESETS["norms-float8"].layernorm_bits == 8
+    # the same kind with a per-row scale: only for the fields stored in the paper's fixed point
+    row = COMPRESSIONS["only-qkv_bits-row"]
+    assert [f for f in type(off).__dataclass_fields__ if getattr(row, f) != getattr(off, f)] == ["qkv_bits", "scale"]
+    assert row.qkv_bits == 8 and row.scale == "row" and off.scale == "fixed"
+    assert "only-gelu_output_bits-row" not in COMPRESSIONS and "only-layernorm_bits-row" not in COMPRESSIONS
 
 
 def test_compare_eager_needs_the_slimfit_method():
