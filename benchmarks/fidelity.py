@@ -34,6 +34,7 @@ CASES = {
     "extended": "extended",
     # each kind alone at the paper's format: the configs `finetune --compression only-<field>` runs
     "Q/K/V int8 Q3.4 alone": COMPRESSIONS["only-qkv_bits"],
+    "Q/K/V int8 per-row scale alone": COMPRESSIONS["only-qkv_bits-row"],
     "softmax uint8 alone": COMPRESSIONS["only-softmax_bits"],
     "GELU input 4-bit alone": COMPRESSIONS["only-gelu_input_bits"],
     "GELU output float8 alone": COMPRESSIONS["only-gelu_output_bits"],
@@ -48,15 +49,19 @@ CASES = {
 
 
 def stored_tensors(model_dir, batch) -> str:
-    """SQNR of the tensors two kinds store, packed and unpacked by each candidate
+    """SQNR of the tensors three kinds store, packed and unpacked by each candidate
     format, from one eval forward of the pretrained model (no training, no head
     effect): the GELU outputs (the FFN output dense's input) and the encoder
-    LayerNorms' x_hat (a frozen norm's input gradient reads it)."""
+    LayerNorms' x_hat (a frozen norm's input gradient reads it), and the
+    attention's Q, K and V (the projections' outputs, before the heads split)."""
     from slimfit_fx import ops
 
     model = load_classifier(model_dir, 5).eval()
-    gelu, x_hat = [], []
+    gelu, x_hat, qkv = [], [], []
     for name, module in model.named_modules():
+        if name.endswith(("attention.self.query", "attention.self.key", "attention.self.value")):
+            label, layer = name.rsplit(".", 1)[1][0].upper(), int(name.split("layer.")[1].split(".")[0])
+            module.register_forward_hook(lambda m, i, o, key=(label, layer): qkv.append((*key, o.detach())))
         if type(module).__name__ == "BertIntermediate":
             module.register_forward_hook(lambda m, i, o: gelu.append(o.detach()))
         if isinstance(module, torch.nn.LayerNorm) and ".encoder." in f".{name}":
@@ -78,10 +83,12 @@ def stored_tensors(model_dir, batch) -> str:
     }
     lines = ["| tensor | layer | largest value | " + " | ".join(f"{f} dB" for f in formats) + " |",
              "|---|---:|---:|" + "---:|" * len(formats)]
-    for label, tensors in (("GELU output", gelu), ("LayerNorm x_hat", x_hat)):
-        for i, x in enumerate(tensors):
-            cells = " | ".join(f"{sqnr(x, back(x)):.1f}" for back in formats.values())
-            lines.append(f"| {label} | {i} | {x.abs().max().item():.1f} | {cells} |")
+    named = [*(("GELU output", i, x) for i, x in enumerate(gelu)),
+             *(("LayerNorm x_hat", i, x) for i, x in enumerate(x_hat)),
+             *qkv]
+    for label, layer, x in named:
+        cells = " | ".join(f"{sqnr(x, back(x)):.1f}" for back in formats.values())
+        lines.append(f"| {label} | {layer} | {x.abs().max().item():.1f} | {cells} |")
     return "\n".join(lines)
 
 
