@@ -280,8 +280,7 @@ def breakdown(rows: dict[str, dict | str]) -> str:
             _mib(r["resident"] - r["weights"] - r["optimizer_state"]),
             _mib(r["after_forward"] - r["resident"]), _mib(r["forward_peak"] - r["after_forward"]),
             _mib(r["backward_peak"] - r["resident"]), _mib(r["grads"]),
-            _mib(r.get("state_unpacked", 0)),
-            _mib(r["optimizer_peak"] - r["after_backward"] - r.get("state_unpacked", 0)),
+            _mib(r["state_unpacked"]), _mib(r["optimizer_peak"] - r["after_backward"] - r["state_unpacked"]),
             _mib(r["total_peak"])]) + " |")
     return "\n".join(lines)
 

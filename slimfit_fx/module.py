@@ -164,8 +164,7 @@ class SlimFit:
             blocks=_blocks(model, config.blocks),
             compression=config.compression_config,
             activation_memory_budget=config.activation_memory_budget,
-            after_training_forward=None if config.memory_budget is None else _fit_callback(self),
-            measures_stash=(lambda: False) if config.memory_budget is None else _fit_choosing(self),
+            **({} if config.memory_budget is None else _fit_hooks(self)),
         ))
         policy = build_policy(config)
         # Before the schedule's hooks, which drop the gradients of frozen layers.
@@ -549,27 +548,23 @@ def _start_optimizer_state(slimfit: SlimFit, layer_parameters: dict[str, nn.Para
     return _on_optimizer_steps(store)
 
 
-def _fit_callback(slimfit: SlimFit):
-    """The engine's after-training-forward call, holding `slimfit` weakly."""
+def _fit_hooks(slimfit: SlimFit) -> dict:
+    """The byte budget's EngineConfig calls, holding `slimfit` weakly: after every
+    training forward, and whether the next one still chooses (and measures the stash)."""
     ref = weakref.ref(slimfit)
+
+    def fit():
+        live = ref()
+        return None if live is None else live.fit
 
     def after_training_forward(graph, record) -> None:
-        live = ref()
-        if live is not None and live.fit is not None:
-            live.fit.after_training_forward(graph, record)
+        if (live := fit()) is not None:
+            live.after_training_forward(graph, record)
 
-    return after_training_forward
+    def measures_stash() -> bool:
+        return (live := fit()) is not None and live.choosing
 
-
-def _fit_choosing(slimfit: SlimFit):
-    """Whether the byte budget still chooses at the next training forward, holding `slimfit` weakly."""
-    ref = weakref.ref(slimfit)
-
-    def choosing() -> bool:
-        live = ref()
-        return live is not None and live.fit is not None and live.fit.choosing
-
-    return choosing
+    return dict(after_training_forward=after_training_forward, measures_stash=measures_stash)
 
 
 def _on_optimizer_steps(target):
