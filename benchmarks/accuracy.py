@@ -18,7 +18,11 @@ that changes one setting of another (the default's int8 frozen optimizer state
 against it kept whole, the paper's norm pruning against float8 norms) the same
 against that row (what the setting alone costs, also stated under the table
 against that standard error), mean train
-seconds (compile included) and the largest peak RSS. Writes its task's section of docs/benchmarks.md after every
+seconds (compile included) and the largest peak RSS. Under the table, each row
+against freezing only seed by seed in test examples, with its 95% interval
+(Student's t), its paired t-test's p and that p Holm-adjusted over the rows
+compared together (they share the freezing-only runs; scipy.stats does the
+statistics). Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
 a run whose kept arguments are the very same is read back instead of rerun,
@@ -43,6 +47,8 @@ import sys
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
+
+from scipy import stats
 
 from doc import write_section
 
@@ -190,39 +196,34 @@ def _vs_loss(done: dict[int, dict], other: dict[int, dict]) -> str:
     return f"; loss {_pm(*mean_se(diffs), sign=True)}" if diffs else ""
 
 
-def _loss_verdict(diffs: list[float]) -> str:
-    """How a paired test-loss difference compares with its standard error (higher loss is worse)."""
-    mean, se = mean_se(diffs)
-    if math.isnan(se) or se < 1e-12:
-        return f"test loss {_pm(mean, se, sign=True)}"
-    where = "within one standard error" if abs(mean) <= se else \
-        f"{'higher' if mean > 0 else 'lower'} by {abs(mean) / se:.1f} SE"
-    return f"test loss {_pm(mean, se, sign=True)}, {where}"
-
-
-# Student's t, two-sided 95%, by degrees of freedom (seeds - 1): a paired mean
-# over few seeds has an interval far wider than 2 standard errors.
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
 def interval95(diffs: list[float]) -> tuple[float, float] | None:
-    """The 95% interval of the mean of `diffs` (t with len - 1 degrees of freedom,
-    the next smaller tabled count where it is not tabled); None under 2 values."""
+    """The 95% interval of the mean of `diffs` (Student's t with len - 1 degrees of
+    freedom: over few seeds far wider than 2 standard errors); None under 2 values."""
     if len(diffs) < 2:
         return None
     mean, se = mean_se(diffs)
-    t = T95[max(df for df in T95 if df <= len(diffs) - 1)] if len(diffs) - 1 <= 30 else 1.96
+    t = stats.t.ppf(0.975, len(diffs) - 1)
     return mean - t * se, mean + t * se
 
 
-def _interval(diffs: list[float]) -> str:
-    bounds = interval95(diffs)
-    if bounds is None:
-        return ""
-    if bounds[1] - bounds[0] < 1e-9:  # the same on every seed: no spread to size an interval from
-        return ", the same on every seed (no interval)"
-    return f", 95% interval {bounds[0]:+.2f} to {bounds[1]:+.2f}"
+def p_value(diffs: list[float]) -> float:
+    """Two-sided p of a paired mean difference from 0 (Student's t); nan under 2
+    values or with the same difference on every seed (no spread to test against)."""
+    if len(diffs) < 2 or mean_se(diffs)[1] < 1e-12:
+        return math.nan
+    return float(stats.ttest_1samp(diffs, 0.0).pvalue)
+
+
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjustment of p-values tested together: calling those under
+    0.05 a real difference keeps the chance of any false alarm among them at 5%.
+    nan p-values are left out of the count and stay nan."""
+    tested = sorted((name for name, p in pvalues.items() if not math.isnan(p)), key=pvalues.get)
+    adjusted, running = {name: math.nan for name in pvalues}, 0.0
+    for rank, name in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * pvalues[name]))
+        adjusted[name] = running
+    return adjusted
 
 
 def _verdict(row: str, diffs: list[float]) -> str:
@@ -238,6 +239,36 @@ def _verdict(row: str, diffs: list[float]) -> str:
         if se > 1e-9:  # equal differences on every seed have none to divide by
             where += f" ({abs(mean) / se:.1f} SE)"
     return f"{row.removeprefix('slimfit, ')} {_vs(diffs)}, {where}"
+
+
+def _signed(count: int) -> str:
+    return f"{count:+d}" if count else "0"
+
+
+def _against_freezing(kinds: list[tuple[str, dict[int, float], list[float]]], freezing: dict[int, float],
+                      test: int) -> list[str]:
+    """Each row against freezing only, seed by seed in test examples, with the
+    paired mean, its 95% interval, its p and that p Holm-adjusted over the rows
+    tested together here: every row leans on the same freezing-only runs, and
+    among several rows one interval that leaves out 0 by chance is no surprise."""
+    diffs = {row: paired_difference(accuracies, freezing) for row, accuracies, _ in kinds}
+    adjusted = holm({row: p_value(d) for row, d in diffs.items()})
+    seeds = sorted({s for _, accuracies, _ in kinds for s in accuracies if s in freezing})
+    lines = [f"Against freezing only, paired: per seed in test examples right (net), the mean in points, and "
+             f"p Holm-adjusted over the {len(kinds)} rows compared here (test loss x1000, paired):", "",
+             "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | points (mean ± SE) | 95% interval | p | "
+             "p, Holm | test loss (mean ± SE) |",
+             "|---|" + "---:|" * (len(seeds) + 5)]
+    for row, accuracies, loss_diffs in kinds:
+        cells = [_signed(round(test * (accuracies[s] - freezing[s]))) if s in accuracies else "" for s in seeds]
+        bounds = interval95(diffs[row])
+        interval = "" if bounds is None or bounds[1] - bounds[0] < 1e-9 else f"{bounds[0]:+.2f} to {bounds[1]:+.2f}"
+        p, held = p_value(diffs[row]), adjusted[row]
+        lines.append(f"| {row.removeprefix('slimfit, ')} | " + " | ".join(cells) + f" | {_vs(diffs[row])} | "
+                     f"{interval} | {'' if math.isnan(p) else f'{p:.3f}'} | "
+                     f"{'' if math.isnan(held) else f'{held:.3f}'} | "
+                     f"{_pm(*mean_se(loss_diffs), sign=True) if loss_diffs else ''} |")
+    return lines
 
 
 def _has(args: list[str], part: list[str]) -> bool:
@@ -271,9 +302,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             diffs = paired_difference(accuracies, freezing)
             vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
-                loss_diffs = _loss_diffs(done, runs.get(FREEZING_ONLY, {}))
-                kinds.append(_verdict(row, diffs) + _interval(diffs)
-                             + (f"; {_loss_verdict(loss_diffs)}{_interval(loss_diffs)}" if loss_diffs else ""))
+                kinds.append((row, accuracies, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
@@ -296,7 +325,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
     if verdicts:
         lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
     if kinds:
-        lines += ["", "Against freezing only (paired; test loss x1000):", "", *(f"* {k}" for k in kinds)]
+        lines += ["", *_against_freezing(kinds, freezing, any_run["test_articles"])]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

@@ -76,22 +76,52 @@ def test_test_loss_is_paired_beside_accuracy_over_the_seeds_that_recorded_it():
     assert lines[full_state][4] == "-1.00 (1 paired)"  # freezing only recorded no loss
     runs[accuracy.FREEZING_ONLY] = {0: _metrics(0.90, loss=0.30), 1: _metrics(0.93, loss=0.22)}
     text = accuracy.table(runs, [reference, full_state], [0, 1, 2], "digits", 8)
-    # against freezing only: -1, -1 points; loss +30, +20: mean +25, SE 5, 5.0 SE higher
-    # 95% intervals with t at 1 degree of freedom (12.706): +25 ± 63.53
-    assert ("* full optimizer state -1.00 ± 0.00 (2 paired), a loss beyond one standard error, "
-            "the same on every seed (no interval); test loss +25.00 ± 5.00, higher by 5.0 SE, "
-            "95% interval -38.53 to +88.53") in text
+    # against freezing only: -1, -1 points (-4 examples of 400 on each seed); loss +30, +20:
+    # mean +25, SE 5; the same difference on every seed leaves no interval and no p
+    assert "| full optimizer state | -4 | -4 | -1.00 ± 0.00 (2 paired) |  |  |  | +25.00 ± 5.00 |" in text
 
 
 def test_the_95_percent_interval_uses_student_t_for_the_seeds_it_has():
     assert accuracy.interval95([1.0]) is None
     low, high = accuracy.interval95([0.0, 2.0])  # mean 1, SE 1, t(1) 12.706
-    assert (low, high) == pytest.approx((1 - 12.706, 1 + 12.706))
+    assert (low, high) == pytest.approx((1 - 12.706, 1 + 12.706), abs=1e-3)
     diffs = [0.0, -3.0, -2.0, -3.0, -1.0, -3.0, 4.0]  # 7 seeds: t(6) 2.447
     mean, se = accuracy.mean_se(diffs)
-    assert accuracy.interval95(diffs) == pytest.approx((mean - 2.447 * se, mean + 2.447 * se))
-    # 12 seeds, 11 degrees of freedom, not tabled: t(10) 2.228, the wider
-    assert accuracy.interval95([0.0, 1.0] * 6)[1] - 0.5 == pytest.approx(2.228 * accuracy.mean_se([0.0, 1.0] * 6)[1])
+    assert accuracy.interval95(diffs) == pytest.approx((mean - 2.447 * se, mean + 2.447 * se), abs=1e-3)
+    # 12 seeds, 11 degrees of freedom: t(11) 2.201
+    assert accuracy.interval95([0.0, 1.0] * 6)[1] - 0.5 == pytest.approx(2.201 * accuracy.mean_se([0.0, 1.0] * 6)[1],
+                                                                          abs=1e-3)
+
+
+def test_p_values_are_paired_t_tests_and_holm_adjusts_them_step_down():
+    # mean -2, SE 1/sqrt(3) over 3 seeds: t = -3.46 at 2 degrees of freedom, p 0.0742
+    assert accuracy.p_value([-1.0, -2.0, -3.0]) == pytest.approx(0.0742, abs=1e-4)
+    assert math.isnan(accuracy.p_value([-1.0]))
+    assert math.isnan(accuracy.p_value([-1.0, -1.0]))  # no spread: nothing to test against
+    # sorted 0.01, 0.02, 0.04: times 3, 2, 1, each at least the one before it
+    adjusted = accuracy.holm({"a": 0.04, "b": 0.01, "c": 0.02, "d": math.nan})
+    assert adjusted["b"] == pytest.approx(0.03) and adjusted["c"] == pytest.approx(0.04)
+    assert adjusted["a"] == pytest.approx(0.04) and math.isnan(adjusted["d"])
+    assert accuracy.holm({"a": 0.5, "b": 0.4})["a"] == 0.8  # 2 x 0.4 carried up, not 1 x 0.5
+    assert accuracy.holm({"a": 0.9, "b": 0.6}) == {"a": 1.0, "b": 1.0}  # capped at 1
+
+
+def test_rows_against_freezing_only_are_tabled_per_seed_in_test_examples():
+    freezing, qkv, norms = accuracy.FREEZING_ONLY, "slimfit, Q/K/V int8 alone", "slimfit, frozen norms float8 alone"
+    runs = {freezing: {s: _metrics(a) for s, a in enumerate([0.90, 0.95, 0.85])},
+            qkv: {s: _metrics(a) for s, a in enumerate([0.8975, 0.9425, 0.8450])},
+            norms: {0: _metrics(0.9050), 2: _metrics(0.8450)}}
+    text = accuracy.table(runs, [freezing, qkv, norms], [0, 1, 2], "digits", 8)
+    # Q/K/V: -1, -3, -2 examples of 400 (-0.25, -0.75, -0.5 points): mean -0.5, SE 0.144,
+    # p 0.0742 alone; the norms +2, -2: p 1.0. Holm over the 2: 2 x 0.0742, then 1.0
+    row = next(line for line in text.splitlines() if line.startswith("| Q/K/V int8 alone |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1:5] == ["-1", "-3", "-2", "-0.50 ± 0.14 (3 paired)"]
+    low, high = accuracy.interval95([-0.25, -0.75, -0.5])
+    assert cells[5] == f"{low:+.2f} to {high:+.2f}" and cells[6:8] == ["0.074", "0.148"]
+    row = next(line for line in text.splitlines() if line.startswith("| frozen norms float8 alone |"))
+    assert [c.strip() for c in row.split("|")[1:-1]][1:4] == ["+2", "", "-2"]  # seed 1 not run
+    assert "Holm-adjusted over the 2 rows compared here" in text
 
 
 def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
