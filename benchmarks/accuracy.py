@@ -175,6 +175,7 @@ def paired_difference(results: dict[int, float], reference: dict[int, float]) ->
 
 
 def _pm(mean: float, se: float, sign: bool = False) -> str:
+    mean = round(mean, 2) + 0.0  # a sum that cancels to -1e-17 reads +0.00, not -0.00
     value = f"{mean:+.2f}" if sign else f"{mean:.2f}"
     return value if math.isnan(se) else f"{value} ± {se:.2f}"
 

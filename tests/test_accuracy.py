@@ -26,6 +26,13 @@ def test_mean_se_is_the_standard_error_of_the_mean():
     assert mean == 0.5 and math.isnan(se)
 
 
+def test_a_mean_that_cancels_reads_plus_zero():
+    diffs = accuracy.paired_difference({0: 0.1, 1: 0.7, 2: 0.2}, {0: 0.3, 1: 0.6, 2: 0.1})  # -20, +10, +10
+    assert abs(accuracy.mean_se(diffs)[0]) < 1e-12
+    assert accuracy._pm(accuracy.mean_se(diffs)[0], 1.0, sign=True) == "+0.00 ± 1.00"
+    assert accuracy._pm(-0.004, math.nan, sign=True) == "+0.00" and accuracy._pm(-0.006, math.nan) == "-0.01"
+
+
 def test_paired_difference_uses_only_seeds_both_hold_in_points():
     diffs = accuracy.paired_difference({0: 0.90, 1: 0.95, 3: 0.80}, {0: 0.91, 1: 0.95, 2: 0.99})
     assert diffs == pytest.approx([-1.0, 0.0])  # seed 3 has no reference, seed 2 no row
