@@ -101,6 +101,8 @@ VARIES = {
     "slimfit, paper's norm pruning, full optimizer state": FULL_STATE_DEFAULT,
     # the same width with a per-row scale against the paper's fixed point (Q3.4)
     "slimfit, Q/K/V int8 per-row scale alone": "slimfit, Q/K/V int8 alone",
+    # LISA's sampled blocks against ILS's choice, both with nothing compressed
+    "LISA (2 blocks, every 20 steps)": FREEZING_ONLY,
 }
 # Each task's kinds are those "paper" compresses on its model (the report's pass
 # counters): MiniLM with attention dropout saves the softmax output, the digits ViT
