@@ -248,26 +248,27 @@ def _signed(count: int) -> str:
     return f"{count:+d}" if count else "0"
 
 
-def _against_freezing(kinds: list[tuple[str, dict[int, float], list[float]]], freezing: dict[int, float],
-                      test: int) -> list[str]:
+def _against_freezing(kinds: list[tuple[str, dict[int, float], list[float], list[float]]],
+                      freezing: dict[int, float], test: int) -> list[str]:
     """Each row against freezing only, seed by seed in test examples, with the
     paired mean, its 95% interval, its p and that p Holm-adjusted over the rows
     tested together here: every row leans on the same freezing-only runs, and
-    among several rows one interval that leaves out 0 by chance is no surprise."""
-    diffs = {row: paired_difference(accuracies, freezing) for row, accuracies, _ in kinds}
-    adjusted = holm({row: p_value(d) for row, d in diffs.items()})
-    seeds = sorted({s for _, accuracies, _ in kinds for s in accuracies if s in freezing})
+    among several rows one interval that leaves out 0 by chance is no surprise.
+    `kinds` holds (row, its accuracy per seed, its paired differences in points,
+    its paired test-loss differences)."""
+    adjusted = holm({row: p_value(diffs) for row, _, diffs, _ in kinds})
+    seeds = sorted({s for _, accuracies, _, _ in kinds for s in accuracies if s in freezing})
     lines = [f"Against freezing only, paired: per seed in test examples right (net), the mean in points, and "
              f"p Holm-adjusted over the {len(kinds)} rows compared here (test loss x1000, paired):", "",
              "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | points (mean ± SE) | 95% interval | p | "
              "p, Holm | test loss (mean ± SE) |",
              "|---|" + "---:|" * (len(seeds) + 5)]
-    for row, accuracies, loss_diffs in kinds:
+    for row, accuracies, diffs, loss_diffs in kinds:
         cells = [_signed(round(test * (accuracies[s] - freezing[s]))) if s in accuracies else "" for s in seeds]
-        bounds = interval95(diffs[row])
+        bounds = interval95(diffs)
         interval = "" if bounds is None or bounds[1] - bounds[0] < 1e-9 else f"{bounds[0]:+.2f} to {bounds[1]:+.2f}"
-        p, held = p_value(diffs[row]), adjusted[row]
-        lines.append(f"| {row.removeprefix('slimfit, ')} | " + " | ".join(cells) + f" | {_vs(diffs[row])} | "
+        p, held = p_value(diffs), adjusted[row]
+        lines.append(f"| {row.removeprefix('slimfit, ')} | " + " | ".join(cells) + f" | {_vs(diffs)} | "
                      f"{interval} | {'' if math.isnan(p) else f'{p:.3f}'} | "
                      f"{'' if math.isnan(held) else f'{held:.3f}'} | "
                      f"{_pm(*mean_se(loss_diffs), sign=True) if loss_diffs else ''} |")
@@ -305,7 +306,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             diffs = paired_difference(accuracies, freezing)
             vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
-                kinds.append((row, accuracies, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
+                kinds.append((row, accuracies, diffs, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
