@@ -22,7 +22,9 @@ seconds (compile included) and the largest peak RSS. Under the table, each row
 against freezing only seed by seed in test examples, with its 95% interval
 (Student's t), its paired t-test's p and that p Holm-adjusted over the rows
 compared together (they share the freezing-only runs; scipy.stats does the
-statistics). Writes its task's section of docs/benchmarks.md after every
+statistics); LISA, which varies freezing only's choice of layers, is tabled
+there too. When LoRA is among the rows, every slimfit row against LoRA the
+same way (what users pick instead). Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
 a run whose kept arguments are the very same is read back instead of rerun,
@@ -86,6 +88,8 @@ ROWS = {
     "slimfit, bf16 frozen optimizer state": ("slimfit", ["--optimizer-state", "bf16"], "slimfit"),
 }
 REFERENCE = "eager full fine-tune"
+# What users pick instead: every slimfit row is also paired with it, seed by seed.
+LORA = "LoRA r=8 (peft)"
 # What a compressed kind alone costs: against the same freezing with nothing compressed.
 FREEZING_ONLY = "slimfit freezing only"
 DEFAULT = "slimfit default"
@@ -109,7 +113,7 @@ VARIES = {
 # (no attention dropout, fused attention) the attention output instead.
 _COMMON = ["eager full fine-tune", "slimfit default", FULL_STATE_DEFAULT, "slimfit, paper's norm pruning",
            "slimfit, paper's norm pruning, full optimizer state", "slimfit freezing only",
-           "LoRA r=8 (peft)", "slimfit, Q/K/V int8 alone", "slimfit, Q/K/V int8 per-row scale alone"]
+           LORA, "slimfit, Q/K/V int8 alone", "slimfit, Q/K/V int8 per-row scale alone"]
 TASKS = {
     "bbc": dict(
         title="Accuracy side by side (BBC News)", section="accuracy", epochs=3,
@@ -248,23 +252,23 @@ def _signed(count: int) -> str:
     return f"{count:+d}" if count else "0"
 
 
-def _against_freezing(kinds: list[tuple[str, dict[int, float], list[float], list[float]]],
-                      freezing: dict[int, float], test: int) -> list[str]:
-    """Each row against freezing only, seed by seed in test examples, with the
-    paired mean, its 95% interval, its p and that p Holm-adjusted over the rows
-    tested together here: every row leans on the same freezing-only runs, and
-    among several rows one interval that leaves out 0 by chance is no surprise.
-    `kinds` holds (row, its accuracy per seed, its paired differences in points,
-    its paired test-loss differences)."""
+def _against(name: str, kinds: list[tuple[str, dict[int, float], list[float], list[float]]],
+             base: dict[int, float], test: int) -> list[str]:
+    """Each row against the row `name` (accuracy per seed `base`), seed by seed
+    in test examples, with the paired mean, its 95% interval, its p and that p
+    Holm-adjusted over the rows tested together here: every row leans on the
+    same runs of `name`, and among several rows one interval that leaves out 0
+    by chance is no surprise. `kinds` holds (row, its accuracy per seed, its
+    paired differences in points, its paired test-loss differences)."""
     adjusted = holm({row: p_value(diffs) for row, _, diffs, _ in kinds})
-    seeds = sorted({s for _, accuracies, _, _ in kinds for s in accuracies if s in freezing})
-    lines = [f"Against freezing only, paired: per seed in test examples right (net), the mean in points, and "
+    seeds = sorted({s for _, accuracies, _, _ in kinds for s in accuracies if s in base})
+    lines = [f"Against {name}, paired: per seed in test examples right (net), the mean in points, and "
              f"p Holm-adjusted over the {len(kinds)} rows compared here (test loss x1000, paired):", "",
              "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | points (mean ± SE) | 95% interval | p | "
              "p, Holm | test loss (mean ± SE) |",
              "|---|" + "---:|" * (len(seeds) + 5)]
     for row, accuracies, diffs, loss_diffs in kinds:
-        cells = [_signed(round(test * (accuracies[s] - freezing[s]))) if s in accuracies else "" for s in seeds]
+        cells = [_signed(round(test * (accuracies[s] - base[s]))) if s in accuracies else "" for s in seeds]
         bounds = interval95(diffs)
         interval = "" if bounds is None or bounds[1] - bounds[0] < 1e-9 else f"{bounds[0]:+.2f} to {bounds[1]:+.2f}"
         p, held = p_value(diffs), adjusted[row]
@@ -283,12 +287,13 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
     reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
     freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
+    lora = {s: m["accuracy"] for s, m in runs.get(LORA, {}).items()}
     lines = ["| row | seeds | accuracy % (mean ± SE) | test loss x1000 (mean ± SE) | "
              "vs full fine-tune, points (paired mean ± SE) | "
              "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts, kinds = [], []
+    verdicts, kinds, contenders = [], [], []
     for row in rows:
         done = runs.get(row, {})
         if not done:
@@ -307,6 +312,10 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
                 kinds.append((row, accuracies, diffs, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
+        elif VARIES.get(row) == FREEZING_ONLY and (diffs := paired_difference(accuracies, freezing)):
+            kinds.append((row, accuracies, diffs, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
+        if ROWS[row][0] == "slimfit" and (diffs := paired_difference(accuracies, lora)):
+            contenders.append((row, accuracies, diffs, _loss_diffs(done, runs.get(LORA, {}))))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
@@ -329,7 +338,9 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
     if verdicts:
         lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
     if kinds:
-        lines += ["", *_against_freezing(kinds, freezing, any_run["test_articles"])]
+        lines += ["", *_against("freezing only", kinds, freezing, any_run["test_articles"])]
+    if contenders:
+        lines += ["", *_against(LORA, contenders, lora, any_run["test_articles"])]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)

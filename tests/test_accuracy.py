@@ -133,6 +133,27 @@ def test_rows_against_freezing_only_are_tabled_per_seed_in_test_examples():
     assert "Holm-adjusted over the 2 rows compared here" in text
 
 
+def test_slimfit_rows_are_tabled_per_seed_against_lora_and_lisa_against_freezing_only():
+    freezing, lisa, lora = accuracy.FREEZING_ONLY, "LISA (2 blocks, every 20 steps)", accuracy.LORA
+    runs = {accuracy.REFERENCE: {s: _metrics(a) for s, a in enumerate([0.91, 0.96, 0.86])},
+            freezing: {s: _metrics(a) for s, a in enumerate([0.90, 0.95, 0.85])},
+            lora: {s: _metrics(a) for s, a in enumerate([0.8950, 0.9550, 0.8450])},
+            lisa: {s: _metrics(a) for s, a in enumerate([0.9050, 0.9450, 0.8450])}}
+    text = accuracy.table(runs, [accuracy.REFERENCE, freezing, lora, lisa], [0, 1, 2], "digits", 8)
+    below = text.split("Against LoRA r=8 (peft), paired:")
+    assert len(below) == 2 and "Holm-adjusted over the 2 rows compared here" in below[1]
+    cells = {c[0]: c[1:5] for line in below[1].splitlines() if line.startswith("| ")
+             for c in [[x.strip() for x in line.split("|")[1:-1]]]}
+    # per seed of 400 examples against LoRA: freezing only +2, -2, +2; LISA +4, -4, 0
+    assert cells["slimfit freezing only"] == ["+2", "-2", "+2", "+0.17 ± 0.33 (3 paired)"]
+    assert cells["LISA (2 blocks, every 20 steps)"][:3] == ["+4", "-4", "0"]
+    assert "eager full fine-tune" not in cells and "LoRA r=8 (peft)" not in cells  # slimfit rows only
+    # LISA varies freezing only, so it is tabled against it too: +2, -2, -2
+    against_freezing = below[0].split("Against freezing only, paired:")[1]
+    row = next(line for line in against_freezing.splitlines() if line.startswith("| LISA"))
+    assert [c.strip() for c in row.split("|")[1:-1]][1:4] == ["+2", "-2", "-2"]
+
+
 def test_a_row_that_varies_another_compares_with_it_against_its_standard_error():
     full, default, bf16 = accuracy.FULL_STATE_DEFAULT, accuracy.DEFAULT, "slimfit, bf16 frozen optimizer state"
     pruning = "slimfit, paper's norm pruning"
