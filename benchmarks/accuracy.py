@@ -22,9 +22,9 @@ seconds (compile included) and the largest peak RSS. Under the table, each row
 against freezing only seed by seed in test examples, with its 95% interval
 (Student's t), its paired t-test's p and that p Holm-adjusted over the rows
 compared together (they share the freezing-only runs; scipy.stats does the
-statistics); LISA, which varies freezing only's choice of layers, is tabled
-there too. When LoRA is among the rows, every slimfit row against LoRA the
-same way (what users pick instead). Writes its task's section of docs/benchmarks.md after every
+statistics); the same for each row against the row it varies, and, when
+LoRA is among the rows, for every slimfit row against LoRA (what users pick
+instead). Writes its task's section of docs/benchmarks.md after every
 run. With --keep DIR each run directory is kept as DIR/<task>/<row>/seed-N
 (DIR/<task>-<N>-epochs/... at an epoch count other than the task's) and
 a run whose kept arguments are the very same is read back instead of rerun,
@@ -252,27 +252,30 @@ def _signed(count: int) -> str:
     return f"{count:+d}" if count else "0"
 
 
-def _against(name: str, kinds: list[tuple[str, dict[int, float], list[float], list[float]]],
-             base: dict[int, float], test: int) -> list[str]:
-    """Each row against the row `name` (accuracy per seed `base`), seed by seed
-    in test examples, with the paired mean, its 95% interval, its p and that p
-    Holm-adjusted over the rows tested together here: every row leans on the
-    same runs of `name`, and among several rows one interval that leaves out 0
-    by chance is no surprise. `kinds` holds (row, its accuracy per seed, its
-    paired differences in points, its paired test-loss differences)."""
-    adjusted = holm({row: p_value(diffs) for row, _, diffs, _ in kinds})
-    seeds = sorted({s for _, accuracies, _, _ in kinds for s in accuracies if s in base})
-    lines = [f"Against {name}, paired: per seed in test examples right (net), the mean in points, and "
-             f"p Holm-adjusted over the {len(kinds)} rows compared here (test loss x1000, paired):", "",
+def _against(title: str, pairs: list[tuple[str, dict[int, float], dict[int, float], list[float], list[float]]],
+             test: int) -> list[str]:
+    """Each row against the row it is compared with, seed by seed in test
+    examples, with the paired mean, its 95% interval, its p and that p
+    Holm-adjusted over the rows tested together here (rows leaning on the same
+    runs, as every kind on freezing only's: among several, one interval that
+    leaves out 0 by chance is no surprise). `pairs` holds (label, the row's
+    accuracy per seed, the compared row's, the paired differences in points,
+    the paired test-loss differences)."""
+    adjusted = holm({label: p_value(diffs) for label, _, _, diffs, _ in pairs})
+    seeds = sorted({s for _, accuracies, base, _, _ in pairs for s in accuracies if s in base})
+    lines = [f"{title}, paired: per seed in test examples right (net), the mean in points, and "
+             f"p Holm-adjusted over the {len(pairs)} row{'s' * (len(pairs) != 1)} compared here (test loss x1000, "
+             "paired):", "",
              "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | points (mean ± SE) | 95% interval | p | "
              "p, Holm | test loss (mean ± SE) |",
              "|---|" + "---:|" * (len(seeds) + 5)]
-    for row, accuracies, diffs, loss_diffs in kinds:
-        cells = [_signed(round(test * (accuracies[s] - base[s]))) if s in accuracies else "" for s in seeds]
+    for label, accuracies, base, diffs, loss_diffs in pairs:
+        cells = [_signed(round(test * (accuracies[s] - base[s]))) if s in accuracies and s in base else ""
+                 for s in seeds]
         bounds = interval95(diffs)
         interval = "" if bounds is None or bounds[1] - bounds[0] < 1e-9 else f"{bounds[0]:+.2f} to {bounds[1]:+.2f}"
-        p, held = p_value(diffs), adjusted[row]
-        lines.append(f"| {row.removeprefix('slimfit, ')} | " + " | ".join(cells) + f" | {_vs(diffs)} | "
+        p, held = p_value(diffs), adjusted[label]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_vs(diffs)} | "
                      f"{interval} | {'' if math.isnan(p) else f'{p:.3f}'} | "
                      f"{'' if math.isnan(held) else f'{held:.3f}'} | "
                      f"{_pm(*mean_se(loss_diffs), sign=True) if loss_diffs else ''} |")
@@ -293,7 +296,7 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
              "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
              "peak RSS MiB (max) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    verdicts, kinds, contenders = [], [], []
+    verdicts, kinds, contenders, varying = [], [], [], []
     for row in rows:
         done = runs.get(row, {})
         if not done:
@@ -311,11 +314,11 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             diffs = paired_difference(accuracies, freezing)
             vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
-                kinds.append((row, accuracies, diffs, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
-        elif VARIES.get(row) == FREEZING_ONLY and (diffs := paired_difference(accuracies, freezing)):
-            kinds.append((row, accuracies, diffs, _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
+                kinds.append((row.removeprefix("slimfit, "), accuracies, freezing, diffs,
+                              _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
         if ROWS[row][0] == "slimfit" and (diffs := paired_difference(accuracies, lora)):
-            contenders.append((row, accuracies, diffs, _loss_diffs(done, runs.get(LORA, {}))))
+            contenders.append((row.removeprefix("slimfit, "), accuracies, lora, diffs,
+                               _loss_diffs(done, runs.get(LORA, {}))))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
             varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
@@ -324,6 +327,8 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             vs_varied = f"{_vs(diffs)}{_vs_loss(done, runs.get(VARIES[row], {}))} vs {name}"
             if diffs:
                 verdicts.append(_verdict(row, diffs) + f" against {name}")
+                varying.append((f"{row.removeprefix('slimfit, ')} vs {name}", accuracies, varied, diffs,
+                                _loss_diffs(done, runs.get(VARIES[row], {}))))
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
         lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {loss} | {vs} | {vs_freezing} | "
@@ -337,10 +342,12 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
                   "difference in it, over the seeds whose runs recorded it."]
     if verdicts:
         lines += ["", "Against the row each varies (paired): " + "; ".join(verdicts) + "."]
+    if varying:
+        lines += ["", *_against("Against the row each varies", varying, any_run["test_articles"])]
     if kinds:
-        lines += ["", *_against("freezing only", kinds, freezing, any_run["test_articles"])]
+        lines += ["", *_against("Against freezing only", kinds, any_run["test_articles"])]
     if contenders:
-        lines += ["", *_against(LORA, contenders, lora, any_run["test_articles"])]
+        lines += ["", *_against(f"Against {LORA}", contenders, any_run["test_articles"])]
     lines += ["", "Each row's command, per seed S (`slimfit-fx finetune` is `python -m slimfit_fx finetune`):", ""]
     for row in rows:
         argv = row_argv(task, row, 0, epochs)
