@@ -288,9 +288,14 @@ def _has(args: list[str], part: list[str]) -> bool:
 
 def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], task: str, epochs: int) -> str:
     """The markdown table of `runs[row][seed]` (finetune metrics) and each row's command."""
-    reference = {s: m["accuracy"] for s, m in runs.get(REFERENCE, {}).items()}
-    freezing = {s: m["accuracy"] for s, m in runs.get(FREEZING_ONLY, {}).items()}
-    lora = {s: m["accuracy"] for s, m in runs.get(LORA, {}).items()}
+    def accuracies_of(name: str) -> dict[int, float]:
+        return {s: m["accuracy"] for s, m in runs.get(name, {}).items()}
+
+    def pair(label: str, row: str, other: str, diffs: list[float]) -> tuple:
+        """One row of an `_against` table: `row`'s runs against `other`'s, shown as `label`."""
+        return label, accuracies_of(row), accuracies_of(other), diffs, _loss_diffs(runs[row], runs.get(other, {}))
+
+    reference, freezing, lora = accuracies_of(REFERENCE), accuracies_of(FREEZING_ONLY), accuracies_of(LORA)
     lines = ["| row | seeds | accuracy % (mean ± SE) | test loss x1000 (mean ± SE) | "
              "vs full fine-tune, points (paired mean ± SE) | "
              "vs freezing only, points (paired) | vs the row it varies, points (paired) | train s (mean) | "
@@ -314,21 +319,18 @@ def table(runs: dict[str, dict[int, dict]], rows: list[str], seeds: list[int], t
             diffs = paired_difference(accuracies, freezing)
             vs_freezing = _vs(diffs) + _vs_loss(done, runs.get(FREEZING_ONLY, {}))
             if diffs:
-                kinds.append((row.removeprefix("slimfit, "), accuracies, freezing, diffs,
-                              _loss_diffs(done, runs.get(FREEZING_ONLY, {}))))
+                kinds.append(pair(row.removeprefix("slimfit, "), row, FREEZING_ONLY, diffs))
         if ROWS[row][0] == "slimfit" and (diffs := paired_difference(accuracies, lora)):
-            contenders.append((row.removeprefix("slimfit, "), accuracies, lora, diffs,
-                               _loss_diffs(done, runs.get(LORA, {}))))
+            contenders.append(pair(row.removeprefix("slimfit, "), row, LORA, diffs))
         vs_varied = ""  # only a row that changes one setting of another row
         if row in VARIES:
-            varied = {s: m["accuracy"] for s, m in runs.get(VARIES[row], {}).items()}
+            varied = accuracies_of(VARIES[row])
             diffs = paired_difference(accuracies, varied)
             name = VARIES[row].removeprefix("slimfit, ")
             vs_varied = f"{_vs(diffs)}{_vs_loss(done, runs.get(VARIES[row], {}))} vs {name}"
             if diffs:
                 verdicts.append(_verdict(row, diffs) + f" against {name}")
-                varying.append((f"{row.removeprefix('slimfit, ')} vs {name}", accuracies, varied, diffs,
-                                _loss_diffs(done, runs.get(VARIES[row], {}))))
+                varying.append(pair(f"{row.removeprefix('slimfit, ')} vs {name}", row, VARIES[row], diffs))
         seconds = statistics.fmean(m["train_seconds"] for m in done.values())
         peak = max(m["peak_rss_bytes"] for m in done.values()) / 2**20
         lines.append(f"| {row} | {len(done)} of {len(seeds)} | {_pm(*accuracy)} | {loss} | {vs} | {vs_freezing} | "
